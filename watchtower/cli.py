@@ -1,0 +1,231 @@
+"""The ``watchtower`` command. Parses arguments, calls into the rest, maps errors to exit codes.
+
+User errors (a bad config, an unknown target, a daemon that is not running) print one line per
+problem and exit with the contract's code; tracebacks are for watchtower's own bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import json
+import os
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from watchtower import __version__
+from watchtower.config import Config, ConfigError, load_config
+
+EXIT_OK, EXIT_DOWN, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
+DEFAULT_CONFIG = "/etc/watchtower/watchtower.yaml"
+
+
+def default_config() -> str:
+    return os.environ.get("WATCHTOWER_CONFIG") or DEFAULT_CONFIG
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        raise SystemExit(EXIT_INVALID) from None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    print(f"ok: {len(cfg.targets)} targets, {len(cfg.paths)} paths")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from watchtower.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from watchtower.daemon import run_daemon, setup_logging
+
+    cfg = _load(args.config)
+    setup_logging(args.log_level)
+    try:
+        asyncio.run(run_daemon(cfg))
+    except OSError as exc:  # e.g. the listen port is taken, or no ICMP socket is allowed
+        print(f"watchtower: cannot start: {exc}", file=sys.stderr)
+        return EXIT_DOWN
+    return EXIT_OK
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if args.target not in cfg.targets:
+        close = difflib.get_close_matches(args.target, list(cfg.targets), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"no target named {args.target!r}{hint}", file=sys.stderr)
+        return EXIT_INVALID
+    rows = asyncio.run(_probe_target(cfg, args.target))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        width = max(len(r["path"]) for r in rows)
+        for r in rows:
+            latency = f"{r['latency'] * 1000:8.1f} ms" if r["latency"] is not None else " " * 11
+            print(f"{'UP  ' if r['ok'] else 'DOWN'}  {r['path']:<{width}}  {latency}  {r['detail']}")
+    return EXIT_OK if all(r["ok"] for r in rows) else EXIT_DOWN
+
+
+async def _probe_target(cfg: Config, target: str) -> list[dict[str, Any]]:
+    from watchtower.engine.monitor import open_shared
+    from watchtower.engine.runner import run_probe
+
+    paths = [p for p in cfg.paths if p.target == target]
+    async with AsyncExitStack() as stack:
+        try:
+            shared = await open_shared(stack, cfg)
+        except OSError as exc:
+            raise SystemExit(f"watchtower: cannot open probe sockets: {exc}") from None
+        results = await asyncio.gather(*(run_probe(p, shared) for p in paths))
+    return [
+        {
+            "path": p.name,
+            "kind": p.kind,
+            "ok": r.ok,
+            "latency": r.latency,
+            "failure": r.failure.value if r.failure else None,
+            "detail": r.detail,
+        }
+        for p, r in zip(paths, results, strict=True)
+    ]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    try:
+        doc = asyncio.run(_fetch_state(cfg))
+    except Exception as exc:  # any failure to talk to the daemon means: not reachable
+        print(f"watchtower daemon not reachable at {cfg.listen}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    print(f"site {doc['site']}  vantage {doc['vantage']}")
+    for name, target in doc["targets"].items():
+        down = [p["name"] for p in target["paths"] if p["state"] == "down"]
+        extra = f"  down: {', '.join(down)}" if down else ""
+        print(f"  {target['state']:<11} {name:<20} {target['role']:<10}{extra}")
+    return EXIT_OK
+
+
+async def _fetch_state(cfg: Config) -> dict[str, Any]:
+    import aiohttp
+
+    host, port = cfg.listen_host_port
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    shown = f"[{host}]" if ":" in host else host
+    token = cfg.secret("api_token")
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5), trust_env=False) as session,
+        session.get(f"http://{shown}:{port}/api/v1/state", headers=headers) as response,
+    ):
+        response.raise_for_status()
+        doc: dict[str, Any] = await response.json()
+        return doc
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from watchtower.lab import lab_main
+
+    return lab_main(args.lab_args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build the simulated site, run the daemon against it, tear the site down on exit."""
+    from watchtower.daemon import run_daemon, setup_logging
+    from watchtower.lab import DEMO, Lab
+
+    cfg = _load(args.config)
+    if os.geteuid() != 0:
+        print("watchtower demo: needs root (it creates network namespaces)", file=sys.stderr)
+        return EXIT_INVALID
+    setup_logging(args.log_level)
+    lab = Lab(DEMO, Path(args.run_dir))
+    started = time.monotonic()
+    lab.up()
+    host, port = cfg.listen_host_port
+    print(
+        f"\nsimulated site up in {time.monotonic() - started:.1f}s; watchtower on http://{host}:{port}/\n"
+        f"  watch:   curl -s http://{host}:{port}/metrics | grep watchtower_path_up\n"
+        f"           watchtower status -c {args.config}\n"
+        f"  break:   watchtower lab break pve1 poweroff   (or linkdown | loss 100 | icmpdrop | delay 2000)\n"
+        f"  repair:  watchtower lab repair pve1\n"
+        f"  stop:    Ctrl-C (the site is removed)\n",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        asyncio.run(run_daemon(cfg))
+    finally:
+        lab.down()
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="watchtower", description="out-of-band monitor for on-call admins")
+    parser.add_argument("--version", action="version", version=f"watchtower {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Any, help_text: str, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if config:
+            p.add_argument(
+                "-c", "--config", default=default_config(),
+                help="config file (default: $WATCHTOWER_CONFIG, then /etc/watchtower/watchtower.yaml)",
+            )  # fmt: skip
+        p.set_defaults(func=func)
+        return p
+
+    p = command("run", cmd_run, "run the daemon in the foreground until SIGTERM/SIGINT")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    command("check", cmd_check, "validate the config")
+    p = command("probe", cmd_probe, "probe every path of one target once")
+    p.add_argument("target")
+    p.add_argument("--json", action="store_true")
+    p = command("status", cmd_status, "ask the running daemon for the state of every target")
+    p.add_argument("--json", action="store_true")
+    command("schema", cmd_schema, "print the config's JSON Schema", config=False)
+    p = command("lab", cmd_lab, "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST",
+                config=False)  # fmt: skip
+    p.add_argument("lab_args", nargs=argparse.REMAINDER)
+    p = command("demo", cmd_demo, "build the simulated site and run watchtower against it (root)")
+    p.set_defaults(config="config/demo.yaml")
+    p.add_argument("--run-dir", default="/run/watchtower-demo", help="PID files and logs of the simulated site")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

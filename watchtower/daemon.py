@@ -1,0 +1,121 @@
+"""Wires the parts: probe resources, monitor + scheduler, web server, housekeeping, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import signal
+import time
+from contextlib import AsyncExitStack
+
+import aiohttp
+from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
+
+from watchtower import __version__
+from watchtower.config import Config
+from watchtower.engine.monitor import Monitor, open_shared
+from watchtower.web.app import STALL_AFTER, make_app
+
+log = logging.getLogger("watchtower.daemon")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One line per event, ``key=value`` fields in the message, to stderr (journald adds time)."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+        force=True,
+    )
+    # apscheduler logs every job run at INFO: noise at our cadence
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def raise_fd_limit() -> None:
+    """Thousands of probes in flight need thousands of sockets; the soft limit is often 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Heartbeat:
+    """Dead man's switch: ping the outside URL while healthy, ``/fail`` with the reason otherwise,
+    so the service behind it pages someone when watchtower itself goes silent or blind."""
+
+    def __init__(self, config: Config, monitor: Monitor):
+        assert config.heartbeat is not None
+        self.config = config.heartbeat
+        self.monitor = monitor
+
+    def problem(self) -> str | None:
+        if time.monotonic() - self.monitor.scheduler.last_tick > STALL_AFTER:
+            return "scheduler stalled"
+        if not self.monitor.vantage_up:
+            return "vantage down: the monitor cannot reach the outside"
+        return None
+
+    async def beat(self) -> None:
+        secret = self.config.secret("url")
+        assert secret is not None
+        url = secret.get_secret_value().rstrip("/")
+        problem = self.problem()
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout)) as session,
+                session.post(f"{url}/fail", data=problem) if problem else session.get(url) as response,
+            ):
+                ok = response.status < 400
+            # The URL is a secret (it lets anyone silence the switch): never log it.
+            log.log(logging.DEBUG if ok else logging.WARNING, "heartbeat sent ok=%s status=%s problem=%s",
+                    ok, response.status, problem)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("heartbeat failed error=%s", exc.__class__.__name__)
+
+
+async def run_daemon(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or cancellation). Startup errors (port in use) raise OSError."""
+    raise_fd_limit()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    async with AsyncExitStack() as stack:
+        shared = await open_shared(stack, config)
+        monitor = Monitor(config, shared=shared)
+
+        runner = web.AppRunner(make_app(monitor), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        host, port = config.listen_host_port
+        await web.TCPSite(runner, host, port).start()
+
+        housekeeping = AsyncIOScheduler(event_loop=loop, job_defaults={"coalesce": True, "max_instances": 1})
+        if config.heartbeat is not None:
+            heartbeat = Heartbeat(config, monitor)
+            housekeeping.add_job(heartbeat.beat, "interval", seconds=config.heartbeat.every, id="heartbeat")
+        housekeeping.start()
+        stack.callback(housekeeping.shutdown, wait=False)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            stack.callback(loop.remove_signal_handler, sig)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: log.warning("reload on SIGHUP is not implemented yet; restart to apply changes")
+        )
+        stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+
+        log.info(
+            "watchtower started version=%s site=%s targets=%d paths=%d listen=%s:%d",
+            __version__, config.site, len(config.targets), len(config.paths), host, port,
+        )  # fmt: skip
+        async with asyncio.TaskGroup() as tg:
+            scheduler_task = tg.create_task(monitor.run(), name="scheduler")
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+            log.info("stopping")
+            scheduler_task.cancel()
+    log.info("stopped")

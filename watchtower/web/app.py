@@ -1,0 +1,110 @@
+"""aiohttp routes of the contract: /metrics and /healthz open, /api/v1 behind the token if configured."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from watchtower import __version__
+from watchtower.engine.monitor import Monitor, Snapshot
+from watchtower.web import metrics
+
+MONITOR: web.AppKey[Monitor] = web.AppKey("monitor", Monitor)
+TOKEN: web.AppKey[str | None] = web.AppKey("token", str)  # type: ignore[arg-type]
+
+# /healthz turns 503 when the scheduler loop has not ticked for this long (it ticks >= 1/s).
+STALL_AFTER = 5.0
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def state_document(snap: Snapshot, monitor: Monitor) -> dict[str, Any]:
+    targets: dict[str, Any] = {name: {"role": role, "state": state.value, "paths": []} for name, role, state in snap.targets}
+    vantage_paths = []
+    for row in snap.paths:
+        entry = {
+            "name": row.name,
+            "kind": row.kind,
+            "state": row.state.value,
+            "last_ok": iso(row.last_ok),
+            "latency": row.latency,
+            "detail": row.detail,
+        }
+        (targets[row.target]["paths"] if row.target in targets else vantage_paths).append(entry)
+    sched = monitor.scheduler
+    p50, p99 = sched.lag.quantile(0.5), sched.lag.quantile(0.99)
+    return {
+        "site": snap.site,
+        "generated_at": iso(snap.taken_at),
+        "vantage": "up" if snap.vantage_up else "down",
+        "vantage_paths": vantage_paths,
+        "targets": targets,
+        "scheduler": {
+            "paths": len(sched),
+            "runs": sched.runs,
+            "in_flight": sched.in_flight,
+            "lag_p50": p50,
+            "lag_p99": p99,
+        },
+    }
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    token = request.app[TOKEN]
+    if token and request.path not in ("/metrics", "/healthz"):
+        header = request.headers.get("Authorization", "")
+        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return web.json_response(
+                {"error": "authentication required"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+    return await handler(request)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    snap = request.app[MONITOR].snapshot()
+    gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
+    body = await asyncio.to_thread(metrics.render, snap, gzip_ok)
+    headers = {"Content-Type": metrics.CONTENT_TYPE}
+    if gzip_ok:
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    stalled = time.monotonic() - request.app[MONITOR].scheduler.last_tick
+    if stalled > STALL_AFTER:
+        return web.Response(status=503, text=f"scheduler stalled for {stalled:.1f}s\n")
+    return web.Response(text="ok\n")
+
+
+async def handle_state(request: web.Request) -> web.Response:
+    monitor = request.app[MONITOR]
+    return web.json_response(state_document(monitor.snapshot(), monitor))
+
+
+def make_app(monitor: Monitor) -> web.Application:
+    app = web.Application(middlewares=[auth_middleware], client_max_size=64 * 1024)
+    app[MONITOR] = monitor
+    token = monitor.config.secret("api_token")
+    app[TOKEN] = token.get_secret_value() if token else None
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/api/v1/state", handle_state)
+
+    async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Server"] = f"watchtower/{__version__}"
+
+    app.on_response_prepare.append(server_header)
+    return app

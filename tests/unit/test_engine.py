@@ -1,0 +1,200 @@
+"""Path state machine, target state rule, and the scheduler's cadence, phase and concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from watchtower.config import IcmpPath, ResolvedPath, TcpPath
+from watchtower.engine.monitor import TargetState, target_state
+from watchtower.engine.paths import PathState, PathStatus
+from watchtower.engine.scheduler import Scheduler, stable_phase
+from watchtower.probes import Failure, ProbeResult
+
+OK = ProbeResult.success(0.001)
+FAIL = ProbeResult.fail(Failure.TIMEOUT, "no echo reply")
+BUG = ProbeResult.fail(Failure.INTERNAL, "probe crashed")
+
+
+def rpath(name: str = "icmp 10.0.0.1", host: str = "10.0.0.1", fail_after: int = 2, recover_after: int = 2,
+          kind: str = "icmp") -> ResolvedPath:  # fmt: skip
+    spec = IcmpPath(host=host) if kind == "icmp" else TcpPath(host=host, port=22)
+    return ResolvedPath("t", name, spec, 5.0, 1.0, 1.0, fail_after, recover_after)
+
+
+def test_path_state_thresholds() -> None:
+    s = PathStatus(rpath(fail_after=2, recover_after=3))
+    assert s.state is PathState.UNKNOWN and s.pending
+    assert not s.observe(OK, 1) and s.state is PathState.UNKNOWN
+    assert not s.observe(OK, 2)
+    assert s.observe(OK, 3) and s.state is PathState.UP and not s.pending
+    assert not s.observe(FAIL, 4) and s.state is PathState.UP and s.pending  # one failure: retry cadence
+    assert s.failing_since == 4
+    assert s.observe(FAIL, 5) and s.state is PathState.DOWN and s.changed_at == 5
+    assert not s.pending  # settled down: back to the normal interval
+    s.observe(OK, 6)
+    s.observe(FAIL, 7)  # a streak broken by a failure starts over
+    s.observe(OK, 8)
+    s.observe(OK, 9)
+    assert s.state is PathState.DOWN
+    assert s.observe(OK, 10) and s.state is PathState.UP and s.last_ok == 10
+
+
+def test_internal_failure_is_unknown_never_down() -> None:
+    s = PathStatus(rpath(fail_after=1))
+    s.observe(OK, 1)
+    s.observe(OK, 2)
+    assert s.observe(BUG, 3) and s.state is PathState.UNKNOWN
+    assert s.failures == 0
+
+
+@given(st.lists(st.booleans(), max_size=60), st.integers(1, 5), st.integers(1, 5))
+def test_path_state_matches_last_streak(results: list[bool], fail_after: int, recover_after: int) -> None:
+    """Property: the state is down iff the state machine saw fail_after failures in a row more
+    recently than recover_after successes in a row (and vice versa)."""
+    s = PathStatus(rpath(fail_after=fail_after, recover_after=recover_after))
+    expected = PathState.UNKNOWN
+    streak_ok = streak_fail = 0
+    for i, ok in enumerate(results):
+        s.observe(OK if ok else FAIL, float(i))
+        streak_ok, streak_fail = (streak_ok + 1, 0) if ok else (0, streak_fail + 1)
+        if streak_ok >= recover_after:
+            expected = PathState.UP
+        if streak_fail >= fail_after:
+            expected = PathState.DOWN
+    assert s.state is expected
+
+
+def statuses(*states: PathState, hosts: list[str] | None = None) -> list[PathStatus]:
+    out = []
+    for i, state in enumerate(states):
+        host = hosts[i] if hosts else f"10.0.0.{i + 1}"
+        s = PathStatus(rpath(name=f"p{i}", host=host))
+        s.state = state
+        out.append(s)
+    return out
+
+
+U, D, X = PathState.UP, PathState.DOWN, PathState.UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("states", "confirm", "expected"),
+    [
+        ((U, U, U), 2, TargetState.UP),
+        ((D, U, U), 2, TargetState.DEGRADED),
+        ((D, D, U), 2, TargetState.DOWN),
+        ((D, D, U), 3, TargetState.DEGRADED),
+        ((D,), 2, TargetState.DOWN),  # fewer paths than confirm_paths: all of them
+        ((D, U), 1, TargetState.DOWN),
+        ((X, X), 2, TargetState.UNKNOWN),
+        ((X, U), 2, TargetState.UP),
+        ((D, X), 2, TargetState.DEGRADED),
+    ],
+)
+def test_target_state(states: tuple[PathState, ...], confirm: int, expected: TargetState) -> None:
+    assert target_state(statuses(*states), confirm) is expected
+
+
+def test_paths_of_one_kind_to_one_address_count_once() -> None:
+    two_pings_same_host = statuses(D, D, U, hosts=["10.0.0.1", "10.0.0.1", "10.0.0.2"])
+    two_pings_same_host[1] = PathStatus(rpath(name="again", host="10.0.0.1"))
+    two_pings_same_host[1].state = D
+    assert target_state(two_pings_same_host, 2) is TargetState.DEGRADED
+
+
+def test_stable_phase_spreads_and_is_stable() -> None:
+    phases = [stable_phase(("t", f"icmp 10.0.{i // 256}.{i % 256}")) for i in range(4000)]
+    assert all(0 <= p < 1 for p in phases)
+    assert stable_phase(("t", "x")) == stable_phase(("t", "x"))
+    # evenly spread: each tenth of the interval gets 10 % +- 2.5 % of the first runs
+    for decile in range(10):
+        share = sum(1 for p in phases if decile / 10 <= p < (decile + 1) / 10) / len(phases)
+        assert 0.075 < share < 0.125
+
+
+async def test_scheduler_fixed_rate_and_retry_cadence() -> None:
+    sched = Scheduler()
+    runs: list[float] = []
+    failing = {"on": False}
+
+    async def run() -> None:
+        runs.append(time.monotonic())
+
+    sched.add("p", 0.2, lambda: 0.05 if failing["on"] else 0.2, run, first_in=0)
+    task = asyncio.create_task(sched.run())
+    try:
+        deadline = time.monotonic() + 5
+        while len(runs) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        gaps = [b - a for a, b in zip(runs, runs[1:], strict=False)]
+        assert all(0.17 < g < 0.3 for g in gaps), gaps
+        failing["on"] = True
+        n = len(runs)
+        while len(runs) < n + 6 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        fast = [b - a for a, b in zip(runs[n:], runs[n + 1 :], strict=False)]
+        assert fast and all(g < 0.12 for g in fast), fast
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sched.lag.total >= 10
+    assert (sched.lag.quantile(0.99) or 0) < 0.1
+
+
+async def test_scheduler_bounds_concurrency_and_run_now() -> None:
+    sched = Scheduler(max_concurrency=3)
+    active = peak = 0
+    done = 0
+
+    async def run() -> None:
+        nonlocal active, peak, done
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.05)
+        active -= 1
+        done += 1
+
+    for i in range(12):
+        sched.add(i, 60.0, lambda: 60.0, run, first_in=0)
+    sched.add("late", 60.0, lambda: 60.0, run, first_in=50)
+    task = asyncio.create_task(sched.run())
+    try:
+        deadline = time.monotonic() + 5
+        while done < 12 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert done == 12 and peak == 3
+        assert sched.run_now("late")
+        while done < 13 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert done == 13
+        sched.remove(3)
+        assert len(sched) == 12
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_scheduler_cancels_in_flight_on_stop() -> None:
+    sched = Scheduler()
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def hang() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    sched.add("hang", 1.0, lambda: 1.0, hang, first_in=0)
+    task = asyncio.create_task(sched.run())
+    await asyncio.wait_for(started.wait(), 2)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert cancelled.is_set()

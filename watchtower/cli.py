@@ -113,7 +113,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         doc = asyncio.run(_fetch_state(cfg))
     except Exception as exc:  # any failure to talk to the daemon means: not reachable
-        print(f"watchtower daemon not reachable at {cfg.listen}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        print(
+            f"watchtower daemon not reachable at {cfg.listen}: {exc.__class__.__name__}: {exc}",
+            file=sys.stderr,
+        )
         return EXIT_UNREACHABLE
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -208,12 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", cmd_status, "ask the running daemon for the state of every target")
     p.add_argument("--json", action="store_true")
     command("schema", cmd_schema, "print the config's JSON Schema", config=False)
-    p = command("lab", cmd_lab, "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST",
+    lab_help = "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST"
+    p = command("lab", cmd_lab, lab_help,
                 config=False)  # fmt: skip
     p.add_argument("lab_args", nargs=argparse.REMAINDER)
     p = command("demo", cmd_demo, "build the simulated site and run watchtower against it (root)")
     p.set_defaults(config="config/demo.yaml")
-    p.add_argument("--run-dir", default="/run/watchtower-demo", help="PID files and logs of the simulated site")
+    p.add_argument(
+        "--run-dir", default="/run/watchtower-demo", help="PID files and logs of the simulated site"
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 

@@ -46,7 +46,9 @@ Role = Literal["network", "hypervisor", "storage", "vm", "service"]
 PATH_KINDS = ("icmp", "tcp", "http", "dns", "snmp", "ipmi", "redfish", "nut")
 DEFAULT_PORTS = {"dns": 53, "snmp": 161, "ipmi": 623, "nut": 3493, "redfish": 443}
 KIND_TIMEOUT_FLOOR = {"http": 3.0, "snmp": 2.0, "ipmi": 5.0, "redfish": 5.0, "nut": 2.0}
-VANTAGE = "@vantage"  # pseudo target name of the monitor's own connectivity paths; '@' is not a legal target name
+VANTAGE = (
+    "@vantage"  # pseudo target name of the monitor's own connectivity paths; '@' is not a legal target name
+)
 
 
 class ConfigError(Exception):
@@ -125,7 +127,9 @@ def _check_host(value: Any) -> str:
         return str(ipaddress.ip_address(host))
     except ValueError:
         pass
-    if len(host) > 253 or not re.fullmatch(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?", host):
+    if len(host) > 253 or not re.fullmatch(
+        r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?", host
+    ):
         raise ValueError(f"{value!r} is neither an IP address nor a valid host name")
     return host
 
@@ -178,7 +182,9 @@ def _read_file(value: Any, info: ValidationInfo) -> tuple[Path, str]:
     try:
         return path, path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        where = f" (looked in $CREDENTIALS_DIRECTORY and {path.parent})" if not Path(value).is_absolute() else ""
+        where = (
+            f" (looked in $CREDENTIALS_DIRECTORY and {path.parent})" if not Path(value).is_absolute() else ""
+        )
         raise ValueError(f"file not found: {value}{where}") from None
     except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {path}: {exc.__class__.__name__}") from None
@@ -281,12 +287,16 @@ class Timing(Strict):
 
 
 class Defaults(Strict):
-    interval: Duration = 5.0
-    retry_interval: Duration = 1.0
-    timeout: Duration = 1.0
-    fail_after: int = Field(2, ge=1, le=100)
-    recover_after: int = Field(2, ge=1, le=100)
-    confirm_paths: int = Field(2, ge=1, le=10)
+    interval: Duration = Field(5.0, description="probe cadence while healthy")
+    retry_interval: Duration = Field(
+        1.0, description="cadence while a path is failing (or recovering) but not settled"
+    )
+    timeout: Duration = Field(1.0, description="hard bound on one probe (slow kinds have a higher floor)")
+    fail_after: int = Field(2, ge=1, le=100, description="consecutive failures before a path is down")
+    recover_after: int = Field(2, ge=1, le=100, description="consecutive successes before a path is up again")
+    confirm_paths: int = Field(
+        2, ge=1, le=10, description="independent paths that must be down before the target is down"
+    )
 
 
 # --------------------------------------------------------------------------- path kinds
@@ -355,14 +365,18 @@ class HttpPath(PathBase):
     _secret_fields = ("password",)
     url: str
     method: Literal["GET", "HEAD", "POST"] = "GET"
-    expect_status: list[int] = Field(default_factory=lambda: [200], description="status codes that count as up")
+    expect_status: list[int] = Field(
+        default_factory=lambda: [200], description="status codes that count as up"
+    )
     expect_body: str | None = Field(None, description="substring the body must contain")
     expect_regex: str | None = Field(None, description="regular expression the body must match")
     headers: dict[str, str] = Field(default_factory=dict)
     username: str | None = None
     password: SecretStr | None = None
     password_file: SecretFile | None = None
-    ca_file: CaFile | None = Field(None, description="PEM bundle to verify the server (self-signed BMC/PVE certs)")
+    ca_file: CaFile | None = Field(
+        None, description="PEM bundle to verify the server (self-signed BMC/PVE certs)"
+    )
     insecure: bool = Field(False, description="skip TLS verification (explicit opt-out)")
     follow_redirects: bool = False
     max_body: int = Field(1_048_576, ge=0, le=64 * 1_048_576, description="bytes of body read at most")
@@ -374,7 +388,9 @@ class HttpPath(PathBase):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{value!r} must be an http:// or https:// URL with a host")
         if parts.password:
-            raise ValueError("put credentials in username/password_file, not in the URL (it is shown in labels)")
+            raise ValueError(
+                "put credentials in username/password_file, not in the URL (it is shown in labels)"
+            )
         return value
 
     @field_validator("expect_status", mode="before")
@@ -553,12 +569,14 @@ _URL_KINDS = {"http": "url"}
 
 
 def _normalize_path_item(value: Any) -> Any:
-    """``{icmp: ADDR}`` / ``{tcp: HOST:PORT}`` / ``{http: URL}`` / ``{KIND: {...}}`` -> ``{kind: KIND, ...}``."""
+    """Short and long YAML forms (`icmp: ADDR`, `tcp: HOST:PORT`, `KIND: {...}`) -> `{kind: KIND, ...}`."""
     if isinstance(value, BaseModel):
         return value
     if not isinstance(value, Mapping) or len(value) != 1:
         got = f"keys {', '.join(map(str, value))}" if isinstance(value, Mapping) else type(value).__name__
-        raise ValueError(f"each path is one mapping KIND: SPEC with KIND one of {', '.join(PATH_KINDS)} (got {got})")
+        raise ValueError(
+            f"each path is one mapping KIND: SPEC with KIND one of {', '.join(PATH_KINDS)} (got {got})"
+        )
     ((kind, spec),) = value.items()
     if kind not in PATH_KINDS:
         raise ValueError(f"unknown path kind {kind!r}{_did_you_mean(str(kind), PATH_KINDS)}")
@@ -602,7 +620,7 @@ class Bmc(Strict):
 class Service(Strict):
     """The business service a target carries, for RTO clocks and the restore board."""
 
-    name: str
+    name: str = Field(description="as the business calls it: ERP, Mail, File server")
     rto: Duration | None = Field(None, description="recovery time objective")
     rpo: Duration | None = Field(None, description="recovery point objective")
     restore_order: int | None = Field(None, ge=0, description="lower comes back first")
@@ -612,16 +630,20 @@ TargetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 
 
 class Target(Timing):
-    role: Role
-    paths: list[PathItem] = Field(min_length=1)
-    depends_on: list[str] = Field(default_factory=list)
+    role: Role = Field(description="what it is; decides the incident scope when it fails")
+    paths: list[PathItem] = Field(min_length=1, description="independent ways to check it (see Path kinds)")
+    depends_on: list[str] = Field(default_factory=list, description="targets it needs (e.g. its switch)")
     runs_on: str | None = Field(None, description="the hypervisor target this VM runs on")
     storage: list[str] = Field(default_factory=list, description="storage targets its disks live on")
-    confirm_paths: int | None = Field(None, ge=1, le=10)
-    bmc: Bmc | None = None
-    service: Service | None = None
-    description: str | None = None
-    service_tag: str | None = Field(None, description="vendor service tag / serial, quoted in hardware alerts")
+    confirm_paths: int | None = Field(None, ge=1, le=10, description="overrides defaults.confirm_paths")
+    bmc: Bmc | None = Field(None, description="its out-of-band controller (IPMI or Redfish)")
+    service: Service | None = Field(
+        None, description="the business service it carries (RTO clock, restore order)"
+    )
+    description: str | None = Field(None, description="free text shown with its incidents")
+    service_tag: str | None = Field(
+        None, description="vendor service tag / serial, quoted in hardware alerts"
+    )
     vendor_contact: str | None = Field(None, description="how to open a vendor case")
     runbook: str | None = Field(None, description="link or text shown with incidents of this target")
 
@@ -631,10 +653,10 @@ class Target(Timing):
 
 class Channel(Strict):
     _secret_fields = ("url",)
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="shown in metrics and reports")
     url: SecretStr | None = Field(None, description="apprise URL (holds credentials: prefer url_file)")
-    url_file: SecretFile | None = None
-    tags: list[str] = Field(default_factory=list)
+    url_file: SecretFile | None = Field(None, description="file holding the apprise URL")
+    tags: list[str] = Field(default_factory=list, description="escalation steps address channels by tag")
 
     @model_validator(mode="after")
     def _url(self) -> Channel:
@@ -644,8 +666,12 @@ class Channel(Strict):
 
 
 class EscalationStep(Strict):
-    after: NonNegativeDuration | None = Field(None, description="delay after the incident opened; 0s = at once")
-    rto_fraction: float | None = Field(None, gt=0, le=1, description="fires at this fraction of the smallest RTO")
+    after: NonNegativeDuration | None = Field(
+        None, description="delay after the incident opened; 0s = at once"
+    )
+    rto_fraction: float | None = Field(
+        None, gt=0, le=1, description="fires at this fraction of the smallest RTO"
+    )
     notify: list[str] = Field(min_length=1, description="channel tags (or names) to notify")
     unless: Literal["acknowledged"] | None = None
 
@@ -657,18 +683,18 @@ class EscalationStep(Strict):
 
 
 class Notify(Strict):
-    channels: list[Channel] = Field(default_factory=list)
-    escalation: list[EscalationStep] = Field(default_factory=list)
-    update_every: Duration | None = None
-    on_resolve: bool = True
+    channels: list[Channel] = Field(default_factory=list, description="where alerts go")
+    escalation: list[EscalationStep] = Field(default_factory=list, description="who is told when")
+    update_every: Duration | None = Field(None, description="status message while an incident stays open")
+    on_resolve: bool = Field(True, description="all-clear to everyone who was notified")
 
 
 class Heartbeat(Strict):
     _secret_fields = ("url",)
-    url: SecretStr | None = None
-    url_file: SecretFile | None = None
-    every: Duration = 60.0
-    timeout: Duration = 10.0
+    url: SecretStr | None = Field(None, description="ping URL (a secret: prefer url_file)")
+    url_file: SecretFile | None = Field(None, description="file holding the ping URL")
+    every: Duration = Field(60.0, description="ping cadence")
+    timeout: Duration = Field(10.0, description="bound on one ping")
 
     @model_validator(mode="after")
     def _url(self) -> Heartbeat:
@@ -717,16 +743,25 @@ class Config(Strict):
 
     _secret_fields = ("api_token",)
     site: str = Field(min_length=1, description="site name; root of 'monitor' incidents, label for MSPs")
-    listen: Annotated[str, BeforeValidator(_check_listen)] = "127.0.0.1:9847"
-    state_dir: Path = Path("/var/lib/watchtower")
-    api_token: SecretStr | None = None
-    api_token_file: SecretFile | None = None
+    listen: Annotated[str, BeforeValidator(_check_listen)] = Field(
+        "127.0.0.1:9847", description="HOST:PORT of /metrics, /healthz, /api/v1 and the status page"
+    )
+    state_dir: Path = Field(
+        Path("/var/lib/watchtower"), description="SQLite incident log and notification outbox"
+    )
+    api_token: SecretStr | None = Field(
+        None, description="bearer token for /api/v1 and the page (prefer the _file)"
+    )
+    api_token_file: SecretFile | None = Field(None, description="file holding api_token")
     max_concurrent_probes: int = Field(4096, ge=1, le=100_000, description="probes in flight at most")
-    defaults: Defaults = Field(default_factory=Defaults)
-    vantage: list[PathItem] = Field(default_factory=list, description="the monitor's own connectivity")
-    targets: dict[TargetName, Target] = Field(min_length=1)
-    notify: Notify = Field(default_factory=Notify)
-    heartbeat: Heartbeat | None = None
+    defaults: Defaults = Field(default_factory=Defaults, description="timings every path inherits")
+    vantage: list[PathItem] = Field(
+        default_factory=list,
+        description="paths to the monitor's own uplink; all down => scope monitor, no paging",
+    )
+    targets: dict[TargetName, Target] = Field(min_length=1, description="what is monitored, by name")
+    notify: Notify = Field(default_factory=Notify, description="channels and escalation")
+    heartbeat: Heartbeat | None = Field(None, description="dead man's switch")
 
     @field_validator("state_dir", mode="after")
     @classmethod
@@ -798,7 +833,8 @@ def _semantic_problems(cfg: Config) -> list[str]:
             hv = cfg.targets.get(target.runs_on)
             if hv is None:
                 problems.append(
-                    f"{base}.runs_on: no target named {target.runs_on!r}{_did_you_mean(target.runs_on, names)}"
+                    f"{base}.runs_on: no target named {target.runs_on!r}"
+                    + _did_you_mean(target.runs_on, names)
                 )
             elif hv.role != "hypervisor":
                 problems.append(f"{base}.runs_on: {target.runs_on!r} has role {hv.role}, not hypervisor")
@@ -860,7 +896,8 @@ def _path_problems(cfg: Config) -> list[str]:
             where = f"{base}.paths[{i}]" if base != "vantage" else f"vantage[{i}]"
             if p.name in seen:
                 problems.append(
-                    f"{where}.name: {p.name!r} is already the name of paths[{seen[p.name]}]; give one a distinct name"
+                    f"{where}.name: {p.name!r} is already the name of paths[{seen[p.name]}]; "
+                    "give one a distinct name"
                 )
             seen.setdefault(p.name, i)
             if p.timeout > p.interval:
@@ -882,12 +919,15 @@ def _notify_problems(cfg: Config) -> list[str]:
         for j, tag in enumerate(step.notify):
             if tag not in known:
                 problems.append(
-                    f"notify.escalation[{i}].notify[{j}]: no channel has tag or name {tag!r}{_did_you_mean(tag, known)}"
+                    f"notify.escalation[{i}].notify[{j}]: no channel has tag or name {tag!r}"
+                    + _did_you_mean(tag, known)
                 )
         if step.rto_fraction is not None and not any(
             t.service and t.service.rto for t in cfg.targets.values()
         ):
-            problems.append(f"notify.escalation[{i}].rto_fraction: no target has a service.rto to take a fraction of")
+            problems.append(
+                f"notify.escalation[{i}].rto_fraction: no target has a service.rto to take a fraction of"
+            )
     return problems
 
 
@@ -898,14 +938,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML silently keeps the last of two equal keys: a second `pve1:` would hide the first."""
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+def _construct_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
     seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen[key] = True
     return loader.construct_mapping(node, deep)
 
@@ -1019,7 +1059,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{file}: cannot read ({exc.__class__.__name__}: {exc})"]) from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)

@@ -71,8 +71,13 @@ class Heartbeat:
             ):
                 ok = response.status < 400
             # The URL is a secret (it lets anyone silence the switch): never log it.
-            log.log(logging.DEBUG if ok else logging.WARNING, "heartbeat sent ok=%s status=%s problem=%s",
-                    ok, response.status, problem)
+            log.log(
+                logging.DEBUG if ok else logging.WARNING,
+                "heartbeat sent ok=%s status=%s problem=%s",
+                ok,
+                response.status,
+                problem,
+            )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("heartbeat failed error=%s", exc.__class__.__name__)
 
@@ -103,7 +108,8 @@ async def run_daemon(config: Config, *, ready: asyncio.Event | None = None) -> N
             loop.add_signal_handler(sig, stop.set)
             stack.callback(loop.remove_signal_handler, sig)
         loop.add_signal_handler(
-            signal.SIGHUP, lambda: log.warning("reload on SIGHUP is not implemented yet; restart to apply changes")
+            signal.SIGHUP,
+            lambda: log.warning("reload on SIGHUP is not implemented yet; restart to apply changes"),
         )
         stack.callback(loop.remove_signal_handler, signal.SIGHUP)
 

@@ -30,7 +30,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def start_app(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+async def start_app(
+    app: web.Application, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -92,7 +94,9 @@ async def test_http_ok_status_and_content(http_server: int) -> None:
 
 async def test_http_huge_body_is_capped(http_server: int) -> None:
     start = time.perf_counter()
-    r = await http(f"http://127.0.0.1:{http_server}/huge", timeout=3.0, expect_body="needle", max_body=2_000_000)
+    r = await http(
+        f"http://127.0.0.1:{http_server}/huge", timeout=3.0, expect_body="needle", max_body=2_000_000
+    )
     assert not r.ok and r.failure is Failure.CONTENT
     assert "read 2000000 bytes" in r.detail
     assert time.perf_counter() - start < 3.0
@@ -147,7 +151,11 @@ def make_cert(tmp: Path, name: str, days: int) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = dt.datetime.now(dt.UTC)
-    start, end = (now - dt.timedelta(days=2), now - dt.timedelta(days=1)) if days < 0 else (now, now + dt.timedelta(days=days))
+    start, end = (
+        (now - dt.timedelta(days=2), now - dt.timedelta(days=1))
+        if days < 0
+        else (now, now + dt.timedelta(days=days))
+    )
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -156,13 +164,17 @@ def make_cert(tmp: Path, name: str, days: int) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
     )
     key_path, cert_path = tmp / f"{name}.key", tmp / f"{name}.pem"
     key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
@@ -275,11 +287,15 @@ async def test_dns_probe_answers_and_expectations() -> None:
 async def test_dns_garbage_and_silence() -> None:
     transport, port = await start_dns(DnsServer({}, garbage=True))
     try:
-        r = await dns_probe.probe(DnsPath(server="127.0.0.1", port=port, query="x.local"), ProbeContext(timeout=1.0))
+        r = await dns_probe.probe(
+            DnsPath(server="127.0.0.1", port=port, query="x.local"), ProbeContext(timeout=1.0)
+        )
         assert not r.ok and r.failure in (Failure.PROTOCOL, Failure.TIMEOUT), r
     finally:
         transport.close()
     # nobody listening: ICMP port unreachable on loopback -> refused, or a timeout; never a raise
     start = time.perf_counter()
-    r = await dns_probe.probe(DnsPath(server="127.0.0.1", port=free_port(), query="x.local"), ProbeContext(timeout=1.0))
+    r = await dns_probe.probe(
+        DnsPath(server="127.0.0.1", port=free_port(), query="x.local"), ProbeContext(timeout=1.0)
+    )
     assert not r.ok and time.perf_counter() - start < 1.6

@@ -93,8 +93,16 @@ def test_base_passes_and_counts(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 BROKEN: list[tuple[str, Any, str]] = [
     # (mutation path, value, expected fragment of the message: it names the key)
-    ("targets.hv.paths[0].icmp", {"host": "10.0.10.11", "timeout": "fast"}, "targets.hv.paths[0].timeout: must be a duration"),
-    ("targets.hv.paths[0].icmp", {"host": "10.0.10.11", "timeout": 2}, "targets.hv.paths[0].timeout: must be a duration"),
+    (
+        "targets.hv.paths[0].icmp",
+        {"host": "10.0.10.11", "timeout": "fast"},
+        "targets.hv.paths[0].timeout: must be a duration",
+    ),
+    (
+        "targets.hv.paths[0].icmp",
+        {"host": "10.0.10.11", "timeout": 2},
+        "targets.hv.paths[0].timeout: must be a duration",
+    ),
     ("defaults.interval", "0s", "defaults.interval: must be longer than 0s"),
     ("defaults.fail_after", 0, "defaults.fail_after"),
     ("defaults.confirm_path", 2, "defaults.confirm_path: unknown key (did you mean 'confirm_paths'?)"),
@@ -107,42 +115,106 @@ BROKEN: list[tuple[str, Any, str]] = [
     ("targets.sw.depends_on", ["vm"], "dependency cycle"),
     ("targets.hv.paths[1]", {"tcp": "10.0.10.11"}, "targets.hv.paths[1]: tcp short form is HOST:PORT"),
     ("targets.hv.paths[1]", {"tcp": "10.0.10.11:99999"}, "targets.hv.paths[1]: port '99999'"),
-    ("targets.hv.paths[1]", {"icmpp": "10.0.10.11"}, "targets.hv.paths[1]: unknown path kind 'icmpp' (did you mean 'icmp'?)"),
-    ("targets.hv.paths[1]", {"icmp": "10.0.10.11", "tcp": "10.0.10.11:22"}, "targets.hv.paths[1]: each path is one mapping"),
+    (
+        "targets.hv.paths[1]",
+        {"icmpp": "10.0.10.11"},
+        "targets.hv.paths[1]: unknown path kind 'icmpp' (did you mean 'icmp'?)",
+    ),
+    (
+        "targets.hv.paths[1]",
+        {"icmp": "10.0.10.11", "tcp": "10.0.10.11:22"},
+        "targets.hv.paths[1]: each path is one mapping",
+    ),
     ("targets.hv.paths[1]", {"icmp": "not a host!"}, "targets.hv.paths[1].host: 'not a host!' is neither"),
     ("targets.hv.paths", [], "targets.hv.paths: needs at least 1 entry"),
-    ("targets.hv.paths[1]", {"tcp": {"host": "10.0.10.11", "port": 22, "timeout": "10s"}},
-     "targets.hv.paths[1].timeout: 10s is longer than its interval 5s"),
-    ("targets.vm.paths[1]", {"http": {"url": "ftp://10.0.10.21/"}}, "targets.vm.paths[1].url: 'ftp://10.0.10.21/' must be"),
-    ("targets.vm.paths[1]", {"http": {"url": "http://10.0.10.21/", "expect_status": 999}},
-     "targets.vm.paths[1].expect_status: 999 is not an HTTP status code"),
-    ("targets.vm.paths[1]", {"http": {"url": "http://10.0.10.21/", "expect_regex": "(unclosed"}},
-     "targets.vm.paths[1].expect_regex: invalid regular expression"),
-    ("targets.vm.paths[1]", {"http": {"url": "http://u:pw@10.0.10.21/"}}, "targets.vm.paths[1].url: put credentials"),
-    ("targets.vm.paths[1]", {"dns": {"server": "10.0.10.21"}}, "targets.vm.paths[1].query: required key is missing"),
-    ("targets.vm.paths[1]", {"dns": {"server": "10.0.10.21", "query": "x", "type": "QQ"}},
-     "targets.vm.paths[1].type: must be one of"),
-    ("targets.vm.paths[1]", {"snmp": {"host": "10.0.0.2"}}, "targets.vm.paths[1].snmp: SNMP v2c needs community"),
-    ("targets.vm.paths[1]", {"snmp": {"host": "10.0.0.2", "community": "p", "checks": [{"oid": "sysUpTime"}]}},
-     "targets.vm.paths[1].checks[0].oid: 'sysUpTime' is not a numeric OID"),
-    ("targets.vm.paths[1]", {"snmp": {"host": "10.0.0.2", "community": "p", "checks": [{"oid": "1.3.6.1", "in": [1], "max": 3}]}},
-     "targets.vm.paths[1].checks[0]: use at most one of"),
-    ("targets.vm.paths[1]", {"snmp": {"host": "10.0.0.2", "community": "p", "community_file": "c"}},
-     "targets.vm.paths[1].snmp: give either community or community_file"),
-    ("targets.vm.paths[1]", {"snmp": {"host": "10.0.0.2", "community_file": "missing-secret"}},
-     "targets.vm.paths[1].community_file: file not found: missing-secret"),
+    (
+        "targets.hv.paths[1]",
+        {"tcp": {"host": "10.0.10.11", "port": 22, "timeout": "10s"}},
+        "targets.hv.paths[1].timeout: 10s is longer than its interval 5s",
+    ),
+    (
+        "targets.vm.paths[1]",
+        {"http": {"url": "ftp://10.0.10.21/"}},
+        "targets.vm.paths[1].url: 'ftp://10.0.10.21/' must be",
+    ),
+    (
+        "targets.vm.paths[1]",
+        {"http": {"url": "http://10.0.10.21/", "expect_status": 999}},
+        "targets.vm.paths[1].expect_status: 999 is not an HTTP status code",
+    ),
+    (
+        "targets.vm.paths[1]",
+        {"http": {"url": "http://10.0.10.21/", "expect_regex": "(unclosed"}},
+        "targets.vm.paths[1].expect_regex: invalid regular expression",
+    ),
+    (
+        "targets.vm.paths[1]",
+        {"http": {"url": "http://u:pw@10.0.10.21/"}},
+        "targets.vm.paths[1].url: put credentials",
+    ),
+    (
+        "targets.vm.paths[1]",
+        {"dns": {"server": "10.0.10.21"}},
+        "targets.vm.paths[1].query: required key is missing",
+    ),
+    (
+        "targets.vm.paths[1]",
+        {"dns": {"server": "10.0.10.21", "query": "x", "type": "QQ"}},
+        "targets.vm.paths[1].type: must be one of",
+    ),
+    (
+        "targets.vm.paths[1]",
+        {"snmp": {"host": "10.0.0.2"}},
+        "targets.vm.paths[1].snmp: SNMP v2c needs community",
+    ),
+    (
+        "targets.vm.paths[1]",
+        {"snmp": {"host": "10.0.0.2", "community": "p", "checks": [{"oid": "sysUpTime"}]}},
+        "targets.vm.paths[1].checks[0].oid: 'sysUpTime' is not a numeric OID",
+    ),
+    (
+        "targets.vm.paths[1]",
+        {"snmp": {"host": "10.0.0.2", "community": "p", "checks": [{"oid": "1.3.6.1", "in": [1], "max": 3}]}},
+        "targets.vm.paths[1].checks[0]: use at most one of",
+    ),
+    (
+        "targets.vm.paths[1]",
+        {"snmp": {"host": "10.0.0.2", "community": "p", "community_file": "c"}},
+        "targets.vm.paths[1].snmp: give either community or community_file",
+    ),
+    (
+        "targets.vm.paths[1]",
+        {"snmp": {"host": "10.0.0.2", "community_file": "missing-secret"}},
+        "targets.vm.paths[1].community_file: file not found: missing-secret",
+    ),
     ("targets.vm.service.rto", "soon", "targets.vm.service.rto: must be a duration"),
-    ("targets.vm.bmc", {"ipmi": {"host": "10.0.99.1", "username": "u"}}, "targets.vm.bmc.ipmi: IPMI needs password"),
+    (
+        "targets.vm.bmc",
+        {"ipmi": {"host": "10.0.99.1", "username": "u"}},
+        "targets.vm.bmc.ipmi: IPMI needs password",
+    ),
     ("targets.vm.bmc", {}, "targets.vm.bmc: bmc needs ipmi or redfish"),
     ("targets.vm.confirm_paths", 0, "targets.vm.confirm_paths"),
     ("targets.bad name", {"role": "vm", "paths": [{"icmp": "10.0.0.9"}]}, "targets.bad name"),
     ("site", DELETE, "site: required key is missing"),
     ("targets", {}, "targets: needs at least 1 entry"),
     ("listen", "localhost", "listen: must be HOST:PORT"),
-    ("notify.escalation[0].notify", ["tier9"], "notify.escalation[0].notify[0]: no channel has tag or name 'tier9'"),
-    ("notify.escalation[0]", {"notify": ["tier1"]}, "notify.escalation[0]: each step needs exactly one of after or rto_fraction"),
+    (
+        "notify.escalation[0].notify",
+        ["tier9"],
+        "notify.escalation[0].notify[0]: no channel has tag or name 'tier9'",
+    ),
+    (
+        "notify.escalation[0]",
+        {"notify": ["tier1"]},
+        "notify.escalation[0]: each step needs exactly one of after or rto_fraction",
+    ),
     ("notify.escalation[0]", {"rto_fraction": 1.5, "notify": ["tier1"]}, "notify.escalation[0].rto_fraction"),
-    ("notify.channels[0]", {"name": "mail", "tags": ["tier1"]}, "notify.channels[0]: a channel needs url or url_file"),
+    (
+        "notify.channels[0]",
+        {"name": "mail", "tags": ["tier1"]},
+        "notify.channels[0]: a channel needs url or url_file",
+    ),
     ("notify.update_every", "often", "notify.update_every: must be a duration"),
     ("heartbeat", {"every": "1m"}, "heartbeat: heartbeat needs url or url_file"),
     ("vantage[0]", {"tcp": "192.0.2.1"}, "vantage[0]: tcp short form is HOST:PORT"),
@@ -191,7 +263,10 @@ def test_check_as_a_process_never_tracebacks(tmp_path: Path) -> None:
     cfg = tmp_path / "wt.yaml"
     cfg.write_text(yaml.safe_dump(mutate("targets.hv.paths[0].icmp", {"host": "10.0.10.11", "timeout": "x"})))
     proc = subprocess.run(
-        [sys.executable, "-m", "watchtower.cli", "check", "-c", str(cfg)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "watchtower.cli", "check", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "targets.hv.paths[0].timeout: must be a duration like 2s, 500ms, 15m or 4h"
@@ -244,7 +319,8 @@ def test_secret_files_credentials_directory_first(tmp_path: Path, monkeypatch: p
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("500ms", 0.5), ("2s", 2), ("15m", 900), ("4h", 14400), ("1h30m", 5400), ("1.5s", 1.5)]
+    ("text", "seconds"),
+    [("500ms", 0.5), ("2s", 2), ("15m", 900), ("4h", 14400), ("1h30m", 5400), ("1.5s", 1.5)],
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
@@ -272,3 +348,10 @@ def test_config_error_lists_every_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         parse_config(data, tmp_path)
     assert any(p.startswith("targets.hv.role") for p in exc.value.problems)
+
+
+def test_configuration_reference_is_current() -> None:
+    from watchtower.docs import config_reference
+
+    committed = (REPO / "docs" / "configuration.md").read_text()
+    assert committed == config_reference(), "run: python -m watchtower.docs > docs/configuration.md"

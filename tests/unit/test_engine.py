@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -131,7 +132,7 @@ async def test_scheduler_fixed_rate_and_retry_cadence() -> None:
         deadline = time.monotonic() + 5
         while len(runs) < 4 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        gaps = [b - a for a, b in zip(runs, runs[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(runs)]
         assert all(0.17 < g < 0.3 for g in gaps), gaps
         failing["on"] = True
         n = len(runs)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
-from watchtower.config import VANTAGE, Config, ResolvedPath
+from watchtower.config import VANTAGE, Config
 from watchtower.engine.paths import PathState, PathStatus
 from watchtower.engine.runner import run_probe
 from watchtower.engine.scheduler import Scheduler
@@ -112,7 +112,11 @@ class Monitor:
             if status.observe(result, time.time()):
                 p = status.path
                 log.info(
-                    "path state target=%s path=%r state=%s detail=%r", p.target, p.name, status.state, result.detail
+                    "path state target=%s path=%r state=%s detail=%r",
+                    p.target,
+                    p.name,
+                    status.state,
+                    result.detail,
                 )
 
         return run
@@ -129,7 +133,8 @@ class Monitor:
         for status in self.statuses.values():
             by_target.setdefault(status.path.target, []).append(status)
         return {
-            name: target_state(by_target.get(name, []), self.config.confirm_paths(name)) for name in self.config.targets
+            name: target_state(by_target.get(name, []), self.config.confirm_paths(name))
+            for name in self.config.targets
         }
 
     @property

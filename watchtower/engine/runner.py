@@ -34,5 +34,7 @@ async def run_probe(path: ResolvedPath, shared: ProbeContext) -> ProbeResult:
         log.exception("probe crashed target=%s path=%r", path.target, path.name)
         return ProbeResult.fail(Failure.INTERNAL, f"probe crashed: {exc.__class__.__name__}: {exc}")
     if not isinstance(result, ProbeResult):
-        return ProbeResult.fail(Failure.INTERNAL, f"probe returned {type(result).__name__}, not a ProbeResult")
+        return ProbeResult.fail(
+            Failure.INTERNAL, f"probe returned {type(result).__name__}, not a ProbeResult"
+        )
     return result

@@ -61,13 +61,16 @@ async def probe(spec: DnsPath, ctx: ProbeContext) -> ProbeResult:
     latency = time.perf_counter() - start
     rcode = response.rcode()
     if rcode != dns.rcode.NOERROR:
-        return ProbeResult.fail(Failure.CONTENT, f"{spec.query} {spec.type}: {dns.rcode.to_text(rcode)}", latency)
+        return ProbeResult.fail(
+            Failure.CONTENT, f"{spec.query} {spec.type}: {dns.rcode.to_text(rcode)}", latency
+        )
     values = _answer_values(response)
     missing = [v for v in spec.expect if v.rstrip(".") not in values]
     if missing:
         got = ", ".join(values[:5]) or "no records"
-        return ProbeResult.fail(Failure.CONTENT, f"{spec.query} {spec.type}: expected {', '.join(missing)}, got {got}",
-                                latency)
+        return ProbeResult.fail(
+            Failure.CONTENT, f"{spec.query} {spec.type}: expected {', '.join(missing)}, got {got}", latency
+        )
     if not values and spec.type != "ANY":
         return ProbeResult.fail(Failure.CONTENT, f"{spec.query} {spec.type}: empty answer", latency)
     return ProbeResult.success(latency, f"{spec.query} {spec.type} -> {', '.join(values[:3])}")

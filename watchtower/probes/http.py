@@ -53,7 +53,11 @@ async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
 async def probe(spec: HttpPath, ctx: ProbeContext) -> ProbeResult:
     start = time.perf_counter()
     password = spec.secret("password")
-    auth = aiohttp.BasicAuth(spec.username, password.get_secret_value() if password else "") if spec.username else None
+    auth = (
+        aiohttp.BasicAuth(spec.username, password.get_secret_value() if password else "")
+        if spec.username
+        else None
+    )
     try:
         async with AsyncExitStack() as stack:
             session = ctx.http_session
@@ -100,6 +104,8 @@ async def probe(spec: HttpPath, ctx: ProbeContext) -> ProbeResult:
             )
         if spec.expect_regex is not None and re.search(spec.expect_regex, text) is None:
             return ProbeResult.fail(
-                Failure.CONTENT, f"body does not match /{spec.expect_regex}/ (read {len(body)} bytes)", latency
+                Failure.CONTENT,
+                f"body does not match /{spec.expect_regex}/ (read {len(body)} bytes)",
+                latency,
             )
     return ProbeResult.success(latency, f"{response.status} in {latency * 1000:.0f} ms")

@@ -27,7 +27,9 @@ def iso(ts: float | None) -> str | None:
 
 
 def state_document(snap: Snapshot, monitor: Monitor) -> dict[str, Any]:
-    targets: dict[str, Any] = {name: {"role": role, "state": state.value, "paths": []} for name, role, state in snap.targets}
+    targets: dict[str, Any] = {
+        name: {"role": role, "state": state.value, "paths": []} for name, role, state in snap.targets
+    }
     vantage_paths = []
     for row in snap.paths:
         entry = {

@@ -28,7 +28,9 @@ class SnapshotCollector:
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot
         success = GaugeMetricFamily(
-            "watchtower_probe_success", "1 if the last probe of the path succeeded", labels=["target", "path", "kind"]
+            "watchtower_probe_success",
+            "1 if the last probe of the path succeeded",
+            labels=["target", "path", "kind"],
         )
         duration = GaugeMetricFamily(
             "watchtower_probe_duration_seconds",
@@ -36,7 +38,8 @@ class SnapshotCollector:
             labels=["target", "path", "kind"],
         )
         path_up = GaugeMetricFamily(
-            "watchtower_path_up", "1 up, 0 down after fail_after/recover_after (absent while unknown)",
+            "watchtower_path_up",
+            "1 up, 0 down after fail_after/recover_after (absent while unknown)",
             labels=["target", "path"],
         )
         for row in snap.paths:
@@ -51,7 +54,9 @@ class SnapshotCollector:
         yield path_up
 
         target_state = GaugeMetricFamily(
-            "watchtower_target_state", "1 for the target's current state (one-hot)", labels=["target", "role", "state"]
+            "watchtower_target_state",
+            "1 for the target's current state (one-hot)",
+            labels=["target", "role", "state"],
         )
         for name, role, state in snap.targets:
             for candidate in TargetState:
@@ -59,7 +64,9 @@ class SnapshotCollector:
         yield target_state
 
         yield GaugeMetricFamily(
-            "watchtower_vantage_up", "1 while the monitor itself can reach the outside", value=float(snap.vantage_up)
+            "watchtower_vantage_up",
+            "1 while the monitor itself can reach the outside",
+            value=float(snap.vantage_up),
         )
         lag = HistogramMetricFamily(
             "watchtower_scheduler_lag_seconds", "delay between a probe's due time and its start"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what watchtower's demo and tests need on Debian 12: system packages and a venv in .venv.
+# Idempotent: a second run only checks. Needs root for apt (the demo and tests need root anyway).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(iproute2 nftables iptables fping prometheus openssl procps)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "bootstrap: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+    apt-get install -y -q python3-venv >/dev/null && "$PYTHON" -m venv .venv
+  fi
+fi
+# Reinstall only when pyproject.toml changed since the last install.
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [[ ! -f $stamp ]]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e ".[dev]"
+  rm -f .venv/.installed-* && touch "$stamp"
+fi

@@ -1,0 +1,254 @@
+"""The daemon end to end on loopback: metrics turn, API and auth, clean stop, real Prometheus scrape."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from watchtower.config import load_config
+from watchtower.daemon import run_daemon
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def write_config(
+    tmp_path: Path, listen_port: int, alive_port: int, dead_port: int, token: str | None = None
+) -> Path:
+    data: dict[str, Any] = {
+        "site": "loopback",
+        "listen": f"127.0.0.1:{listen_port}",
+        "state_dir": str(tmp_path / "state"),
+        "defaults": {"interval": "1s", "retry_interval": "200ms", "timeout": "500ms"},
+        "targets": {
+            "web1": {
+                "role": "service",
+                "paths": [
+                    {"tcp": f"127.0.0.1:{alive_port}"},
+                    {"http": {"url": f"http://127.0.0.1:{alive_port}/", "timeout": "1s"}},
+                ],
+            },
+            "gone": {"role": "service", "paths": [{"tcp": f"127.0.0.1:{dead_port}"}]},
+        },
+    }
+    if token:
+        (tmp_path / "api-token").write_text(token + "\n")
+        data["api_token_file"] = "api-token"
+    cfg = tmp_path / "wt.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
+async def http_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(1024)
+    writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+    await writer.drain()
+    writer.close()
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    server = await asyncio.start_server(http_ok, "127.0.0.1", 0)
+    alive = server.sockets[0].getsockname()[1]
+    port = free_port()
+    cfg = load_config(write_config(tmp_path, port, alive, free_port(), token="s3cret-token"))
+    ready = asyncio.Event()
+    task = asyncio.create_task(run_daemon(cfg, ready=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+        yield {"session": session, "server": server, "task": task, "alive": alive}
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    server.close()
+
+
+def series(text: str, name: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+async def test_metrics_turn_and_api(daemon: dict[str, Any]) -> None:
+    session: aiohttp.ClientSession = daemon["session"]
+    alive = daemon["alive"]
+
+    async def metrics() -> str:
+        async with session.get("/metrics") as r:
+            assert r.status == 200
+            return await r.text()
+
+    async def settled() -> bool:
+        up = series(await metrics(), "watchtower_path_up")
+        return len(up) == 3
+
+    await wait_for(settled, 10, "all three paths to settle")
+    text = await metrics()
+    up = series(text, "watchtower_path_up")
+    assert up[f'watchtower_path_up{{path="tcp 127.0.0.1:{alive}",target="web1"}}'] == 1.0
+    assert any(
+        k.startswith("watchtower_path_up{") and 'target="gone"' in k and v == 0.0 for k, v in up.items()
+    )
+    states = series(text, "watchtower_target_state")
+    assert states['watchtower_target_state{role="service",state="up",target="web1"}'] == 1.0
+    assert states['watchtower_target_state{role="service",state="down",target="gone"}'] == 1.0
+    assert "watchtower_scheduler_lag_seconds_bucket" in text and "watchtower_build_info{" in text
+    assert "s3cret-token" not in text
+
+    # the API needs the token; /metrics and /healthz do not
+    async with session.get("/api/v1/state") as r:
+        assert r.status == 401
+    async with session.get("/api/v1/state", headers={"Authorization": "Bearer wrong"}) as r:
+        assert r.status == 401
+    async with session.get("/api/v1/state", headers={"Authorization": "Bearer s3cret-token"}) as r:
+        assert r.status == 200
+        doc = await r.json()
+    assert doc["vantage"] == "up"
+    assert doc["targets"]["gone"]["state"] == "down"
+    web1 = doc["targets"]["web1"]
+    assert web1["role"] == "service" and web1["state"] == "up"
+    assert {p["kind"] for p in web1["paths"]} == {"tcp", "http"}
+    assert all(p["last_ok"].endswith("Z") for p in web1["paths"])
+    async with session.get("/healthz") as r:
+        assert r.status == 200 and (await r.text()).strip() == "ok"
+
+    # break web1: its listener goes away -> its paths flip to 0 within fail_after x retry + timeout + 1s
+    server: asyncio.base_events.Server = daemon["server"]
+    server.close()
+    await server.wait_closed()
+    broke = time.monotonic()
+
+    async def web1_down() -> bool:
+        up = series(await metrics(), "watchtower_path_up")
+        return all(v == 0.0 for k, v in up.items() if 'target="web1"' in k)
+
+    await wait_for(web1_down, 10, "web1's paths to go down")
+    # interval 1s (a probe is at most 1 s away) + fail_after 2 x retry 0.2 s + http timeout 1 s + 1 s slack
+    assert time.monotonic() - broke < 1 + 2 * 0.2 + 1 + 1
+
+
+async def test_sigterm_stops_cleanly_within_5s(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, port, free_port(), free_port())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "watchtower.cli", "run", "-c", str(cfg),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+
+        async def healthy() -> bool:
+            try:
+                async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(healthy, 15, "the daemon to answer /healthz")
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        code = await asyncio.wait_for(proc.wait(), 5)
+        assert code == 0
+        assert time.monotonic() - start < 5
+        err = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+        assert "stopped" in err and "Traceback" not in err
+        assert "watchtower started" in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.mark.skipif(
+    not (PROMETHEUS and PROMTOOL), reason="prometheus/promtool (Debian package) not installed"
+)
+async def test_real_prometheus_scrapes_and_promtool_accepts(daemon: dict[str, Any], tmp_path: Path) -> None:
+    assert PROMETHEUS and PROMTOOL
+    session: aiohttp.ClientSession = daemon["session"]
+    listen = str(session._base_url).removeprefix("http://").rstrip("/")  # type: ignore[attr-defined]
+    async with session.get("/metrics") as r:
+        body = await r.text()
+    check = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=body, capture_output=True, text=True, timeout=30
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    prom_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [{"job_name": "watchtower", "static_configs": [{"targets": [listen]}]}],
+            }
+        )
+    )
+    prom = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"),  # noqa: SIM115
+    )  # fmt: skip
+    try:
+
+        async def query(expr: str) -> list[Any]:
+            try:
+                async with (
+                    aiohttp.ClientSession() as s,
+                    s.get(f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": expr}) as r,
+                ):
+                    doc = await r.json()
+                    return list(doc["data"]["result"]) if doc.get("status") == "success" else []
+            except aiohttp.ClientError:
+                return []
+
+        result = await wait_for(
+            lambda: query('up{job="watchtower"} == 1'), 30, "prometheus to scrape watchtower"
+        )
+        assert result[0]["value"][1] == "1"
+        success = await wait_for(
+            lambda: query("watchtower_probe_success"), 15, "watchtower_probe_success series"
+        )
+        assert {s["metric"]["target"] for s in success} >= {"web1", "gone"}
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(10)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait()
+    print(
+        json.dumps({"prometheus_log_tail": (tmp_path / "prometheus.log").read_text()[-300:]}), file=sys.stderr
+    )
+    assert os.path.exists(tmp_path / "tsdb")

@@ -58,7 +58,7 @@ def proc_hwm_mb(pid: int) -> float:
 
 
 def get(url: str, timeout: float = 10.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         return bytes(response.read())
 
 
@@ -147,9 +147,7 @@ def run_size(lab: Lab, n: int, duration: float, workdir: Path) -> dict[str, Any]
             body = get(f"{base}/metrics")
             renders.append(time.perf_counter() - start)
         runs = state1["scheduler"]["runs"] - state0["scheduler"]["runs"]
-        not_up = sum(
-            1 for t in state1["targets"].values() for p in t["paths"] if p["state"] != "up"
-        )
+        not_up = sum(1 for t in state1["targets"].values() for p in t["paths"] if p["state"] != "up")
         return {
             "n": n,
             "icmp": n_icmp,
@@ -196,14 +194,17 @@ def table(results: list[dict[str, Any]]) -> str:
         fp = f"{f['cpu_per_1000']:.4f}, {f['wall']:.2f} s ({f['alive_min']} alive)" if f else "fping missing"
         lines.append(
             f"| {r['n']:,} ({r['icmp']:,}+{r['tcp']:,}) | {r['probes_per_s']:.0f} | {r['cpu_pct']:.1f} "
-            f"| {r['cpu_per_1000']:.3f} | {r['lag_p50_ms']:.2f} / {r['lag_p99_ms']:.2f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['cpu_per_1000']:.3f} | {r['lag_p50_ms']:.2f} / {r['lag_p99_ms']:.2f} "
+            f"| {r['peak_rss_mb']:.0f} "
             f"| {r['metrics_ms']:.0f} ({r['metrics_series']:,}) | {r['not_up']} | {fp} |"
         )
     return "\n".join(lines)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--no-write", action="store_true")
@@ -243,9 +244,10 @@ def write_results(out: str, args: argparse.Namespace) -> None:
             "",
             "The real daemon (`watchtower run`, default 5 s interval, 1 s timeout) probes N paths on two",
             "namespace hosts that answer for a whole /19 each: 80 % ICMP, 20 % TCP connects, every path",
-            f"to its own address. Figures over {args.duration:.0f} s after a 12 s warm-up; CPU is the daemon's",
-            "user+system time from /proc; lag is probe start minus due time (last 20,000 runs); `/metrics`",
-            "is the median of 5 uncompressed scrapes; fping sweeps the same ICMP addresses with `-i 0`.",
+            f"to its own address. Figures over {args.duration:.0f} s after a 12 s warm-up; CPU is the",
+            "daemon's user+system time from /proc; lag is probe start minus due time (last 20,000 runs);",
+            "`/metrics` is the median of 5 uncompressed scrapes; fping sweeps the same ICMP addresses with",
+            "`-i 0`.",
             "",
             out,
             "",

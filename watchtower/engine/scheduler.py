@@ -1,11 +1,11 @@
-"""When each path runs: one timer heap for all paths, one asyncio task.
+"""When each path runs: one timer on the event loop per path, no scheduler loop of our own.
 
 Why not one APScheduler job per path: APScheduler 3 costs ~0.36 ms of CPU per job run here
 (trigger arithmetic, executor bookkeeping, events), so 10,000 paths at 5 s would spend ~70 % of a
 core on scheduling alone, and its cadence is fixed per job while a path must switch between
-``interval`` and ``retry_interval`` from one run to the next. A binary heap of due times costs
-O(log n) per run (a few microseconds). APScheduler keeps the low-rate housekeeping jobs
-(heartbeat, retention) where its cron/interval triggers are worth having; see ``daemon.py``.
+``interval`` and ``retry_interval`` from one run to the next. asyncio's own timer heap
+(``loop.call_at``) costs a few microseconds per run. APScheduler keeps the low-rate housekeeping
+jobs (heartbeat, later retention) where its triggers are worth having; see ``daemon.py``.
 
 Semantics:
 - fixed rate: the next run is due ``cadence`` after the previous run was *due* (not after it
@@ -13,14 +13,15 @@ Semantics:
 - the first runs are spread over each path's interval by a stable hash of its key, so a start
   (or a reload) is no thundering herd and a path keeps its phase across reloads;
 - at most ``max_concurrency`` probes are in flight; lag (start - due) is recorded per run;
-- :meth:`run_now` pulls a path's next run forward (used to get a second witness quickly).
+- :meth:`run_now` pulls a path's next run forward (used to get a second witness quickly);
+- a ticker marks ``last_tick`` every second, so /healthz can tell a live loop from a stuck one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
+import math
 import time
 import zlib
 from collections import deque
@@ -72,10 +73,12 @@ class _Job:
     interval: float
     cadence: Callable[[], float]  # seconds until the next run, asked after each run
     run: Callable[[], Awaitable[None]]
+    first_in: float
     due: float = 0.0
-    generation: int = 0
+    handle: asyncio.TimerHandle | None = None
     running: bool = False
     removed: bool = False
+    rerun: bool = False  # run_now() while running: run again as soon as this run ends
 
 
 def stable_phase(key: Hashable) -> float:
@@ -84,16 +87,16 @@ def stable_phase(key: Hashable) -> float:
 
 
 class Scheduler:
-    def __init__(self, max_concurrency: int = 4096, clock: Callable[[], float] = time.monotonic):
-        self._clock = clock
-        self._heap: list[tuple[float, int, int, Hashable]] = []
+    TICK = 1.0
+    GRID = 0.01
+
+    def __init__(self, max_concurrency: int = 4096):
         self._jobs: dict[Hashable, _Job] = {}
-        self._seq = 0
-        self._wake = asyncio.Event()
         self._limit = asyncio.Semaphore(max_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.lag = LagStats()
-        self.last_tick = clock()
+        self.last_tick = time.monotonic()
         self.runs = 0
         self.in_flight = 0
 
@@ -111,72 +114,54 @@ class Scheduler:
     ) -> None:
         """Schedule ``run`` for ``key``; first run after ``first_in`` s (default: a stable phase)."""
         self.remove(key)
-        job = _Job(key, interval, cadence, run)
-        self._jobs[key] = job
         delay = stable_phase(key) * interval if first_in is None else first_in
-        self._push(job, self._clock() + delay)
+        job = _Job(key, interval, cadence, run, delay)
+        self._jobs[key] = job
+        if self._loop is not None:
+            self._arm(job, self._loop.time() + delay)
 
     def remove(self, key: Hashable) -> None:
         job = self._jobs.pop(key, None)
         if job is not None:
             job.removed = True
-            job.generation += 1
+            if job.handle is not None:
+                job.handle.cancel()
 
     def run_now(self, key: Hashable) -> bool:
-        """Pull the next run of ``key`` forward to now (no-op while it runs). True if pulled."""
+        """Run ``key`` now, or right after its current run ends. False for an unknown key."""
         job = self._jobs.get(key)
-        if job is None or job.running:
+        if job is None or self._loop is None:
             return False
-        now = self._clock()
-        if job.due > now:
-            self._push(job, now)
+        if job.running:
+            job.rerun = True
+        elif job.due > self._loop.time():
+            self._arm(job, self._loop.time())
         return True
 
-    def _push(self, job: _Job, due: float) -> None:
-        job.generation += 1
+    def _arm(self, job: _Job, due: float) -> None:
+        assert self._loop is not None
+        if job.handle is not None:
+            job.handle.cancel()
         job.due = due
-        self._seq += 1
-        heapq.heappush(self._heap, (due, self._seq, job.generation, job.key))
-        if self._heap[0][1] == self._seq:  # new earliest entry: the loop may be sleeping past it
-            self._wake.set()
+        # Fire on a 10 ms grid: runs due within the same slot share one loop wakeup, which at
+        # thousands of paths halves the CPU per probe (the wakeup, not the probe, dominates).
+        slot = math.ceil(due / self.GRID) * self.GRID
+        job.handle = self._loop.call_at(slot, self._fire, job)
 
-    # ------------------------------------------------------------------ loop
-    async def run(self) -> None:
-        """Run until cancelled. Cancelling stops new runs and cancels the ones in flight."""
-        try:
-            while True:
-                self.last_tick = now = self._clock()
-                while self._heap and self._heap[0][0] <= now:
-                    due, _, generation, key = heapq.heappop(self._heap)
-                    job = self._jobs.get(key)
-                    if job is None or job.generation != generation:
-                        continue  # removed or rescheduled since it was pushed
-                    self._start(job, due)
-                # Sleep until the next due time, waking at least once a second so /healthz can tell
-                # a live scheduler from a stuck one.
-                timeout = min(1.0, self._heap[0][0] - now) if self._heap else 1.0
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout(max(timeout, 0.0)):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-        finally:
-            for task in list(self._tasks):
-                task.cancel()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _start(self, job: _Job, due: float) -> None:
+    def _fire(self, job: _Job) -> None:
+        job.handle = None
+        if job.removed:
+            return
         job.running = True
-        task = asyncio.create_task(self._run_job(job, due), name=f"probe {job.key}")
+        task = asyncio.create_task(self._run_job(job, job.due))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run_job(self, job: _Job, due: float) -> None:
+        assert self._loop is not None
         try:
             async with self._limit:
-                self.lag.observe(max(0.0, self._clock() - due))
+                self.lag.observe(max(0.0, self._loop.time() - due))
                 self.in_flight += 1
                 try:
                     await job.run()
@@ -188,6 +173,29 @@ class Scheduler:
         finally:
             job.running = False
         if not job.removed:
-            now = self._clock()
-            nxt = due + job.cadence()
-            self._push(job, nxt if nxt > now else now)
+            now = self._loop.time()
+            nxt = now if job.rerun else due + job.cadence()
+            job.rerun = False
+            self._arm(job, nxt if nxt > now else now)
+
+    # ------------------------------------------------------------------ life cycle
+    async def run(self) -> None:
+        """Arm every job and tick until cancelled; cancelling stops new runs and cancels the ones
+        in flight."""
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        for job in self._jobs.values():
+            self._arm(job, now + job.first_in)
+        try:
+            while True:
+                self.last_tick = time.monotonic()
+                await asyncio.sleep(self.TICK)
+        finally:
+            for job in self._jobs.values():
+                if job.handle is not None:
+                    job.handle.cancel()
+            self._loop = None
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -355,7 +355,7 @@ class TcpPath(HostPath):
     """TCP connect to HOST:PORT."""
 
     kind: Literal["tcp"] = "tcp"
-    port: Port  # type: ignore[assignment]
+    port: Port
 
 
 class HttpPath(PathBase):
@@ -943,7 +943,7 @@ def _construct_mapping(
 ) -> dict[Any, Any]:
     seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen[key] = True

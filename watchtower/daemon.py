@@ -12,7 +12,7 @@ from contextlib import AsyncExitStack
 
 import aiohttp
 from aiohttp import web
-from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchtower import __version__
 from watchtower.config import Config

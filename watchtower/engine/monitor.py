@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -100,13 +100,13 @@ class Monitor:
             self.scheduler.add(path.key, path.interval, self._cadence(status), self._runner(status))
 
     @staticmethod
-    def _cadence(status: PathStatus) -> object:
+    def _cadence(status: PathStatus) -> Callable[[], float]:
         def cadence() -> float:
             return status.path.retry_interval if status.pending else status.path.interval
 
         return cadence
 
-    def _runner(self, status: PathStatus) -> object:
+    def _runner(self, status: PathStatus) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
             result = await run_probe(status.path, self.shared)
             if status.observe(result, time.time()):

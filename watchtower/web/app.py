@@ -16,7 +16,7 @@ from watchtower.engine.monitor import Monitor, Snapshot
 from watchtower.web import metrics
 
 MONITOR: web.AppKey[Monitor] = web.AppKey("monitor", Monitor)
-TOKEN: web.AppKey[str | None] = web.AppKey("token", str)  # type: ignore[arg-type]
+TOKEN: web.AppKey[str | None] = web.AppKey("token")
 
 # /healthz turns 503 when the scheduler loop has not ticked for this long (it ticks >= 1/s).
 STALL_AFTER = 5.0
@@ -30,7 +30,7 @@ def state_document(snap: Snapshot, monitor: Monitor) -> dict[str, Any]:
     targets: dict[str, Any] = {
         name: {"role": role, "state": state.value, "paths": []} for name, role, state in snap.targets
     }
-    vantage_paths = []
+    vantage_paths: list[dict[str, Any]] = []
     for row in snap.paths:
         entry = {
             "name": row.name,

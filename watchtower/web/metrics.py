@@ -82,5 +82,5 @@ class SnapshotCollector:
 
 def render(snapshot: Snapshot, compress: bool = False) -> bytes:
     """The exposition text for one snapshot (blocking: call it in a thread)."""
-    body = generate_latest(SnapshotCollector(snapshot))  # type: ignore[arg-type]
+    body = generate_latest(SnapshotCollector(snapshot))  # type: ignore[arg-type,unused-ignore]
     return gzip.compress(body, compresslevel=5) if compress else body

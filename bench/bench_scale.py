@@ -190,7 +190,8 @@ def machine() -> str:
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| paths (icmp+tcp) | probes/s | CPU % of a core (system share) | CPU s / 1000 probes "
-        "| lag p50 / p99 ms | peak RSS MB | /metrics ms (series) | paths not up | fping: CPU s / 1000 pings, sweep wall s |"
+        "| lag p50 / p99 ms | peak RSS MB | /metrics ms (series) | paths not up "
+        "| fping: CPU s / 1000 pings, sweep wall s |"
     )
     lines = [head, "|" + "---|" * 9]
     for r in results:

@@ -14,7 +14,6 @@ import os
 import sys
 import time
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
 from watchtower import __version__
@@ -163,7 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("watchtower demo: needs root (it creates network namespaces)", file=sys.stderr)
         return EXIT_INVALID
     setup_logging(args.log_level)
-    lab = Lab(DEMO, Path(args.run_dir))
+    lab = Lab(DEMO)  # the default run dir, where `watchtower lab break/repair` find its helpers
     started = time.monotonic()
     lab.up()
     host, port = cfg.listen_host_port
@@ -217,9 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("lab_args", nargs=argparse.REMAINDER)
     p = command("demo", cmd_demo, "build the simulated site and run watchtower against it (root)")
     p.set_defaults(config="config/demo.yaml")
-    p.add_argument(
-        "--run-dir", default="/run/watchtower-demo", help="PID files and logs of the simulated site"
-    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 

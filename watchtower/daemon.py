@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import signal
@@ -90,6 +91,10 @@ async def run_daemon(config: Config, *, ready: asyncio.Event | None = None) -> N
     async with AsyncExitStack() as stack:
         shared = await open_shared(stack, config)
         monitor = Monitor(config, shared=shared)
+        # The config and the path table live for the whole run: move them out of the garbage
+        # collector's view, so a full collection does not stall probing (seen: 100 ms at 10k paths).
+        gc.collect()
+        gc.freeze()
 
         runner = web.AppRunner(make_app(monitor), access_log=None, shutdown_timeout=1.0)
         await runner.setup()

@@ -252,3 +252,34 @@ async def test_real_prometheus_scrapes_and_promtool_accepts(daemon: dict[str, An
         json.dumps({"prometheus_log_tail": (tmp_path / "prometheus.log").read_text()[-300:]}), file=sys.stderr
     )
     assert os.path.exists(tmp_path / "tsdb")
+
+
+async def test_status_command(daemon: dict[str, Any], tmp_path: Path) -> None:
+    session: aiohttp.ClientSession = daemon["session"]
+    port = int(str(session._base_url).rsplit(":", 1)[1].rstrip("/"))  # type: ignore[attr-defined]
+    cfg = write_config(tmp_path, port, daemon["alive"], free_port(), token="s3cret-token")
+
+    async def settled() -> bool:
+        async with session.get("/metrics") as r:
+            return len(series(await r.text(), "watchtower_path_up")) == 3
+
+    await wait_for(settled, 10, "paths to settle")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "watchtower.cli", "status", "-c", str(cfg), "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    doc = json.loads(out)
+    assert doc["targets"]["gone"]["state"] == "down" and doc["targets"]["web1"]["state"] == "up"
+
+    other = tmp_path / "other"
+    other.mkdir()
+    unreachable = write_config(other, free_port(), daemon["alive"], free_port())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "watchtower.cli", "status", "-c", str(unreachable),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 3
+    assert b"not reachable" in err and b"Traceback" not in err

@@ -2,8 +2,8 @@
 """Probe cost at scale: the real daemon probing N paths (ICMP + TCP) on namespace hosts that answer
 for a whole prefix, at the default 5 s interval, next to fping as the floor.
 
-    sudo .venv/bin/python bench/bench_scale.py                    # N = 1,000 and 10,000, 60 s each
-    sudo .venv/bin/python bench/bench_scale.py --sizes 1000 --duration 20 --no-write
+    .venv/bin/python bench/bench_scale.py                    # N = 1,000 and 10,000, 60 s each
+    .venv/bin/python bench/bench_scale.py --sizes 1000 --duration 20 --no-write
 
 Prints a table and (unless --no-write) rewrites bench/RESULTS.md. Traffic goes only to the
 10.213.192.0/18 prefix inside namespaces this script creates and removes.
@@ -245,7 +245,7 @@ def write_results(out: str, args: argparse.Namespace) -> None:
             marker,
             "",
             f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
-            f"Command: `sudo .venv/bin/python bench/bench_scale.py --sizes {' '.join(map(str, args.sizes))} "
+            f"Command: `.venv/bin/python bench/bench_scale.py --sizes {' '.join(map(str, args.sizes))} "
             f"--duration {args.duration:.0f}`",
             "",
             "The real daemon (`watchtower run`, default 5 s interval, 1 s timeout) probes N paths on two",

@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     setup_logging(args.log_level)
     try:
-        asyncio.run(run_daemon(cfg))
+        asyncio.run(run_daemon(cfg, config_path=args.config))
     except OSError as exc:  # e.g. the listen port is taken, or no ICMP socket is allowed
         print(f"watchtower: cannot start: {exc}", file=sys.stderr)
         return EXIT_DOWN
@@ -177,7 +177,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        asyncio.run(run_daemon(cfg))
+        asyncio.run(run_daemon(cfg, config_path=args.config))
     finally:
         lab.down()
     return EXIT_OK

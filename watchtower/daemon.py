@@ -16,7 +16,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchtower import __version__
-from watchtower.config import Config
+from watchtower.config import Config, ConfigError, load_config
 from watchtower.engine.monitor import Monitor, open_shared
 from watchtower.web.app import STALL_AFTER, make_app
 
@@ -83,7 +83,36 @@ class Heartbeat:
             log.warning("heartbeat failed error=%s", exc.__class__.__name__)
 
 
-async def run_daemon(config: Config, *, ready: asyncio.Event | None = None) -> None:
+async def reload_config(path: str, monitor: Monitor, stack: AsyncExitStack) -> bool:
+    """SIGHUP: re-read the config. A bad new config is logged, problem by problem, and the running
+    one stays in force; a good one is applied without losing the state of unchanged paths."""
+    old = monitor.config
+    try:
+        new = await asyncio.to_thread(load_config, path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload rejected, keeping the running config: %s", problem)
+        monitor.reload_failed()
+        return False
+    if new.listen != old.listen:
+        log.warning("reload: listen changed from %s to %s; restart to apply it", old.listen, new.listen)
+    try:
+        await open_shared(stack, new, monitor.shared)
+    except OSError as exc:
+        log.error("reload rejected, keeping the running config: cannot open probe sockets: %s", exc)
+        monitor.reload_failed()
+        return False
+    gc.unfreeze()
+    counts = monitor.reload(new)
+    gc.collect()
+    gc.freeze()
+    log.info("config reloaded %s", " ".join(f"{k}={v}" for k, v in counts.items()))
+    return True
+
+
+async def run_daemon(
+    config: Config, *, config_path: str | None = None, ready: asyncio.Event | None = None
+) -> None:
     """Run until SIGTERM/SIGINT (or cancellation). Startup errors (port in use) raise OSError."""
     raise_fd_limit()
     loop = asyncio.get_running_loop()
@@ -112,11 +141,6 @@ async def run_daemon(config: Config, *, ready: asyncio.Event | None = None) -> N
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
             stack.callback(loop.remove_signal_handler, sig)
-        loop.add_signal_handler(
-            signal.SIGHUP,
-            lambda: log.warning("reload on SIGHUP is not implemented yet; restart to apply changes"),
-        )
-        stack.callback(loop.remove_signal_handler, signal.SIGHUP)
 
         log.info(
             "watchtower started version=%s site=%s targets=%d paths=%d listen=%s:%d",
@@ -124,6 +148,17 @@ async def run_daemon(config: Config, *, ready: asyncio.Event | None = None) -> N
         )  # fmt: skip
         async with asyncio.TaskGroup() as tg:
             scheduler_task = tg.create_task(monitor.run(), name="scheduler")
+            reloading = asyncio.Lock()
+
+            async def on_hup() -> None:
+                if config_path is None:
+                    log.warning("SIGHUP: no config file to reload from")
+                    return
+                async with reloading:
+                    await reload_config(config_path, monitor, stack)
+
+            loop.add_signal_handler(signal.SIGHUP, lambda: tg.create_task(on_hup(), name="reload"))
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             if ready is not None:
                 ready.set()
             await stop.wait()

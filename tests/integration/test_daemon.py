@@ -283,3 +283,73 @@ async def test_status_command(daemon: dict[str, Any], tmp_path: Path) -> None:
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 3
     assert b"not reachable" in err and b"Traceback" not in err
+
+
+async def test_sighup_reload_keeps_state_and_rejects_bad_config(tmp_path: Path) -> None:
+    server = await asyncio.start_server(http_ok, "127.0.0.1", 0)
+    alive = server.sockets[0].getsockname()[1]
+    port = free_port()
+    cfg = write_config(tmp_path, port, alive, free_port())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "watchtower.cli", "run", "-c", str(cfg),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+
+            async def state() -> dict[str, Any]:
+                try:
+                    async with session.get("/api/v1/state") as r:
+                        return dict(await r.json()) if r.status == 200 else {}
+                except aiohttp.ClientError:
+                    return {}
+
+            async def metric(name: str) -> float | None:
+                async with session.get("/metrics") as r:
+                    values = series(await r.text(), name)
+                return next(iter(values.values()), None)
+
+            async def web1_up() -> bool:
+                doc = await state()
+                return bool(doc) and doc["targets"]["web1"]["state"] == "up"
+
+            await wait_for(web1_up, 15, "web1 up")
+            before = (await state())["targets"]["web1"]["paths"]
+
+            # Good reload: 'gone' removed, 'extra' added, web1 unchanged.
+            data = yaml.safe_load(cfg.read_text())
+            del data["targets"]["gone"]
+            data["targets"]["extra"] = {"role": "service", "paths": [{"tcp": f"127.0.0.1:{alive}"}]}
+            cfg.write_text(yaml.safe_dump(data))
+            proc.send_signal(signal.SIGHUP)
+
+            async def reloaded() -> dict[str, Any]:
+                doc = await state()
+                return doc if doc and set(doc["targets"]) == {"web1", "extra"} else {}
+
+            doc = await wait_for(reloaded, 10, "the reload to apply")
+            # unchanged paths keep their state: still up at once, no unknown phase
+            assert doc["targets"]["web1"]["state"] == "up"
+            assert {p["name"] for p in doc["targets"]["web1"]["paths"]} == {p["name"] for p in before}
+            assert await metric("watchtower_config_last_reload_success") == 1.0
+
+            # Bad reload: the old config keeps running, the gauge says so
+            cfg.write_text("site: x\ntargets:\n  web1: {role: nope, paths: []}\n")
+            proc.send_signal(signal.SIGHUP)
+
+            async def rejected() -> bool:
+                return await metric("watchtower_config_last_reload_success") == 0.0
+
+            await wait_for(rejected, 10, "the bad reload to be rejected")
+            assert set((await state())["targets"]) == {"web1", "extra"}
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 5) == 0
+        err = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+        assert "config reloaded added=1 removed=1" in err
+        assert "reload rejected, keeping the running config: targets.web1.role" in err
+        assert "Traceback" not in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()

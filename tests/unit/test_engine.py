@@ -199,3 +199,39 @@ async def test_scheduler_cancels_in_flight_on_stop() -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert cancelled.is_set()
+
+
+def test_monitor_reload_keeps_unchanged_paths() -> None:
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+
+    base = {
+        "site": "s",
+        "targets": {
+            "a": {"role": "service", "paths": [{"tcp": "127.0.0.1:1"}, {"tcp": "127.0.0.1:2"}]},
+            "b": {"role": "service", "paths": [{"tcp": "127.0.0.1:3"}]},
+        },
+    }
+    monitor = Monitor(parse_config(base, Path(".")))
+    kept = monitor.statuses[("a", "tcp 127.0.0.1:1")]
+    kept.observe(OK, 1)
+    kept.observe(OK, 2)
+    retimed = monitor.statuses[("a", "tcp 127.0.0.1:2")]
+    retimed.observe(FAIL, 1)
+    new = {
+        "site": "s",
+        "targets": {
+            "a": {"role": "service", "paths": [{"tcp": "127.0.0.1:1"}, {"tcp": {"host": "127.0.0.1", "port": 2,
+                                                                                "interval": "2s"}}]},
+            "c": {"role": "service", "paths": [{"tcp": "127.0.0.1:4"}]},
+        },
+    }  # fmt: skip
+    counts = monitor.reload(parse_config(new, Path(".")))
+    assert counts == {"added": 1, "removed": 1, "changed": 1, "kept": 1}
+    assert monitor.statuses[("a", "tcp 127.0.0.1:1")] is kept and kept.state is PathState.UP
+    assert monitor.statuses[("a", "tcp 127.0.0.1:2")] is retimed and retimed.failures == 1
+    assert retimed.path.interval == 2.0
+    assert set(monitor.target_states()) == {"a", "c"}
+    assert len(monitor.scheduler) == 3

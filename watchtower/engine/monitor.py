@@ -75,6 +75,8 @@ class Snapshot:
     lag_buckets: tuple[tuple[str, int], ...]
     lag_sum: float
     lag_count: int
+    reload_ok: bool = True
+    reload_at: float = 0.0
 
 
 class Monitor:
@@ -86,18 +88,53 @@ class Monitor:
         self.shared = shared or ProbeContext(timeout=0)
         self.statuses: dict[tuple[str, str], PathStatus] = {}
         self.started_at = time.time()
+        self.reloaded_ok, self.reloaded_at = True, self.started_at
         self._apply(config)
 
     # ------------------------------------------------------------------ wiring
-    def _apply(self, config: Config) -> None:
+    def _apply(self, config: Config) -> dict[str, int]:
+        """Make the running set of paths match ``config``.
+
+        A path whose spec (what it talks to and how) is unchanged keeps its state, its streak
+        counts and its phase, even if its timings changed; a changed spec starts over as unknown;
+        a removed path stops. Returns counts for the reload log line.
+        """
+        old = self.statuses
+        self.statuses = {}
+        counts = {"added": 0, "removed": 0, "changed": 0, "kept": 0}
         for path in (*config.vantage_paths, *config.paths):
-            status = PathStatus(path)
+            status = old.pop(path.key, None)
+            if status is not None and status.path == path:
+                self.statuses[path.key] = status
+                counts["kept"] += 1
+                continue
+            if status is not None and status.path.spec == path.spec:
+                status.path = path  # timings changed: the cadence closure reads status.path
+                counts["changed"] += 1
+            else:
+                counts["added" if status is None else "changed"] += 1
+                status = PathStatus(path)
             self.statuses[path.key] = status
             if get_probe(path.kind) is None:
                 status.detail = f"no prober for kind {path.kind!r} in this version; path stays unknown"
                 log.warning("no prober target=%s path=%r kind=%s", path.target, path.name, path.kind)
+                self.scheduler.remove(path.key)
                 continue
             self.scheduler.add(path.key, path.interval, self._cadence(status), self._runner(status))
+        for key in old:
+            self.scheduler.remove(key)
+            counts["removed"] += 1
+        self.config = config
+        return counts
+
+    def reload(self, config: Config) -> dict[str, int]:
+        """Apply a new config (already validated) to the running monitor."""
+        counts = self._apply(config)
+        self.reloaded_ok, self.reloaded_at = True, time.time()
+        return counts
+
+    def reload_failed(self) -> None:
+        self.reloaded_ok, self.reloaded_at = False, time.time()
 
     @staticmethod
     def _cadence(status: PathStatus) -> Callable[[], float]:
@@ -168,18 +205,23 @@ class Monitor:
             lag_buckets=tuple(lag.cumulative()),
             lag_sum=lag.sum,
             lag_count=lag.total,
+            reload_ok=self.reloaded_ok,
+            reload_at=self.reloaded_at,
         )
 
 
-async def open_shared(stack: AsyncExitStack, config: Config) -> ProbeContext:
-    """The long-lived probe resources (one ICMP socket, one HTTP session) for ``config``."""
+async def open_shared(
+    stack: AsyncExitStack, config: Config, shared: ProbeContext | None = None
+) -> ProbeContext:
+    """The long-lived probe resources (one ICMP socket, one HTTP session) ``config`` needs,
+    added to ``shared`` when given (a reload that brings the first icmp or http path)."""
     from watchtower.probes.http import new_session
     from watchtower.probes.icmp import Pinger
 
     kinds = {p.kind for p in (*config.paths, *config.vantage_paths)}
-    shared = ProbeContext(timeout=0)
-    if "icmp" in kinds:
+    shared = shared or ProbeContext(timeout=0)
+    if "icmp" in kinds and shared.pinger is None:
         shared.pinger = await stack.enter_async_context(Pinger())
-    if "http" in kinds:
+    if "http" in kinds and shared.http_session is None:
         shared.http_session = await stack.enter_async_context(new_session())
     return shared

@@ -113,12 +113,19 @@ class Scheduler:
         first_in: float | None = None,
     ) -> None:
         """Schedule ``run`` for ``key``; first run after ``first_in`` s (default: a stable phase)."""
+        previous = self._jobs.get(key)
         self.remove(key)
         delay = stable_phase(key) * interval if first_in is None else first_in
         job = _Job(key, interval, cadence, run, delay)
         self._jobs[key] = job
         if self._loop is not None:
-            self._arm(job, self._loop.time() + delay)
+            if previous is not None and first_in is None:
+                # Re-added (a reload): keep its place in time instead of a fresh phase, so a
+                # reload neither delays nor bunches the next runs.
+                due = min(previous.due, self._loop.time() + interval)
+                self._arm(job, due if not previous.running else self._loop.time() + cadence())
+            else:
+                self._arm(job, self._loop.time() + delay)
 
     def remove(self, key: Hashable) -> None:
         job = self._jobs.pop(key, None)

@@ -73,6 +73,16 @@ class SnapshotCollector:
         )
         lag.add_metric([], [(b, float(c)) for b, c in snap.lag_buckets], snap.lag_sum)
         yield lag
+        yield GaugeMetricFamily(
+            "watchtower_config_last_reload_success",
+            "1 if the last config (re)load was applied, 0 if it was rejected",
+            value=float(snap.reload_ok),
+        )
+        yield GaugeMetricFamily(
+            "watchtower_config_last_reload_success_timestamp_seconds",
+            "when the config was last (re)loaded or a reload was rejected",
+            value=snap.reload_at,
+        )
         info = GaugeMetricFamily("watchtower_build_info", "watchtower version", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info

@@ -223,8 +223,8 @@ def test_monitor_reload_keeps_unchanged_paths() -> None:
     new = {
         "site": "s",
         "targets": {
-            "a": {"role": "service", "paths": [{"tcp": "127.0.0.1:1"}, {"tcp": {"host": "127.0.0.1", "port": 2,
-                                                                                "interval": "2s"}}]},
+            "a": {"role": "service", "paths": [
+                {"tcp": "127.0.0.1:1"}, {"tcp": {"host": "127.0.0.1", "port": 2, "interval": "2s"}}]},
             "c": {"role": "service", "paths": [{"tcp": "127.0.0.1:4"}]},
         },
     }  # fmt: skip

@@ -79,6 +79,14 @@ class Snapshot:
     reload_at: float = 0.0
 
 
+_TIMINGS = {"interval", "retry_interval", "timeout", "fail_after", "recover_after"}
+
+
+def _same_probe(a: ResolvedPath, b: ResolvedPath) -> bool:
+    """Same target and same probe apart from its timings: its state is still meaningful."""
+    return a.kind == b.kind and a.spec.model_dump(exclude=_TIMINGS) == b.spec.model_dump(exclude=_TIMINGS)
+
+
 class Monitor:
     """Owns the path statuses and the scheduler that feeds them."""
 
@@ -108,7 +116,7 @@ class Monitor:
                 self.statuses[path.key] = status
                 counts["kept"] += 1
                 continue
-            if status is not None and status.path.spec == path.spec:
+            if status is not None and _same_probe(status.path, path):
                 status.path = path  # timings changed: the cadence closure reads status.path
                 counts["changed"] += 1
             else:

@@ -97,6 +97,7 @@ class Monitor:
         self.statuses: dict[tuple[str, str], PathStatus] = {}
         self.started_at = time.time()
         self.reloaded_ok, self.reloaded_at = True, self.started_at
+        self._target_states: dict[str, TargetState] = {}
         self._apply(config)
 
     # ------------------------------------------------------------------ wiring
@@ -163,8 +164,21 @@ class Monitor:
                     status.state,
                     result.detail,
                 )
+                self._target_changed(p.target)
 
         return run
+
+    def _target_changed(self, target: str) -> None:
+        """Log a target's state when a path change moves it (one line an admin can grep)."""
+        if target not in self.config.targets:
+            return
+        paths = self.target_paths(target)
+        state = target_state(paths, self.config.confirm_paths(target))
+        old = self._target_states.get(target, TargetState.UNKNOWN)
+        if state is not old:
+            self._target_states[target] = state
+            down = ", ".join(s.path.name for s in paths if s.state is PathState.DOWN) or "none"
+            log.info("target state target=%s state=%s was=%s paths_down=%r", target, state, old, down)
 
     async def run(self) -> None:
         await self.scheduler.run()

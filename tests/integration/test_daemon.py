@@ -140,6 +140,13 @@ async def test_metrics_turn_and_api(daemon: dict[str, Any]) -> None:
     assert all(p["last_ok"].endswith("Z") for p in web1["paths"])
     async with session.get("/healthz") as r:
         assert r.status == 200 and (await r.text()).strip() == "ok"
+    async with session.get("/") as r:
+        assert r.status == 401
+    async with session.get("/", headers={"Authorization": "Bearer s3cret-token"}) as r:
+        page = await r.text()
+        assert r.status == 200 and r.content_type == "text/html"
+        assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+    assert "service gone down" in page and "web1" in page
 
     # break web1: its listener goes away -> its paths flip to 0 within fail_after x retry + timeout + 1s
     server: asyncio.base_events.Server = daemon["server"]

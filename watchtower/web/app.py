@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import jinja2
 from aiohttp import web
 
 from watchtower import __version__
@@ -91,6 +93,70 @@ async def handle_healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
+ROLE_ORDER = ("network", "hypervisor", "storage", "vm", "service")
+_SEVERITY = {"down": 0, "unreachable": 1, "degraded": 2, "unknown": 3, "up": 4}
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("watchtower.web", "templates"),
+        autoescape=True,  # target and path names come from the config: render them as text
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def render_status_page(doc: dict[str, Any]) -> str:
+    """The server-rendered status page: works without JavaScript, refreshes itself."""
+    targets = [{"name": name, **t} for name, t in doc["targets"].items()]
+    bad = sorted((t for t in targets if t["state"] in ("down", "unreachable", "degraded")),
+                 key=lambda t: _SEVERITY[t["state"]])  # fmt: skip
+    if doc["vantage"] == "down":
+        banner, color = (
+            "watchtower is cut off: its own uplink is down, target states are not trustworthy",
+            "#5f6368",
+        )
+    elif bad:
+        worst = bad[0]
+        others = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        banner, color = (
+            f"{worst['role']} {worst['name']} {worst['state']}{others}",
+            ("#b3261e" if worst["state"] != "degraded" else "#b06000"),
+        )
+    else:
+        banner, color = "all targets up", "#137333"
+    counts: dict[str, int] = {}
+    for t in targets:
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    groups = [(role, [t for t in targets if t["role"] == role]) for role in ROLE_ORDER]
+    return (
+        _templates()
+        .get_template("status.html")
+        .render(
+            site=doc["site"],
+            banner=banner,
+            banner_short=banner.split(":")[0],
+            banner_color=color,
+            vantage=doc["vantage"],
+            counts=", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: _SEVERITY[kv[0]])),
+            groups=[(role, ts) for role, ts in groups if ts],
+            generated=doc["generated_at"],
+        )
+    )
+
+
+async def handle_page(request: web.Request) -> web.Response:
+    monitor = request.app[MONITOR]
+    html = render_status_page(state_document(monitor.snapshot(), monitor))
+    headers = {
+        "Cache-Control": "no-store",
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+    return web.Response(text=html, content_type="text/html", headers=headers)
+
+
 async def handle_state(request: web.Request) -> web.Response:
     monitor = request.app[MONITOR]
     return web.json_response(state_document(monitor.snapshot(), monitor))
@@ -104,6 +170,7 @@ def make_app(monitor: Monitor) -> web.Application:
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/api/v1/state", handle_state)
+    app.router.add_get("/", handle_page)
 
     async def server_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Server"] = f"watchtower/{__version__}"

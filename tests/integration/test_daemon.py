@@ -360,3 +360,53 @@ async def test_sighup_reload_keeps_state_and_rejects_bad_config(tmp_path: Path) 
             proc.kill()
             await proc.wait()
         server.close()
+
+
+async def test_heartbeat_pings_while_healthy_and_fails_when_blind(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    hits: list[tuple[str, str, str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        hits.append((request.method, request.path, await request.text()))
+        return web.Response(text="OK")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    hb_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", hb_port).start()
+    vantage = await asyncio.start_server(http_ok, "127.0.0.1", 0)
+    vantage_port = vantage.sockets[0].getsockname()[1]
+
+    port = free_port()
+    cfg_path = write_config(tmp_path, port, free_port(), free_port())
+    data = yaml.safe_load(cfg_path.read_text())
+    (tmp_path / "hb-url").write_text(f"http://127.0.0.1:{hb_port}/ping/s3cret-uuid\n")
+    data["heartbeat"] = {"url_file": "hb-url", "every": "1s", "timeout": "1s"}
+    data["vantage"] = [{"tcp": f"127.0.0.1:{vantage_port}"}]
+    cfg_path.write_text(yaml.safe_dump(data))
+    cfg = load_config(cfg_path)
+    ready = asyncio.Event()
+    task = asyncio.create_task(run_daemon(cfg, ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+
+        async def pinged() -> bool:
+            return any(h[:2] == ("GET", "/ping/s3cret-uuid") for h in hits)
+
+        await wait_for(pinged, 10, "a heartbeat ping while healthy")
+        vantage.close()  # the monitor's own uplink goes away
+        await vantage.wait_closed()
+
+        async def failed() -> bool:
+            return any(h[:2] == ("POST", "/ping/s3cret-uuid/fail") for h in hits)
+
+        await wait_for(failed, 15, "a /fail heartbeat once vantage is down")
+        reason = next(h[2] for h in hits if h[0] == "POST")
+        assert "vantage down" in reason
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()

@@ -1,0 +1,121 @@
+"""IncidentTracker: open, grow, merge, cause changes, flaps, blind windows, resolution."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from watchtower.engine.correlate import BmcFacts, PathView, TargetState, correlate
+from watchtower.engine.incidents import IncidentState, IncidentTracker
+from watchtower.engine.paths import PathState
+from watchtower.engine.topology import Node, Topology
+
+SITE = Topology.build(
+    "acme",
+    [
+        Node("sw", "network"),
+        Node("pve1", "hypervisor", parents=("sw",), has_bmc=True),
+        Node("nas", "storage", parents=("sw",)),
+        Node("dc1", "vm", parents=("pve1",), storage=("nas",)),
+        Node("mail1", "vm", parents=("pve1",), storage=("nas",)),
+    ],
+)
+
+
+def corr(down: Iterable[str] = (), vantage: bool = True, bmc: dict[str, BmcFacts] | None = None,
+         unknown: Iterable[str] = (), since: float = 0.0):  # fmt: skip
+    def view(name: str) -> list[PathView]:
+        state = PathState.DOWN if name in down else (PathState.UNKNOWN if name in unknown else PathState.UP)
+        return [PathView(f"p{i}", "icmp", f"{name}{i}", state, "no echo reply", since) for i in range(2)]
+
+    vantage_paths = [PathView("gw", "icmp", "gw", PathState.UP if vantage else PathState.DOWN)]
+    return correlate(SITE, {n: view(n) for n in SITE.nodes}, bmc or {}, vantage_paths, 0.0)
+
+
+def test_open_grow_cause_resolve() -> None:
+    t = IncidentTracker()
+    changes = t.step(corr(down=["pve1"], since=95.0), 100.0)
+    assert [c.kind for c in changes] == ["opened"]
+    (inc,) = t.open_incidents()
+    assert (inc.scope, inc.root, inc.affected, inc.first_failure_at) == ("hypervisor", "pve1", [], 95.0)
+    assert [e.kind for e in inc.timeline] == ["first_failure", "opened"]
+
+    changes = t.step(corr(down=["pve1", "dc1", "mail1"], bmc={"pve1": BmcFacts(True, power_on=False)}), 102.0)
+    assert {c.kind for c in changes} == {"affected", "cause"}
+    assert inc.affected == ["dc1", "mail1"] and inc.cause == "power_off"
+    assert "BMC: chassis off" in inc.evidence
+    assert t.step(corr(down=["pve1", "dc1", "mail1"]), 103.0) == []  # nothing new: nothing to say
+
+    changes = t.step(corr(), 200.0)
+    assert [c.kind for c in changes] == ["resolved"] and inc.state is IncidentState.RESOLVED
+    assert inc.resolved_at == 200.0 and "pve1 is back after 1m40s" in changes[0].text
+
+
+def test_vm_first_then_hypervisor_merges_into_one() -> None:
+    t = IncidentTracker()
+    t.step(corr(down=["dc1"]), 10.0)
+    t.step(corr(down=["dc1", "mail1"]), 11.0)
+    assert sorted(i.root for i in t.open_incidents()) == ["dc1", "mail1"]
+    first = min(t.open_incidents(), key=lambda i: i.id)
+    changes = t.step(corr(down=["pve1", "dc1", "mail1"]), 12.0)
+    (inc,) = t.open_incidents()
+    assert inc.id == first.id  # re-rooted, not a new incident: no second page
+    assert (inc.scope, inc.root) == ("hypervisor", "pve1")
+    assert sorted(inc.affected) == ["dc1", "mail1"]
+    assert "opened" not in {c.kind for c in changes}
+    assert {c.kind for c in changes} >= {"rerooted", "merged"}
+    folded = next(i for i in t.incidents.values() if i.id != inc.id)
+    assert folded.state is IncidentState.RESOLVED and folded.merged_into == inc.id
+
+
+def test_flap_reopens_the_same_incident() -> None:
+    t = IncidentTracker(flap_window=600)
+    t.step(corr(down=["dc1"]), 0.0)
+    t.step(corr(), 30.0)
+    changes = t.step(corr(down=["dc1"]), 60.0)
+    assert [c.kind for c in changes] == ["reopened"]
+    assert len(t.incidents) == 1 and t.incidents[1].flaps == 1
+    t.step(corr(), 90.0)
+    changes = t.step(corr(down=["dc1"]), 90.0 + 601)
+    assert [c.kind for c in changes] == ["opened"] and len(t.incidents) == 2
+
+
+def test_recovered_root_leaves_children_as_their_own_incidents() -> None:
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"]), 0.0)
+    changes = t.step(corr(down=["dc1"]), 50.0)
+    kinds = {c.kind for c in changes}
+    assert kinds == {"opened", "resolved"}
+    resolved = next(c for c in changes if c.kind == "resolved")
+    assert "still down, now incidents of their own: dc1" in resolved.text
+    (inc,) = t.open_incidents()
+    assert (inc.scope, inc.root) == ("vm", "dc1")
+    assert "mail1 is back" in [e.text for e in t.incidents[1].timeline]
+
+
+def test_blind_window_is_one_monitor_incident_and_freezes_targets() -> None:
+    t = IncidentTracker()
+    t.step(corr(down=["dc1"]), 0.0)
+    changes = t.step(corr(down=["sw", "pve1", "nas", "dc1", "mail1"], vantage=False), 10.0)
+    assert [c.kind for c in changes] == ["opened"]
+    assert sorted(i.scope for i in t.open_incidents()) == ["monitor", "vm"]
+    assert t.step(corr(vantage=False), 20.0) == []  # still blind: nothing resolves, nothing opens
+    changes = t.step(corr(unknown=list(SITE.nodes)), 70.0)  # back, probes not settled yet
+    assert (
+        [c.kind for c in changes] == ["resolved"]
+        and "blind from" in changes[0].text
+        and "(1m00s)" in changes[0].text
+    )
+    assert [i.root for i in t.open_incidents()] == ["dc1"]  # unknown: kept, not resolved
+    t.step(corr(), 75.0)
+    assert t.open_incidents() == []
+
+
+def test_acknowledge() -> None:
+    t = IncidentTracker()
+    t.step(corr(down=["mail1"]), 0.0)
+    inc, changes = t.acknowledge(1, "alice", 5.0)
+    assert inc.state is IncidentState.ACKNOWLEDGED and inc.acknowledged_by == "alice"
+    assert [c.kind for c in changes] == ["acknowledged"]
+    assert t.acknowledge(1, "bob", 6.0)[1] == [] and inc.acknowledged_by == "alice"
+    assert t.open_incidents() == [inc]
+    assert corr(down=["mail1"]).states["mail1"] is TargetState.DOWN

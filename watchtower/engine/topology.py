@@ -1,0 +1,81 @@
+"""The dependency graph from the config: what each target needs to be reachable and to work.
+
+``parents`` are the network path (``runs_on`` first, then ``depends_on``): when one is down, the
+target cannot be judged and is ``unreachable``. ``storage`` is where its disks live: when that is
+down, the target's failure belongs to the storage incident. Unknown names and cycles are
+rejected by the config loader, so a Topology is always a DAG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from watchtower.config import Config
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    role: str
+    parents: tuple[str, ...] = ()
+    storage: tuple[str, ...] = ()
+    confirm_paths: int = 2
+    has_bmc: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    site: str
+    nodes: Mapping[str, Node]
+    order: tuple[str, ...]  # dependencies before dependents, then config order
+
+    @classmethod
+    def build(cls, site: str, nodes: list[Node]) -> Topology:
+        by_name = {n.name: n for n in nodes}
+        order: list[str] = []
+        seen: set[str] = set()
+
+        def visit(name: str, trail: frozenset[str]) -> None:
+            if name in seen or name in trail or name not in by_name:
+                return
+            node = by_name[name]
+            for dep in (*node.parents, *node.storage):
+                visit(dep, trail | {name})
+            seen.add(name)
+            order.append(name)
+
+        for node in nodes:
+            visit(node.name, frozenset())
+        return cls(site, by_name, tuple(order))
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Topology:
+        nodes = [
+            Node(
+                name=name,
+                role=t.role,
+                parents=tuple(dict.fromkeys([*([t.runs_on] if t.runs_on else []), *t.depends_on])),
+                storage=tuple(t.storage),
+                confirm_paths=cfg.confirm_paths(name),
+                has_bmc=t.bmc is not None,
+            )
+            for name, t in cfg.targets.items()
+        ]
+        return cls.build(cfg.site, nodes)
+
+    def ancestors(self, name: str) -> set[str]:
+        """Everything ``name`` needs, transitively, over parents and storage."""
+        out: set[str] = set()
+        stack = [name]
+        while stack:
+            node = self.nodes[stack.pop()]
+            for dep in (*node.parents, *node.storage):
+                if dep not in out:
+                    out.add(dep)
+                    stack.append(dep)
+        return out
+
+    def dependents(self, name: str) -> list[str]:
+        """Targets that need ``name`` directly or transitively, in dependency order."""
+        return [n for n in self.order if name in self.ancestors(n)]

@@ -145,10 +145,10 @@ def correlate(
     own = {name: own_state(paths.get(name, ()), node.confirm_paths) for name, node in topology.nodes.items()}
     vantage_up = not vantage or any(p.state is not PathState.DOWN for p in vantage)
     if not vantage_up:
-        evidence = tuple(f"vantage {p.name}: {p.detail}" for p in vantage)
+        blind = tuple(f"vantage {p.name}: {p.detail}" for p in vantage)
         return Correlation(
             states=dict.fromkeys(topology.nodes, TargetState.UNKNOWN),
-            verdicts=(Verdict(Scope.MONITOR, topology.site, evidence=evidence),),
+            verdicts=(Verdict(Scope.MONITOR, topology.site, evidence=blind),),
             vantage_up=False,
             own=own,
         )

@@ -6,7 +6,7 @@ Only the event loop mutates it. Readers in other threads (the metrics renderer) 
 
 from __future__ import annotations
 
-import enum
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -14,41 +14,35 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 from watchtower.config import VANTAGE, Config, ResolvedPath
+from watchtower.engine.correlate import (
+    BmcFacts,
+    Correlation,
+    PathView,
+    Scope,
+    TargetState,
+    correlate,
+    own_state,
+)
+from watchtower.engine.incidents import Change, Incident, IncidentTracker
 from watchtower.engine.paths import PathState, PathStatus
 from watchtower.engine.runner import run_probe
 from watchtower.engine.scheduler import Scheduler
+from watchtower.engine.topology import Topology
 from watchtower.probes import ProbeContext, get_probe
 
 log = logging.getLogger("watchtower.monitor")
 
 
-class TargetState(enum.StrEnum):
-    UP = "up"
-    DEGRADED = "degraded"
-    DOWN = "down"
-    UNREACHABLE = "unreachable"
-    UNKNOWN = "unknown"
+def path_view(status: PathStatus) -> PathView:
+    p = status.path
+    return PathView(
+        p.name, p.kind, f"{p.kind} {p.spec.address}", status.state, status.detail, status.failing_since
+    )
 
 
 def target_state(statuses: Iterable[PathStatus], confirm_paths: int) -> TargetState:
-    """Down when ``confirm_paths`` independent paths are down (all of them, where it has fewer).
-
-    Paths of one kind to one address count as one witness: two HTTP checks of one URL seeing
-    the same dead listener are not independent confirmation. (Dependency-aware states such as
-    ``unreachable`` come from the correlator.)
-    """
-    witnesses: dict[str, list[PathState]] = {}
-    for status in statuses:
-        witnesses.setdefault(f"{status.path.kind} {status.path.spec.address}", []).append(status.state)
-    down = sum(1 for states in witnesses.values() if all(s is PathState.DOWN for s in states))
-    up = sum(1 for states in witnesses.values() if any(s is PathState.UP for s in states))
-    if not witnesses:
-        return TargetState.UNKNOWN
-    if down >= min(confirm_paths, len(witnesses)):
-        return TargetState.DOWN
-    if down:
-        return TargetState.DEGRADED
-    return TargetState.UP if up else TargetState.UNKNOWN
+    """A target's own state from its paths (see :func:`watchtower.engine.correlate.own_state`)."""
+    return own_state([path_view(s) for s in statuses], confirm_paths)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +71,7 @@ class Snapshot:
     lag_count: int
     reload_ok: bool = True
     reload_at: float = 0.0
+    incidents_open: tuple[tuple[str, int], ...] = ()  # scope, count
 
 
 _TIMINGS = {"interval", "retry_interval", "timeout", "fail_after", "recover_after"}
@@ -97,8 +92,12 @@ class Monitor:
         self.statuses: dict[tuple[str, str], PathStatus] = {}
         self.started_at = time.time()
         self.reloaded_ok, self.reloaded_at = True, self.started_at
-        self._target_states: dict[str, TargetState] = {}
+        self.tracker = IncidentTracker()
+        self.bmc_facts: dict[str, BmcFacts] = {}
+        self.topology = Topology.from_config(config)
+        self._dirty = asyncio.Event()
         self._apply(config)
+        self.correlation = self._correlate(self.started_at)
 
     # ------------------------------------------------------------------ wiring
     def _apply(self, config: Config) -> dict[str, int]:
@@ -134,6 +133,8 @@ class Monitor:
             self.scheduler.remove(key)
             counts["removed"] += 1
         self.config = config
+        self.topology = Topology.from_config(config)
+        self._dirty.set()
         return counts
 
     def reload(self, config: Config) -> dict[str, int]:
@@ -155,7 +156,12 @@ class Monitor:
     def _runner(self, status: PathStatus) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
             result = await run_probe(status.path, self.shared)
-            if status.observe(result, time.time()):
+            was_down = status.state is PathState.DOWN
+            changed = status.observe(result, time.time())
+            if not result.ok and status.failures == 1 and not was_down:
+                self._second_witness(status)
+            if changed:
+                self._dirty.set()
                 p = status.path
                 log.info(
                     "path state target=%s path=%r state=%s detail=%r",
@@ -164,43 +170,106 @@ class Monitor:
                     status.state,
                     result.detail,
                 )
-                self._target_changed(p.target)
 
         return run
 
-    def _target_changed(self, target: str) -> None:
-        """Log a target's state when a path change moves it (one line an admin can grep)."""
-        if target not in self.config.targets:
-            return
-        paths = self.target_paths(target)
-        state = target_state(paths, self.config.confirm_paths(target))
-        old = self._target_states.get(target, TargetState.UNKNOWN)
-        if state is not old:
-            self._target_states[target] = state
-            down = ", ".join(s.path.name for s in paths if s.state is PathState.DOWN) or "none"
-            log.info("target state target=%s state=%s was=%s paths_down=%r", target, state, old, down)
+    def _second_witness(self, status: PathStatus) -> None:
+        """A path's first failure: probe the target's other paths, and the vantage, now. The
+        second witness (or the proof that watchtower itself is cut off) then arrives within a
+        retry interval instead of a full one."""
+        target = status.path.target
+        for other in self.statuses.values():
+            if (
+                other is not status
+                and other.path.target in (target, VANTAGE)
+                and other.state is not PathState.DOWN
+            ):
+                self.scheduler.run_now(other.path.key)
+
+    # ------------------------------------------------------------------ correlation
+    def _correlate(self, now: float) -> Correlation:
+        by_target: dict[str, list[PathView]] = {}
+        for status in self.statuses.values():
+            by_target.setdefault(status.path.target, []).append(path_view(status))
+        return correlate(self.topology, by_target, self.bmc_facts, by_target.get(VANTAGE, []), now)
+
+    def _vantage_suspect(self) -> bool:
+        """A vantage path is failing but not yet confirmed: the monitor may be the one cut off."""
+        return any(
+            s.path.target == VANTAGE and s.state is PathState.UP and s.failures > 0
+            for s in self.statuses.values()
+        )
+
+    def _fresh_look(self) -> None:
+        """Vantage is back: forget what the target paths saw while blind and probe them all now."""
+        for status in self.statuses.values():
+            if status.path.target != VANTAGE:
+                status.state, status.successes, status.failures = PathState.UNKNOWN, 0, 0
+                status.failing_since = None
+                self.scheduler.run_now(status.path.key)
+
+    def evaluate(self, now: float) -> list[Change]:
+        """One correlation pass: target states, then incident changes. Returns the changes."""
+        vantage_paths = [s for s in self.statuses.values() if s.path.target == VANTAGE]
+        vantage_up = not vantage_paths or any(s.state is not PathState.DOWN for s in vantage_paths)
+        if vantage_up and not self.correlation.vantage_up:
+            self._fresh_look()
+        previous = self.correlation
+        self.correlation = corr = self._correlate(now)
+        for name, state in corr.states.items():
+            was = previous.states.get(name, TargetState.UNKNOWN)
+            if state is not was:
+                down = ", ".join(s.path.name for s in self.target_paths(name) if s.state is PathState.DOWN)
+                log.info(
+                    "target state target=%s state=%s was=%s paths_down=%r", name, state, was, down or "none"
+                )
+        if corr.vantage_up and self._vantage_suspect():
+            # Hold incident changes until the vantage settles: opening a network incident for a
+            # failure of the monitor's own uplink is exactly the false alarm to avoid.
+            return []
+        changes = self.tracker.step(corr, now)
+        for change in changes:
+            incident = self.tracker.incidents[change.incident]
+            log.info(
+                "incident id=%d change=%s scope=%s root=%s cause=%s: %s",
+                incident.id, change.kind, incident.scope, incident.root, incident.cause or "-", change.text,
+            )  # fmt: skip
+        return changes
+
+    async def _correlation_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            # Coalesce a burst of path changes (a switch dying flips hundreds at once) into one pass.
+            await asyncio.sleep(0.05)
+            self._dirty.clear()
+            self.evaluate(time.time())
+            if self._vantage_suspect():
+                self._dirty.set()  # look again once the vantage has settled
+                await asyncio.sleep(0.25)
+
+    def acknowledge(self, incident_id: int, by: str) -> Incident:
+        incident, changes = self.tracker.acknowledge(incident_id, by, time.time())
+        for change in changes:
+            log.info("incident id=%d change=%s: %s", incident.id, change.kind, change.text)
+        return incident
 
     async def run(self) -> None:
-        await self.scheduler.run()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.scheduler.run(), name="scheduler")
+            tg.create_task(self._correlation_loop(), name="correlation")
 
     # ------------------------------------------------------------------ reading
     def target_paths(self, target: str) -> list[PathStatus]:
         return [s for s in self.statuses.values() if s.path.target == target]
 
     def target_states(self) -> dict[str, TargetState]:
-        by_target: dict[str, list[PathStatus]] = {}
-        for status in self.statuses.values():
-            by_target.setdefault(status.path.target, []).append(status)
-        return {
-            name: target_state(by_target.get(name, []), self.config.confirm_paths(name))
-            for name in self.config.targets
-        }
+        """As of the last correlation pass (at most ~50 ms behind the paths)."""
+        return {name: self.correlation.states.get(name, TargetState.UNKNOWN) for name in self.config.targets}
 
     @property
     def vantage_up(self) -> bool:
         """Up while any vantage path is not down (no vantage configured: assumed up)."""
-        paths = [s for s in self.statuses.values() if s.path.target == VANTAGE]
-        return not paths or any(s.state is not PathState.DOWN for s in paths)
+        return self.correlation.vantage_up
 
     def snapshot(self) -> Snapshot:
         states = self.target_states()
@@ -229,6 +298,10 @@ class Monitor:
             lag_count=lag.total,
             reload_ok=self.reloaded_ok,
             reload_at=self.reloaded_at,
+            incidents_open=tuple(
+                (scope.value, sum(1 for i in self.tracker.open_incidents() if i.scope is scope))
+                for scope in Scope
+            ),
         )
 
 

@@ -14,6 +14,7 @@ import jinja2
 from aiohttp import web
 
 from watchtower import __version__
+from watchtower.engine.incidents import Incident
 from watchtower.engine.monitor import Monitor, Snapshot
 from watchtower.web import metrics
 
@@ -157,6 +158,64 @@ async def handle_page(request: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html", headers=headers)
 
 
+def incident_document(incident: Incident) -> dict[str, Any]:
+    """An incident in the contract's JSON shape (plus evidence, flaps and merged_into)."""
+    return {
+        "id": incident.id,
+        "scope": incident.scope.value,
+        "root": incident.root,
+        "cause": incident.cause.value if incident.cause else None,
+        "affected": list(incident.affected),
+        "state": incident.state.value,
+        "opened_at": iso(incident.opened_at),
+        "acknowledged_at": iso(incident.acknowledged_at),
+        "acknowledged_by": incident.acknowledged_by,
+        "resolved_at": iso(incident.resolved_at),
+        "first_failure_at": iso(incident.first_failure_at),
+        "headline": incident.headline(),
+        "evidence": list(incident.evidence),
+        "flaps": incident.flaps,
+        "merged_into": incident.merged_into,
+        "notifications": [],
+        "timeline": [{"at": iso(e.at), "event": e.text, "kind": e.kind} for e in incident.timeline],
+    }
+
+
+def _incident_or_404(request: web.Request) -> Incident:
+    try:
+        incident_id = int(request.match_info["id"])
+    except ValueError:
+        raise web.HTTPNotFound(text="incident ids are numbers\n") from None
+    incident = request.app[MONITOR].tracker.get(incident_id)
+    if incident is None:
+        raise web.HTTPNotFound(text=f"no incident {incident_id}\n")
+    return incident
+
+
+async def handle_incidents(request: web.Request) -> web.Response:
+    tracker = request.app[MONITOR].tracker
+    show_all = request.query.get("all") in ("1", "true", "yes")
+    chosen = tracker.incidents.values() if show_all else tracker.open_incidents()
+    return web.json_response([incident_document(i) for i in sorted(chosen, key=lambda i: i.id, reverse=True)])
+
+
+async def handle_incident(request: web.Request) -> web.Response:
+    return web.json_response(incident_document(_incident_or_404(request)))
+
+
+async def handle_ack(request: web.Request) -> web.Response:
+    incident = _incident_or_404(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        return web.json_response({"error": 'body must be JSON like {"by": "alice"}'}, status=400)
+    by = body.get("by") if isinstance(body, dict) else None
+    if not isinstance(by, str) or not by.strip() or len(by) > 100:
+        return web.json_response({"error": '"by" must be a name of 1 to 100 characters'}, status=400)
+    incident = request.app[MONITOR].acknowledge(incident.id, by.strip())
+    return web.json_response(incident_document(incident))
+
+
 async def handle_state(request: web.Request) -> web.Response:
     monitor = request.app[MONITOR]
     return web.json_response(state_document(monitor.snapshot(), monitor))
@@ -171,6 +230,9 @@ def make_app(monitor: Monitor) -> web.Application:
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/api/v1/state", handle_state)
     app.router.add_get("/", handle_page)
+    app.router.add_get("/api/v1/incidents", handle_incidents)
+    app.router.add_get("/api/v1/incidents/{id}", handle_incident)
+    app.router.add_post("/api/v1/incidents/{id}/ack", handle_ack)
 
     async def server_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Server"] = f"watchtower/{__version__}"

@@ -68,6 +68,12 @@ class SnapshotCollector:
             "1 while the monitor itself can reach the outside",
             value=float(snap.vantage_up),
         )
+        incidents = GaugeMetricFamily(
+            "watchtower_incidents_open", "open incidents by scope", labels=["scope"]
+        )
+        for scope, count in snap.incidents_open:
+            incidents.add_metric([scope], float(count))
+        yield incidents
         lag = HistogramMetricFamily(
             "watchtower_scheduler_lag_seconds", "delay between a probe's due time and its start"
         )

@@ -108,10 +108,15 @@ async def test_metrics_turn_and_api(daemon: dict[str, Any]) -> None:
             return await r.text()
 
     async def settled() -> bool:
-        up = series(await metrics(), "watchtower_path_up")
-        return len(up) == 3
+        text = await metrics()
+        states = series(text, "watchtower_target_state")
+        return (
+            len(series(text, "watchtower_path_up")) == 3
+            and states.get('watchtower_target_state{role="service",state="up",target="web1"}') == 1.0
+            and states.get('watchtower_target_state{role="service",state="down",target="gone"}') == 1.0
+        )
 
-    await wait_for(settled, 10, "all three paths to settle")
+    await wait_for(settled, 10, "all three paths and both targets to settle")
     text = await metrics()
     up = series(text, "watchtower_path_up")
     assert up[f'watchtower_path_up{{path="tcp 127.0.0.1:{alive}",target="web1"}}'] == 1.0
@@ -147,6 +152,25 @@ async def test_metrics_turn_and_api(daemon: dict[str, Any]) -> None:
         assert r.status == 200 and r.content_type == "text/html"
         assert "default-src 'none'" in r.headers["Content-Security-Policy"]
     assert "service gone down" in page and "web1" in page
+
+    # one incident for the target that never answered; acknowledge it
+    auth = {"Authorization": "Bearer s3cret-token"}
+    async with session.get("/api/v1/incidents", headers=auth) as r:
+        incidents = await r.json()
+    assert [(i["scope"], i["root"], i["state"]) for i in incidents] == [("service", "gone", "open")]
+    gone_id = incidents[0]["id"]
+    assert incidents[0]["evidence"] and incidents[0]["timeline"][-1]["event"].startswith("confirmed:")
+    async with session.post(f"/api/v1/incidents/{gone_id}/ack", json={"by": "alice"}) as r:
+        assert r.status == 401
+    async with session.post(f"/api/v1/incidents/{gone_id}/ack", data="nope", headers=auth) as r:
+        assert r.status == 400
+    async with session.post("/api/v1/incidents/999/ack", json={"by": "alice"}, headers=auth) as r:
+        assert r.status == 404
+    async with session.post(f"/api/v1/incidents/{gone_id}/ack", json={"by": "alice"}, headers=auth) as r:
+        acked = await r.json()
+    assert acked["state"] == "acknowledged" and acked["acknowledged_by"] == "alice"
+    async with session.get(f"/api/v1/incidents/{gone_id}", headers=auth) as r:
+        assert (await r.json())["acknowledged_at"].endswith("Z")
 
     # break web1: its listener goes away -> its paths flip to 0 within fail_after x retry + timeout + 1s
     server: asyncio.base_events.Server = daemon["server"]

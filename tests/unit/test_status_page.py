@@ -40,3 +40,12 @@ def test_hostile_names_are_escaped() -> None:
     html = render_status_page(doc(sw=target("network", "down", ("<script>alert(1)</script>", "down"))))
     assert "<script>alert(1)</script>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_banner_leads_with_the_incident() -> None:
+    incident = {"id": 7, "scope": "hypervisor", "headline": "hypervisor pve1 down (power_off), 2 affected",
+                "opened_at": "2026-11-22T02:14:05Z", "affected": ["dc1", "mail1"], "state": "open",
+                "acknowledged_by": None, "evidence": ["prod: no echo reply", "BMC: chassis off"]}  # fmt: skip
+    html = render_status_page(doc(pve1=target("hypervisor", "down", ("prod", "down"))), [incident])
+    assert "<h1>#7 hypervisor pve1 down (power_off), 2 affected since 02:14 UTC: dc1, mail1</h1>" in html
+    assert "BMC: chassis off" in html

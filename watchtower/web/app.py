@@ -107,12 +107,23 @@ def _templates() -> jinja2.Environment:
     )
 
 
-def render_status_page(doc: dict[str, Any]) -> str:
+SCOPE_ORDER = ("monitor", "network", "hypervisor", "storage", "vm", "service")
+
+
+def render_status_page(doc: dict[str, Any], incidents: list[dict[str, Any]] | None = None) -> str:
     """The server-rendered status page: works without JavaScript, refreshes itself."""
     targets = [{"name": name, **t} for name, t in doc["targets"].items()]
     bad = sorted((t for t in targets if t["state"] in ("down", "unreachable", "degraded")),
                  key=lambda t: _SEVERITY[t["state"]])  # fmt: skip
-    if doc["vantage"] == "down":
+    incidents = sorted(incidents or [], key=lambda i: (SCOPE_ORDER.index(i["scope"]), i["id"]))
+    if incidents and doc["vantage"] != "down":
+        first = incidents[0]
+        since = (first["opened_at"] or "")[11:16]
+        more = f" (+{len(incidents) - 1} more incidents)" if len(incidents) > 1 else ""
+        affected = f": {', '.join(first['affected'])}" if first["affected"] else ""
+        banner = f"#{first['id']} {first['headline']} since {since} UTC{affected}{more}"
+        color = "#b3261e"
+    elif doc["vantage"] == "down":
         banner, color = (
             "watchtower is cut off: its own uplink is down, target states are not trustworthy",
             "#5f6368",
@@ -142,13 +153,15 @@ def render_status_page(doc: dict[str, Any]) -> str:
             counts=", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: _SEVERITY[kv[0]])),
             groups=[(role, ts) for role, ts in groups if ts],
             generated=doc["generated_at"],
+            incidents=incidents,
         )
     )
 
 
 async def handle_page(request: web.Request) -> web.Response:
     monitor = request.app[MONITOR]
-    html = render_status_page(state_document(monitor.snapshot(), monitor))
+    incidents = [incident_document(i) for i in monitor.tracker.open_incidents()]
+    html = render_status_page(state_document(monitor.snapshot(), monitor), incidents)
     headers = {
         "Cache-Control": "no-store",
         "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",

@@ -128,7 +128,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _fetch_state(cfg: Config) -> dict[str, Any]:
+class ApiError(Exception):
+    """The daemon answered with an error status."""
+
+    def __init__(self, status: int, text: str):
+        self.status = status
+        super().__init__(f"HTTP {status}: {text.strip()}")
+
+
+async def _api(cfg: Config, method: str, path: str, body: Any = None) -> Any:
+    """Call the running daemon's API on ``listen`` with the configured token."""
     import aiohttp
 
     host, port = cfg.listen_host_port
@@ -139,11 +148,56 @@ async def _fetch_state(cfg: Config) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5), trust_env=False) as session,
-        session.get(f"http://{shown}:{port}/api/v1/state", headers=headers) as response,
+        session.request(method, f"http://{shown}:{port}{path}", headers=headers, json=body) as response,
     ):
-        response.raise_for_status()
-        doc: dict[str, Any] = await response.json()
-        return doc
+        if response.status >= 400:
+            raise ApiError(response.status, await response.text())
+        return await response.json()
+
+
+async def _fetch_state(cfg: Config) -> dict[str, Any]:
+    doc: dict[str, Any] = await _api(cfg, "GET", "/api/v1/state")
+    return doc
+
+
+def cmd_incidents(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    try:
+        incidents = asyncio.run(_api(cfg, "GET", "/api/v1/incidents" + ("?all=1" if args.all else "")))
+    except Exception as exc:
+        print(
+            f"watchtower daemon not reachable at {cfg.listen}: {exc.__class__.__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(incidents, indent=2))
+        return EXIT_OK
+    if not incidents:
+        print("no open incidents" if not args.all else "no incidents")
+    for i in incidents:
+        ack = f"  ack {i['acknowledged_by']}" if i["acknowledged_by"] else ""
+        print(f"#{i['id']:<4} {i['state']:<12} {i['opened_at']}  {i['headline']}{ack}")
+        if i["affected"]:
+            print(f"      affected: {', '.join(i['affected'])}")
+    return EXIT_OK
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    try:
+        incident = asyncio.run(_api(cfg, "POST", f"/api/v1/incidents/{args.id}/ack", {"by": args.by}))
+    except ApiError as exc:
+        print(f"cannot acknowledge #{args.id}: {exc}", file=sys.stderr)
+        return EXIT_DOWN if exc.status == 404 else EXIT_INVALID
+    except Exception as exc:
+        print(
+            f"watchtower daemon not reachable at {cfg.listen}: {exc.__class__.__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+    print(f"#{incident['id']} {incident['state']} by {incident['acknowledged_by']}: {incident['headline']}")
+    return EXIT_OK
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -209,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = command("status", cmd_status, "ask the running daemon for the state of every target")
     p.add_argument("--json", action="store_true")
+    p = command("incidents", cmd_incidents, "list incidents of the running daemon (open ones by default)")
+    p.add_argument("--all", action="store_true", help="also resolved incidents")
+    p.add_argument("--json", action="store_true")
+    p = command("ack", cmd_ack, "acknowledge an incident (stops further escalation)")
+    p.add_argument("id", type=int)
+    p.add_argument("--by", required=True, help="who takes it")
     command("schema", cmd_schema, "print the config's JSON Schema", config=False)
     lab_help = "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST"
     p = command("lab", cmd_lab, lab_help,

@@ -304,6 +304,27 @@ async def test_status_command(daemon: dict[str, Any], tmp_path: Path) -> None:
     doc = json.loads(out)
     assert doc["targets"]["gone"]["state"] == "down" and doc["targets"]["web1"]["state"] == "up"
 
+    async def cli(*argv: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "watchtower.cli", *argv, "-c", str(cfg),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    async def incident_open() -> bool:
+        code, out, _ = await cli("incidents", "--json")
+        return code == 0 and len(json.loads(out)) == 1
+
+    await wait_for(incident_open, 10, "the incident for 'gone'")
+    code, out, _ = await cli("incidents")
+    assert code == 0 and "service gone down" in out
+    incident_id = out.split()[0].lstrip("#")
+    code, out, _ = await cli("ack", incident_id, "--by", "bob")
+    assert code == 0 and "acknowledged by bob" in out
+    code, _, err = await cli("ack", "999", "--by", "bob")
+    assert code == 1 and "no incident 999" in err
+
     other = tmp_path / "other"
     other.mkdir()
     unreachable = write_config(other, free_port(), daemon["alive"], free_port())

@@ -141,6 +141,7 @@ def test_demo_spec_is_the_contract() -> None:
         "mail1": "10.213.10.22",
         "erp1": "10.213.10.23",
         "files1": "10.213.10.24",
+        "isp": "10.213.14.2",
     }
     assert DEMO.mgmt_ip("pve1") == "10.213.99.11" and DEMO.mgmt_ip("pve2") == "10.213.99.12"
     assert DEMO.host("dc1").parent == "pve1" and DEMO.host("erp1").parent == "pve2"

@@ -65,6 +65,10 @@ def build_parser(prog: str = "watchtower lab") -> argparse.ArgumentParser:
     b.add_argument("arg", nargs="?", help="loss: percent (default 100); delay: ms (default 2000)")
     r = sub.add_parser("repair", parents=[common], help="undo every fault on HOST")
     r.add_argument("host")
+    sub.add_parser(
+        "cut-monitor", parents=[common], help="cut the monitoring box off (all its links to the site down)"
+    )
+    sub.add_parser("restore-monitor", parents=[common], help="undo cut-monitor")
     return ap
 
 
@@ -104,6 +108,12 @@ def lab_main(argv: list[str]) -> int:
         elif args.cmd == "repair":
             lab.repair(args.host)
             print(f"{args.host}: repaired")
+        elif args.cmd == "cut-monitor":
+            lab.cut_monitor()
+            print("monitor cut off: every link from this box into the site is down")
+        elif args.cmd == "restore-monitor":
+            lab.restore_monitor()
+            print("monitor links restored")
     except (SpecError, LabUsageError) as e:
         print(f"watchtower lab: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -86,7 +86,7 @@ __all__ = [
     "require_privileges",
 ]
 
-BREAK_MODES = ("poweroff", "linkdown", "loss", "icmpdrop", "delay")
+BREAK_MODES = ("poweroff", "linkdown", "mgmtdown", "loss", "icmpdrop", "delay")
 """Fault kinds :meth:`Lab.break_host` understands; :meth:`Lab.repair` undoes all of them."""
 
 NFQUEUE_NUM = 7  # NFQUEUE numbers are per network namespace, so one fixed number is enough
@@ -498,6 +498,7 @@ class Lab:
         * ``poweroff`` - every link of the host down (a hypervisor takes its VMs along, the switch
           takes all of prod along);
         * ``linkdown`` - ``eth0`` only (a hypervisor's mgmt NIC keeps answering);
+        * ``mgmtdown`` - ``eth1`` only: the management NIC dies, production keeps running;
         * ``loss [pct]`` - nft netdev ingress drop on ``eth0`` (default 100 %; for a hypervisor
           this also hits its VMs, whose traffic enters through that NIC);
         * ``icmpdrop`` - drop echo-requests addressed to the host (TCP keeps working);
@@ -519,6 +520,10 @@ class Lab:
                         run(["ip", "-n", ns, "link", "set", "dev", link["ifname"], "down"])
             elif mode == "linkdown":
                 run(["ip", "-n", ns, "link", "set", "dev", "eth0", "down"])
+            elif mode == "mgmtdown":
+                if h.mgmt_address is None:
+                    raise LabUsageError(f"{host} has no management NIC")
+                run(["ip", "-n", ns, "link", "set", "dev", "eth1", "down"])
             elif mode == "loss":
                 match = "" if value >= 100 else f"numgen random mod 100 < {value} "
                 script = (
@@ -539,6 +544,30 @@ class Lab:
             elif mode == "delay":
                 self._clear_delay(h)
                 self._start_delay(h, value)
+
+    def cut_monitor(self) -> None:
+        """The monitoring box loses its own connectivity: every root-side link of the lab goes
+        down (the uplink to the switch, the mgmt bridge and its ports, the links to bulk hosts
+        such as the demo's ``isp``). What watchtower then sees is the 'monitor is cut off' case."""
+        require_privileges()
+        with self._locked():
+            for link in _root_links():
+                if link.startswith(f"{self.spec.prefix}-"):
+                    run(["ip", "link", "set", "dev", link, "down"])
+
+    def restore_monitor(self) -> None:
+        """Undo :meth:`cut_monitor`: links up again, and the routes to bulk prefixes (the kernel
+        flushes routes through a link that goes down) put back."""
+        require_privileges()
+        with self._locked():
+            links = [link for link in _root_links() if link.startswith(f"{self.spec.prefix}-")]
+            bridges = {self.mgmt_bridge, self.prod_bridge}
+            for link in sorted(links, key=lambda name: name not in bridges):
+                run(["ip", "link", "set", "dev", link, "up"])
+            for w in self._wires():
+                h = self.spec.host(w.host)
+                if h.bulk_prefix:
+                    run(["ip", "route", "replace", h.bulk_prefix, "via", self.spec.ip(h.name), "dev", w.peer])
 
     def repair(self, host: str) -> None:
         """Undo every fault on ``host``: links up, nft tables and NFQUEUE rule gone, delay helper
@@ -677,7 +706,7 @@ def _mode_arg(mode: str, arg: int | str | None) -> int:
     """Validate a break mode and its argument before touching anything."""
     if mode not in BREAK_MODES:
         raise LabUsageError(f"unknown break mode {mode!r} (one of: {', '.join(BREAK_MODES)})")
-    if mode in ("poweroff", "linkdown", "icmpdrop"):
+    if mode in ("poweroff", "linkdown", "mgmtdown", "icmpdrop"):
         if arg is not None:
             raise LabUsageError(f"mode {mode} takes no argument")
         return 0

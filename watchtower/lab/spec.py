@@ -375,6 +375,8 @@ DEMO = LabSpec(
         LabHost("mail1", ROLE_VM, ("10.213.10.22",), parent="pve1", tcp_ports=(25,)),
         LabHost("erp1", ROLE_VM, ("10.213.10.23",), parent="pve2", http_ports=(8080,)),
         LabHost("files1", ROLE_VM, ("10.213.10.24",), parent="pve2", tcp_ports=(445,)),
+        # "The internet" as seen over the monitoring box's own uplink: the demo's vantage target.
+        LabHost("isp", ROLE_BULK, ("10.213.14.2/30",), tcp_ports=(53,), bulk_prefix="10.213.15.0/28"),
     ),
 )
 """The demo site a shipped config file monitors.  Names and addresses are a contract."""

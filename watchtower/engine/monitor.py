@@ -155,7 +155,7 @@ class Monitor:
 
     def _runner(self, status: PathStatus) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
-            result = await run_probe(status.path, self.shared)
+            result = await run_probe(status.path, self.shared, status.memory)
             was_down = status.state is PathState.DOWN
             changed = status.observe(result, time.time())
             if not result.ok and status.failures == 1 and not was_down:

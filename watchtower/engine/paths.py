@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from watchtower.config import ResolvedPath
 from watchtower.probes import Failure, ProbeResult
@@ -30,6 +31,7 @@ class PathStatus:
     failing_since: float | None = None  # wall clock of the first failure of the current streak
     runs: int = 0
     detail: str = ""
+    memory: dict[str, Any] = field(default_factory=dict)  # the probe's state between runs
 
     @property
     def pending(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from watchtower.config import ResolvedPath
 from watchtower.probes import Failure, ProbeContext, ProbeResult, get_probe
@@ -15,13 +16,20 @@ log = logging.getLogger("watchtower.runner")
 HARD_TIMEOUT_GRACE = 0.5
 
 
-async def run_probe(path: ResolvedPath, shared: ProbeContext) -> ProbeResult:
-    """Probe ``path`` once. Never raises, except CancelledError on shutdown."""
+async def run_probe(
+    path: ResolvedPath, shared: ProbeContext, state: dict[str, Any] | None = None
+) -> ProbeResult:
+    """Probe ``path`` once. Never raises, except CancelledError on shutdown. ``state`` is the
+    path's memory between runs (the caller keeps it; see ProbeContext.state)."""
     probe = get_probe(path.kind)
     if probe is None:
         return ProbeResult.fail(Failure.INTERNAL, f"this watchtower has no prober for kind {path.kind!r} yet")
     ctx = ProbeContext(
-        timeout=path.timeout, pinger=shared.pinger, http_session=shared.http_session, extra=shared.extra
+        timeout=path.timeout,
+        pinger=shared.pinger,
+        http_session=shared.http_session,
+        extra=shared.extra,
+        state=state if state is not None else {},
     )
     try:
         async with asyncio.timeout(path.timeout + HARD_TIMEOUT_GRACE):

@@ -36,6 +36,34 @@ class Failure(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class SelEntry:
+    """One System Event Log record (IPMI SEL or a Redfish LogService entry)."""
+
+    record_id: str  # as the BMC numbers it (IPMI: hex record id; Redfish: the entry's Id)
+    text: str  # human-readable: "Power Supply PS1: Failure detected"
+    severity: str  # "critical" | "warning" | "info"
+    timestamp: str = ""  # as the BMC reports it
+
+
+@dataclass(frozen=True, slots=True)
+class SensorReading:
+    name: str
+    value: float | None
+    unit: str  # "degrees C", "RPM", "Volts", "percent", ... ("" when discrete)
+    state: str  # "ok" | "warning" | "critical" | "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class BmcReading:
+    """What a management controller said, beyond up/down: the facts that explain an outage."""
+
+    power_on: bool | None = None
+    health: str | None = None  # Redfish Status.Health or a summary: "OK" | "Warning" | "Critical"
+    new_events: tuple[SelEntry, ...] = ()  # SEL records since the previous look (all severities)
+    sensors: tuple[SensorReading, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeResult:
     """The outcome of one probe run."""
 
@@ -43,14 +71,18 @@ class ProbeResult:
     latency: float | None = None  # seconds; the round trip or time to answer, when measured
     failure: Failure | None = None
     detail: str = ""
+    bmc: BmcReading | None = None  # ipmi / redfish probes: the controller's facts
+    values: tuple[tuple[str, float], ...] = ()  # numeric readings worth a metric (UPS charge, disk %)
 
     @classmethod
     def success(cls, latency: float | None, detail: str = "") -> ProbeResult:
         return cls(True, latency, None, detail)
 
     @classmethod
-    def fail(cls, failure: Failure, detail: str, latency: float | None = None) -> ProbeResult:
-        return cls(False, latency, failure, detail)
+    def fail(
+        cls, failure: Failure, detail: str, latency: float | None = None, bmc: BmcReading | None = None
+    ) -> ProbeResult:
+        return cls(False, latency, failure, detail, bmc)
 
 
 @dataclass(slots=True)
@@ -61,6 +93,9 @@ class ProbeContext:
     pinger: Pinger | None = None
     http_session: aiohttp.ClientSession | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per-path memory that survives between runs of the same path (e.g. the last SEL record id
+    # seen, a Redfish session token). The runner passes the same dict every time.
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 ProbeFunc = Callable[[Any, ProbeContext], Awaitable[ProbeResult]]

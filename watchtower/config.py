@@ -19,7 +19,7 @@ import os
 import re
 import ssl
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -728,6 +728,7 @@ class ResolvedPath:
     timeout: float
     fail_after: int
     recover_after: int
+    is_bmc: bool = False  # a bmc: block: consulted to explain an outage, not a witness of it
 
     @property
     def kind(self) -> str:
@@ -782,6 +783,19 @@ class Config(Strict):
     @cached_property
     def vantage_paths(self) -> tuple[ResolvedPath, ...]:
         return tuple(self._resolve(VANTAGE, self.vantage, None))
+
+    @cached_property
+    def bmc_paths(self) -> tuple[ResolvedPath, ...]:
+        """The ``bmc:`` blocks as paths of their targets, named ``bmc KIND HOST``."""
+        out = []
+        for name, t in self.targets.items():
+            if t.bmc is None:
+                continue
+            for spec in (t.bmc.ipmi, t.bmc.redfish):
+                if spec is not None:
+                    (path,) = self._resolve(name, [spec], t)
+                    out.append(replace(path, name=f"bmc {spec.display_name}", is_bmc=True))
+        return tuple(out)
 
     def confirm_paths(self, target: str) -> int:
         own = self.targets[target].confirm_paths

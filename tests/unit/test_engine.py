@@ -235,3 +235,55 @@ def test_monitor_reload_keeps_unchanged_paths() -> None:
     assert retimed.path.interval == 2.0
     assert set(monitor.target_states()) == {"a", "c"}
     assert len(monitor.scheduler) == 3
+
+
+def test_bmc_facts_give_the_hypervisor_incident_its_cause() -> None:
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+    from watchtower.probes import BmcReading, SelEntry
+
+    cfg = parse_config(
+        {
+            "site": "s",
+            "targets": {
+                "pve1": {
+                    "role": "hypervisor",
+                    "bmc": {"ipmi": {"host": "127.0.0.1", "username": "u", "password": "p"}},
+                    "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}],
+                },
+                "vm1": {"role": "vm", "runs_on": "pve1", "paths": [{"icmp": "10.0.0.21"}]},
+            },
+        },
+        Path("."),
+    )
+    monitor = Monitor(cfg)
+    bmc = monitor.statuses[("pve1", "bmc ipmi 127.0.0.1")]
+    assert bmc.path.is_bmc and bmc.path.timeout == 5.0
+    for status in monitor.statuses.values():
+        if not status.path.is_bmc:
+            for t in (1.0, 2.0):
+                monitor.record(status, FAIL, t)
+    changes = monitor.evaluate(3.0)
+    (incident,) = monitor.tracker.open_incidents()
+    assert [c.kind for c in changes] == ["opened"] and incident.cause is None and incident.affected == ["vm1"]
+
+    # the BMC answers: chassis off -> power_off; then a PSU failure in the SEL -> hardware_fault
+    off = ProbeResult.fail(Failure.CONTENT, "chassis power is off", bmc=BmcReading(power_on=False))
+    assert monitor.record(bmc, off, 4.0)
+    monitor.evaluate(4.0)
+    assert incident.cause == "power_off"
+    psu = SelEntry("0x0042", "Power Supply PS1: Failure detected", "critical")
+    monitor.record(
+        bmc, ProbeResult.fail(Failure.CONTENT, "off", bmc=BmcReading(False, new_events=(psu,))), 5.0
+    )
+    changes = monitor.evaluate(5.0)
+    assert incident.cause == "hardware_fault" and [c.kind for c in changes] == ["cause"]
+    assert "BMC: chassis off, SEL: Power Supply PS1: Failure detected" in incident.evidence
+    assert monitor.bmc["pve1"].critical_total == 1
+    # the BMC is not a witness: its failure alone never makes the target down
+    assert monitor.correlation.own["pve1"] == "down"
+    unreachable = ProbeResult.fail(Failure.TIMEOUT, "no answer")
+    monitor.record(bmc, unreachable, 6.0)
+    assert monitor.bmc["pve1"].facts(6.0).reachable is False

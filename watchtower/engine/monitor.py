@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from watchtower.config import VANTAGE, Config, ResolvedPath
 from watchtower.engine.correlate import (
@@ -28,9 +29,49 @@ from watchtower.engine.paths import PathState, PathStatus
 from watchtower.engine.runner import run_probe
 from watchtower.engine.scheduler import Scheduler
 from watchtower.engine.topology import Topology
-from watchtower.probes import ProbeContext, get_probe
+from watchtower.probes import Failure, ProbeContext, ProbeResult, SelEntry, SensorReading, get_probe
 
 log = logging.getLogger("watchtower.monitor")
+
+
+CRITICAL_WINDOW = 3600.0  # a critical SEL entry explains an outage for this long after it is seen
+
+
+@dataclass(slots=True)
+class BmcState:
+    """What a target's management controller said lately (from a bmc: block or an ipmi/redfish path)."""
+
+    reachable: bool = False
+    power_on: bool | None = None
+    health: str | None = None
+    sensors: tuple[SensorReading, ...] = ()
+    events: deque[tuple[float, SelEntry]] = field(default_factory=lambda: deque(maxlen=50))
+    critical_total: int = 0
+    last_at: float | None = None
+
+    def update(self, result: ProbeResult, now: float) -> None:
+        self.last_at = now
+        reading = result.bmc
+        if reading is None:
+            # No answer at all is "unreachable"; an answer we could not use (auth, garbage) is not.
+            self.reachable = result.failure not in (Failure.TIMEOUT, Failure.UNREACHABLE, Failure.REFUSED)
+            if not self.reachable:
+                self.power_on = None
+            return
+        self.reachable = True
+        self.power_on, self.health = reading.power_on, reading.health
+        if reading.sensors:
+            self.sensors = reading.sensors
+        for entry in reading.new_events:
+            self.events.append((now, entry))
+            if entry.severity == "critical":
+                self.critical_total += 1
+
+    def facts(self, now: float) -> BmcFacts:
+        critical = tuple(
+            e.text for at, e in self.events if e.severity == "critical" and now - at <= CRITICAL_WINDOW
+        )
+        return BmcFacts(self.reachable, self.power_on, critical)
 
 
 def path_view(status: PathStatus) -> PathView:
@@ -55,6 +96,7 @@ class PathRow:
     latency: float | None
     last_ok: float | None
     detail: str
+    values: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +114,7 @@ class Snapshot:
     reload_ok: bool = True
     reload_at: float = 0.0
     incidents_open: tuple[tuple[str, int], ...] = ()  # scope, count
+    bmc: tuple[tuple[str, BmcState], ...] = ()  # target, a copy of its BMC state
 
 
 _TIMINGS = {"interval", "retry_interval", "timeout", "fail_after", "recover_after"}
@@ -93,7 +136,7 @@ class Monitor:
         self.started_at = time.time()
         self.reloaded_ok, self.reloaded_at = True, self.started_at
         self.tracker = IncidentTracker()
-        self.bmc_facts: dict[str, BmcFacts] = {}
+        self.bmc: dict[str, BmcState] = {}
         self.topology = Topology.from_config(config)
         self._dirty = asyncio.Event()
         self._apply(config)
@@ -110,7 +153,7 @@ class Monitor:
         old = self.statuses
         self.statuses = {}
         counts = {"added": 0, "removed": 0, "changed": 0, "kept": 0}
-        for path in (*config.vantage_paths, *config.paths):
+        for path in (*config.vantage_paths, *config.paths, *config.bmc_paths):
             status = old.pop(path.key, None)
             if status is not None and status.path == path:
                 self.statuses[path.key] = status
@@ -156,22 +199,34 @@ class Monitor:
     def _runner(self, status: PathStatus) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
             result = await run_probe(status.path, self.shared, status.memory)
-            was_down = status.state is PathState.DOWN
-            changed = status.observe(result, time.time())
-            if not result.ok and status.failures == 1 and not was_down:
-                self._second_witness(status)
-            if changed:
-                self._dirty.set()
-                p = status.path
-                log.info(
-                    "path state target=%s path=%r state=%s detail=%r",
-                    p.target,
-                    p.name,
-                    status.state,
-                    result.detail,
-                )
+            self.record(status, result, time.time())
 
         return run
+
+    def record(self, status: PathStatus, result: ProbeResult, now: float) -> bool:
+        """Fold one probe result into the picture. True when a correlation pass is needed."""
+        was_down = status.state is PathState.DOWN
+        changed = status.observe(result, now)
+        if changed:
+            p = status.path
+            log.info(
+                "path state target=%s path=%r state=%s detail=%r",
+                p.target,
+                p.name,
+                status.state,
+                result.detail,
+            )
+        if status.path.is_bmc or result.bmc is not None:
+            bmc = self.bmc.setdefault(status.path.target, BmcState())
+            before = bmc.facts(now)
+            bmc.update(result, now)
+            if bmc.facts(now) != before:
+                changed = True  # a new BMC fact (power off, a PSU failure) may change the cause
+        if not result.ok and status.failures == 1 and not was_down:
+            self._second_witness(status)
+        if changed:
+            self._dirty.set()
+        return changed
 
     def _second_witness(self, status: PathStatus) -> None:
         """A path's first failure: probe the target's other paths, and the vantage, now. The
@@ -190,8 +245,10 @@ class Monitor:
     def _correlate(self, now: float) -> Correlation:
         by_target: dict[str, list[PathView]] = {}
         for status in self.statuses.values():
-            by_target.setdefault(status.path.target, []).append(path_view(status))
-        return correlate(self.topology, by_target, self.bmc_facts, by_target.get(VANTAGE, []), now)
+            if not status.path.is_bmc:  # the BMC explains an outage; it is no witness of one
+                by_target.setdefault(status.path.target, []).append(path_view(status))
+        facts = {name: bmc.facts(now) for name, bmc in self.bmc.items() if bmc.last_at is not None}
+        return correlate(self.topology, by_target, facts, by_target.get(VANTAGE, []), now)
 
     def _vantage_suspect(self) -> bool:
         """A vantage path is failing but not yet confirmed: the monitor may be the one cut off."""
@@ -283,6 +340,7 @@ class Monitor:
                 None if s.last is None else s.last.latency,
                 s.last_ok,
                 s.detail,
+                s.last.values if s.last is not None else (),
             )
             for s in self.statuses.values()
         )
@@ -298,6 +356,7 @@ class Monitor:
             lag_count=lag.total,
             reload_ok=self.reloaded_ok,
             reload_at=self.reloaded_at,
+            bmc=tuple((name, replace(state, events=deque(state.events))) for name, state in self.bmc.items()),
             incidents_open=tuple(
                 (scope.value, sum(1 for i in self.tracker.open_incidents() if i.scope is scope))
                 for scope in Scope

@@ -58,7 +58,7 @@ class Topology:
                 parents=tuple(dict.fromkeys([*([t.runs_on] if t.runs_on else []), *t.depends_on])),
                 storage=tuple(t.storage),
                 confirm_paths=cfg.confirm_paths(name),
-                has_bmc=t.bmc is not None,
+                has_bmc=t.bmc is not None or any(p.kind in ("ipmi", "redfish") for p in t.paths),
             )
             for name, t in cfg.targets.items()
         ]

@@ -44,6 +44,21 @@ def state_document(snap: Snapshot, monitor: Monitor) -> dict[str, Any]:
             "detail": row.detail,
         }
         (targets[row.target]["paths"] if row.target in targets else vantage_paths).append(entry)
+    for name, bmc in snap.bmc:
+        if name in targets:
+            targets[name]["bmc"] = {
+                "reachable": bmc.reachable,
+                "power_on": bmc.power_on,
+                "health": bmc.health,
+                "critical_events": bmc.critical_total,
+                "recent_events": [
+                    {"at": iso(at), "severity": e.severity, "text": e.text}
+                    for at, e in list(bmc.events)[-10:]
+                ],
+                "sensors": [
+                    {"name": s.name, "value": s.value, "unit": s.unit, "state": s.state} for s in bmc.sensors
+                ],
+            }
     sched = monitor.scheduler
     p50, p99 = sched.lag.quantile(0.5), sched.lag.quantile(0.99)
     return {

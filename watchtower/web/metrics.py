@@ -12,7 +12,7 @@ import gzip
 from collections.abc import Iterator
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from watchtower import __version__
 from watchtower.engine.monitor import Snapshot, TargetState
@@ -68,6 +68,36 @@ class SnapshotCollector:
             "1 while the monitor itself can reach the outside",
             value=float(snap.vantage_up),
         )
+        power = GaugeMetricFamily(
+            "watchtower_bmc_power_on", "1 chassis on, 0 off, per the BMC", labels=["target"]
+        )
+        sel = CounterMetricFamily(
+            "watchtower_bmc_sel_critical",
+            "critical SEL entries seen since watchtower started",
+            labels=["target"],
+        )
+        sensors = GaugeMetricFamily(
+            "watchtower_sensor_value", "BMC sensor readings", labels=["target", "sensor", "unit"]
+        )
+        for target, bmc in snap.bmc:
+            if bmc.power_on is not None:
+                power.add_metric([target], float(bmc.power_on))
+            sel.add_metric([target], float(bmc.critical_total))
+            for s in bmc.sensors:
+                if s.value is not None:
+                    sensors.add_metric([target, s.name, s.unit], s.value)
+        yield power
+        yield sel
+        yield sensors
+        values = GaugeMetricFamily(
+            "watchtower_probe_value",
+            "numeric readings of the last probe (UPS charge, disk used %, ...)",
+            labels=["target", "path", "name"],
+        )
+        for row in snap.paths:
+            for name, value in row.values:
+                values.add_metric([row.target, row.name, name], value)
+        yield values
         incidents = GaugeMetricFamily(
             "watchtower_incidents_open", "open incidents by scope", labels=["scope"]
         )

@@ -80,14 +80,25 @@ def cmd_probe(args: argparse.Namespace) -> int:
         for r in rows:
             latency = f"{r['latency'] * 1000:8.1f} ms" if r["latency"] is not None else " " * 11
             print(f"{'UP  ' if r['ok'] else 'DOWN'}  {r['path']:<{width}}  {latency}  {r['detail']}")
-    return EXIT_OK if all(r["ok"] for r in rows) else EXIT_DOWN
+            bmc = r.get("bmc")
+            if bmc:
+                power = {True: "on", False: "OFF", None: "unknown"}[bmc["power_on"]]
+                print(f"      chassis power {power}" + (f", health {bmc['health']}" if bmc["health"] else ""))
+                for e in bmc["events"][-5:]:
+                    print(f"      SEL {e['severity']:<8} {e['timestamp']}  {e['text']}")
+                bad = [s for s in bmc["sensors"] if s["state"] != "ok"]
+                print(f"      sensors: {len(bmc['sensors'])} read, {len(bad)} not ok")
+                for s in bad:
+                    print(f"      sensor {s['state']:<8} {s['name']} = {s['value']} {s['unit']}")
+    # The BMC is consulted, not a witness: only the target's own paths decide the exit code.
+    return EXIT_OK if all(r["ok"] for r in rows if not r["bmc_block"]) else EXIT_DOWN
 
 
 async def _probe_target(cfg: Config, target: str) -> list[dict[str, Any]]:
     from watchtower.engine.monitor import open_shared
     from watchtower.engine.runner import run_probe
 
-    paths = [p for p in cfg.paths if p.target == target]
+    paths = [p for p in (*cfg.paths, *cfg.bmc_paths) if p.target == target]
     async with AsyncExitStack() as stack:
         try:
             shared = await open_shared(stack, cfg)
@@ -102,6 +113,22 @@ async def _probe_target(cfg: Config, target: str) -> list[dict[str, Any]]:
             "latency": r.latency,
             "failure": r.failure.value if r.failure else None,
             "detail": r.detail,
+            "bmc_block": p.is_bmc,
+            "values": dict(r.values),
+            "bmc": None
+            if r.bmc is None
+            else {
+                "power_on": r.bmc.power_on,
+                "health": r.bmc.health,
+                "events": [
+                    {"severity": e.severity, "timestamp": e.timestamp, "text": e.text, "id": e.record_id}
+                    for e in r.bmc.new_events
+                ],
+                "sensors": [
+                    {"name": s.name, "value": s.value, "unit": s.unit, "state": s.state}
+                    for s in r.bmc.sensors
+                ],
+            },
         }
         for p, r in zip(paths, results, strict=True)
     ]

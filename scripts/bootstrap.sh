@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iproute2 nftables iptables fping prometheus openssl procps)
+# test peers: snmpd/snmp (SNMP agent, snmptrap), openipmi/ipmitool (ipmi_sim BMC and its client),
+# nut-server (dummy-ups + upsd)
+APT_PACKAGES=(iproute2 nftables iptables fping prometheus openssl procps
+              snmpd snmp openipmi ipmitool nut-server nut-client)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -21,6 +24,10 @@ if [[ ! -x .venv/bin/python ]]; then
   if ! "$PYTHON" -m venv .venv 2>/dev/null; then
     apt-get install -y -q python3-venv >/dev/null && "$PYTHON" -m venv .venv
   fi
+fi
+# sushy-tools (the Redfish emulator) lives in a venv of its own: it pins Flask and bcrypt.
+if [[ ! -x .venv-sushy/bin/sushy-emulator ]]; then
+  "$PYTHON" -m venv .venv-sushy && .venv-sushy/bin/pip install -q "sushy-tools>=2,<3"
 fi
 # Reinstall only when pyproject.toml changed since the last install.
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+export WATCHTOWER_SUSHY_EMULATOR=${WATCHTOWER_SUSHY_EMULATOR:-$PWD/.venv-sushy/bin/sushy-emulator}
 exec .venv/bin/pytest -q "$@"

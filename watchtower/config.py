@@ -457,12 +457,22 @@ class SnmpCheck(Strict):
     """One OID and what its value must be. Without a condition any value holds."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    oid: Oid
-    equals: str | int | float | None = None
-    in_: list[str | int | float] | None = Field(None, alias="in")
-    min: float | None = None
-    max: float | None = None
-    regex: str | None = None
+    oid: Oid = Field(description="numeric OID, e.g. 1.3.6.1.4.1.6574.3.1.1.3.0 (Synology RAID status)")
+    equals: str | int | float | None = Field(None, description="the value must be exactly this")
+    in_: list[str | int | float] | None = Field(
+        None, alias="in", description="the value must be one of these, e.g. `[1]` for 'status OK'"
+    )
+    min: float | None = Field(None, description="numeric value at least this")
+    max: float | None = Field(None, description="numeric value at most this")
+    regex: str | None = Field(None, description="the value as text must match (re.search)")
+    label: str | None = Field(
+        None, description="name of the reading in details and metrics; default: the OID"
+    )
+    walk: bool = Field(
+        False,
+        description="treat `oid` as a table column: every instance under it must pass "
+        "(e.g. the status of every RAID array); an empty column fails",
+    )
 
     @model_validator(mode="after")
     def _one_condition(self) -> SnmpCheck:
@@ -479,8 +489,15 @@ class SnmpCheck(Strict):
         return self
 
 
+class SnmpStorage(Strict):
+    """One HOST-RESOURCES-MIB hrStorage entry (a file system, RAM, swap) and its use limit."""
+
+    descr: str = Field(min_length=1, description="hrStorageDescr exactly, e.g. `/`, `/volume1`, `Swap space`")
+    max_used: float = Field(90.0, ge=0, le=100, description="highest allowed hrStorageUsed/hrStorageSize, %")
+
+
 class SnmpPath(HostPath):
-    """SNMP get of OIDs with checks (v1, v2c, or v3 authPriv)."""
+    """SNMP (v1, v2c, v3): OID checks, interface oper status, storage use; see watchtower.probes.snmp."""
 
     kind: Literal["snmp"] = "snmp"
     _secret_fields = ("community", "auth_key", "priv_key")
@@ -491,12 +508,26 @@ class SnmpPath(HostPath):
     auth_protocol: Literal["MD5", "SHA", "SHA224", "SHA256", "SHA384", "SHA512"] = "SHA"
     auth_key: SecretStr | None = None
     auth_key_file: SecretFile | None = None
-    priv_protocol: Literal["DES", "AES", "AES192", "AES256"] = "AES"
+    priv_protocol: Literal["DES", "AES", "AES192", "AES256", "AES192C", "AES256C"] = Field(
+        "AES",
+        description="AES192/AES256: key extension as in net-snmp (Blumenthal); "
+        "AES192C/AES256C: Cisco style (Reeder)",
+    )
     priv_key: SecretStr | None = None
     priv_key_file: SecretFile | None = None
     checks: list[SnmpCheck] = Field(
-        default_factory=lambda: [SnmpCheck(oid="1.3.6.1.2.1.1.3.0")],
+        default_factory=lambda: [SnmpCheck(oid="1.3.6.1.2.1.1.3.0", label="sysUpTime")],
         description="every check must hold for the path to be up; default: sysUpTime answers",
+    )
+    interfaces: list[int | str] = Field(
+        default_factory=list,
+        description="interfaces that must be oper-up (IF-MIB ifOperStatus = up(1)): "
+        "ifIndex numbers or names (ifDescr, else ifName), e.g. `[1, eth0]`",
+    )
+    storage: list[SnmpStorage] = Field(
+        default_factory=list,
+        description="HOST-RESOURCES-MIB hrStorage entries and their highest allowed use in %, "
+        "e.g. `[{descr: /, max_used: 90}]`; the use is also reported as a metric",
     )
 
     @field_validator("version", mode="before")
@@ -509,8 +540,93 @@ class SnmpPath(HostPath):
         if self.version == "3":
             if not self.username:
                 raise ValueError("SNMP v3 needs username (and auth_key/priv_key or their *_file)")
+            if self.secret("priv_key") is not None and self.secret("auth_key") is None:
+                raise ValueError("SNMP v3 priv_key needs auth_key too (there is no noAuthPriv level)")
         elif self.secret("community") is None:
             raise ValueError(f"SNMP v{self.version} needs community or community_file")
+        for item in self.interfaces:
+            if (isinstance(item, int) and item < 1) or (isinstance(item, str) and not item.strip()):
+                raise ValueError(f"interfaces: {item!r} is neither an ifIndex (1, 2, ...) nor a name")
+        return self
+
+
+class TrapUser(Strict):
+    """An SNMPv3 user whose traps and informs the receiver accepts (authNoPriv or authPriv)."""
+
+    _secret_fields = ("auth_key", "priv_key")
+    username: str = Field(min_length=1, description="the USM user name the devices send as")
+    auth_protocol: Literal["MD5", "SHA", "SHA224", "SHA256", "SHA384", "SHA512"] = "SHA"
+    auth_key: SecretStr | None = Field(None, description="authentication passphrase (required)")
+    auth_key_file: SecretFile | None = None
+    priv_protocol: Literal["DES", "AES", "AES192", "AES256", "AES192C", "AES256C"] = Field(
+        "AES", description="as for snmp paths: AES192/AES256 net-snmp style, AES192C/AES256C Cisco style"
+    )
+    priv_key: SecretStr | None = Field(None, description="privacy passphrase; without it: authNoPriv")
+    priv_key_file: SecretFile | None = None
+    engine_ids: list[str] = Field(
+        default_factory=list,
+        description="snmpEngineID (hex) of each device sending v3 *traps* as this user: a trap's keys "
+        "are localized to the sender's engine ID. Informs need none (the sender learns ours).",
+    )
+
+    @field_validator("engine_ids", mode="before")
+    @classmethod
+    def _hex_ids(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            text = str(item).strip().lower().removeprefix("0x").replace(":", "")
+            if not re.fullmatch(r"([0-9a-f]{2}){5,32}", text):
+                raise ValueError(
+                    f"{item!r} is not an snmpEngineID in hex (5 to 32 bytes, e.g. 0x80001f88...)"
+                )
+            out.append(text)
+        return out
+
+    @model_validator(mode="after")
+    def _keys(self) -> TrapUser:
+        if self.secret("auth_key") is None:
+            raise ValueError(f"trap user {self.username}: needs auth_key or auth_key_file")
+        return self
+
+
+class TrapListener(Strict):
+    """The SNMP trap/inform receiver: where it listens and whom it believes."""
+
+    _secret_fields = ("communities",)
+    listen: str = Field("0.0.0.0:162", description="HOST:PORT; port 162 needs root or CAP_NET_BIND_SERVICE")
+    communities: list[SecretStr] = Field(default_factory=list, description="accepted v1/v2c communities")
+    communities_file: SecretFile | None = Field(None, description="file with one accepted community per line")
+    users: list[TrapUser] = Field(default_factory=list, description="accepted SNMPv3 users")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, port = _split_host_port(value)
+        if port is None:
+            raise ValueError("must be HOST:PORT like 0.0.0.0:162 or [::]:162")
+        _check_host(host)
+        return value.strip()
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, port = _split_host_port(self.listen)
+        return host, port or 162
+
+    def community_list(self) -> list[SecretStr]:
+        """Accepted communities, inline or from the file (blank lines and # comments skipped)."""
+        found = list(self.communities)
+        if self.communities_file is not None:
+            for line in self.communities_file.value.get_secret_value().splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    found.append(SecretStr(line.strip()))
+        return found
+
+    @model_validator(mode="after")
+    def _someone(self) -> TrapListener:
+        if not self.community_list() and not self.users:
+            raise ValueError("a trap listener needs communities, communities_file or users")
         return self
 
 
@@ -524,6 +640,14 @@ class IpmiSpec(HostPath):
     password_file: SecretFile | None = None
     interface: Literal["lanplus", "lan"] = "lanplus"
     cipher_suite: int = Field(3, ge=0, le=17)
+    privilege: Literal["user", "operator", "administrator"] = Field(
+        "user", description="session privilege level (ipmitool -L); every read needs only user"
+    )
+    sel: bool = Field(True, description="report new System Event Log records (read incrementally by id)")
+    sensors: bool = Field(True, description="read sensor states (ipmitool sdr elist)")
+    sensors_every: int = Field(
+        1, ge=1, le=1000, description="read sensors on every Nth run only; a power-off run always reads them"
+    )
 
     @model_validator(mode="after")
     def _password(self) -> IpmiSpec:

@@ -29,6 +29,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("Path `http`", c.HttpPath, "Short form: `- http: https://10.0.10.11:8006/`."),
     ("Path `dns`", c.DnsPath, ""),
     ("Path `snmp`", c.SnmpPath, ""),
+    ("`snmp.storage[]`", c.SnmpStorage, "Used % of an hrStorage entry, found by its description."),
     ("`snmp.checks[]`", c.SnmpCheck, "At most one condition; without one, any value other than "
      "NoSuchObject/NoSuchInstance holds."),
     ("Path `ipmi` / `bmc.ipmi`", c.IpmiSpec, ""),

@@ -372,8 +372,14 @@ async def open_shared(
     from watchtower.probes.http import new_session
     from watchtower.probes.icmp import Pinger
 
-    kinds = {p.kind for p in (*config.paths, *config.vantage_paths)}
+    kinds = {p.kind for p in (*config.paths, *config.vantage_paths, *config.bmc_paths)}
     shared = shared or ProbeContext(timeout=0)
+    if "snmp" in kinds and not shared.extra.get("snmp_cleanup"):
+        from watchtower.probes.snmp import close_engines
+
+        # pysnmp engines run timers of their own: close them with the daemon (or the CLI probe)
+        stack.callback(close_engines)
+        shared.extra["snmp_cleanup"] = True
     if "icmp" in kinds and shared.pinger is None:
         shared.pinger = await stack.enter_async_context(Pinger())
     if "http" in kinds and shared.http_session is None:

@@ -103,13 +103,15 @@ ProbeFunc = Callable[[Any, ProbeContext], Awaitable[ProbeResult]]
 
 def _registry() -> dict[str, ProbeFunc]:
     # Imported lazily so that `watchtower check` does not pay for aiohttp/dnspython imports.
-    from watchtower.probes import dns, http, icmp, nut, redfish, tcp
+    from watchtower.probes import dns, http, icmp, ipmi, nut, redfish, snmp, tcp
 
     return {
         "icmp": icmp.probe,
         "tcp": tcp.probe,
         "http": http.probe,
         "dns": dns.probe,
+        "snmp": snmp.probe,
+        "ipmi": ipmi.probe,
         "redfish": redfish.probe,
         "nut": nut.probe,
     }

@@ -43,7 +43,8 @@ from pydantic import (
 ROLES = ("network", "hypervisor", "storage", "vm", "service")
 Role = Literal["network", "hypervisor", "storage", "vm", "service"]
 
-PATH_KINDS = ("icmp", "tcp", "http", "dns", "snmp", "ipmi", "redfish", "nut")
+PATH_KINDS = ("icmp", "tcp", "http", "dns", "snmp", "ipmi", "redfish", "nut", "trap")
+PASSIVE_KINDS = ("trap",)  # fed by what arrives, never probed
 DEFAULT_PORTS = {"dns": 53, "snmp": 161, "ipmi": 623, "nut": 3493, "redfish": 443}
 KIND_TIMEOUT_FLOOR = {"http": 3.0, "snmp": 2.0, "ipmi": 5.0, "redfish": 5.0, "nut": 2.0}
 VANTAGE = (
@@ -688,7 +689,36 @@ class NutPath(HostPath):
     password_file: SecretFile | None = None
 
 
-PathSpec = IcmpPath | TcpPath | HttpPath | DnsPath | SnmpPath | IpmiSpec | RedfishSpec | NutPath
+class TrapRule(Strict):
+    """What a configured trap OID means for the target."""
+
+    oid: Oid = Field(description="snmpTrapOID of the trap")
+    text: str | None = Field(None, description="what to call it on the timeline (default: the OID)")
+    down: bool = Field(False, description="the trap path goes down when it arrives")
+    clear_oid: Oid | None = Field(None, description="a trap that brings the path back up")
+    hold: Duration = Field(600.0, description="without a clearing trap, the path comes back up after this")
+
+
+class TrapPath(PathBase):
+    """Passive: traps from ``source``. linkDown/linkUp for the listed interfaces set the path's
+    state; configured trap OIDs become timeline events and may hold the path down."""
+
+    kind: Literal["trap"] = "trap"
+    source: Host = Field(description="the address the device sends its traps from")
+    interfaces: list[int | str] = Field(
+        default_factory=list, description="ifIndex numbers or ifDescr names whose linkDown/linkUp count"
+    )
+    events: list[TrapRule] = Field(default_factory=list, description="trap OIDs worth a timeline entry")
+
+    def default_name(self) -> str:
+        return f"trap {self.source}"
+
+    @property
+    def host(self) -> str:
+        return self.source
+
+
+PathSpec = IcmpPath | TcpPath | HttpPath | DnsPath | SnmpPath | IpmiSpec | RedfishSpec | NutPath | TrapPath
 _URL_KINDS = {"http": "url"}
 
 
@@ -705,6 +735,8 @@ def _normalize_path_item(value: Any) -> Any:
     if kind not in PATH_KINDS:
         raise ValueError(f"unknown path kind {kind!r}{_did_you_mean(str(kind), PATH_KINDS)}")
     if isinstance(spec, str):
+        if kind == "trap":
+            return {"kind": kind, "source": spec}
         if kind in _URL_KINDS:
             return {"kind": kind, _URL_KINDS[kind]: spec}
         host, port = _split_host_port(spec)
@@ -887,6 +919,7 @@ class Config(Strict):
     targets: dict[TargetName, Target] = Field(min_length=1, description="what is monitored, by name")
     notify: Notify = Field(default_factory=Notify, description="channels and escalation")
     heartbeat: Heartbeat | None = Field(None, description="dead man's switch")
+    traps: TrapListener | None = Field(None, description="the SNMP trap receiver, for `trap` paths")
 
     @field_validator("state_dir", mode="after")
     @classmethod
@@ -982,6 +1015,13 @@ def _semantic_problems(cfg: Config) -> list[str]:
                 problems.append(f"{base}.storage[{i}]: no target named {st!r}{_did_you_mean(st, names)}")
             elif store.role != "storage":
                 problems.append(f"{base}.storage[{i}]: {st!r} has role {store.role}, not storage")
+    if cfg.traps is None:
+        for tname, target in cfg.targets.items():
+            for i, spec in enumerate(target.paths):
+                if spec.kind == "trap":
+                    problems.append(
+                        f"targets.{tname}.paths[{i}]: a trap path needs the `traps:` receiver configured"
+                    )
     problems += _cycle_problems(cfg)
     problems += _path_problems(cfg)
     problems += _notify_problems(cfg)
@@ -1144,7 +1184,7 @@ def _first_model(annotation: Any) -> Any:
 
 _KIND_MODELS: dict[str, type[BaseModel]] = {
     "icmp": IcmpPath, "tcp": TcpPath, "http": HttpPath, "dns": DnsPath,
-    "snmp": SnmpPath, "ipmi": IpmiSpec, "redfish": RedfishSpec, "nut": NutPath,
+    "snmp": SnmpPath, "ipmi": IpmiSpec, "redfish": RedfishSpec, "nut": NutPath, "trap": TrapPath,
 }  # fmt: skip
 
 

@@ -125,6 +125,12 @@ async def run_daemon(
         gc.collect()
         gc.freeze()
 
+        if config.traps is not None:
+            from watchtower.probes.traps import TrapReceiver
+
+            # Bind errors (port 162 without CAP_NET_BIND_SERVICE, port in use) surface here, at start.
+            await stack.enter_async_context(TrapReceiver.from_config(config.traps, monitor.on_trap))
+
         runner = web.AppRunner(make_app(monitor), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 
-from watchtower.config import VANTAGE, Config, ResolvedPath
+from watchtower.config import PASSIVE_KINDS, VANTAGE, Config, ResolvedPath, TrapPath
 from watchtower.engine.correlate import (
     BmcFacts,
     Correlation,
@@ -30,6 +30,7 @@ from watchtower.engine.runner import run_probe
 from watchtower.engine.scheduler import Scheduler
 from watchtower.engine.topology import Topology
 from watchtower.probes import Failure, ProbeContext, ProbeResult, SelEntry, SensorReading, get_probe
+from watchtower.probes.traps import TrapEvent, is_link_down, is_link_up
 
 log = logging.getLogger("watchtower.monitor")
 
@@ -166,6 +167,10 @@ class Monitor:
                 counts["added" if status is None else "changed"] += 1
                 status = PathStatus(path)
             self.statuses[path.key] = status
+            if path.kind in PASSIVE_KINDS:
+                status.detail = status.detail or "no trap received yet"
+                self.scheduler.remove(path.key)
+                continue
             if get_probe(path.kind) is None:
                 status.detail = f"no prober for kind {path.kind!r} in this version; path stays unknown"
                 log.warning("no prober target=%s path=%r kind=%s", path.target, path.name, path.kind)
@@ -227,6 +232,77 @@ class Monitor:
         if changed:
             self._dirty.set()
         return changed
+
+    # ------------------------------------------------------------------ traps
+    def on_trap(self, event: TrapEvent) -> None:
+        """A trap arrived (called on the loop by the receiver). linkDown/linkUp of a listed
+        interface sets the trap path's state at once (a trap is the device's own word, no streak
+        needed); configured trap OIDs go to the log and the open incident's timeline, and may hold
+        the path down until a clearing trap or their hold time."""
+        now = time.time()
+        matched = False
+        for status in list(self.statuses.values()):
+            spec = status.path.spec
+            if not isinstance(spec, TrapPath) or spec.source != event.source:
+                continue
+            matched = True
+            for down_or_up, check in ((True, is_link_down), (False, is_link_up)):
+                is_it, if_index = check(event)
+                if is_it and self._interface_listed(spec, event, if_index):
+                    what = f"{'linkDown' if down_or_up else 'linkUp'} ifIndex {if_index}"
+                    self._set_passive(status, not down_or_up, what, now)
+            for rule in spec.events:
+                label = rule.text or rule.oid
+                if event.trap_oid == rule.oid:
+                    self._trap_timeline(status.path.target, f"trap from {event.source}: {label}", now)
+                    if rule.down:
+                        self._set_passive(status, False, label, now)
+                        self._hold(status, rule.hold, label)
+                elif rule.clear_oid is not None and event.trap_oid == rule.clear_oid:
+                    self._trap_timeline(status.path.target, f"trap from {event.source}: {label} cleared", now)
+                    self._set_passive(status, True, f"{label} cleared", now)
+        if not matched:
+            log.info("trap from an unknown source source=%s oid=%s", event.source, event.trap_oid)
+
+    @staticmethod
+    def _interface_listed(spec: TrapPath, event: TrapEvent, if_index: int | None) -> bool:
+        if not spec.interfaces:
+            return True  # no list: every interface of the device counts
+        descr = event.value(f"1.3.6.1.2.1.2.2.1.2.{if_index}") if if_index is not None else None
+        return any(i == if_index or (descr is not None and str(i) == descr) for i in spec.interfaces)
+
+    def _set_passive(self, status: PathStatus, up: bool, what: str, now: float) -> None:
+        state = PathState.UP if up else PathState.DOWN
+        status.detail = what
+        status.last_at = now
+        if up:
+            status.last_ok, status.failing_since = now, None
+            handle = status.memory.pop("hold", None)
+            if handle is not None:
+                handle.cancel()
+        elif status.state is not PathState.DOWN:
+            status.failing_since = now
+        if status.state is not state:
+            status.state, status.changed_at = state, now
+            p = status.path
+            log.info("path state target=%s path=%r state=%s detail=%r", p.target, p.name, state, what)
+            self._dirty.set()
+            if not up:
+                self._second_witness(status)
+
+    def _hold(self, status: PathStatus, hold: float, label: str) -> None:
+        previous = status.memory.pop("hold", None)
+        if previous is not None:
+            previous.cancel()
+        status.memory["hold"] = asyncio.get_running_loop().call_later(
+            hold, lambda: self._set_passive(status, True, f"{label}: no news for {hold:g}s", time.time())
+        )
+
+    def _trap_timeline(self, target: str, text: str, now: float) -> None:
+        log.info("trap event target=%s: %s", target, text)
+        for incident in self.tracker.open_incidents():
+            if target == incident.root or target in incident.affected:
+                incident.note(now, "trap", text)
 
     def _second_witness(self, status: PathStatus) -> None:
         """A path's first failure: probe the target's other paths, and the vantage, now. The

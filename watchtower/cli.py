@@ -251,7 +251,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"\nsimulated site up in {time.monotonic() - started:.1f}s; watchtower on http://{host}:{port}/\n"
         f"  watch:   curl -s http://{host}:{port}/metrics | grep watchtower_path_up\n"
         f"           watchtower status -c {args.config}\n"
-        f"  break:   watchtower lab break pve1 poweroff   (or linkdown | loss 100 | icmpdrop | delay 2000)\n"
+        f"  break:   watchtower lab break pve1 poweroff   (or psufail | hang | bmcdown | mgmtdown |\n"
+        f"           linkdown | loss 100 | icmpdrop | delay 2000); watchtower lab cut-monitor\n"
         f"  repair:  watchtower lab repair pve1\n"
         f"  stop:    Ctrl-C (the site is removed)\n",
         file=sys.stderr,

@@ -1,7 +1,9 @@
 """The namespace lab really behaves like the site it simulates (needs root, ``ip netns``, fping).
 
 One small site (prefix ``wtt``, 10.213.20.0/24 prod, 10.213.98.0/24 mgmt, 10.213.128.0/20 bulk) is
-built once per module and always torn down.  Every check waits on a condition with a deadline:
+built once per module and always torn down.  Its hypervisor has a simulated BMC (ipmi_sim at
+10.213.98.111) when ``ipmi_sim``/``sdrcomp``/``ipmitool`` are installed; without them the site is
+built without it and the BMC tests skip.  Every check waits on a condition with a deadline:
 after a fault or a repair the network needs a moment (ARP, neighbour states), and a fixed sleep
 would either be flaky or slow.
 """
@@ -15,6 +17,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import dns.message
@@ -23,17 +26,26 @@ import dns.rcode
 import pytest
 
 from watchtower.lab import DEMO, SITES, Lab, LabHost, LabSpec, LabUsageError, SpecError, bulk_site, lab_main
-from watchtower.lab.site import _pid_alive
+from watchtower.lab import bmc as labbmc
+from watchtower.lab.site import BMC_TOOLS, _pid_alive
 
 FPING = shutil.which("fping")
+BMC_MISSING = [t for t in BMC_TOOLS if shutil.which(t) is None]
 
-TEST_SPEC = LabSpec(
+_SPEC_WITH_BMC = LabSpec(
     prefix="wtt",
     prod_net="10.213.20.0/24",
     mgmt_net="10.213.98.0/24",
     hosts=(
         LabHost("sw1", "network", ("10.213.20.2",)),
-        LabHost("hv1", "hypervisor", ("10.213.20.11",), mgmt_address="10.213.98.11", http_ports=(8006,)),
+        LabHost(
+            "hv1",
+            "hypervisor",
+            ("10.213.20.11",),
+            mgmt_address="10.213.98.11",
+            http_ports=(8006,),
+            bmc_address="10.213.98.111",
+        ),
         LabHost(
             "vm1",
             "vm",
@@ -46,7 +58,14 @@ TEST_SPEC = LabSpec(
         LabHost("bulk1", "bulk", ("10.213.21.2/30",), tcp_ports=(7000,), bulk_prefix="10.213.128.0/20"),
     ),
 )
+# without the simulator, the same site minus the BMC: everything but the BMC tests still runs
+TEST_SPEC = (
+    _SPEC_WITH_BMC
+    if not BMC_MISSING
+    else replace(_SPEC_WITH_BMC, hosts=tuple(replace(h, bmc_address=None) for h in _SPEC_WITH_BMC.hosts))
+)
 HV, HV_MGMT, VM, NAS, SW = "10.213.20.11", "10.213.98.11", "10.213.20.21", "10.213.20.5", "10.213.20.2"
+HV_BMC = "10.213.98.111"
 PROD = [SW, HV, VM, NAS]
 
 
@@ -71,6 +90,12 @@ _SKIP = _netns_usable()
 def netns(fn: Callable[..., None]) -> Callable[..., None]:
     """Mark a test as needing network namespaces and skip it cleanly where they are unavailable."""
     return pytest.mark.netns(pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")(fn))
+
+
+needs_bmc = pytest.mark.skipif(
+    bool(BMC_MISSING),
+    reason=f"simulated BMC needs {', '.join(BMC_MISSING)} (apt install openipmi ipmitool)",
+)
 
 
 # ---------------------------------------------------------------------- probes
@@ -121,6 +146,26 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - t0
 
 
+def ipmitool(*args: str) -> subprocess.CompletedProcess[str]:
+    """ipmitool against hv1's BMC as the monitor does it (demo user, RMCP+, password via env)."""
+    argv = labbmc.ipmitool_argv(HV_BMC, *args)
+    return subprocess.run(argv, env=labbmc.ipmitool_env(), capture_output=True, text=True, timeout=15)
+
+
+def chassis_power() -> str | None:
+    """hv1's chassis power as its BMC reports it ("on"/"off"), None when the BMC does not answer."""
+    r = ipmitool("chassis", "power", "status")
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip().rsplit(" ", 1)[-1]
+
+
+def sel_list() -> list[str]:
+    r = ipmitool("sel", "list")
+    assert r.returncode == 0, r.stderr
+    return [line for line in r.stdout.splitlines() if "|" in line]
+
+
 def none_alive(addrs: list[str]) -> Callable[[], bool]:
     return lambda: all(v[0] is None for v in fping_rtts(addrs, timeout_ms=300).values())
 
@@ -144,6 +189,9 @@ def test_demo_spec_is_the_contract() -> None:
         "isp": "10.213.14.2",
     }
     assert DEMO.mgmt_ip("pve1") == "10.213.99.11" and DEMO.mgmt_ip("pve2") == "10.213.99.12"
+    bmcs = {h.name: DEMO.bmc_ip(h.name) for h in DEMO.bmc_hosts()}
+    assert bmcs == {"pve1": "10.213.99.111", "pve2": "10.213.99.112"}  # config/demo.yaml's bmc: blocks
+    assert DEMO.bmc_ns_name("pve1") == "wtd-pve1-bmc"
     assert DEMO.host("dc1").parent == "pve1" and DEMO.host("erp1").parent == "pve2"
     assert DEMO.host("dc1").dns_names["files1.acme.local"] == "10.213.10.24"
     assert LabSpec.from_json(DEMO.to_json()) == DEMO
@@ -169,6 +217,26 @@ def test_spec_validation_rejects_mistakes() -> None:
     with pytest.raises(SpecError, match="unknown host"):
         DEMO.host("nope")
 
+    def hv(**kw: str) -> LabHost:
+        return LabHost("hv", "hypervisor", ("10.213.30.11",), **kw)
+
+    def mgmt_spec(*hosts: LabHost) -> LabSpec:
+        return LabSpec("wtq", "10.213.30.0/24", "10.213.31.0/24", hosts)
+
+    assert mgmt_spec(hv(bmc_address="10.213.31.111")).bmc_ip("hv") == "10.213.31.111"
+    with pytest.raises(SpecError, match=r"bmc address \S+ is not in mgmt net"):
+        mgmt_spec(hv(bmc_address="10.213.30.111"))
+    with pytest.raises(SpecError, match="used twice"):
+        mgmt_spec(hv(mgmt_address="10.213.31.11", bmc_address="10.213.31.11"))
+    with pytest.raises(SpecError, match="no mgmt_net"):
+        spec(hv(bmc_address="10.213.31.111"))
+    with pytest.raises(SpecError, match="bmc address"):
+        mgmt_spec(hv(bmc_address="10.213.31.300"))
+    with pytest.raises(SpecError, match="a vm has no BMC"):
+        mgmt_spec(hv(), LabHost("v", "vm", ("10.213.30.9",), parent="hv", bmc_address="10.213.31.9"))
+    with pytest.raises(SpecError, match="clashes"):
+        mgmt_spec(hv(bmc_address="10.213.31.111"), LabHost("hv-bmc", "server", ("10.213.30.12",)))
+
 
 def test_bulk_site_and_metrics() -> None:
     spec = bulk_site("wtb", 2)
@@ -189,9 +257,20 @@ def test_cli_user_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> Non
     assert lab_main(["break", "pve1", "explode"]) == 2
     assert lab_main(["--site", "nope", "status"]) == 2
     assert lab_main(["break", "pve1", "linkdown", "5"]) in (2,)  # no arg for linkdown (or not root)
+    assert lab_main(["break", "pve1", "hang", "5"]) == 2
+    assert lab_main(["break", "nas1", "psufail"]) == 2  # no BMC (or not root)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all(line.startswith("watchtower lab: error:") for line in err), err
+    assert len(err) == 6 and all(line.startswith("watchtower lab: error:") for line in err), err
     assert "unknown host 'nope'" in err[0]
+
+
+def test_bmc_modes_need_a_bmc() -> None:
+    lab = Lab(DEMO)
+    for mode in ("psufail", "bmcdown"):  # refused before anything (even the root check) happens
+        with pytest.raises(LabUsageError, match=f"mode {mode} needs a BMC, and nas1 has none"):
+            lab.break_host("nas1", mode)
+    with pytest.raises(LabUsageError, match="takes no argument"):
+        lab.break_host("pve1", "hang", 1)
 
 
 # ---------------------------------------------------------------------- namespace tests
@@ -373,6 +452,91 @@ def test_switch_poweroff_cuts_prod_not_mgmt(lab: Lab) -> None:
     wait_until(all_alive(PROD), 10, "prod after switch repair")
 
 
+# ---------------------------------------------------------------------- simulated BMC
+@netns
+@needs_bmc
+def test_bmc_is_a_machine_of_its_own(lab: Lab) -> None:
+    assert chassis_power() == "on"
+    sdr = ipmitool("sdr", "elist").stdout
+    names = [line.split("|")[0].strip() for line in sdr.splitlines()]
+    assert names == ["CPU Temp", "PS1 Status", "System Fan 1"], sdr
+    assert "40 degrees C" in sdr and "5000 RPM" in sdr and "Failure" not in sdr
+    assert [ln for ln in sel_list() if "Failure" in ln] == []
+    # its own namespace, with the simulator (by the PID file) inside it
+    pid = int(Path(lab.run_dir, "bmc-hv1.pid").read_text())
+    pids = subprocess.run(["ip", "netns", "pids", "wtt-hv1-bmc"], capture_output=True, text=True, check=True)
+    assert str(pid) in pids.stdout.split()
+    # the simulator's console is on the BMC namespace's loopback only, not on the mgmt network
+    assert not tcp_ok(HV_BMC, labbmc.CONSOLE_PORT)
+    assert "chassis on" in lab.status()
+
+
+@netns
+@needs_bmc
+def test_poweroff_switches_the_chassis_off(lab: Lab) -> None:
+    lab.break_host("hv1", "poweroff")
+    try:
+        assert chassis_power() == "off", "the BMC keeps answering while its host is off"
+        wait_until(none_alive([HV, HV_MGMT, VM]), 10, "hv1 and vm1 to go silent")
+        assert "chassis off" in lab.status()
+    finally:
+        lab.repair("hv1")
+    assert chassis_power() == "on"
+    wait_until(all_alive([HV, HV_MGMT, VM]), 10, "hv1 and vm1 after repair")
+
+
+@netns
+@needs_bmc
+def test_psufail_logs_a_critical_sel_record(lab: Lab) -> None:
+    before = sel_list()
+    lab.break_host("hv1", "psufail")
+    try:
+        assert chassis_power() == "off"
+        new = [ln for ln in sel_list() if ln not in before]
+        assert len(new) == 1, new
+        assert "Power Supply" in new[0] and "Failure detected" in new[0] and "Asserted" in new[0], new
+        assert "Failure detected" in ipmitool("sdr", "elist").stdout  # the PS1 Status sensor too
+        wait_until(none_alive([HV, HV_MGMT, VM]), 10, "hv1 and vm1 to go silent")
+        assert "psufail" in lab.status()
+    finally:
+        lab.repair("hv1")
+    assert chassis_power() == "on"
+    assert sel_list()[-1] == new[0], "repair keeps the SEL record, like a real BMC"
+    assert "Failure detected" not in ipmitool("sdr", "elist").stdout  # PSU replaced
+    wait_until(all_alive([HV, HV_MGMT, VM]), 10, "hv1 and vm1 after repair")
+
+
+@netns
+@needs_bmc
+def test_hang_silences_the_host_not_the_bmc(lab: Lab) -> None:
+    before = sel_list()
+    lab.break_host("hv1", "hang")
+    try:
+        wait_until(none_alive([HV, HV_MGMT, VM]), 10, "hung hv1 (prod, mgmt) and its vm1 to go silent")
+        assert not tcp_ok(HV_MGMT, 8006, timeout=0.3)
+        assert chassis_power() == "on" and sel_list() == before, "a hung OS: chassis on, nothing logged"
+        assert "hang" in lab.status()
+    finally:
+        lab.repair("hv1")
+    wait_until(all_alive([HV, HV_MGMT, VM]), 10, "hv1 and vm1 after repair")
+    assert http_get(HV, 8006).endswith("hv1 ok\n")
+
+
+@netns
+@needs_bmc
+def test_bmcdown_leaves_the_host_running(lab: Lab) -> None:
+    lab.break_host("hv1", "bmcdown")
+    try:
+        wait_until(lambda: not alive(HV_BMC), 5, "the BMC to go silent")
+        # not even an unauthenticated IPMI request gets an answer (ipmitool would take 2 s to say so)
+        assert not labbmc.rmcp_answers(HV_BMC, timeout=0.5)
+        assert all_alive([HV, HV_MGMT, VM])()
+        assert "bmcdown" in lab.status()
+    finally:
+        lab.repair("hv1")
+    wait_until(lambda: chassis_power() == "on", 10, "the BMC to answer after repair")
+
+
 @netns
 def test_overlapping_lab_is_refused(lab: Lab, tmp_path: Path) -> None:
     clash = LabSpec("wtx", "10.213.20.0/24", None, (LabHost("n", "storage", ("10.213.20.50",)),))
@@ -386,12 +550,21 @@ def test_overlapping_lab_is_refused(lab: Lab, tmp_path: Path) -> None:
 
 @netns
 def test_up_is_idempotent_and_down_leaves_nothing(lab: Lab) -> None:
+    t0 = time.monotonic()
     lab.up()  # re-up over a running lab tears it down first
+    print(f"re-up took {time.monotonic() - t0:.2f}s")
     assert all_alive([*PROD, HV_MGMT])()
-    pid = int(Path(lab.run_dir, "responder.pid").read_text())
-    lab.down()
+    pids = [int(Path(lab.run_dir, "responder.pid").read_text())]
+    if TEST_SPEC.bmc_hosts():
+        assert chassis_power() == "on"  # up() returned only once the BMC answered
+        bmc_pidfile = Path(lab.run_dir, "bmc-hv1.pid")
+        pids.append(int(bmc_pidfile.read_text()))
+        # as after a crash that lost the PID file: down() still finds ipmi_sim in the BMC namespace
+        bmc_pidfile.unlink()
+    Lab(TEST_SPEC).down()  # a fresh object, as after a crash of the process that ran up()
     lab.down()  # idempotent
-    assert not _pid_alive(pid)
+    assert not any(_pid_alive(pid) for pid in pids)
+    assert not [p for p in Path(lab.run_dir).glob("bmc-*") if p.is_dir()], "BMC state removed"
     netns_list = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert "wtt-" not in netns_list
     links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True).stdout

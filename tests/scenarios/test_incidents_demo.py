@@ -121,7 +121,12 @@ async def test_hypervisor_dies(site: Site) -> None:
     await site.lab_do("break_host", "pve1", "poweroff")
     try:
         incident = await one_incident(site, "hypervisor", "pve1", {"dc1", "mail1"})
-        assert incident["cause"] is None  # the demo config has no BMC for pve1
+
+        async def cause() -> bool:  # the simulated BMC (ipmi_sim) reports the chassis off
+            (current,) = await site.open_incidents()
+            return bool(current["cause"] == "power_off")
+
+        await site.until(cause, DETECT, "the BMC's word: power_off")
         assert any(e.startswith("prod: no echo reply") for e in incident["evidence"])
         state = await site.get("/api/v1/state")
         assert state["targets"]["dc1"]["state"] == "unreachable"

@@ -119,3 +119,16 @@ def test_acknowledge() -> None:
     assert t.acknowledge(1, "bob", 6.0)[1] == [] and inc.acknowledged_by == "alice"
     assert t.open_incidents() == [inc]
     assert corr(down=["mail1"]).states["mail1"] is TargetState.DOWN
+
+
+def test_power_back_on_while_booting_keeps_the_cause() -> None:
+    t = IncidentTracker()
+    t.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(True, power_on=False)}), 0.0)
+    changes = t.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(True, power_on=True)}), 30.0)
+    (inc,) = t.open_incidents()
+    assert inc.cause == "power_off" and changes == []
+    assert inc.timeline[-1].text.startswith("BMC: chassis power back on")
+    # a hang without a power cycle is os_unresponsive from the start
+    t2 = IncidentTracker()
+    t2.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(True, power_on=True)}), 0.0)
+    assert t2.open_incidents()[0].cause == "os_unresponsive"

@@ -207,7 +207,15 @@ class IncidentTracker:
             text = f"affected: +{', '.join(joined)} ({len(incident.affected)} in all)"
             incident.note(now, "affected", text)
             changes.append(Change(incident.id, "affected", text))
-        if verdict.cause is not None and verdict.cause != incident.cause:
+        if verdict.cause is Cause.OS_UNRESPONSIVE and incident.cause in (
+            Cause.POWER_OFF,
+            Cause.HARDWARE_FAULT,
+        ):
+            # Chassis back on while the host is still down: it is booting, not hung. Keep the cause
+            # that explains the outage, and say what changed.
+            if not incident.timeline or incident.timeline[-1].kind != "power":
+                incident.note(now, "power", "BMC: chassis power back on, host not answering yet (booting?)")
+        elif verdict.cause is not None and verdict.cause != incident.cause:
             text = f"cause: {verdict.cause}" + (f" (was {incident.cause})" if incident.cause else "")
             incident.cause = verdict.cause
             incident.note(now, "cause", text)

@@ -25,6 +25,19 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
+MODE_HELP = {
+    "poweroff": "every link down (and the chassis OFF on its BMC, if it has one)",
+    "linkdown": "eth0 down (a hypervisor's mgmt NIC keeps answering)",
+    "mgmtdown": "eth1 (mgmt NIC) down, production keeps running",
+    "loss": "drop PCT% of inbound IP on eth0 (default 100)",
+    "icmpdrop": "drop echo-requests to the host (TCP keeps working)",
+    "delay": "hold echo-requests to the host for MS ms (default 2000)",
+    "hang": "OS hung: every NIC drops all it receives, chassis stays ON, nothing in the SEL",
+    "psufail": "BMC hosts: critical SEL record (PS1 failure detected), chassis OFF, links down",
+    "bmcdown": "BMC hosts: the BMC's NIC down (BMC unreachable, host unaffected)",
+}
+"""One line per break mode, for the epilogs of ``--help`` and ``break --help``."""
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports errors as one line (argparse's default prints usage first)."""
@@ -49,19 +62,27 @@ def build_parser(prog: str = "watchtower lab") -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="state dir for PID files and logs (default: /run/watchtower-lab/PREFIX)",
     )
+    modes = "\n".join(f"  {m:<9} {MODE_HELP.get(m, '')}" for m in BREAK_MODES)
     ap = _Parser(
         prog=prog,
         parents=[common],
         description="Simulated small-business site in network namespaces (needs root).",
-        epilog=f"break modes: {', '.join(BREAK_MODES)}  (loss [pct], delay [ms])",
+        epilog=f"break modes (undo any of them with: repair HOST):\n{modes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     sub.add_parser("up", parents=[common], help="build the site (tears down leftovers first)")
     sub.add_parser("down", parents=[common], help="remove everything the site created")
     sub.add_parser("status", parents=[common], help="show hosts, links and injected faults")
-    b = sub.add_parser("break", parents=[common], help="inject a fault: break HOST MODE [ARG]")
+    b = sub.add_parser(
+        "break",
+        parents=[common],
+        help="inject a fault: break HOST MODE [ARG]",
+        epilog=f"modes:\n{modes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     b.add_argument("host")
-    b.add_argument("mode", choices=BREAK_MODES)
+    b.add_argument("mode", choices=BREAK_MODES, help="see below")
     b.add_argument("arg", nargs="?", help="loss: percent (default 100); delay: ms (default 2000)")
     r = sub.add_parser("repair", parents=[common], help="undo every fault on HOST")
     r.add_argument("host")
@@ -96,7 +117,8 @@ def lab_main(argv: list[str]) -> int:
             t0 = time.monotonic()
             lab.up()
             print(lab.status())
-            print(f"lab {spec.prefix} is up ({len(spec.hosts)} hosts) in {time.monotonic() - t0:.1f}s")
+            bmcs = f", {len(spec.bmc_hosts())} BMCs" if spec.bmc_hosts() else ""
+            print(f"lab {spec.prefix} is up ({len(spec.hosts)} hosts{bmcs}) in {time.monotonic() - t0:.1f}s")
         elif args.cmd == "down":
             lab.down()
             print(f"lab {spec.prefix} is down")

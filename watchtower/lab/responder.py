@@ -2,9 +2,10 @@
 
 Run as ``python -m watchtower.lab.responder --spec-json FILE [--ready-file FILE]`` (``Lab.up()``
 does this).  A socket belongs to the network namespace it was *created* in, so the process enters
-each namespace with ``setns(2)`` just long enough to create and bind its sockets, switches back, and
-then serves all of them from one asyncio loop.  One process instead of one per host keeps the demo
-cheap (a handful of MB for the whole site) and gives one PID to stop.
+each namespace with ``setns(2)`` (:mod:`watchtower.lab.netns`) just long enough to create and bind
+its sockets, switches back, and then serves all of them from one asyncio loop.  One process
+instead of one per host keeps the demo cheap (a handful of MB for the whole site) and gives one PID
+to stop.
 
 Listeners bind 0.0.0.0, so a hypervisor's HTTP port answers on prod and mgmt, and a bulk host's
 ports answer on every address of its prefix.  The process exits on SIGTERM/SIGINT, and by itself
@@ -15,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import logging
 import os
 import resource
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,42 +35,14 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from watchtower.lab.netns import in_netns
 from watchtower.lab.spec import LabSpec
 
 log = logging.getLogger("watchtower.lab.responder")
 
-CLONE_NEWNET = 0x40000000
 LISTEN_BACKLOG = 65535  # capped by the namespace's net.core.somaxconn, which Lab.up() raises
 READ_TIMEOUT = 10.0
 MAX_REQUEST = 16384
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns(fd: int) -> None:
-    """Move the calling thread into the network namespace behind ``fd`` (no os.setns in 3.11)."""
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Temporarily enter ``/run/netns/NAME``; always switch back (and die loudly if we cannot,
-    because creating further sockets in the wrong namespace would be silently wrong)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-        try:
-            setns(target)
-            try:
-                yield
-            finally:
-                setns(own)
-        finally:
-            os.close(target)
-    finally:
-        os.close(own)
 
 
 @dataclass

@@ -16,6 +16,11 @@ Namespaces get no default route, and the root namespace gets ``unreachable`` saf
 every lab net, so lab traffic can never leak to a real gateway.  Every namespace, root-side link and
 route carries the spec's prefix (or its metric), which is how ``up()``/``down()`` find leftovers.
 
+A host with a ``bmc_address`` also gets a **BMC**: its own namespace ``<prefix>-<host>-bmc`` with
+one NIC on the mgmt bridge and one OpenIPMI ``ipmi_sim`` (:mod:`watchtower.lab.bmc`) answering
+RMCP+ on ``BMC_ADDRESS:623``.  Being a separate little computer, it keeps answering while the host's
+own NICs are down, and its chassis power follows the host's ``poweroff``/``psufail`` faults.
+
 One helper process (:mod:`watchtower.lab.responder`) serves every TCP/HTTP/DNS listener in all
 namespaces.  Faults are injected per host with :meth:`Lab.break_host` and undone with
 :meth:`Lab.repair`; this kernel has no ``sch_netem``, so loss is an nft netdev drop and delay is an
@@ -44,6 +49,7 @@ from types import TracebackType
 from typing import Any
 
 import watchtower
+from watchtower.lab import bmc
 from watchtower.lab.spec import (
     DEMO,
     LAB_SUPERNET,
@@ -86,13 +92,29 @@ __all__ = [
     "require_privileges",
 ]
 
-BREAK_MODES = ("poweroff", "linkdown", "mgmtdown", "loss", "icmpdrop", "delay")
+BREAK_MODES = (
+    "poweroff",
+    "linkdown",
+    "mgmtdown",
+    "loss",
+    "icmpdrop",
+    "delay",
+    "hang",
+    "psufail",
+    "bmcdown",
+)
 """Fault kinds :meth:`Lab.break_host` understands; :meth:`Lab.repair` undoes all of them."""
+
+BMC_MODES = ("psufail", "bmcdown")
+"""Modes that only make sense for a host with a BMC (``bmc_address``)."""
+_NO_ARG_MODES = ("poweroff", "linkdown", "mgmtdown", "icmpdrop", "hang", "psufail", "bmcdown")
+BMC_TOOLS = ("ipmi_sim", "sdrcomp", "ipmitool")  # Debian: openipmi (first two), ipmitool
 
 NFQUEUE_NUM = 7  # NFQUEUE numbers are per network namespace, so one fixed number is enough
 CMD_TIMEOUT = 20.0
 RESPONDER_MARKER = "watchtower.lab.responder"
 NFQDELAY_MARKER = "watchtower.lab.nfqdelay"
+IPMI_SIM_MARKER = "ipmi_sim"  # a process named ipmi_sim inside one of *our* namespaces is ours
 
 # Per-namespace knobs (each verified to be per-netns: non-netns sysctls are not even visible inside
 # a child namespace, so `sysctl -w` there cannot touch the machine).  Rate limits off and deep
@@ -131,11 +153,18 @@ def require_privileges() -> None:
 
 
 def run(
-    cmd: list[str], *, input: str | None = None, timeout: float = CMD_TIMEOUT, check: bool = True
+    cmd: list[str],
+    *,
+    input: str | None = None,
+    timeout: float = CMD_TIMEOUT,
+    check: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command with a timeout; failures become LabError naming the command and its stderr."""
     try:
-        return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, check=check)
+        return subprocess.run(
+            cmd, input=input, capture_output=True, text=True, timeout=timeout, check=check, env=env
+        )
     except subprocess.CalledProcessError as e:
         detail = (e.stderr or e.stdout or "").strip().replace("\n", " | ")
         raise LabError(f"command failed (exit {e.returncode}): {shlex.join(cmd)}: {detail}") from None
@@ -177,8 +206,10 @@ class Lab:
 
     def __init__(self, spec: LabSpec, run_dir: Path | str | None = None) -> None:
         self.spec = spec
-        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(spec.prefix)
+        # absolute: helper command lines carry paths under it, and teardown recognises them by those
+        self.run_dir = (Path(run_dir) if run_dir is not None else default_run_dir(spec.prefix)).absolute()
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._logs: dict[int, Path] = {}
 
     # ------------------------------------------------------------------ naming
     def ns(self, host: str) -> str:
@@ -192,6 +223,25 @@ class Lab:
     def mgmt_ip(self, host: str) -> str | None:
         """Out-of-band mgmt address of ``host``, if it has an ``eth1``."""
         return self.spec.mgmt_ip(host)
+
+    def bmc_ip(self, host: str) -> str | None:
+        """Address of ``host``'s simulated BMC, if it has one."""
+        return self.spec.bmc_ip(host)
+
+    def bmc_ns(self, host: str) -> str:
+        """Namespace of ``host``'s BMC (it exists only if the host has a ``bmc_address``)."""
+        return self.spec.bmc_ns_name(self.spec.host(host).name)
+
+    def bmc_files(self, host: str) -> bmc.BmcFiles:
+        """Config, state and power file of ``host``'s BMC (rebuilt on every ``up()``)."""
+        return bmc.BmcFiles(self.run_dir / f"bmc-{host}")
+
+    def _bmc_pidfile(self, host: str) -> Path:
+        return self.run_dir / f"bmc-{host}.pid"
+
+    def _bmc_link(self, h: LabHost) -> str:
+        """Root-side end of the BMC's veth (a port of the mgmt bridge)."""
+        return _ifname(f"{self.spec.prefix}-bmc-", h.name, self.spec.hosts.index(h))
 
     @property
     def uplink(self) -> str:
@@ -246,6 +296,7 @@ class Lab:
         """Build the site from scratch (tearing down leftovers of this prefix first) and return
         once every host is reachable and every listener answers.  On failure nothing is left."""
         require_privileges()
+        self._check_bmc_tools()
         deadline = time.monotonic() + timeout
         with self._locked():
             self._teardown()
@@ -253,7 +304,9 @@ class Lab:
             try:
                 self._build()
                 self._start_responder()
+                admin_passwords = self._start_bmcs()
                 self._wait_ready(deadline)
+                self._set_bmc_clocks(admin_passwords)
             except BaseException:
                 self._teardown()
                 raise
@@ -266,9 +319,21 @@ class Lab:
             self._teardown()
 
     def is_up(self) -> bool:
-        """All namespaces of the spec exist (says nothing about injected faults)."""
+        """All namespaces of the spec (hosts and BMCs) exist (says nothing about injected faults)."""
         present = set(_list_netns())
-        return all(self.spec.ns_name(h.name) in present for h in self.spec.hosts)
+        wanted = [self.spec.ns_name(h.name) for h in self.spec.hosts]
+        wanted += [self.spec.bmc_ns_name(h.name) for h in self.spec.bmc_hosts()]
+        return all(ns in present for ns in wanted)
+
+    def _check_bmc_tools(self) -> None:
+        """Fail before touching anything when the spec has BMCs but the simulator is missing."""
+        hosts = [h.name for h in self.spec.bmc_hosts()]
+        missing = [t for t in BMC_TOOLS if shutil.which(t) is None]
+        if hosts and missing:
+            raise LabError(
+                f"{', '.join(hosts)} {'has a BMC' if len(hosts) == 1 else 'have BMCs'}, which needs "
+                f"{', '.join(missing)} (Debian: apt install openipmi ipmitool)"
+            )
 
     # ------------------------------------------------------------------ build
     def _build(self) -> None:
@@ -276,7 +341,7 @@ class Lab:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for net in s.safety_nets():  # safety nets first, so nothing can leak while we build
             run(["ip", "route", "add", "unreachable", str(net), "metric", str(s.route_metric)])
-        if any(h.mgmt_address for h in s.hosts):
+        if any(h.mgmt_address or h.bmc_address for h in s.hosts):
             self._root_bridge(self.mgmt_bridge, s.mgmt_gateway())
         if s.switch is None and any(not h.is_bulk and h.parent is None for h in s.hosts):
             self._root_bridge(self.prod_bridge, s.prod_gateway())
@@ -314,6 +379,22 @@ class Lab:
             h = s.host(w.host)
             if h.bulk_prefix:
                 run(["ip", "route", "add", h.bulk_prefix, "via", s.ip(h.name), "dev", w.peer])
+        for h in s.bmc_hosts():
+            self._build_bmc(h)
+
+    def _build_bmc(self, h: LabHost) -> None:
+        """The BMC's own namespace: ``lo`` (its console lives there) and ``eth0`` on the mgmt bridge,
+        so none of the host's links (or their faults) stand between it and the monitor."""
+        s = self.spec
+        ns, peer, cidr = s.bmc_ns_name(h.name), self._bmc_link(h), s.bmc_cidr(h)
+        assert cidr is not None
+        run(["ip", "netns", "add", ns])
+        run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *_NS_SYSCTLS])
+        run(["ip", "-n", ns, "link", "set", "dev", "lo", "up"])
+        run(["ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        run(["ip", "link", "set", "dev", peer, "master", self.mgmt_bridge, "up"])
+        run(["ip", "-n", ns, "addr", "add", cidr, "dev", "eth0"])
+        run(["ip", "-n", ns, "link", "set", "dev", "eth0", "up"])
 
     def _check_no_overlap(self) -> None:
         """Refuse to build over another lab's (or anything else's) routes: a more specific foreign
@@ -341,7 +422,7 @@ class Lab:
         run(["ip", "link", "set", "dev", name, "up"])
 
     # ------------------------------------------------------------------ helpers (processes)
-    def _spawn(self, cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, cmd: list[str], log: Path, *, restore_signals: bool = True) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         # the helpers run as `python -m watchtower.lab.X`; make the package importable from any cwd
         pkg_root = str(Path(watchtower.__file__).resolve().parent.parent)
@@ -355,8 +436,10 @@ class Lab:
                 start_new_session=True,
                 env=env,
                 cwd="/",
+                restore_signals=restore_signals,
             )
         self._children[proc.pid] = proc
+        self._logs[proc.pid] = log
         return proc
 
     def _start_responder(self) -> None:
@@ -386,12 +469,58 @@ class Lab:
 
         wait_for(ready_or_dead, 15.0, f"the responder to bind its sockets (log: {log})")
 
-    def _stop_pid(self, pid: int, marker: str) -> None:
-        """SIGTERM (then SIGKILL) one helper, only if its command line is really ours."""
+    def _start_bmcs(self) -> dict[str, str]:
+        """One ``ipmi_sim`` per BMC, in the BMC's namespace, from fresh files (a fresh SEL, power
+        ON).  Returns each BMC's random admin password, needed once to set its SEL clock."""
+        passwords: dict[str, str] = {}
+        for h in self.spec.bmc_hosts():
+            files = self.bmc_files(h.name)
+            shutil.rmtree(files.directory, ignore_errors=True)
+            address = self.spec.bmc_ip(h.name)
+            assert address is not None
+            passwords[h.name] = bmc.new_admin_password()
+            files.write(h.name, address, passwords[h.name])
+            run(["sdrcomp", "-o", str(files.compiled_sdrs), str(files.sdrs)])
+            cmd = [
+                "ip", "netns", "exec", self.spec.bmc_ns_name(h.name),
+                "ipmi_sim", "-c", str(files.lan_conf), "-f", str(files.emu), "-s", str(files.state), "-n",
+            ]  # fmt: skip
+            # restore_signals=False keeps SIGPIPE ignored: ipmi_sim does not ignore it itself, and a
+            # console client that hangs up early would otherwise kill it.  `ip netns exec` execs in
+            # place, so this PID is ipmi_sim's.
+            proc = self._spawn(cmd, self.run_dir / f"bmc-{h.name}.log", restore_signals=False)
+            self._bmc_pidfile(h.name).write_text(f"{proc.pid}\n")
+        return passwords
+
+    def _set_bmc_clocks(self, admin_passwords: dict[str, str]) -> None:
+        """ipmi_sim's SEL clock starts at the machine's uptime; set it to now so SEL records carry
+        real dates (the IPMI probe ages first-look records by that clock)."""
+        for name, password in admin_passwords.items():
+            address = self.spec.bmc_ip(name)
+            assert address is not None
+            argv = bmc.ipmitool_argv(address, "sel", "time", "set", "now", admin=True)
+            run(argv, env=bmc.ipmitool_env(password), timeout=10.0)
+
+    def bmc_console(self, host: str, *commands: str) -> list[str]:
+        """Drive ``host``'s simulated BMC from the hardware side (ipmi_sim_cmd(5)); one reply per
+        command.  LabError when its console does not answer or rejects a command."""
+        h = self.spec.host(host)
+        if h.bmc_address is None:
+            raise LabUsageError(f"{host} has no BMC")
+        try:
+            return bmc.console(self.spec.bmc_ns_name(h.name), commands)
+        except (OSError, bmc.ConsoleError) as e:
+            raise LabError(f"BMC of {host}: {e} (log: {self.run_dir / f'bmc-{host}.log'})") from None
+
+    def _stop_pid(self, pid: int, marker: str, *, gentle: bool = True) -> None:
+        """SIGTERM (then SIGKILL) one helper, only if its command line is really ours.  Not
+        ``gentle``: SIGKILL right away, for helpers with nothing to flush that are slow to stop."""
         if not _cmdline(pid).count(marker):
             return
         child = self._children.pop(pid, None)
-        for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+        self._logs.pop(pid, None)
+        steps = ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)) if gentle else ((signal.SIGKILL, 3.0),)
+        for sig, grace in steps:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
             if child is not None:
@@ -404,13 +533,13 @@ class Lab:
                     return
         raise LabError(f"helper pid {pid} ({marker}) did not exit after SIGKILL")
 
-    def _stop_pidfile(self, pidfile: Path, marker: str) -> None:
+    def _stop_pidfile(self, pidfile: Path, marker: str, *, gentle: bool = True) -> None:
         try:
             pid = int(pidfile.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             pidfile.unlink(missing_ok=True)
             return
-        self._stop_pid(pid, marker)
+        self._stop_pid(pid, marker, gentle=gentle)
         pidfile.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ readiness
@@ -425,6 +554,10 @@ class Lab:
         for li in s.listeners():
             ip = s.ip(li.host)
             checks[f"{li.host} {li.kind} {ip}:{li.port}"] = _listener_check(li.kind, ip, li.port)
+        for h in s.bmc_hosts():
+            bip = s.bmc_ip(h.name)
+            assert bip is not None
+            checks[f"{h.name} BMC {bip}:{bmc.IPMI_PORT} (ipmitool chassis power status)"] = _bmc_check(bip)
         pending = dict(checks)
         while pending:
             for name, check in list(pending.items()):
@@ -434,7 +567,8 @@ class Lab:
                 break
             for pid, proc in self._children.items():
                 if proc.poll() is not None:
-                    raise LabError(f"helper pid {pid} died: {_tail(self.run_dir / 'responder.log')}")
+                    log = self._logs.get(pid, self.run_dir / "responder.log")
+                    raise LabError(f"helper pid {pid} died (exit {proc.returncode}): {log}: {_tail(log)}")
             if time.monotonic() >= deadline:
                 raise LabError("lab not ready before the deadline; still failing: " + ", ".join(pending))
             time.sleep(0.05)
@@ -445,12 +579,18 @@ class Lab:
         self._stop_pidfile(self.run_dir / "responder.pid", RESPONDER_MARKER)
         for pf in sorted(self.run_dir.glob("nfq-*.pid")) if self.run_dir.is_dir() else []:
             self._stop_pidfile(pf, NFQDELAY_MARKER)
+        # ipmi_sim takes ~1.5 s to honour SIGTERM and keeps nothing we want (its state dir is
+        # rebuilt on every up()), so it gets SIGKILL.  Its marker is its own lan.conf path.
+        for pf in sorted(self.run_dir.glob("bmc-*.pid")) if self.run_dir.is_dir() else []:
+            self._stop_pidfile(pf, str(self.run_dir / pf.stem / "lan.conf"), gentle=False)
         mine = [n for n in _list_netns() if n.startswith(f"{p}-")]
         for ns in mine:  # helpers still inside our namespaces (e.g. from a lost run dir)
             out = run(["ip", "netns", "pids", ns], check=False).stdout
-            for tok in out.split():
-                if tok.isdigit():
-                    self._stop_pid(int(tok), NFQDELAY_MARKER)
+            for pid in (int(tok) for tok in out.split() if tok.isdigit()):
+                if Path(_cmdline(pid).split("\0")[0]).name == IPMI_SIM_MARKER:
+                    self._stop_pid(pid, IPMI_SIM_MARKER, gentle=False)
+                else:
+                    self._stop_pid(pid, NFQDELAY_MARKER)
         # Root-side links first: deleting one end of a veth removes the pair synchronously, while
         # namespace destruction is asynchronous and could briefly leave root-side peers behind.
         for link in _root_links():
@@ -471,6 +611,9 @@ class Lab:
                 (self.run_dir / name).unlink(missing_ok=True)
             for f in self.run_dir.glob("nfq-*.ready"):
                 f.unlink(missing_ok=True)
+            for d in self.run_dir.glob("bmc-*"):  # BMC config/state; their logs stay, like the others'
+                if d.is_dir() and not d.is_symlink():
+                    shutil.rmtree(d, ignore_errors=True)
 
     @contextlib.contextmanager
     def _locked(self, timeout: float = 60.0) -> Iterator[None]:
@@ -502,22 +645,41 @@ class Lab:
         * ``loss [pct]`` - nft netdev ingress drop on ``eth0`` (default 100 %; for a hypervisor
           this also hits its VMs, whose traffic enters through that NIC);
         * ``icmpdrop`` - drop echo-requests addressed to the host (TCP keeps working);
-        * ``delay [ms]`` - hold echo-requests addressed to the host for ``ms`` (default 2000).
+        * ``delay [ms]`` - hold echo-requests addressed to the host for ``ms`` (default 2000);
+        * ``hang`` - the OS hangs: every NIC drops everything it receives (nft netdev ingress; ARP
+          too), links stay up, the chassis stays ON and nothing is logged (a hypervisor's VMs
+          hang with it);
+        * ``psufail`` - BMC only: a critical SEL record "Power Supply PS1 Status: Failure detected"
+          (and the PS1 sensor's failure bit), then chassis OFF and every link down;
+        * ``bmcdown`` - BMC only: the BMC's NIC goes down (BMC unreachable, host unaffected).
+
+        For a host with a BMC, ``poweroff`` also switches the simulated chassis OFF (before the
+        links go down, so a monitor never sees "down, chassis on" for a power loss).
 
         ``icmpdrop``/``delay`` act on the host's own INPUT path, so they do not affect VMs behind
         a hypervisor or hosts behind the switch.
         """
         h = self.spec.host(host)
         value = _mode_arg(mode, arg)
+        if mode in BMC_MODES and h.bmc_address is None:
+            raise LabUsageError(f"mode {mode} needs a BMC, and {host} has none (no bmc_address)")
         require_privileges()
         ns = self.spec.ns_name(h.name)
         with self._locked():
             if ns not in _list_netns():
                 raise LabUsageError(f"namespace {ns} does not exist: is the lab up?")
-            if mode == "poweroff":
+            if mode in ("poweroff", "psufail"):
+                if h.bmc_address is not None:
+                    if mode == "psufail":  # the BMC logs the failure as the power drops
+                        self._psu_failed(h, True)
+                    self.bmc_files(h.name).set_power(False)
                 for link in _ns_links(ns):
                     if link["ifname"] != "lo":
                         run(["ip", "-n", ns, "link", "set", "dev", link["ifname"], "down"])
+            elif mode == "hang":
+                self._hang(ns)
+            elif mode == "bmcdown":
+                run(["ip", "-n", self.spec.bmc_ns_name(h.name), "link", "set", "dev", "eth0", "down"])
             elif mode == "linkdown":
                 run(["ip", "-n", ns, "link", "set", "dev", "eth0", "down"])
             elif mode == "mgmtdown":
@@ -571,7 +733,9 @@ class Lab:
 
     def repair(self, host: str) -> None:
         """Undo every fault on ``host``: links up, nft tables and NFQUEUE rule gone, delay helper
-        stopped (it releases held packets on exit rather than dropping them)."""
+        stopped (it releases held packets on exit rather than dropping them).  A BMC gets its NIC
+        back, its PSU sensor healthy and the chassis ON *before* the host's links come up (power
+        first, then the OS); its SEL keeps the failure record, as a real BMC's would."""
         h = self.spec.host(host)
         require_privileges()
         ns = self.spec.ns_name(h.name)
@@ -579,13 +743,39 @@ class Lab:
             if ns not in _list_netns():
                 raise LabUsageError(f"namespace {ns} does not exist: is the lab up?")
             self._clear_delay(h)
+            if h.bmc_address is not None:
+                bns = self.spec.bmc_ns_name(h.name)
+                run(["ip", "-n", bns, "link", "set", "dev", "eth0", "up"])
+                if self.bmc_files(h.name).psu_failed:
+                    self._psu_failed(h, False)
+                self.bmc_files(h.name).set_power(True)
             tables = run(["ip", "netns", "exec", ns, "nft", "list", "tables"]).stdout
-            for fam, name in (("netdev", "wtloss"), ("inet", "wtfilter")):
+            for fam, name in (("netdev", "wtloss"), ("inet", "wtfilter"), ("netdev", "wthang")):
                 if f"table {fam} {name}" in tables:
                     run(["ip", "netns", "exec", ns, "nft", "delete", "table", fam, name])
             for link in _ns_links(ns):
                 if "UP" not in link.get("flags", []):
                     run(["ip", "-n", ns, "link", "set", "dev", link["ifname"], "up"])
+
+    def _hang(self, ns: str) -> None:
+        """Every NIC of the namespace drops all it receives.  Ingress (netdev) rather than INPUT, so
+        ARP dies too and bridged VM traffic with it: a hung hypervisor forwards nothing.  ``br0``
+        is left out: its ports (eth0, the VMs' veths) already see every frame first."""
+        devices = [li["ifname"] for li in _ns_links(ns) if li["ifname"] not in ("lo", "br0")]
+        chains = "".join(
+            f'  chain in{i} {{ type filter hook ingress device "{dev}" priority 0; policy drop; }}\n'
+            for i, dev in enumerate(devices)
+        )
+        script = f"table netdev wthang\ndelete table netdev wthang\ntable netdev wthang {{\n{chains}}}\n"
+        run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script)
+
+    def _psu_failed(self, h: LabHost, failed: bool) -> None:
+        """Fail (SEL record + sensor bit) or replace (sensor bit only) the BMC's power supply."""
+        if failed:
+            self.bmc_console(h.name, bmc.PSU_FAILED_BIT, bmc.PSU_FAILURE_SEL)
+        else:
+            self.bmc_console(h.name, bmc.PSU_OK_BIT)
+        self.bmc_files(h.name).mark_psu_failed(failed)
 
     _NFQ_RULE = (
         "INPUT",
@@ -674,7 +864,26 @@ class Lab:
             )
             faults = self._faults(h)
             lines.append(f"  {h.name:<10} {h.role:<10} {where:<32} {links:<28} {', '.join(faults) or 'ok'}")
+            if h.bmc_address is not None:
+                lines.append(self._bmc_status(h, present))
         return "\n".join(lines)
+
+    def _bmc_status(self, h: LabHost, present: set[str]) -> str:
+        """One status line for a host's BMC: address, its NIC, the simulator, chassis and faults."""
+        bns = self.spec.bmc_ns_name(h.name)
+        name, where = f"{h.name}-bmc", f"{self.spec.bmc_ip(h.name)}:{bmc.IPMI_PORT}"
+        if bns not in present:
+            return f"  {name:<10} {'bmc':<10} {where:<32} MISSING namespace {bns}"
+        up = any("UP" in li.get("flags", []) for li in _ns_links(bns) if li["ifname"] == "eth0")
+        files = self.bmc_files(h.name)
+        pid = _read_pid(self._bmc_pidfile(h.name))
+        sim_ok = pid is not None and _pid_alive(pid) and IPMI_SIM_MARKER in _cmdline(pid)
+        power = {True: "chassis on", False: "chassis off", None: "chassis ?"}[files.power_on()]
+        notes = [power, f"ipmi_sim pid {pid}" if sim_ok else "ipmi_sim NOT RUNNING"]
+        notes += ["psufail"] if files.psu_failed else []
+        notes += [] if up else ["bmcdown"]
+        link = f"eth0:{'up' if up else 'DOWN'}"
+        return f"  {name:<10} {'bmc':<10} {where:<32} {link:<28} {', '.join(notes)}"
 
     def _faults(self, h: LabHost) -> list[str]:
         ns = self.spec.ns_name(h.name)
@@ -690,6 +899,8 @@ class Lab:
             out.append(f"loss {m.group(1) if m else 100}%")
         if "table inet wtfilter" in ruleset:
             out.append("icmpdrop")
+        if "table netdev wthang" in ruleset:
+            out.append("hang")
         pid = _read_pid(self.run_dir / f"nfq-{h.name}.pid")
         if pid and _pid_alive(pid):
             args = _cmdline(pid).split("\0")
@@ -706,7 +917,7 @@ def _mode_arg(mode: str, arg: int | str | None) -> int:
     """Validate a break mode and its argument before touching anything."""
     if mode not in BREAK_MODES:
         raise LabUsageError(f"unknown break mode {mode!r} (one of: {', '.join(BREAK_MODES)})")
-    if mode in ("poweroff", "linkdown", "mgmtdown", "icmpdrop"):
+    if mode in _NO_ARG_MODES:
         if arg is not None:
             raise LabUsageError(f"mode {mode} takes no argument")
         return 0
@@ -789,6 +1000,30 @@ def _reach_check(ip: str) -> Callable[[], bool]:
             return True
         except OSError:
             return False
+
+    return check
+
+
+def _bmc_check(ip: str) -> Callable[[], bool]:
+    """A BMC is ready when the monitor's own way in works: an RMCP+ session as the demo user that
+    reports the chassis ON.  A one-packet RMCP ping first, so polling a not-yet-bound simulator
+    costs 0.2 s per round instead of ipmitool's ~2 s timeout."""
+
+    def check() -> bool:
+        if not bmc.rmcp_answers(ip):
+            return False
+        try:
+            r = subprocess.run(
+                bmc.ipmitool_argv(ip, "chassis", "power", "status"),
+                env=bmc.ipmitool_env(),
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return r.returncode == 0 and "Chassis Power is on" in r.stdout
 
     return check
 

@@ -45,6 +45,11 @@ class LabHost:
     uplink side: on ``br0`` for switches/hypervisors, on ``eth0`` for everything else.  For a
     bulk host the first address is the point-to-point link to the root namespace (explicit CIDR,
     e.g. ``10.213.63.2/30``) and ``bulk_prefix`` is put on ``lo`` so every address in it answers.
+
+    ``bmc_address`` (on the mgmt net) gives the host a simulated BMC: a namespace of its own
+    (``<prefix>-<host>-bmc``) with one NIC on the mgmt bridge and an ``ipmi_sim`` behind it.  It is
+    a separate little computer on purpose: it keeps answering while the host's own NICs are down,
+    and its chassis power follows the host's ``poweroff``/``psufail`` faults.
     """
 
     name: str
@@ -56,6 +61,7 @@ class LabHost:
     http_ports: tuple[int, ...] = ()
     dns_names: dict[str, str] = field(default_factory=dict, hash=False)
     bulk_prefix: str | None = None
+    bmc_address: str | None = None
 
     @property
     def is_bulk(self) -> bool:
@@ -120,6 +126,14 @@ class LabSpec:
         """Namespace name of a host (``wtd-pve1``)."""
         return f"{self.prefix}-{host}"
 
+    def bmc_ns_name(self, host: str) -> str:
+        """Namespace name of a host's BMC (``wtd-pve1-bmc``)."""
+        return f"{self.prefix}-{host}-bmc"
+
+    def bmc_hosts(self) -> tuple[LabHost, ...]:
+        """Hosts that have a simulated BMC, in spec order."""
+        return tuple(h for h in self.hosts if h.bmc_address is not None)
+
     def cidrs(self, h: LabHost) -> list[str]:
         """The host's uplink addresses with prefix lengths filled in."""
         out = []
@@ -137,16 +151,28 @@ class LabSpec:
 
     def mgmt_cidr(self, h: LabHost) -> str | None:
         """Management address with prefix length, or None."""
-        if h.mgmt_address is None:
-            return None
-        if "/" in h.mgmt_address or self.mgmt_net is None:
-            return str(ipaddress.IPv4Interface(h.mgmt_address))
-        return f"{h.mgmt_address}/{ipaddress.IPv4Network(self.mgmt_net).prefixlen}"
+        return self._on_mgmt(h.mgmt_address)
 
     def mgmt_ip(self, host: str) -> str | None:
         """Management address (no prefix length) of a host, or None if it has no OOB NIC."""
         c = self.mgmt_cidr(self.host(host))
         return None if c is None else str(ipaddress.IPv4Interface(c).ip)
+
+    def bmc_cidr(self, h: LabHost) -> str | None:
+        """BMC address with prefix length, or None."""
+        return self._on_mgmt(h.bmc_address)
+
+    def bmc_ip(self, host: str) -> str | None:
+        """BMC address (no prefix length) of a host, or None if it has no BMC."""
+        c = self.bmc_cidr(self.host(host))
+        return None if c is None else str(ipaddress.IPv4Interface(c).ip)
+
+    def _on_mgmt(self, address: str | None) -> str | None:
+        if address is None:
+            return None
+        if "/" in address or self.mgmt_net is None:
+            return str(ipaddress.IPv4Interface(address))
+        return f"{address}/{ipaddress.IPv4Network(self.mgmt_net).prefixlen}"
 
     def prod_gateway(self) -> str | None:
         """Root namespace's address on the prod network (``.1``) with prefix length."""
@@ -247,12 +273,21 @@ class LabSpec:
                 http_ports=tuple(h.get("http_ports", ())),
                 dns_names=dict(h.get("dns_names", {})),
                 bulk_prefix=h.get("bulk_prefix"),
+                bmc_address=h.get("bmc_address"),
             )
             for h in d["hosts"]
         )
         return cls(prefix=d["prefix"], prod_net=d.get("prod_net"), mgmt_net=d.get("mgmt_net"), hosts=hosts)
 
     # ------------------------------------------------------------------ validation
+    def _cidr_or_error(self, h: LabHost, what: str) -> str | None:
+        """``mgmt_cidr``/``bmc_cidr`` with a malformed address reported as a SpecError."""
+        try:
+            c = self.mgmt_cidr(h) if what == "mgmt" else self.bmc_cidr(h)
+            return None if c is None else str(ipaddress.IPv4Interface(c))
+        except ValueError as e:
+            raise SpecError(f"host {h.name!r}: {what} address: {e}") from None
+
     def _validate(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
             raise SpecError(f"prefix {self.prefix!r} must be 1-4 chars [a-z0-9], starting with a letter")
@@ -312,16 +347,23 @@ class LabSpec:
                 if iface.ip in used:
                     raise SpecError(f"{where}: address {iface.ip} used twice (or is the root .1)")
                 used.add(iface.ip)
-            m = self.mgmt_cidr(h)
-            if m is not None:
+            for what, m in (("mgmt", self._cidr_or_error(h, "mgmt")), ("bmc", self._cidr_or_error(h, "bmc"))):
+                if m is None:
+                    continue
                 if mgmt is None:
-                    raise SpecError(f"{where}: has mgmt_address but the spec has no mgmt_net")
+                    raise SpecError(f"{where}: has {what}_address but the spec has no mgmt_net")
                 mi = ipaddress.IPv4Interface(m)
                 if mi.network != mgmt:
-                    raise SpecError(f"{where}: mgmt address {mi} is not in mgmt net {mgmt}")
+                    raise SpecError(f"{where}: {what} address {mi} is not in mgmt net {mgmt}")
                 if mi.ip in used:
                     raise SpecError(f"{where}: address {mi.ip} used twice (or is the root .1)")
                 used.add(mi.ip)
+            if h.bmc_address is not None:
+                if h.role in (ROLE_VM, ROLE_BULK):
+                    raise SpecError(f"{where}: a {h.role} has no BMC (only physical machines do)")
+                # `<prefix>-<host>-bmc` must not also be some host's own namespace
+                if f"{h.name}-bmc" in by_name:
+                    raise SpecError(f"{where}: host name {h.name}-bmc clashes with {h.name}'s BMC namespace")
         nets = self.networks()
         for k, n1 in enumerate(nets):
             for n2 in nets[k + 1 :]:
@@ -356,8 +398,22 @@ DEMO = LabSpec(
     mgmt_net="10.213.99.0/24",
     hosts=(
         LabHost("core-sw1", ROLE_NETWORK, ("10.213.10.2",)),
-        LabHost("pve1", ROLE_HYPERVISOR, ("10.213.10.11",), mgmt_address="10.213.99.11", http_ports=(8006,)),
-        LabHost("pve2", ROLE_HYPERVISOR, ("10.213.10.12",), mgmt_address="10.213.99.12", http_ports=(8006,)),
+        LabHost(
+            "pve1",
+            ROLE_HYPERVISOR,
+            ("10.213.10.11",),
+            mgmt_address="10.213.99.11",
+            http_ports=(8006,),
+            bmc_address="10.213.99.111",
+        ),
+        LabHost(
+            "pve2",
+            ROLE_HYPERVISOR,
+            ("10.213.10.12",),
+            mgmt_address="10.213.99.12",
+            http_ports=(8006,),
+            bmc_address="10.213.99.112",
+        ),
         LabHost("nas1", ROLE_STORAGE, ("10.213.10.5",), tcp_ports=(3260,), http_ports=(5000,)),
         LabHost(
             "dc1",

@@ -40,6 +40,25 @@ def new_session(limit: int = 0) -> aiohttp.ClientSession:
     )
 
 
+def classify_client_error(exc: aiohttp.ClientError | OSError) -> tuple[Failure, str]:
+    """Why an HTTP(S) exchange failed, for the http and redfish probes."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return Failure.TLS, f"certificate not accepted: {exc.certificate_error}"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return Failure.TLS, f"TLS handshake failed: {exc.os_error}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return classify_os_error(exc.os_error)
+    if isinstance(
+        exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError
+    ):
+        return Failure.PROTOCOL, f"bad HTTP answer: {exc.__class__.__name__}: {exc}"
+    if isinstance(exc, aiohttp.ClientError):
+        return Failure.ERROR, f"{exc.__class__.__name__}: {exc}"
+    if isinstance(exc, ssl.SSLError):
+        return Failure.TLS, f"TLS error: {exc.reason or exc}"
+    return classify_os_error(exc)
+
+
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
     body = bytearray()
     while len(body) < cap:
@@ -78,20 +97,8 @@ async def probe(spec: HttpPath, ctx: ProbeContext) -> ProbeResult:
                 body = b"" if spec.method == "HEAD" else await _read_capped(response, spec.max_body)
     except TimeoutError:
         return ProbeResult.fail(Failure.TIMEOUT, f"no complete answer within {ctx.timeout:g}s")
-    except aiohttp.ClientConnectorCertificateError as exc:
-        return ProbeResult.fail(Failure.TLS, f"certificate not accepted: {exc.certificate_error}")
-    except aiohttp.ClientSSLError as exc:
-        return ProbeResult.fail(Failure.TLS, f"TLS handshake failed: {exc.os_error}")
-    except aiohttp.ClientConnectorError as exc:
-        failure, detail = classify_os_error(exc.os_error)
-        return ProbeResult.fail(failure, detail)
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
-        return ProbeResult.fail(Failure.PROTOCOL, f"bad HTTP answer: {exc.__class__.__name__}: {exc}")
-    except aiohttp.ClientError as exc:
-        return ProbeResult.fail(Failure.ERROR, f"{exc.__class__.__name__}: {exc}")
-    except OSError as exc:
-        failure, detail = classify_os_error(exc)
-        return ProbeResult.fail(failure, detail)
+    except (aiohttp.ClientError, OSError) as exc:
+        return ProbeResult.fail(*classify_client_error(exc))
     latency = time.perf_counter() - start
     if response.status not in spec.expect_status:
         expected = "/".join(map(str, spec.expect_status))

@@ -36,7 +36,6 @@ import asyncio
 import base64
 import datetime as dt
 import json
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,8 +46,7 @@ from pydantic import SecretStr
 
 from watchtower.config import RedfishSpec
 from watchtower.probes import BmcReading, Failure, ProbeContext, ProbeResult, SelEntry, SensorReading
-from watchtower.probes.http import ssl_context
-from watchtower.probes.tcp import classify_os_error
+from watchtower.probes.http import classify_client_error, ssl_context
 
 # A Redfish resource is a few KB; an event-log page of a few hundred entries stays well under this.
 # A bigger answer is a misbehaving peer, and reading it would cost memory and the deadline.
@@ -637,22 +635,8 @@ async def probe(spec: RedfishSpec, ctx: ProbeContext) -> ProbeResult:
         return ProbeResult.fail(Failure.TIMEOUT, f"no complete answer within {ctx.timeout:g}s")
     except _PeerError as exc:
         return ProbeResult.fail(exc.failure, exc.detail, time.perf_counter() - start)
-    except aiohttp.ClientConnectorCertificateError as exc:
-        return ProbeResult.fail(Failure.TLS, f"certificate not accepted: {exc.certificate_error}")
-    except aiohttp.ClientSSLError as exc:
-        return ProbeResult.fail(Failure.TLS, f"TLS handshake failed: {exc.os_error}")
-    except aiohttp.ClientConnectorError as exc:
-        failure, detail = classify_os_error(exc.os_error)
-        return ProbeResult.fail(failure, detail)
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
-        return ProbeResult.fail(Failure.PROTOCOL, f"bad HTTP answer: {exc.__class__.__name__}: {exc}")
-    except aiohttp.ClientError as exc:
-        return ProbeResult.fail(Failure.ERROR, f"{exc.__class__.__name__}: {exc}")
-    except ssl.SSLError as exc:
-        return ProbeResult.fail(Failure.TLS, f"TLS error: {exc.reason or exc}")
-    except OSError as exc:
-        failure, detail = classify_os_error(exc)
-        return ProbeResult.fail(failure, detail)
+    except (aiohttp.ClientError, OSError) as exc:
+        return ProbeResult.fail(*classify_client_error(exc))
     return _result(systems, extras, ctx.state, latency)
 
 

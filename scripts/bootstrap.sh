@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what watchtower's demo and tests need on Debian 12: system packages and a venv in .venv.
+# Installs what watchtower's demo and tests need on Debian 12: system packages and a venv in .venv
+# (with --tests also the Redfish emulator in .venv-sushy).
 # Idempotent: a second run only checks. Needs root for apt (the demo and tests need root anyway).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +26,9 @@ if [[ ! -x .venv/bin/python ]]; then
     apt-get install -y -q python3-venv >/dev/null && "$PYTHON" -m venv .venv
   fi
 fi
-# sushy-tools (the Redfish emulator) lives in a venv of its own: it pins Flask and bcrypt.
-if [[ ! -x .venv-sushy/bin/sushy-emulator ]]; then
+# sushy-tools (the Redfish emulator, a test peer only) lives in a venv of its own: it pins Flask
+# and bcrypt. The demo does not need it.
+if [[ "${1:-}" == "--tests" && ! -x .venv-sushy/bin/sushy-emulator ]]; then
   "$PYTHON" -m venv .venv-sushy && .venv-sushy/bin/pip install -q "sushy-tools>=2,<3"
 fi
 # Reinstall only when pyproject.toml changed since the last install.

@@ -136,14 +136,7 @@ async def _probe_target(cfg: Config, target: str) -> list[dict[str, Any]]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    try:
-        doc = asyncio.run(_fetch_state(cfg))
-    except Exception as exc:  # any failure to talk to the daemon means: not reachable
-        print(
-            f"watchtower daemon not reachable at {cfg.listen}: {exc.__class__.__name__}: {exc}",
-            file=sys.stderr,
-        )
-        return EXIT_UNREACHABLE
+    doc = _call_daemon(cfg, "GET", "/api/v1/state")
     if args.json:
         print(json.dumps(doc, indent=2))
         return EXIT_OK
@@ -182,21 +175,26 @@ async def _api(cfg: Config, method: str, path: str, body: Any = None) -> Any:
         return await response.json()
 
 
-async def _fetch_state(cfg: Config) -> dict[str, Any]:
-    doc: dict[str, Any] = await _api(cfg, "GET", "/api/v1/state")
-    return doc
-
-
-def cmd_incidents(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+def _call_daemon(cfg: Config, method: str, path: str, body: Any = None, *, api_errors: bool = False) -> Any:
+    """The daemon's answer. Not reachable (or, unless ``api_errors``, answering with an error)
+    prints one line and exits 3; with ``api_errors`` an error status raises ApiError."""
     try:
-        incidents = asyncio.run(_api(cfg, "GET", "/api/v1/incidents" + ("?all=1" if args.all else "")))
-    except Exception as exc:
+        return asyncio.run(_api(cfg, method, path, body))
+    except ApiError as exc:
+        if api_errors:
+            raise
+        print(f"watchtower daemon at {cfg.listen} refused: {exc}", file=sys.stderr)
+    except Exception as exc:  # any failure to talk to the daemon means: not reachable
         print(
             f"watchtower daemon not reachable at {cfg.listen}: {exc.__class__.__name__}: {exc}",
             file=sys.stderr,
         )
-        return EXIT_UNREACHABLE
+    raise SystemExit(EXIT_UNREACHABLE)
+
+
+def cmd_incidents(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    incidents = _call_daemon(cfg, "GET", "/api/v1/incidents" + ("?all=1" if args.all else ""))
     if args.json:
         print(json.dumps(incidents, indent=2))
         return EXIT_OK
@@ -213,16 +211,12 @@ def cmd_incidents(args: argparse.Namespace) -> int:
 def cmd_ack(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     try:
-        incident = asyncio.run(_api(cfg, "POST", f"/api/v1/incidents/{args.id}/ack", {"by": args.by}))
+        incident = _call_daemon(
+            cfg, "POST", f"/api/v1/incidents/{args.id}/ack", {"by": args.by}, api_errors=True
+        )
     except ApiError as exc:
         print(f"cannot acknowledge #{args.id}: {exc}", file=sys.stderr)
         return EXIT_DOWN if exc.status == 404 else EXIT_INVALID
-    except Exception as exc:
-        print(
-            f"watchtower daemon not reachable at {cfg.listen}: {exc.__class__.__name__}: {exc}",
-            file=sys.stderr,
-        )
-        return EXIT_UNREACHABLE
     print(f"#{incident['id']} {incident['state']} by {incident['acknowledged_by']}: {incident['headline']}")
     return EXIT_OK
 

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from watchtower.config import NutPath
 from watchtower.probes import Failure, ProbeContext, ProbeResult
@@ -31,12 +32,6 @@ needs_nut = pytest.mark.skipif(
     not (os.access(DRIVER, os.X_OK) and os.access(UPSD, os.X_OK)),
     reason=f"NUT dummy-ups/upsd not in {NUT_DIR} (apt-get install nut-server, or set WATCHTOWER_NUT_DIR)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def render(template: str, dest: Path, **values: object) -> None:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -16,18 +13,13 @@ import dns.message
 import dns.rrset
 import pytest
 from aiohttp import web
+from support import free_port, make_cert
 
 from watchtower.config import DnsPath, HttpPath, TcpPath
 from watchtower.probes import Failure, ProbeContext
 from watchtower.probes import dns as dns_probe
 from watchtower.probes import http as http_probe
 from watchtower.probes import tcp as tcp_probe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def start_app(
@@ -139,45 +131,6 @@ async def test_http_garbage_answer_is_protocol_failure() -> None:
 
 async def ok_handler(request: web.Request) -> web.Response:
     return web.Response(text="ok")
-
-
-def make_cert(tmp: Path, name: str, days: int) -> tuple[Path, Path]:
-    """A self-signed cert for 127.0.0.1, valid for ``days`` (negative: expired since yesterday)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    start, end = (
-        (now - dt.timedelta(days=2), now - dt.timedelta(days=1))
-        if days < 0
-        else (now, now + dt.timedelta(days=days))
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = tmp / f"{name}.key", tmp / f"{name}.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
 
 
 async def test_https_verification(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import ipaddress
 import os
 import secrets
 import shutil
@@ -30,6 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from support import free_port, make_cert
 
 from watchtower.config import RedfishSpec
 from watchtower.probes import Failure, ProbeContext, ProbeResult
@@ -37,46 +37,6 @@ from watchtower.probes import redfish as redfish_probe
 
 PEERS = Path(__file__).resolve().parents[1] / "peers" / "redfish"
 USER, PASSWORD = "admin", "s3cret-Pw"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_cert(tmp: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, like the ones BMCs ship with: (key, cert)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"bmc-{name}")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = tmp / f"{name}.key", tmp / f"{name}.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
 
 
 def spec(port: int, ca_file: Path | None, **kw: Any) -> RedfishSpec:

@@ -7,14 +7,13 @@ import asyncio
 import os
 import shutil
 import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
+from support import free_port, wait_for
 
 from watchtower.config import load_config
 from watchtower.daemon import run_daemon
@@ -25,22 +24,6 @@ pytestmark = pytest.mark.skipif(SNMPTRAP is None, reason="needs net-snmp's snmpt
 LINK_DOWN, LINK_UP = "1.3.6.1.6.3.1.1.5.3", "1.3.6.1.6.3.1.1.5.4"
 IF = "1.3.6.1.2.1.2.2.1"
 RAID_DEGRADED, RAID_OK = "1.3.6.1.4.1.99998.0.1", "1.3.6.1.4.1.99998.0.2"
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def test_link_traps_move_the_trap_path(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ confirmation), asserted through /api/v1/incidents within deadlines."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from support import free_port
 
 from watchtower.config import load_config
 from watchtower.daemon import run_daemon
@@ -25,12 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 # then the correlation pass: ~8 s. The deadline leaves room for a loaded CI machine.
 DETECT = 20.0
 RECOVER = 25.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

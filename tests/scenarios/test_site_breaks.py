@@ -4,7 +4,6 @@ to 0 within fail_after x retry_interval + timeout + 1 s, repairing flips them ba
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from support import free_port
 
 from watchtower.config import load_config
 from watchtower.daemon import run_daemon
@@ -38,12 +38,6 @@ INTERVAL, RETRY, TIMEOUT, FAIL_AFTER, RECOVER_AFTER = 1.0, 1.0, 1.0, 2, 2
 # retry_interval, the last one taking the full timeout. The acceptance bound adds 1 s of slack.
 DETECT_BOUND = FAIL_AFTER * RETRY + TIMEOUT + 1.0
 RECOVER_BOUND = INTERVAL + RECOVER_AFTER * RETRY + 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from watchtower.config import IcmpPath, ResolvedPath, TcpPath
-from watchtower.engine.monitor import TargetState, target_state
+from watchtower.engine.correlate import TargetState, own_state
+from watchtower.engine.monitor import path_view
 from watchtower.engine.paths import PathState, PathStatus
 from watchtower.engine.scheduler import Scheduler, stable_phase
 from watchtower.probes import Failure, ProbeResult
@@ -19,6 +20,10 @@ from watchtower.probes import Failure, ProbeResult
 OK = ProbeResult.success(0.001)
 FAIL = ProbeResult.fail(Failure.TIMEOUT, "no echo reply")
 BUG = ProbeResult.fail(Failure.INTERNAL, "probe crashed")
+
+
+def target_state(statuses: list[PathStatus], confirm: int) -> TargetState:
+    return own_state([path_view(s) for s in statuses], confirm)
 
 
 def rpath(name: str = "icmp 10.0.0.1", host: str = "10.0.0.1", fail_after: int = 2, recover_after: int = 2,

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 
@@ -22,7 +22,6 @@ from watchtower.engine.correlate import (
     Scope,
     TargetState,
     correlate,
-    own_state,
 )
 from watchtower.engine.incidents import Change, Incident, IncidentTracker
 from watchtower.engine.paths import PathState, PathStatus
@@ -80,11 +79,6 @@ def path_view(status: PathStatus) -> PathView:
     return PathView(
         p.name, p.kind, f"{p.kind} {p.spec.address}", status.state, status.detail, status.failing_since
     )
-
-
-def target_state(statuses: Iterable[PathStatus], confirm_paths: int) -> TargetState:
-    """A target's own state from its paths (see :func:`watchtower.engine.correlate.own_state`)."""
-    return own_state([path_view(s) for s in statuses], confirm_paths)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +174,11 @@ class Monitor:
         for key in old:
             self.scheduler.remove(key)
             counts["removed"] += 1
+        # Paths by target: a storm of first failures asks "the other paths of this target" once per
+        # path, which must not be a scan of every path of the site.
+        self._by_target: dict[str, list[PathStatus]] = {}
+        for status in self.statuses.values():
+            self._by_target.setdefault(status.path.target, []).append(status)
         self.config = config
         self.topology = Topology.from_config(config)
         self._dirty.set()
@@ -308,13 +307,8 @@ class Monitor:
         """A path's first failure: probe the target's other paths, and the vantage, now. The
         second witness (or the proof that watchtower itself is cut off) then arrives within a
         retry interval instead of a full one."""
-        target = status.path.target
-        for other in self.statuses.values():
-            if (
-                other is not status
-                and other.path.target in (target, VANTAGE)
-                and other.state is not PathState.DOWN
-            ):
+        for other in (*self.target_paths(status.path.target), *self.target_paths(VANTAGE)):
+            if other is not status and other.state is not PathState.DOWN:
                 self.scheduler.run_now(other.path.key)
 
     # ------------------------------------------------------------------ correlation
@@ -328,10 +322,7 @@ class Monitor:
 
     def _vantage_suspect(self) -> bool:
         """A vantage path is failing but not yet confirmed: the monitor may be the one cut off."""
-        return any(
-            s.path.target == VANTAGE and s.state is PathState.UP and s.failures > 0
-            for s in self.statuses.values()
-        )
+        return any(s.state is PathState.UP and s.failures > 0 for s in self.target_paths(VANTAGE))
 
     def _fresh_look(self) -> None:
         """Vantage is back: forget what the target paths saw while blind and probe them all now."""
@@ -343,7 +334,7 @@ class Monitor:
 
     def evaluate(self, now: float) -> list[Change]:
         """One correlation pass: target states, then incident changes. Returns the changes."""
-        vantage_paths = [s for s in self.statuses.values() if s.path.target == VANTAGE]
+        vantage_paths = self.target_paths(VANTAGE)
         vantage_up = not vantage_paths or any(s.state is not PathState.DOWN for s in vantage_paths)
         if vantage_up and not self.correlation.vantage_up:
             self._fresh_look()
@@ -393,7 +384,7 @@ class Monitor:
 
     # ------------------------------------------------------------------ reading
     def target_paths(self, target: str) -> list[PathStatus]:
-        return [s for s in self.statuses.values() if s.path.target == target]
+        return self._by_target.get(target, [])
 
     def target_states(self) -> dict[str, TargetState]:
         """As of the last correlation pass (at most ~50 ms behind the paths)."""

@@ -63,19 +63,3 @@ class Topology:
             for name, t in cfg.targets.items()
         ]
         return cls.build(cfg.site, nodes)
-
-    def ancestors(self, name: str) -> set[str]:
-        """Everything ``name`` needs, transitively, over parents and storage."""
-        out: set[str] = set()
-        stack = [name]
-        while stack:
-            node = self.nodes[stack.pop()]
-            for dep in (*node.parents, *node.storage):
-                if dep not in out:
-                    out.add(dep)
-                    stack.append(dep)
-        return out
-
-    def dependents(self, name: str) -> list[str]:
-        """Targets that need ``name`` directly or transitively, in dependency order."""
-        return [n for n in self.order if name in self.ancestors(n)]

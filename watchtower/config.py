@@ -813,6 +813,11 @@ class Channel(Strict):
     url: SecretStr | None = Field(None, description="apprise URL (holds credentials: prefer url_file)")
     url_file: SecretFile | None = Field(None, description="file holding the apprise URL")
     tags: list[str] = Field(default_factory=list, description="escalation steps address channels by tag")
+    format: Literal["auto", "long", "sms"] = Field(
+        "auto",
+        description="message style: sms = one 160-character segment; auto = sms for SMS gateways "
+        "(smseagle, twilio, ...), long otherwise",
+    )
 
     @model_validator(mode="after")
     def _url(self) -> Channel:
@@ -843,6 +848,18 @@ class Notify(Strict):
     escalation: list[EscalationStep] = Field(default_factory=list, description="who is told when")
     update_every: Duration | None = Field(None, description="status message while an incident stays open")
     on_resolve: bool = Field(True, description="all-clear to everyone who was notified")
+    status_url: str | None = Field(
+        None,
+        description="the status page as on-call reaches it (e.g. through a VPN); quoted in alerts "
+        "with the ack link",
+    )
+    channel_warn_after: Duration = Field(
+        300.0, description="a channel failing this long is reported through the others"
+    )
+    retry_max: Duration = Field(300.0, description="longest pause between two delivery attempts")
+    give_up_after: Duration = Field(
+        86400.0, description="an undeliverable message is dropped (and counted failed) after this"
+    )
 
 
 class Heartbeat(Strict):
@@ -920,6 +937,9 @@ class Config(Strict):
     notify: Notify = Field(default_factory=Notify, description="channels and escalation")
     heartbeat: Heartbeat | None = Field(None, description="dead man's switch")
     traps: TrapListener | None = Field(None, description="the SNMP trap receiver, for `trap` paths")
+    retention: Duration = Field(
+        400 * 86400.0, description="resolved incidents older than this are deleted from the store"
+    )
 
     @field_validator("state_dir", mode="after")
     @classmethod

@@ -11,6 +11,7 @@ single-thread executor so the event loop never waits for a disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
@@ -253,8 +254,8 @@ class Store:
                         Notification(
                             int(cur.lastrowid or 0), n.incident, n.step, n.kind, n.channel, n.title, n.body,
                             now, "pending", 0, now, None, None, None,
-                        )  # fmt: skip
-                    )
+                        )
+                    )  # fmt: skip
         self._persisted = persisted
         return added
 
@@ -334,12 +335,17 @@ class Store:
         return incident
 
     def incident(self, incident_id: int) -> Incident | None:
-        row = self.db.execute(f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+        row = self.db.execute(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?", (incident_id,)
+        ).fetchone()
         return None if row is None else self._incident(row)
 
-    def incidents(self, *, open_only: bool = False, since: float | None = None, limit: int = 1000) -> list[Incident]:
+    def incidents(
+        self, *, open_only: bool = False, since: float | None = None, limit: int = 1000
+    ) -> list[Incident]:
         """Newest first. ``since``: also resolved ones resolved at or after it (for flap damping)."""
-        where, args = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        args: list[float] = []
         if open_only and since is not None:
             where.append("(state != 'resolved' OR resolved_at >= ?)")
             args.append(since)
@@ -417,10 +423,8 @@ class _Transaction:
                 return
             except sqlite3.Error as error:
                 exc = error
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self.db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
         if isinstance(exc, sqlite3.Error):
             raise StoreError(str(exc)) from exc
 

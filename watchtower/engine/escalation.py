@@ -76,7 +76,7 @@ def channels_for(policy: Notify, selectors: Iterable[str]) -> tuple[str, ...]:
 
 
 def _span(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     if h:
@@ -135,7 +135,8 @@ def due(
     if incident.is_open and policy.update_every and incident.scope is not Scope.MONITOR:
         k = int((now - incident.opened_at) // policy.update_every)
         if k >= 1 and f"update:{k}" not in fired:
-            out.append(DueStep(f"update:{k}", "update", everyone, f"status after {_span(now - incident.opened_at)}"))
+            label = f"status after {_span(now - incident.opened_at)}"
+            out.append(DueStep(f"update:{k}", "update", everyone, label))
 
     acks = sum(1 for e in incident.timeline if e.kind == "ack")
     if acks and f"ack:{acks}" not in fired and incident.acknowledged_by is not None:
@@ -154,4 +155,3 @@ def due(
     ):
         out.append(DueStep(f"resolve:{flaps}", "resolve", everyone, "all clear"))
     return out
-

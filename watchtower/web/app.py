@@ -16,10 +16,13 @@ from aiohttp import web
 from watchtower import __version__
 from watchtower.engine.incidents import Incident
 from watchtower.engine.monitor import Monitor, Snapshot
+from watchtower.store import AsyncStore
 from watchtower.web import metrics
 
 MONITOR: web.AppKey[Monitor] = web.AppKey("monitor", Monitor)
 TOKEN: web.AppKey[str | None] = web.AppKey("token")
+# The incident store (history, notifications); None when the daemon runs without one (unit tests).
+STORE: web.AppKey[AsyncStore | None] = web.AppKey("store")
 
 # /healthz turns 503 when the scheduler loop has not ticked for this long (it ticks >= 1/s).
 STALL_AFTER = 5.0
@@ -249,9 +252,10 @@ async def handle_state(request: web.Request) -> web.Response:
     return web.json_response(state_document(monitor.snapshot(), monitor))
 
 
-def make_app(monitor: Monitor) -> web.Application:
+def make_app(monitor: Monitor, store: AsyncStore | None = None) -> web.Application:
     app = web.Application(middlewares=[auth_middleware], client_max_size=64 * 1024)
     app[MONITOR] = monitor
+    app[STORE] = store
     token = monitor.config.secret("api_token")
     app[TOKEN] = token.get_secret_value() if token else None
     app.router.add_get("/metrics", handle_metrics)

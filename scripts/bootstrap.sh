@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 # nut-server (dummy-ups + upsd)
 APT_PACKAGES=(iproute2 nftables iptables fping prometheus openssl procps
               snmpd snmp openipmi ipmitool nut-server nut-client)
+# test-only: a headless browser for the status page test (tests/integration/test_browser.py),
+# with a font so its screenshots are readable
+TEST_APT_PACKAGES=(chromium fonts-liberation)
+if [[ "${1:-}" == "--tests" ]]; then
+  APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}")
+fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

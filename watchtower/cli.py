@@ -14,10 +14,13 @@ import os
 import sys
 import time
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from watchtower import __version__
 from watchtower.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from watchtower.store import Store
 
 EXIT_OK, EXIT_DOWN, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_CONFIG = "/etc/watchtower/watchtower.yaml"
@@ -172,6 +175,8 @@ async def _api(cfg: Config, method: str, path: str, body: Any = None) -> Any:
     ):
         if response.status >= 400:
             raise ApiError(response.status, await response.text())
+        if response.content_type != "application/json":
+            return await response.text()  # e.g. the Markdown report
         return await response.json()
 
 
@@ -192,19 +197,126 @@ def _call_daemon(cfg: Config, method: str, path: str, body: Any = None, *, api_e
     raise SystemExit(EXIT_UNREACHABLE)
 
 
+class DaemonUnreachable(Exception):
+    """Nothing answers on ``listen``: the daemon is not running (or not reachable from here)."""
+
+
+def _ask_daemon(cfg: Config, path: str) -> Any:
+    """GET from the running daemon: raises DaemonUnreachable when it does not answer, ApiError
+    when it answers with an error status."""
+    try:
+        return asyncio.run(_api(cfg, "GET", path))
+    except ApiError:
+        raise
+    except Exception as exc:  # any failure to talk to the daemon means: not reachable
+        raise DaemonUnreachable(f"{exc.__class__.__name__}: {exc}") from exc
+
+
+def _stored(cfg: Config, why: DaemonUnreachable) -> Store | None:
+    """The daemon's store, opened to read while the daemon is down (None: there is none yet).
+    Says on stderr that the answer comes from the store."""
+    from watchtower.store import DB_NAME, Store, StoreError
+
+    path = cfg.state_dir / DB_NAME
+    where = f"watchtower daemon not reachable at {cfg.listen} ({why})"
+    print(f"{where}; reading the store {path}", file=sys.stderr)
+    if not path.exists():  # do not create a store (or a state_dir) just to read it
+        print(f"no store at {path}: the daemon has not recorded anything there", file=sys.stderr)
+        return None
+    try:
+        return Store(path)
+    except StoreError as exc:
+        print(f"cannot read the store: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_UNREACHABLE) from None
+
+
+def _age(doc: dict[str, Any], now: float) -> str:
+    """How long an incident (JSON) lasted: first failed probe (else confirmation) to resolution (else now)."""
+    from datetime import datetime
+
+    from watchtower.report import span
+
+    start = datetime.fromisoformat(doc.get("first_failure_at") or doc["opened_at"]).timestamp()
+    end = datetime.fromisoformat(doc["resolved_at"]).timestamp() if doc.get("resolved_at") else now
+    return span(end - start) + ("" if doc.get("resolved_at") else "+")
+
+
 def cmd_incidents(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    incidents = _call_daemon(cfg, "GET", "/api/v1/incidents" + ("?all=1" if args.all else ""))
+    try:
+        incidents = _ask_daemon(cfg, "/api/v1/incidents" + ("?all=1" if args.all else ""))
+    except ApiError as exc:
+        print(f"watchtower daemon at {cfg.listen} refused: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except DaemonUnreachable as exc:
+        store = _stored(cfg, exc)
+        incidents = []
+        if store is not None:
+            from watchtower.web.app import incident_document
+
+            try:
+                incidents = [
+                    incident_document(i, store.notifications(i.id))
+                    for i in store.incidents(open_only=not args.all)
+                ]
+            finally:
+                store.close()
     if args.json:
         print(json.dumps(incidents, indent=2))
         return EXIT_OK
     if not incidents:
         print("no open incidents" if not args.all else "no incidents")
-    for i in incidents:
-        ack = f"  ack {i['acknowledged_by']}" if i["acknowledged_by"] else ""
-        print(f"#{i['id']:<4} {i['state']:<12} {i['opened_at']}  {i['headline']}{ack}")
-        if i["affected"]:
-            print(f"      affected: {', '.join(i['affected'])}")
+        return EXIT_OK
+    now = time.time()
+    header = ("ID", "STATE", "SCOPE", "ROOT", "CAUSE", "OPENED (UTC)", "DURATION", "AFFECTED", "ACKED BY")
+    rows = [
+        (
+            f"#{i['id']}", i["state"], i["scope"], i["root"], i["cause"] or "-",
+            i["opened_at"][:19].replace("T", " "), _age(i, now), str(len(i["affected"])),
+            " ".join(str(i["acknowledged_by"] or "-").split()),
+        )
+        for i in incidents
+    ]  # fmt: skip
+    widths = [max(len(r[c]) for r in (header, *rows)) for c in range(len(header))]
+    for r in (header, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The post-mortem as Markdown: from the daemon, else straight from its store."""
+    cfg = _load(args.config)
+    try:
+        text = _ask_daemon(cfg, f"/api/v1/incidents/{args.id}/report")
+    except ApiError as exc:
+        if exc.status == 404:
+            print(f"no incident #{args.id}", file=sys.stderr)
+            return EXIT_DOWN
+        print(f"watchtower daemon at {cfg.listen} refused: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except DaemonUnreachable as exc:
+        from watchtower.engine.escalation import outage_start
+        from watchtower.report import render_report
+
+        store = _stored(cfg, exc)
+        incident = store.incident(args.id) if store is not None else None
+        if store is None or incident is None:
+            if store is not None:
+                store.close()
+            print(f"no incident #{args.id}", file=sys.stderr)
+            return EXIT_DOWN
+        try:
+            text = render_report(
+                incident,
+                store.notifications(incident.id),
+                store.attempts(incident.id),
+                store.blind_windows(outage_start(incident), incident.resolved_at),
+                cfg,
+                time.time(),
+            )
+        finally:
+            store.close()
+    sys.stdout.write(str(text) if str(text).endswith("\n") else f"{text}\n")
     return EXIT_OK
 
 
@@ -259,6 +371,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_notify_test(args: argparse.Namespace) -> int:
+    """A marked test message through every channel (or the one named), all at once; one line each."""
+    cfg = _load(args.config)
+    channels = list(cfg.notify.channels)
+    if args.channel is not None:
+        channels = [c for c in channels if c.name == args.channel]
+        if not channels:
+            known = ", ".join(c.name for c in cfg.notify.channels) or "none"
+            print(f"no channel named {args.channel!r} (known: {known})", file=sys.stderr)
+            return EXIT_INVALID
+    if not channels:
+        print("no channels configured (notify.channels)", file=sys.stderr)
+        return EXIT_INVALID
+    results, hung = asyncio.run(_notify_test(cfg, channels))
+    width = max(len(c.name) for c in channels)
+    for channel, r in zip(channels, results, strict=True):
+        state = "ok    " if r.ok else "FAILED"
+        print(f"{channel.name:<{width}}  {state}  {r.elapsed:.2f}s" + (f"  {r.error}" if r.error else ""))
+    code = EXIT_OK if all(r.ok for r in results) else EXIT_DOWN
+    if hung:  # a send still blocked in its thread would hold up interpreter exit until it ends
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+async def _notify_test(cfg: Config, channels: list[Any]) -> tuple[list[Any], bool]:
+    from watchtower.notify.messages import is_sms_channel, test_message
+    from watchtower.notify.sender import make_senders
+
+    senders = make_senders(channels)
+    now = time.time()
+
+    async def one(channel: Any) -> Any:
+        message = test_message(cfg, channel.name, now)
+        if is_sms_channel(channel):
+            return await senders[channel.name].send("", message.sms)
+        return await senders[channel.name].send(message.title, message.body)
+
+    try:
+        results = await asyncio.gather(*(one(c) for c in channels))
+    finally:
+        for sender in senders.values():
+            sender.close()
+    return list(results), any(s.hung_threads for s in senders.values())
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -291,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ack", cmd_ack, "acknowledge an incident (stops further escalation)")
     p.add_argument("id", type=int)
     p.add_argument("--by", required=True, help="who takes it")
+    p = command("report", cmd_report, "print the post-mortem of an incident as Markdown")
+    p.add_argument("id", type=int)
+    p = command("notify-test", cmd_notify_test, "send a marked test message through every channel (or one)")
+    p.add_argument("--channel", metavar="NAME", help="only this channel")
     command("schema", cmd_schema, "print the config's JSON Schema", config=False)
     lab_help = "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST"
     p = command("lab", cmd_lab, lab_help,

@@ -18,6 +18,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from watchtower import __version__
 from watchtower.config import Config, ConfigError, load_config
 from watchtower.engine.monitor import Monitor, open_shared
+from watchtower.notify.outbox import Alerting
+from watchtower.store import AsyncStore, Store, StoreError
 from watchtower.web.app import STALL_AFTER, make_app
 
 log = logging.getLogger("watchtower.daemon")
@@ -48,16 +50,19 @@ class Heartbeat:
     """Dead man's switch: ping the outside URL while healthy, ``/fail`` with the reason otherwise,
     so the service behind it pages someone when watchtower itself goes silent or blind."""
 
-    def __init__(self, config: Config, monitor: Monitor):
+    def __init__(self, config: Config, monitor: Monitor, alerting: Alerting | None = None):
         assert config.heartbeat is not None
         self.config = config.heartbeat
         self.monitor = monitor
+        self.alerting = alerting
 
     def problem(self) -> str | None:
         if time.monotonic() - self.monitor.scheduler.last_tick > STALL_AFTER:
             return "scheduler stalled"
         if not self.monitor.vantage_up:
             return "vantage down: the monitor cannot reach the outside"
+        if self.alerting is not None:
+            return self.alerting.problem()  # a channel failing for long, or the store unwritable
         return None
 
     async def beat(self) -> None:
@@ -83,7 +88,23 @@ class Heartbeat:
             log.warning("heartbeat failed error=%s", exc.__class__.__name__)
 
 
-async def reload_config(path: str, monitor: Monitor, stack: AsyncExitStack) -> bool:
+async def open_store(config: Config) -> tuple[AsyncStore, str | None]:
+    """The state store in ``state_dir``; when that cannot be opened (missing, read-only, full),
+    an in-memory one, so probing and alerting go on (and /healthz, metrics and the heartbeat say so)."""
+    try:
+        return await AsyncStore.open(config.state_dir), None
+    except StoreError as exc:
+        log.error("state store unusable, keeping incidents in memory only: %s", exc)
+        from concurrent.futures import ThreadPoolExecutor
+
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        store = await asyncio.get_running_loop().run_in_executor(executor, Store, ":memory:")
+        return AsyncStore(store, executor), str(exc)
+
+
+async def reload_config(
+    path: str, monitor: Monitor, stack: AsyncExitStack, alerting: Alerting | None = None
+) -> bool:
     """SIGHUP: re-read the config. A bad new config is logged, problem by problem, and the running
     one stays in force; a good one is applied without losing the state of unchanged paths."""
     old = monitor.config
@@ -104,6 +125,8 @@ async def reload_config(path: str, monitor: Monitor, stack: AsyncExitStack) -> b
         return False
     gc.unfreeze()
     counts = monitor.reload(new)
+    if alerting is not None:
+        alerting.reload(new)
     gc.collect()
     gc.freeze()
     log.info("config reloaded %s", " ".join(f"{k}={v}" for k, v in counts.items()))
@@ -120,6 +143,15 @@ async def run_daemon(
     async with AsyncExitStack() as stack:
         shared = await open_shared(stack, config)
         monitor = Monitor(config, shared=shared)
+        store, store_error = await open_store(config)
+        stack.push_async_callback(store.close)
+        alerting = Alerting(config, store, monitor.tracker)
+        if store_error is not None:
+            alerting.store_ok, alerting.store_error = False, store_error
+        stack.callback(alerting.close)
+        await alerting.restore()  # open incidents keep their ids and are not paged again
+        alerting.changed = monitor.incidents_changed
+        monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         # The config and the path table live for the whole run: move them out of the garbage
         # collector's view, so a full collection does not stall probing (seen: 100 ms at 10k paths).
         gc.collect()
@@ -131,7 +163,7 @@ async def run_daemon(
             # Bind errors (port 162 without CAP_NET_BIND_SERVICE, port in use) surface here, at start.
             await stack.enter_async_context(TrapReceiver.from_config(config.traps, monitor.on_trap))
 
-        runner = web.AppRunner(make_app(monitor), access_log=None, shutdown_timeout=1.0)
+        runner = web.AppRunner(make_app(monitor, store, alerting), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         host, port = config.listen_host_port
@@ -139,8 +171,9 @@ async def run_daemon(
 
         housekeeping = AsyncIOScheduler(event_loop=loop, job_defaults={"coalesce": True, "max_instances": 1})
         if config.heartbeat is not None:
-            heartbeat = Heartbeat(config, monitor)
+            heartbeat = Heartbeat(config, monitor, alerting)
             housekeeping.add_job(heartbeat.beat, "interval", seconds=config.heartbeat.every, id="heartbeat")
+        housekeeping.add_job(alerting.purge, "interval", hours=6, id="retention")
         housekeeping.start()
         stack.callback(housekeeping.shutdown, wait=False)
 
@@ -154,6 +187,7 @@ async def run_daemon(
         )  # fmt: skip
         async with asyncio.TaskGroup() as tg:
             scheduler_task = tg.create_task(monitor.run(), name="scheduler")
+            alerting_task = tg.create_task(alerting.run(), name="alerting")
             reloading = asyncio.Lock()
 
             async def on_hup() -> None:
@@ -161,7 +195,7 @@ async def run_daemon(
                     log.warning("SIGHUP: no config file to reload from")
                     return
                 async with reloading:
-                    await reload_config(config_path, monitor, stack)
+                    await reload_config(config_path, monitor, stack, alerting)
 
             loop.add_signal_handler(signal.SIGHUP, lambda: tg.create_task(on_hup(), name="reload"))
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
@@ -170,4 +204,5 @@ async def run_daemon(
             await stop.wait()
             log.info("stopping")
             scheduler_task.cancel()
+            alerting_task.cancel()
     log.info("stopped")

@@ -302,8 +302,10 @@ async def test_status_command(daemon: dict[str, Any], tmp_path: Path) -> None:
 
     await wait_for(incident_open, 10, "the incident for 'gone'")
     code, out, _ = await cli("incidents")
-    assert code == 0 and "service gone down" in out
-    incident_id = out.split()[0].lstrip("#")
+    header, row = out.splitlines()  # a table: ID STATE SCOPE ROOT CAUSE OPENED (UTC) DURATION ...
+    assert code == 0 and header.split()[:4] == ["ID", "STATE", "SCOPE", "ROOT"]
+    assert row.split()[1:4] == ["open", "service", "gone"]
+    incident_id = row.split()[0].lstrip("#")
     code, out, _ = await cli("ack", incident_id, "--by", "bob")
     assert code == 0 and "acknowledged by bob" in out
     code, _, err = await cli("ack", "999", "--by", "bob")

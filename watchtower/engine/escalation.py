@@ -79,6 +79,8 @@ def _span(seconds: float) -> str:
     seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
+    if seconds >= 600:
+        s = 0  # "59m left", not "59m47s left": nobody plans in seconds at that range
     if h:
         return f"{h}h{m:02d}m" if m else f"{h}h"
     return f"{m}m{s:02d}s" if m and s else (f"{m}m" if m else f"{s}s")

@@ -102,6 +102,12 @@ class IncidentTracker:
         self.incidents: dict[int, Incident] = {}
         self._next_id = next_id
 
+    def load(self, incidents: list[Incident], next_id: int) -> None:
+        """Start from the store's open (and recently resolved) incidents: same ids after a restart."""
+        for incident in incidents:
+            self.incidents[incident.id] = incident
+        self._next_id = max(self._next_id, next_id)
+
     # ------------------------------------------------------------------ reading
     def open_incidents(self) -> list[Incident]:
         return [i for i in self.incidents.values() if i.is_open]

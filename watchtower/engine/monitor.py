@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+from watchtower import clock
 from watchtower.config import PASSIVE_KINDS, VANTAGE, Config, ResolvedPath, TrapPath
 from watchtower.engine.correlate import (
     BmcFacts,
@@ -110,6 +111,8 @@ class Snapshot:
     reload_at: float = 0.0
     incidents_open: tuple[tuple[str, int], ...] = ()  # scope, count
     bmc: tuple[tuple[str, BmcState], ...] = ()  # target, a copy of its BMC state
+    channels: tuple[Any, ...] = ()  # notify.outbox.ChannelStats copies (the engine does not import notify)
+    store_ok: bool = True
 
 
 _TIMINGS = {"interval", "retry_interval", "timeout", "fail_after", "recover_after"}
@@ -128,12 +131,16 @@ class Monitor:
         self.scheduler = Scheduler(config.max_concurrent_probes)
         self.shared = shared or ProbeContext(timeout=0)
         self.statuses: dict[tuple[str, str], PathStatus] = {}
-        self.started_at = time.time()
+        self.started_at = clock.now()
         self.reloaded_ok, self.reloaded_at = True, self.started_at
         self.tracker = IncidentTracker()
         self.bmc: dict[str, BmcState] = {}
         self.topology = Topology.from_config(config)
         self._dirty = asyncio.Event()
+        # Set when incidents changed (opened, grew, acknowledged, resolved): the alerting looks then.
+        self.incidents_changed = asyncio.Event()
+        # Filled in by the daemon when alerting runs: channel statistics and store health for metrics.
+        self.alerting_stats: Callable[[], tuple[tuple[Any, ...], bool]] | None = None
         self._apply(config)
         self.correlation = self._correlate(self.started_at)
 
@@ -187,11 +194,11 @@ class Monitor:
     def reload(self, config: Config) -> dict[str, int]:
         """Apply a new config (already validated) to the running monitor."""
         counts = self._apply(config)
-        self.reloaded_ok, self.reloaded_at = True, time.time()
+        self.reloaded_ok, self.reloaded_at = True, clock.now()
         return counts
 
     def reload_failed(self) -> None:
-        self.reloaded_ok, self.reloaded_at = False, time.time()
+        self.reloaded_ok, self.reloaded_at = False, clock.now()
 
     @staticmethod
     def _cadence(status: PathStatus) -> Callable[[], float]:
@@ -203,7 +210,7 @@ class Monitor:
     def _runner(self, status: PathStatus) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
             result = await run_probe(status.path, self.shared, status.memory)
-            self.record(status, result, time.time())
+            self.record(status, result, clock.now())
 
         return run
 
@@ -238,7 +245,7 @@ class Monitor:
         interface sets the trap path's state at once (a trap is the device's own word, no streak
         needed); configured trap OIDs go to the log and the open incident's timeline, and may hold
         the path down until a clearing trap or their hold time."""
-        now = time.time()
+        now = clock.now()
         matched = False
         for status in list(self.statuses.values()):
             spec = status.path.spec
@@ -294,7 +301,7 @@ class Monitor:
         if previous is not None:
             previous.cancel()
         status.memory["hold"] = asyncio.get_running_loop().call_later(
-            hold, lambda: self._set_passive(status, True, f"{label}: no news for {hold:g}s", time.time())
+            hold, lambda: self._set_passive(status, True, f"{label}: no news for {hold:g}s", clock.now())
         )
 
     def _trap_timeline(self, target: str, text: str, now: float) -> None:
@@ -352,6 +359,8 @@ class Monitor:
             # failure of the monitor's own uplink is exactly the false alarm to avoid.
             return []
         changes = self.tracker.step(corr, now)
+        if changes:
+            self.incidents_changed.set()
         for change in changes:
             incident = self.tracker.incidents[change.incident]
             log.info(
@@ -366,13 +375,15 @@ class Monitor:
             # Coalesce a burst of path changes (a switch dying flips hundreds at once) into one pass.
             await asyncio.sleep(0.05)
             self._dirty.clear()
-            self.evaluate(time.time())
+            self.evaluate(clock.now())
             if self._vantage_suspect():
                 self._dirty.set()  # look again once the vantage has settled
                 await asyncio.sleep(0.25)
 
     def acknowledge(self, incident_id: int, by: str) -> Incident:
-        incident, changes = self.tracker.acknowledge(incident_id, by, time.time())
+        incident, changes = self.tracker.acknowledge(incident_id, by, clock.now())
+        if changes:
+            self.incidents_changed.set()
         for change in changes:
             log.info("incident id=%d change=%s: %s", incident.id, change.kind, change.text)
         return incident
@@ -412,8 +423,11 @@ class Monitor:
             for s in self.statuses.values()
         )
         lag = self.scheduler.lag
+        channels, store_ok = self.alerting_stats() if self.alerting_stats else ((), True)
         return Snapshot(
-            taken_at=time.time(),
+            channels=channels,
+            store_ok=store_ok,
+            taken_at=clock.now(),
             site=self.config.site,
             paths=rows,
             targets=tuple((n, t.role, states[n]) for n, t in self.config.targets.items()),

@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-import jinja2
 from aiohttp import web
 
-from watchtower import __version__
+from watchtower import __version__, clock
+from watchtower.engine.correlate import Scope
+from watchtower.engine.escalation import outage_start
 from watchtower.engine.incidents import Incident
 from watchtower.engine.monitor import Monitor, Snapshot
-from watchtower.store import AsyncStore
+from watchtower.notify.outbox import Alerting
+from watchtower.report import render_report
+from watchtower.store import AsyncStore, Attempt, Notification, StoreError
 from watchtower.web import metrics
+from watchtower.web.page import page_incident, render_login_page, render_status_page
+
+__all__ = ["make_app", "render_status_page"]
 
 MONITOR: web.AppKey[Monitor] = web.AppKey("monitor", Monitor)
 TOKEN: web.AppKey[str | None] = web.AppKey("token")
 # The incident store (history, notifications); None when the daemon runs without one (unit tests).
 STORE: web.AppKey[AsyncStore | None] = web.AppKey("store")
+ALERTING: web.AppKey[Alerting | None] = web.AppKey("alerting")
 
 # /healthz turns 503 when the scheduler loop has not ticked for this long (it ticks >= 1/s).
 STALL_AFTER = 5.0
@@ -80,18 +88,70 @@ def state_document(snap: Snapshot, monitor: Monitor) -> dict[str, Any]:
     }
 
 
+# The login cookie: an HMAC of a fixed string keyed with the token, so a stolen cookie is not
+# the API token (it opens the page and the API of this daemon, until the token changes).
+SESSION_COOKIE = "watchtower_session"
+SESSION_MAX_AGE = 30 * 86400
+_SESSION_PURPOSE = b"watchtower status page session v1"
+OPEN_PATHS = frozenset({"/metrics", "/healthz", "/login", "/logout"})
+FORM_MAX = 4096  # bytes of a login or acknowledge form at most
+LOGIN_FAIL_DELAY = 0.5  # seconds a wrong token waits: slows guessing, costs a person nothing
+
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+    "form-action 'self'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on form
+    # posts, and the origin check below could not tell our own forms from a forged one.
+    "Referrer-Policy": "same-origin",
+}
+
+
+def session_value(token: str) -> str:
+    return hmac.new(token.encode(), _SESSION_PURPOSE, hashlib.sha256).hexdigest()
+
+
+def _bearer_ok(request: web.Request, token: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def _cookie_ok(request: web.Request, token: str) -> bool:
+    given = request.cookies.get(SESSION_COOKIE, "")
+    return hmac.compare_digest(given.encode(), session_value(token).encode())
+
+
+def _wants_html(request: web.Request) -> bool:
+    return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("Accept", "")
+
+
+def _same_origin(request: web.Request) -> bool:
+    """A state-changing request from a browser must come from our own pages: its Origin (else its
+    Referer), when it sends one, names this host. Clients that send neither (curl, the CLI) pass."""
+    for header in ("Origin", "Referer"):
+        value = request.headers.get(header)
+        if value is None:
+            continue
+        return value != "null" and urlsplit(value).netloc.lower() == request.host.lower()
+    return True
+
+
 @web.middleware
 async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD", "OPTIONS") and not _same_origin(request):
+        return web.Response(status=403, text="cross-site request refused\n")
     token = request.app[TOKEN]
-    if token and request.path not in ("/metrics", "/healthz"):
-        header = request.headers.get("Authorization", "")
-        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return web.json_response(
-                {"error": "authentication required"}, status=401, headers={"WWW-Authenticate": "Bearer"}
-            )
+    authenticated = not token or _bearer_ok(request, token) or _cookie_ok(request, token)
+    if not authenticated and request.path not in OPEN_PATHS:
+        if _wants_html(request) and not request.path.startswith("/api/"):
+            raise web.HTTPSeeOther("/login")
+        return web.json_response(
+            {"error": "authentication required"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+        )
     return await handler(request)
 
 
@@ -109,87 +169,111 @@ async def handle_healthz(request: web.Request) -> web.Response:
     stalled = time.monotonic() - request.app[MONITOR].scheduler.last_tick
     if stalled > STALL_AFTER:
         return web.Response(status=503, text=f"scheduler stalled for {stalled:.1f}s\n")
+    alerting = request.app[ALERTING]
+    if alerting is not None and not alerting.store_ok:
+        return web.Response(status=503, text=f"state store not writable: {alerting.store_error}\n")
     return web.Response(text="ok\n")
 
 
-ROLE_ORDER = ("network", "hypervisor", "storage", "vm", "service")
-_SEVERITY = {"down": 0, "unreachable": 1, "degraded": 2, "unknown": 3, "up": 4}
+async def _read_form(request: web.Request) -> dict[str, str] | None:
+    """A small urlencoded form (login, acknowledge); None when it is too big or not a form."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        return None
+    if request.content_length is not None and request.content_length > FORM_MAX:
+        return None
+    body = bytearray()
+    while chunk := await request.content.read(FORM_MAX + 1 - len(body)):
+        body += chunk
+        if len(body) > FORM_MAX:
+            return None
+    try:
+        fields = parse_qs(body.decode(), max_num_fields=10)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return {key: values[0] for key, values in fields.items()}
 
 
-@functools.cache
-def _templates() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("watchtower.web", "templates"),
-        autoescape=True,  # target and path names come from the config: render them as text
-        undefined=jinja2.StrictUndefined,
-    )
-
-
-SCOPE_ORDER = ("monitor", "network", "hypervisor", "storage", "vm", "service")
-
-
-def render_status_page(doc: dict[str, Any], incidents: list[dict[str, Any]] | None = None) -> str:
-    """The server-rendered status page: works without JavaScript, refreshes itself."""
-    targets = [{"name": name, **t} for name, t in doc["targets"].items()]
-    bad = sorted((t for t in targets if t["state"] in ("down", "unreachable", "degraded")),
-                 key=lambda t: _SEVERITY[t["state"]])  # fmt: skip
-    incidents = sorted(incidents or [], key=lambda i: (SCOPE_ORDER.index(i["scope"]), i["id"]))
-    if incidents and doc["vantage"] != "down":
-        first = incidents[0]
-        since = (first["opened_at"] or "")[11:16]
-        more = f" (+{len(incidents) - 1} more incidents)" if len(incidents) > 1 else ""
-        affected = f": {', '.join(first['affected'])}" if first["affected"] else ""
-        banner = f"#{first['id']} {first['headline']} since {since} UTC{affected}{more}"
-        color = "#b3261e"
-    elif doc["vantage"] == "down":
-        banner, color = (
-            "watchtower is cut off: its own uplink is down, target states are not trustworthy",
-            "#5f6368",
-        )
-    elif bad:
-        worst = bad[0]
-        others = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
-        banner, color = (
-            f"{worst['role']} {worst['name']} {worst['state']}{others}",
-            ("#b3261e" if worst["state"] != "degraded" else "#b06000"),
-        )
-    else:
-        banner, color = "all targets up", "#137333"
-    counts: dict[str, int] = {}
-    for t in targets:
-        counts[t["state"]] = counts.get(t["state"], 0) + 1
-    groups = [(role, [t for t in targets if t["role"] == role]) for role in ROLE_ORDER]
-    return (
-        _templates()
-        .get_template("status.html")
-        .render(
-            site=doc["site"],
-            banner=banner,
-            banner_short=banner.split(":")[0],
-            banner_color=color,
-            vantage=doc["vantage"],
-            counts=", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: _SEVERITY[kv[0]])),
-            groups=[(role, ts) for role, ts in groups if ts],
-            generated=doc["generated_at"],
-            incidents=incidents,
-        )
-    )
+def _page(html: str, status: int = 200) -> web.Response:
+    return web.Response(text=html, status=status, content_type="text/html", headers=PAGE_HEADERS)
 
 
 async def handle_page(request: web.Request) -> web.Response:
     monitor = request.app[MONITOR]
-    incidents = [incident_document(i) for i in monitor.tracker.open_incidents()]
-    html = render_status_page(state_document(monitor.snapshot(), monitor), incidents)
-    headers = {
-        "Cache-Control": "no-store",
-        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
+    config = monitor.config
+    incidents = [page_incident(incident_document(i), i, config) for i in monitor.tracker.open_incidents()]
+    html = render_status_page(
+        state_document(monitor.snapshot(), monitor),
+        incidents,
+        config=config,
+        logout=bool(request.app[TOKEN]) and SESSION_COOKIE in request.cookies,
+    )
+    return _page(html)
+
+
+async def handle_login_form(request: web.Request) -> web.Response:
+    token = request.app[TOKEN]
+    if not token or _cookie_ok(request, token):
+        raise web.HTTPSeeOther("/")
+    return _page(render_login_page(request.app[MONITOR].config.site))
+
+
+async def handle_login(request: web.Request) -> web.Response:
+    """POST /login: the token in a form -> the session cookie, then always to / (no open redirect)."""
+    token = request.app[TOKEN]
+    if not token:
+        raise web.HTTPSeeOther("/")
+    site = request.app[MONITOR].config.site
+    form = await _read_form(request)
+    if form is None:
+        return _page(render_login_page(site, "the login form was malformed or too large"), status=400)
+    if not hmac.compare_digest(form.get("token", "").strip().encode(), token.encode()):
+        await asyncio.sleep(LOGIN_FAIL_DELAY)
+        return _page(render_login_page(site, "wrong token"), status=401)
+    response = web.HTTPSeeOther("/")
+    response.set_cookie(
+        SESSION_COOKIE,
+        session_value(token),
+        max_age=SESSION_MAX_AGE,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+    )
+    raise response
+
+
+async def handle_logout(request: web.Request) -> web.Response:
+    response = web.HTTPSeeOther("/login" if request.app[TOKEN] else "/")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    raise response
+
+
+async def handle_page_ack(request: web.Request) -> web.Response:
+    """POST /incidents/{id}/ack from the page's form (field ``by``, or ``name``), then back to /."""
+    incident = _incident_or_404(request)
+    form = await _read_form(request) or {}
+    by = (form.get("by") or form.get("name") or "").strip()
+    if not by or len(by) > 100:
+        return web.Response(status=400, text="acknowledging needs a name of 1 to 100 characters\n")
+    request.app[MONITOR].acknowledge(incident.id, by)
+    raise web.HTTPSeeOther("/")
+
+
+def notification_document(n: Notification) -> dict[str, Any]:
+    """One message in an incident's JSON: the contract's at/channel/step/ok, plus its delivery state."""
+    return {
+        "at": iso(n.sent_at or n.last_attempt_at or n.created_at),
+        "channel": n.channel,
+        "step": n.step,
+        "ok": n.state == "sent",
+        "kind": n.kind,
+        "state": n.state,
+        "attempts": n.attempts,
+        "error": n.error,
     }
-    return web.Response(text=html, content_type="text/html", headers=headers)
 
 
-def incident_document(incident: Incident) -> dict[str, Any]:
+def incident_document(incident: Incident, notifications: Sequence[Notification] = ()) -> dict[str, Any]:
     """An incident in the contract's JSON shape (plus evidence, flaps and merged_into)."""
     return {
         "id": incident.id,
@@ -207,12 +291,13 @@ def incident_document(incident: Incident) -> dict[str, Any]:
         "evidence": list(incident.evidence),
         "flaps": incident.flaps,
         "merged_into": incident.merged_into,
-        "notifications": [],
+        "notifications": [notification_document(n) for n in notifications],
         "timeline": [{"at": iso(e.at), "event": e.text, "kind": e.kind} for e in incident.timeline],
     }
 
 
 def _incident_or_404(request: web.Request) -> Incident:
+    """An incident the daemon holds in memory (open or recently resolved)."""
     try:
         incident_id = int(request.match_info["id"])
     except ValueError:
@@ -223,15 +308,58 @@ def _incident_or_404(request: web.Request) -> Incident:
     return incident
 
 
+async def _documents(request: web.Request, incidents: Sequence[Incident]) -> list[dict[str, Any]]:
+    """Incidents with their notifications: from the alerting's memory, else from the store."""
+    alerting, store = request.app[ALERTING], request.app[STORE]
+    out = []
+    for incident in incidents:
+        notes = alerting.notifications_of(incident.id) if alerting is not None else None
+        if notes is None and store is not None:
+            try:
+                notes = await store.call(store.store.notifications, incident.id)
+            except StoreError:
+                notes = None
+        out.append(incident_document(incident, notes or ()))
+    return out
+
+
 async def handle_incidents(request: web.Request) -> web.Response:
     tracker = request.app[MONITOR].tracker
     show_all = request.query.get("all") in ("1", "true", "yes")
-    chosen = tracker.incidents.values() if show_all else tracker.open_incidents()
-    return web.json_response([incident_document(i) for i in sorted(chosen, key=lambda i: i.id, reverse=True)])
+    chosen = {i.id: i for i in (tracker.incidents.values() if show_all else tracker.open_incidents())}
+    store = request.app[STORE]
+    if show_all and store is not None:
+        try:
+            limit = max(1, min(int(request.query.get("limit", "200")), 5000))
+        except ValueError:
+            return web.json_response({"error": "limit must be a number"}, status=400)
+        try:
+            stored = await store.call(store.store.incidents, limit=limit)
+        except StoreError:
+            stored = []
+        for incident in stored:
+            chosen.setdefault(incident.id, incident)  # the live one wins
+    ordered = sorted(chosen.values(), key=lambda i: i.id, reverse=True)
+    return web.json_response(await _documents(request, ordered))
 
 
 async def handle_incident(request: web.Request) -> web.Response:
-    return web.json_response(incident_document(_incident_or_404(request)))
+    try:
+        incident: Incident | None = _incident_or_404(request)
+    except web.HTTPNotFound:
+        store = request.app[STORE]
+        incident = None
+        if store is not None and request.match_info["id"].isdigit():
+            incident_id = int(request.match_info["id"])
+            try:
+                incident = await store.call(store.store.incident, incident_id)
+            except StoreError:
+                incident = None
+        if incident is None:
+            raise
+    assert incident is not None
+    (doc,) = await _documents(request, [incident])
+    return web.json_response(doc)
 
 
 async def handle_ack(request: web.Request) -> web.Response:
@@ -244,7 +372,51 @@ async def handle_ack(request: web.Request) -> web.Response:
     if not isinstance(by, str) or not by.strip() or len(by) > 100:
         return web.json_response({"error": '"by" must be a name of 1 to 100 characters'}, status=400)
     incident = request.app[MONITOR].acknowledge(incident.id, by.strip())
-    return web.json_response(incident_document(incident))
+    (doc,) = await _documents(request, [incident])
+    return web.json_response(doc)
+
+
+async def handle_report(request: web.Request) -> web.Response:
+    """The post-mortem of one incident as Markdown. The live incident where the daemon still
+    holds it (the freshest timeline), else the store's; notifications, delivery attempts and blind
+    windows from the store (from memory when there is no store)."""
+    try:
+        incident_id = int(request.match_info["id"])
+    except ValueError:
+        raise web.HTTPNotFound(text="incident ids are numbers\n") from None
+    monitor, store, alerting = request.app[MONITOR], request.app[STORE], request.app[ALERTING]
+    live = monitor.tracker.get(incident_id)
+    incident, notes, attempts, windows = live, None, None, None
+    if store is not None:
+        db = store.store
+
+        def read() -> tuple[
+            Incident | None, list[Notification], list[Attempt], list[tuple[float, float | None]]
+        ]:
+            found = live or db.incident(incident_id)
+            if found is None:
+                return None, [], [], []
+            window = db.blind_windows(outage_start(found), found.resolved_at)
+            return found, db.notifications(incident_id), db.attempts(incident_id), window
+
+        try:
+            incident, notes, attempts, windows = await store.call(read)
+        except StoreError:
+            incident = live
+    if incident is None:
+        raise web.HTTPNotFound(text=f"no incident {incident_id}\n")
+    if notes is None:
+        notes = (alerting.notifications_of(incident_id) if alerting is not None else None) or []
+    if windows is None:
+        windows = [(i.opened_at, i.resolved_at) for i in monitor.tracker.incidents.values()
+                   if i.scope is Scope.MONITOR]  # fmt: skip
+    text = render_report(incident, notes, attempts or [], windows, monitor.config, clock.now())
+    return web.Response(
+        text=text,
+        content_type="text/markdown",
+        charset="utf-8",
+        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 async def handle_state(request: web.Request) -> web.Response:
@@ -252,19 +424,27 @@ async def handle_state(request: web.Request) -> web.Response:
     return web.json_response(state_document(monitor.snapshot(), monitor))
 
 
-def make_app(monitor: Monitor, store: AsyncStore | None = None) -> web.Application:
+def make_app(
+    monitor: Monitor, store: AsyncStore | None = None, alerting: Alerting | None = None
+) -> web.Application:
     app = web.Application(middlewares=[auth_middleware], client_max_size=64 * 1024)
     app[MONITOR] = monitor
     app[STORE] = store
+    app[ALERTING] = alerting
     token = monitor.config.secret("api_token")
     app[TOKEN] = token.get_secret_value() if token else None
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/api/v1/state", handle_state)
     app.router.add_get("/", handle_page)
+    app.router.add_get("/login", handle_login_form)
+    app.router.add_post("/login", handle_login)
+    app.router.add_post("/logout", handle_logout)
+    app.router.add_post("/incidents/{id}/ack", handle_page_ack)
     app.router.add_get("/api/v1/incidents", handle_incidents)
     app.router.add_get("/api/v1/incidents/{id}", handle_incident)
     app.router.add_post("/api/v1/incidents/{id}/ack", handle_ack)
+    app.router.add_get("/api/v1/incidents/{id}/report", handle_report)
 
     async def server_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Server"] = f"watchtower/{__version__}"

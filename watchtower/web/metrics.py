@@ -104,6 +104,28 @@ class SnapshotCollector:
         for scope, count in snap.incidents_open:
             incidents.add_metric([scope], float(count))
         yield incidents
+        notifications = CounterMetricFamily(
+            "watchtower_notifications",
+            "delivery attempts by channel and result",
+            labels=["channel", "result"],
+        )
+        pending = GaugeMetricFamily(
+            "watchtower_notifications_pending", "messages waiting for delivery", labels=["channel"]
+        )
+        channel_up = GaugeMetricFamily(
+            "watchtower_channel_up", "1 unless the channel's last delivery attempt failed", labels=["channel"]
+        )
+        for ch in snap.channels:
+            notifications.add_metric([ch.name, "sent"], ch.sent)
+            notifications.add_metric([ch.name, "failed"], ch.failed)
+            pending.add_metric([ch.name], ch.pending)
+            channel_up.add_metric([ch.name], 0 if ch.failing_since is not None else 1)
+        yield notifications
+        yield pending
+        yield channel_up
+        yield GaugeMetricFamily(
+            "watchtower_store_writable", "1 while the state store accepts writes", value=int(snap.store_ok)
+        )
         lag = HistogramMetricFamily(
             "watchtower_scheduler_lag_seconds", "delay between a probe's due time and its start"
         )

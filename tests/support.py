@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import ipaddress
-import socket
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
+from watchtower.lab.sinks import free_port, wait_for
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port on 127.0.0.1 that nothing listens on right now (TCP by default)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_for(
-    predicate: Callable[[], Awaitable[Any]], timeout: float, what: str, every: float = 0.05
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy, which is returned; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+__all__ = ["free_port", "make_cert", "wait_for"]
 
 
 def make_cert(tmp: Path, name: str, days: int = 30) -> tuple[Path, Path]:

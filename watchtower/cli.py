@@ -364,11 +364,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    receivers = _demo_receivers()
     try:
         asyncio.run(run_daemon(cfg, config_path=args.config))
     finally:
+        for receiver in receivers:
+            receiver.stop()
         lab.down()
     return EXIT_OK
+
+
+def _demo_receivers() -> list[Any]:
+    """Stand-ins for the demo's alert channels (see config/demo.yaml): what arrives is printed."""
+    from watchtower.lab.sinks import HttpRequest, HttpSink, SmtpMessage, SmtpSink
+
+    def show_mail(m: SmtpMessage) -> None:
+        print(f"\n--- mail to {m.to}: {m.subject}\n{m.text}\n", file=sys.stderr, flush=True)
+
+    def show_request(r: HttpRequest) -> None:
+        doc = r.json if isinstance(r.json, dict) else {}
+        if r.path == "/v2/send":
+            print(
+                f"\n--- Signal to {doc.get('recipients')}:\n{doc.get('message')}\n",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif r.path == "/jsonrpc/sms":
+            params = doc.get("params") or {}
+            print(f"\n--- SMS to {params.get('to')}: {params.get('message')}\n", file=sys.stderr, flush=True)
+
+    receivers: list[Any] = []
+    for make in (
+        lambda: SmtpSink(2525, on_message=show_mail),
+        lambda: HttpSink(8089, on_request=show_request),
+    ):
+        receiver = make()
+        try:
+            receivers.append(receiver.start())
+        except (OSError, RuntimeError, ImportError) as exc:
+            print(f"demo: alert receiver on port {receiver.port} not started: {exc}", file=sys.stderr)
+    return receivers
 
 
 def cmd_notify_test(args: argparse.Namespace) -> int:

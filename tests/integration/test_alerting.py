@@ -136,7 +136,11 @@ async def test_page_once_per_channel_ack_stops_tier2_and_one_all_clear(
             {"name": "signal-oncall", "url": signal_url(signal_gw.port), "tags": ["tier1"]},
             {"name": "sms-oncall", "url": smseagle_url(sms_gw.port), "tags": ["tier1"]},
             {"name": "mail-oncall", "url": mailto_url(smtp.port), "tags": ["tier1"]},
-            {"name": "mail-provider", "url": mailto_url(smtp.port, to="provider@lab.test"), "tags": ["tier2"]},
+            {
+                "name": "mail-provider",
+                "url": mailto_url(smtp.port, to="provider@lab.test"),
+                "tags": ["tier2"],
+            },
         ],
     )
     d = await running(cfg)

@@ -332,6 +332,12 @@ class Store:
             )
         ]
         self._persisted[incident.id] = len(incident.timeline)
+        if incident.is_open:  # "root back, waiting for the rest" is read back from the timeline
+            for event in incident.timeline:
+                if event.kind == "root_back":
+                    incident.root_back_at = event.at
+                elif event.kind in ("root_failed", "reopened"):
+                    incident.root_back_at = None
         return incident
 
     def incident(self, incident_id: int) -> Incident | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from watchtower.engine.correlate import BmcFacts, PathView, TargetState, correlate
-from watchtower.engine.incidents import IncidentState, IncidentTracker
+from watchtower.engine.incidents import RECOVERY_GRACE, IncidentState, IncidentTracker
 from watchtower.engine.paths import PathState
 from watchtower.engine.topology import Node, Topology
 
@@ -79,17 +79,42 @@ def test_flap_reopens_the_same_incident() -> None:
     assert [c.kind for c in changes] == ["opened"] and len(t.incidents) == 2
 
 
-def test_recovered_root_leaves_children_as_their_own_incidents() -> None:
+def test_recovered_root_waits_for_its_children_then_leaves_stragglers_as_their_own_incidents() -> None:
     t = IncidentTracker()
     t.step(corr(down=["pve1", "dc1", "mail1"]), 0.0)
-    changes = t.step(corr(down=["dc1"]), 50.0)
-    kinds = {c.kind for c in changes}
-    assert kinds == {"opened", "resolved"}
+    changes = t.step(corr(down=["dc1"]), 50.0)  # pve1 back, mail1 back, dc1 still booting
+    assert [c.kind for c in changes] == ["recovering"]
+    assert "pve1 is back; waiting for dc1" in changes[0].text
+    (inc,) = t.open_incidents()
+    assert inc.root == "pve1" and inc.root_back_at == 50.0 and inc.back == ["mail1"]
+    assert t.step(corr(down=["dc1"]), 60.0) == []  # dc1's own verdict belongs to the recovering incident
+
+    changes = t.step(corr(down=["dc1"]), 50.0 + RECOVERY_GRACE)  # dc1 never came back
     resolved = next(c for c in changes if c.kind == "resolved")
     assert "still down, now incidents of their own: dc1" in resolved.text
-    (inc,) = t.open_incidents()
-    assert (inc.scope, inc.root) == ("vm", "dc1")
+    t.step(corr(down=["dc1"]), 50.0 + RECOVERY_GRACE + 1)
+    (own,) = t.open_incidents()
+    assert (own.scope, own.root) == ("vm", "dc1")
     assert "mail1 is back" in [e.text for e in t.incidents[1].timeline]
+
+
+def test_children_back_within_the_grace_resolve_the_one_incident() -> None:
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"]), 0.0)
+    t.step(corr(down=["dc1", "mail1"]), 50.0)
+    changes = t.step(corr(), 120.0)
+    assert [c.kind for c in changes] == ["resolved"] and len(t.incidents) == 1
+    assert "pve1 and what it took down are back after 2m00s" in changes[0].text
+    assert t.incidents[1].back == ["dc1", "mail1"]
+
+
+def test_root_failing_again_while_children_recover_keeps_the_incident() -> None:
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"]), 0.0)
+    t.step(corr(down=["dc1", "mail1"]), 50.0)
+    assert t.step(corr(down=["pve1", "dc1", "mail1"]), 70.0) == []
+    (inc,) = t.open_incidents()
+    assert inc.root_back_at is None and inc.timeline[-1].kind == "root_failed"
 
 
 def test_blind_window_is_one_monitor_incident_and_freezes_targets() -> None:

@@ -25,6 +25,9 @@ from datetime import UTC, datetime
 from watchtower.engine.correlate import Cause, Correlation, Scope, TargetState, Verdict
 
 FLAP_WINDOW = 600.0  # seconds after resolution during which a recurrence reopens the incident
+# After the root is back, what it took down gets this long to come back (VMs boot, services start)
+# within the same incident: a VM still booting is part of the restore, not a new outage to page for.
+RECOVERY_GRACE = 900.0
 
 
 class IncidentState(enum.StrEnum):
@@ -59,6 +62,7 @@ class Incident:
     flaps: int = 0
     merged_into: int | None = None
     back: list[str] = field(default_factory=list)  # affected targets seen up again
+    root_back_at: float | None = None  # the root is up again, affected targets still coming back
     timeline: list[TimelineEvent] = field(default_factory=list)
 
     @property
@@ -150,19 +154,53 @@ class IncidentTracker:
             changes.append(Change(blind.id, "resolved", text))
 
         claimed: set[int] = set()
+        roots = {v.root for v in corr.verdicts}
+        # Targets still coming back after their root returned: their own verdicts belong to it.
+        recovering = {
+            target: incident
+            for incident in self.open_incidents()
+            if incident.scope is not Scope.MONITOR and incident.root not in roots
+            and (incident.root_back_at is None or now - incident.root_back_at < RECOVERY_GRACE)
+            for target in incident.affected
+            if target not in incident.back
+        }  # fmt: skip
         for verdict in corr.verdicts:
-            if verdict.scope is not Scope.MONITOR:
-                incident = self._apply(verdict, now, changes)
-                claimed.add(incident.id)
-                self._note_back(incident, corr, now)
+            if verdict.scope is Scope.MONITOR:
+                continue
+            owner = recovering.get(verdict.root)
+            if owner is not None and corr.states.get(owner.root) in (TargetState.UP, TargetState.DEGRADED):
+                claimed.add(owner.id)
+                continue
+            incident = self._apply(verdict, now, changes)
+            claimed.add(incident.id)
+            self._note_back(incident, corr, now)
         for incident in self.open_incidents():
-            if incident.id in claimed or incident.scope is Scope.MONITOR:
+            if incident.scope is Scope.MONITOR:
                 continue
             root_state = corr.states.get(incident.root)
-            if root_state in (TargetState.UP, TargetState.DEGRADED, None):
+            if root_state not in (TargetState.UP, TargetState.DEGRADED, None):
+                continue  # down, unknown or unreachable: cannot tell yet, keep it open
+            if incident.id in claimed and incident.root in roots:
+                continue
+            self._note_back(incident, corr, now)
+            still = self._still_down(incident, corr)
+            if still and incident.root_back_at is None:
+                incident.root_back_at = now
+                text = f"{incident.root} is back; waiting for {', '.join(still)} to come back"
+                incident.note(now, "root_back", text)
+                changes.append(Change(incident.id, "recovering", text))
+            elif not still or now - (incident.root_back_at or now) >= RECOVERY_GRACE:
                 self._resolve(incident, corr, now, changes)
-            # unknown or unreachable: cannot tell yet, keep it open
         return changes
+
+    @staticmethod
+    def _still_down(incident: Incident, corr: Correlation) -> list[str]:
+        return [
+            a
+            for a in incident.affected
+            if a not in incident.back
+            and corr.states.get(a) in (TargetState.DOWN, TargetState.UNREACHABLE, TargetState.UNKNOWN)
+        ]
 
     def _apply(self, verdict: Verdict, now: float, changes: list[Change]) -> Incident:
         open_target = [i for i in self.open_incidents() if i.scope is not Scope.MONITOR]
@@ -226,6 +264,9 @@ class IncidentTracker:
             incident.cause = verdict.cause
             incident.note(now, "cause", text)
             changes.append(Change(incident.id, "cause", text))
+        if incident.root_back_at is not None:
+            incident.root_back_at = None
+            incident.note(now, "root_failed", f"{verdict.root} failed again before everything came back")
         incident.evidence = list(verdict.evidence)
         return incident
 
@@ -252,10 +293,11 @@ class IncidentTracker:
     def _resolve(self, incident: Incident, corr: Correlation, now: float, changes: list[Change]) -> None:
         self._note_back(incident, corr, now)
         incident.state, incident.resolved_at = IncidentState.RESOLVED, now
-        still = [
-            a for a in incident.affected if corr.states.get(a) in (TargetState.DOWN, TargetState.UNREACHABLE)
-        ]
+        still = self._still_down(incident, corr)
+        incident.root_back_at = None
         text = f"{incident.root} is back after {_span(now - incident.opened_at)}"
+        if incident.back and incident.timeline and any(e.kind == "root_back" for e in incident.timeline):
+            text = f"{incident.root} and what it took down are back after {_span(now - incident.opened_at)}"
         if still:
             text += f"; still down, now incidents of their own: {', '.join(still)}"
         incident.note(now, "resolved", text)

@@ -7,6 +7,7 @@ Only the event loop mutates it. Readers in other threads (the metrics renderer) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -371,7 +372,9 @@ class Monitor:
 
     async def _correlation_loop(self) -> None:
         while True:
-            await self._dirty.wait()
+            # Also look every few seconds without news: a recovery grace or a hold may run out.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), 5.0)
             # Coalesce a burst of path changes (a switch dying flips hundreds at once) into one pass.
             await asyncio.sleep(0.05)
             self._dirty.clear()

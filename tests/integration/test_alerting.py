@@ -370,3 +370,57 @@ def test_mail_accepted_while_smtp_is_down_arrives_exactly_once_across_kill_9(tmp
         assert check.integrity_check() == "ok"
     finally:
         check.close()
+
+
+async def test_blind_alarm_not_delivered_while_blind_is_replaced_by_the_window_report(tmp_path: Path) -> None:
+    """The monitor's own uplink is down, so its "blind" page cannot get out; when the vantage
+    returns, one message reports the blind window and the stale alarm is dropped."""
+    from watchtower.engine.correlate import Scope
+    from watchtower.engine.incidents import Incident, IncidentState, IncidentTracker
+    from watchtower.notify.outbox import Alerting
+    from watchtower.store import AsyncStore
+
+    gateway = HttpSink()  # not started: refuses, as an unreachable gateway would
+    cfg = load_config(
+        site_config(
+            tmp_path,
+            free_port(),
+            [{"name": "signal-oncall", "url": signal_url(gateway.port), "tags": ["tier1"]}],
+            escalation=[{"after": "0s", "notify": ["tier1"]}],
+        )
+    )
+    store = await AsyncStore.open(cfg.state_dir)
+    tracker = IncidentTracker()
+    alerting = Alerting(cfg, store, tracker)
+    runner = asyncio.create_task(alerting.run())
+    try:
+        blind = Incident(1, Scope.MONITOR, "loop", alerting.now())
+        blind.note(blind.opened_at, "opened", "blind")
+        tracker.load([blind], 2)
+        alerting.changed.set()
+
+        async def page_failed() -> bool:
+            rows = alerting.notifications_of(1) or []
+            return bool(rows and rows[0].attempts >= 1)
+
+        await wait_for(page_failed, 10, "the blind page to fail")
+        blind.state, blind.resolved_at = IncidentState.RESOLVED, alerting.now()
+        blind.note(blind.resolved_at, "resolved", "blind from .. to ..")
+        alerting.changed.set()
+        gateway.start()
+        [request] = await gateway.wait_requests(1, timeout=20)
+        assert "blind from" in request.json["message"] and "RESOLVED" in request.json["message"]
+
+        async def settled() -> list[Any]:
+            rows = alerting.notifications_of(1) or []
+            return rows if all(r.state != "pending" for r in rows) else []
+
+        rows = await wait_for(settled, 20, "both rows settled")
+        assert sorted((r.kind, r.state) for r in rows) == [("page", "failed"), ("resolve", "sent")]
+        assert len(gateway.requests) == 1
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        alerting.close()
+        await store.close()
+        gateway.stop()

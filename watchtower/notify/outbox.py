@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from watchtower import clock
 from watchtower.config import Config
+from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due
 from watchtower.engine.incidents import Incident, IncidentTracker
 from watchtower.notify.messages import Message, incident_message, is_sms_channel, warning_message
@@ -361,35 +362,63 @@ class Alerting:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(channel.wake.wait(), wait)
                 continue
+            if self._superseded(head):
+                # "watchtower is blind" never got out while it was blind: the all-clear that
+                # reports the blind window (from, to) says it all; don't deliver a stale alarm.
+                result = DeliveryResult(False, "superseded: the all-clear reports the blind window", 0.0)
+                now = self.now()
+                await self._record(head, now, result, None)
+                channel.queue.popleft()
+                continue
             result = await channel.sender.send(head.title, head.body)
             now = self.now()
-            attempts = head.attempts + 1
             given_up = not result.ok and now - head.created_at >= self.config.notify.give_up_after
-            next_at = None if result.ok or given_up else now + self._backoff(attempts)
+            next_at = None if result.ok or given_up else now + self._backoff(head.attempts + 1)
             self._account(channel, head, result, now, given_up)
-            updated = Notification(
-                head.id, head.incident, head.step, head.kind, head.channel, head.title, head.body,
-                head.created_at, "sent" if result.ok else ("failed" if given_up else "pending"), attempts,
-                next_at if next_at is not None else head.next_attempt_at, now,
-                now if result.ok else None, None if result.ok else result.error,
-            )  # fmt: skip
-            if head.id > 0:
-                try:
-                    await self.store.call(
-                        self.store.store.record_attempt, head.id, now, result.ok, result.error, next_at
-                    )
-                except StoreError as exc:
-                    log.error("could not record a delivery attempt id=%d: %s", head.id, exc)
+            updated = await self._record(head, now, result, next_at)
             if channel.queue and channel.queue[0] is head:
                 if next_at is None:
                     channel.queue.popleft()
                 else:
                     channel.queue[0] = updated
-            log_list = self.sent_log.get(head.incident)
-            if log_list is not None:
-                for k, n in enumerate(log_list):
-                    if n.id == head.id:
-                        log_list[k] = updated
+
+    async def _record(
+        self, n: Notification, now: float, result: DeliveryResult, next_at: float | None
+    ) -> Notification:
+        """Write one attempt's outcome (``next_at`` None and not ok: given up) and return the row
+        as it now is; the incident's in-memory list of messages follows."""
+        updated = replace(
+            n,
+            state="sent" if result.ok else ("pending" if next_at is not None else "failed"),
+            attempts=n.attempts + 1,
+            next_attempt_at=next_at if next_at is not None else n.next_attempt_at,
+            last_attempt_at=now,
+            sent_at=now if result.ok else None,
+            error=None if result.ok else result.error,
+        )
+        if n.id > 0:
+            try:
+                await self.store.call(
+                    self.store.store.record_attempt, n.id, now, result.ok, result.error, next_at
+                )
+            except StoreError as exc:
+                log.error("could not record a delivery attempt id=%d: %s", n.id, exc)
+        notes = self.sent_log.get(n.incident)
+        if notes is not None:
+            for k, old in enumerate(notes):
+                if old.id == n.id:
+                    notes[k] = updated
+        return updated
+
+    def _superseded(self, n: Notification) -> bool:
+        incident = self.tracker.get(n.incident) if n.incident else None
+        return (
+            incident is not None
+            and incident.scope is Scope.MONITOR
+            and not incident.is_open
+            and n.kind in ("page", "escalation", "update")
+            and n.attempts > 0
+        )
 
     def _account(
         self, channel: _Channel, n: Notification, result: DeliveryResult, now: float, given_up: bool

@@ -1,0 +1,134 @@
+"""The SQLite store: schema versions, one-transaction commits, dedup, attempts, retention, reload."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from watchtower.engine.correlate import Cause, Scope
+from watchtower.engine.incidents import Incident, IncidentState
+from watchtower.store import DB_NAME, MIGRATIONS, NewNotification, Store, StoreError
+
+
+def incident(n: int = 1, at: float = 1000.0) -> Incident:
+    i = Incident(n, Scope.HYPERVISOR, "pve1", at, cause=Cause.POWER_OFF, affected=["dc1", "mail1"])
+    i.first_failure_at = at - 12
+    i.note(at - 12, "first_failure", "first failed probe of pve1")
+    i.note(at, "opened", "confirmed: hypervisor pve1 down")
+    return i
+
+
+def page(n: int = 1, channel: str = "signal", step: str = "step0") -> NewNotification:
+    return NewNotification(n, step, "page", channel, "title", "body")
+
+
+def test_fresh_store_has_the_latest_schema_in_wal_mode(tmp_path: Path) -> None:
+    store = Store.in_dir(tmp_path / "state")
+    assert store.version == len(MIGRATIONS)
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.integrity_check() == "ok"
+    assert (tmp_path / "state" / DB_NAME).exists()
+
+
+def test_a_newer_schema_is_refused_not_touched(tmp_path: Path) -> None:
+    db = tmp_path / DB_NAME
+    sqlite3.connect(db).execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(StoreError, match="newer than this watchtower knows"):
+        Store(db)
+
+
+def test_commit_writes_incident_timeline_steps_and_messages_once(tmp_path: Path) -> None:
+    store = Store(tmp_path / DB_NAME)
+    inc = incident()
+    added = store.commit([inc], [page(), page(channel="sms")], [(1, "step0")], now=1001.0)
+    assert [(n.channel, n.state, n.created_at) for n in added] == [
+        ("signal", "pending", 1001.0),
+        ("sms", "pending", 1001.0),
+    ]
+    # The same decision again (a restart, a race): no second row, nothing to send twice.
+    assert store.commit([inc], [page()], [(1, "step0")], now=1002.0) == []
+    assert len(store.notifications(1)) == 2 and store.steps(1) == {(1, "step0")}
+
+    inc.note(1010.0, "ack", "acknowledged by alice")
+    inc.state, inc.acknowledged_at, inc.acknowledged_by = IncidentState.ACKNOWLEDGED, 1010.0, "alice"
+    store.commit([inc])
+    store.close()
+
+    again = Store(tmp_path / DB_NAME).incident(1)
+    assert again is not None
+    assert (again.state, again.acknowledged_by, again.cause, again.affected) == (
+        IncidentState.ACKNOWLEDGED, "alice", Cause.POWER_OFF, ["dc1", "mail1"],
+    )  # fmt: skip
+    assert [e.kind for e in again.timeline] == ["first_failure", "opened", "ack"]
+
+
+def test_attempts_retry_then_sent_or_given_up(tmp_path: Path) -> None:
+    store = Store(tmp_path / DB_NAME)
+    a, b = store.commit([incident()], [page(), page(channel="sms")], now=1000.0)
+    store.record_attempt(a.id, 1001.0, False, "connection refused", 1003.0)
+    store.record_attempt(a.id, 1003.0, True, None, None)
+    store.record_attempt(b.id, 1001.0, False, "HTTP 500", None)  # given up
+    rows = {n.channel: n for n in store.notifications(1)}
+    assert (rows["signal"].state, rows["signal"].attempts, rows["signal"].sent_at) == ("sent", 2, 1003.0)
+    assert (rows["sms"].state, rows["sms"].error) == ("failed", "HTTP 500")
+    assert store.pending() == []
+    assert [(x.ok, x.error) for x in store.attempts(1)] == [
+        (False, "connection refused"), (False, "HTTP 500"), (True, None),
+    ]  # fmt: skip
+
+
+def test_pending_survives_a_reopen_in_order(tmp_path: Path) -> None:
+    store = Store(tmp_path / DB_NAME)
+    store.commit([incident()], [page(step="step0"), page(step="ack:1")], now=1000.0)
+    store.close()
+    assert [n.step for n in Store(tmp_path / DB_NAME).pending()] == ["step0", "ack:1"]
+
+
+def test_retention_purges_old_resolved_incidents_with_everything_hanging_off_them(tmp_path: Path) -> None:
+    store = Store(tmp_path / DB_NAME)
+    old, recent, still_open = incident(1, 1000.0), incident(2, 5000.0), incident(3, 100.0)
+    for i in (old, recent):
+        i.state, i.resolved_at = IncidentState.RESOLVED, i.opened_at + 60
+    (n,) = store.commit([old, recent, still_open], [page(1)], [(1, "step0")], now=1000.0)
+    store.record_attempt(n.id, 1001.0, True, None, None)
+    assert store.purge(before=4000.0) == 1
+    assert [i.id for i in store.incidents()] == [3, 2]  # the open one stays, however old
+    assert store.notifications(1) == [] and store.steps(1) == set() and store.attempts(1) == []
+    assert store.db.execute("SELECT COUNT(*) FROM timeline WHERE incident = 1").fetchone()[0] == 0
+    assert store.integrity_check() == "ok"
+
+
+def test_open_and_recent_incidents_and_blind_windows(tmp_path: Path) -> None:
+    store = Store(tmp_path / DB_NAME)
+    a, b = incident(1, 1000.0), incident(2, 2000.0)
+    a.state, a.resolved_at = IncidentState.RESOLVED, 1100.0
+    blind = Incident(3, Scope.MONITOR, "acme", 1050.0)
+    blind.state, blind.resolved_at = IncidentState.RESOLVED, 1080.0
+    store.commit([a, b, blind])
+    assert [i.id for i in store.incidents(open_only=True)] == [2]
+    assert {i.id for i in store.incidents(open_only=True, since=1090.0)} == {1, 2}
+    assert store.blind_windows(1000.0, 1100.0) == [(1050.0, 1080.0)]
+    assert store.blind_windows(1081.0, 1100.0) == []
+    assert store.max_incident_id() == 3
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_unwritable_state_dir_is_a_store_error(tmp_path: Path) -> None:
+    state = tmp_path / "ro"
+    state.mkdir()
+    state.chmod(0o500)
+    with pytest.raises(StoreError):
+        Store.in_dir(state)
+
+
+def test_a_read_only_database_is_a_store_error_on_write_not_a_crash(tmp_path: Path) -> None:
+    Store(tmp_path / DB_NAME).close()
+    store = Store(tmp_path / DB_NAME)
+    store.db.execute("PRAGMA query_only = ON")  # what a read-only or full disk looks like to a writer
+    with pytest.raises(StoreError):
+        store.commit([incident()], [page()], now=1.0)
+    store.db.execute("PRAGMA query_only = OFF")
+    assert store.commit([incident()], [page()], now=2.0)  # and it recovers when writes work again

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 import pytest
+
+from watchtower.lab import DEMO, Lab
 
 
 def netns_available() -> bool:
@@ -29,3 +32,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "netns" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_lab() -> Iterator[Lab]:
+    """The demo site (config/demo.yaml's hosts), built once per run for every test that breaks it;
+    each test repairs what it broke."""
+    lab = Lab(DEMO)
+    lab.up()
+    try:
+        yield lab
+    finally:
+        lab.down()

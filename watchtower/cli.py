@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from watchtower.daemon import run_daemon, setup_logging
 
     cfg = _load(args.config)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, cfg.log_format)
     try:
         asyncio.run(run_daemon(cfg, config_path=args.config))
     except OSError as exc:  # e.g. the listen port is taken, or no ICMP socket is allowed
@@ -348,7 +348,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("watchtower demo: needs root (it creates network namespaces)", file=sys.stderr)
         return EXIT_INVALID
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, cfg.log_format)
     lab = Lab(DEMO)  # the default run dir, where `watchtower lab break/repair` find its helpers
     started = time.monotonic()
     lab.up()

@@ -876,6 +876,51 @@ class Heartbeat(Strict):
         return self
 
 
+# Labels watchtower sets on every Alertmanager alert; `labels:` may not redefine them.
+ALERT_LABELS = ("alertname", "site", "scope", "root", "cause")
+
+
+class Alertmanager(Strict):
+    """Incidents also go to Alertmanager's API v2, one alert each, for routing, silences and dedup."""
+
+    _secret_fields = ("url",)
+    url: SecretStr | None = Field(
+        None, description="base URL, e.g. `http://alertmanager:9093` (may hold credentials: prefer url_file)"
+    )
+    url_file: SecretFile | None = Field(None, description="file holding the base URL")
+    every: Duration = Field(
+        60.0, description="re-post cadence while an incident is open; unless re-posted, expires in 4x this"
+    )
+    timeout: Duration = Field(10.0, description="bound on one post")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="extra labels on every alert (e.g. `customer`, `team`) for routing"
+    )
+    instance: str | None = Field(
+        None,
+        description="this watchtower's name in the annotations (default: the host name); not a label, "
+        "so two vantage points of one site send the same alert and Alertmanager keeps one",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not a label name (letters, digits, _)")
+            if name in ALERT_LABELS:
+                raise ValueError(f"label {name!r} is set by watchtower")
+        return value
+
+    @model_validator(mode="after")
+    def _url(self) -> Alertmanager:
+        secret = self.secret("url")
+        if secret is None:
+            raise ValueError("alertmanager needs url or url_file")
+        if urlsplit(secret.get_secret_value()).scheme not in ("http", "https"):
+            raise ValueError("alertmanager url must start with http:// or https://")
+        return self
+
+
 # --------------------------------------------------------------------------- the whole config
 
 
@@ -936,6 +981,12 @@ class Config(Strict):
     targets: dict[TargetName, Target] = Field(min_length=1, description="what is monitored, by name")
     notify: Notify = Field(default_factory=Notify, description="channels and escalation")
     heartbeat: Heartbeat | None = Field(None, description="dead man's switch")
+    alertmanager: Alertmanager | None = Field(None, description="also post incidents to Alertmanager API v2")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="log lines on stderr: `text` (`key=value` fields) or `json` (one object a line, the "
+        "fields parsed out); no timestamps under journald (`$JOURNAL_STREAM`), which adds its own",
+    )
     traps: TrapListener | None = Field(None, description="the SNMP trap receiver, for `trap` paths")
     retention: Duration = Field(
         400 * 86400.0, description="resolved incidents older than this are deleted from the store"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
 import resource
@@ -15,24 +16,28 @@ import aiohttp
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from watchtower import __version__
+from watchtower import __version__, logs
 from watchtower.config import Config, ConfigError, load_config
+from watchtower.engine.correlate import TargetState
 from watchtower.engine.monitor import Monitor, open_shared
+from watchtower.notify.alertmanager import AlertmanagerSink
 from watchtower.notify.outbox import Alerting
+from watchtower.sdnotify import Notifier, watchdog_interval
 from watchtower.store import AsyncStore, Store, StoreError
 from watchtower.web.app import STALL_AFTER, make_app
 
 log = logging.getLogger("watchtower.daemon")
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """One line per event, ``key=value`` fields in the message, to stderr (journald adds time)."""
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S%z",
-        force=True,
-    )
+def setup_logging(level: str = "INFO", log_format: str = "text") -> None:
+    """One line per event, ``key=value`` fields in the message, to stderr; ``json`` parses the fields
+    out. Under journald no timestamps (it adds them) and a priority prefix (see watchtower/logs.py)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logs.formatter(log_format))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # A watchdog kill (SIGABRT) or a fatal signal leaves every thread's stack in the journal.
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     # apscheduler logs every job run at INFO: noise at our cadence
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -88,6 +93,35 @@ class Heartbeat:
             log.warning("heartbeat failed error=%s", exc.__class__.__name__)
 
 
+def status_line(monitor: Monitor) -> str:
+    """One line for ``systemctl status``: how the site looks right now."""
+    states = monitor.target_states()
+    up = sum(1 for s in states.values() if s is TargetState.UP)
+    incidents = len(monitor.tracker.open_incidents())
+    vantage = "" if monitor.vantage_up else ", BLIND (vantage down)"
+    return f"{len(states)} targets, {up} up, {incidents} open incidents{vantage}"
+
+
+async def supervise(notifier: Notifier, monitor: Monitor, every: float | None) -> None:
+    """systemd's watchdog: ``WATCHDOG=1`` every ``every`` s from the event loop, but only while the
+    scheduler ticks (the rule of /healthz), so a wedged monitor is restarted instead of vouched for.
+    Also keeps ``STATUS=`` current."""
+    status, stalled = "", False
+    while True:
+        if every is not None:
+            if time.monotonic() - monitor.scheduler.last_tick <= STALL_AFTER:
+                notifier.watchdog()
+                stalled = False
+            elif not stalled:
+                stalled = True
+                log.error("scheduler stalled: withholding the systemd watchdog ping")
+        line = status_line(monitor)
+        if line != status:
+            status = line
+            notifier.status(line)
+        await asyncio.sleep(every if every is not None else 15.0)
+
+
 async def open_store(config: Config) -> tuple[AsyncStore, str | None]:
     """The state store in ``state_dir``; when that cannot be opened (missing, read-only, full),
     an in-memory one, so probing and alerting go on (and /healthz, metrics and the heartbeat say so)."""
@@ -103,7 +137,11 @@ async def open_store(config: Config) -> tuple[AsyncStore, str | None]:
 
 
 async def reload_config(
-    path: str, monitor: Monitor, stack: AsyncExitStack, alerting: Alerting | None = None
+    path: str,
+    monitor: Monitor,
+    stack: AsyncExitStack,
+    alerting: Alerting | None = None,
+    sink: AlertmanagerSink | None = None,
 ) -> bool:
     """SIGHUP: re-read the config. A bad new config is logged, problem by problem, and the running
     one stays in force; a good one is applied without losing the state of unchanged paths."""
@@ -115,6 +153,8 @@ async def reload_config(
             log.error("reload rejected, keeping the running config: %s", problem)
         monitor.reload_failed()
         return False
+    if new.log_format != old.log_format:
+        setup_logging(logging.getLevelName(logging.getLogger().level), new.log_format)
     if new.listen != old.listen:
         log.warning("reload: listen changed from %s to %s; restart to apply it", old.listen, new.listen)
     try:
@@ -127,6 +167,8 @@ async def reload_config(
     counts = monitor.reload(new)
     if alerting is not None:
         alerting.reload(new)
+    if sink is not None:
+        sink.reload(new)
     gc.collect()
     gc.freeze()
     log.info("config reloaded %s", " ".join(f"{k}={v}" for k, v in counts.items()))
@@ -140,7 +182,9 @@ async def run_daemon(
     raise_fd_limit()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    notifier = Notifier()
     async with AsyncExitStack() as stack:
+        stack.callback(notifier.close)
         shared = await open_shared(stack, config)
         monitor = Monitor(config, shared=shared)
         store, store_error = await open_store(config)
@@ -152,6 +196,7 @@ async def run_daemon(
         await alerting.restore()  # open incidents keep their ids and are not paged again
         alerting.changed = monitor.incidents_changed
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
+        sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
         # The config and the path table live for the whole run: move them out of the garbage
         # collector's view, so a full collection does not stall probing (seen: 100 ms at 10k paths).
         gc.collect()
@@ -188,6 +233,7 @@ async def run_daemon(
         async with asyncio.TaskGroup() as tg:
             scheduler_task = tg.create_task(monitor.run(), name="scheduler")
             alerting_task = tg.create_task(alerting.run(), name="alerting")
+            sink_task = tg.create_task(sink.run(), name="alertmanager")
             reloading = asyncio.Lock()
 
             async def on_hup() -> None:
@@ -195,14 +241,29 @@ async def run_daemon(
                     log.warning("SIGHUP: no config file to reload from")
                     return
                 async with reloading:
-                    await reload_config(config_path, monitor, stack, alerting)
+                    notifier.reloading()
+                    try:
+                        await reload_config(config_path, monitor, stack, alerting, sink)
+                    finally:
+                        notifier.ready(status_line(monitor))  # a rejected reload: the old config runs
 
             loop.add_signal_handler(signal.SIGHUP, lambda: tg.create_task(on_hup(), name="reload"))
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+            # READY=1 once the first round of probes is scheduled (every path has its timer).
+            await monitor.scheduler.armed.wait()
+            notifier.ready(status_line(monitor))
+            watchdog_every = watchdog_interval()
+            supervise_task = None
+            if notifier.enabled:
+                supervise_task = tg.create_task(supervise(notifier, monitor, watchdog_every), name="sdnotify")
             if ready is not None:
                 ready.set()
             await stop.wait()
+            notifier.stopping()
             log.info("stopping")
             scheduler_task.cancel()
             alerting_task.cancel()
+            sink_task.cancel()
+            if supervise_task is not None:
+                supervise_task.cancel()
     log.info("stopped")

@@ -43,6 +43,9 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("`notify.channels[]`", c.Channel, "An apprise URL: `signal://`, `smseagle://`, `mailto://`, `mailtos://`."),
     ("`notify.escalation[]`", c.EscalationStep, "Each step fires once per incident."),
     ("`heartbeat`", c.Heartbeat, "Dead man's switch: pinged while watchtower is healthy."),
+    ("`alertmanager`", c.Alertmanager, "Each open incident is one alert (labels "
+     "`alertname=WatchtowerIncident`, `site`, `scope`, `root`, `cause`), re-posted every `every` and "
+     "resolved with `endsAt`."),
 ]  # fmt: skip
 
 PATH_COMMON = ("interval", "retry_interval", "timeout", "fail_after", "recover_after", "name")

@@ -21,7 +21,7 @@ import struct
 import tempfile
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from support import free_port
 
 from watchtower.config import load_config
 from watchtower.daemon import run_daemon
-from watchtower.lab import DEMO, Lab
+from watchtower.lab import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -203,14 +203,9 @@ async def chromium(session: aiohttp.ClientSession) -> AsyncIterator[DevTools]:
                 await proc.wait()
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = Lab(DEMO)
-    lab.up()
-    try:
-        yield lab
-    finally:
-        lab.down()
+@pytest.fixture
+def lab(demo_lab: Lab) -> Lab:
+    return demo_lab  # one demo site for the whole run (tests/conftest.py)
 
 
 async def until(predicate: Any, timeout: float, what: str) -> Any:

@@ -18,7 +18,7 @@ from support import free_port, wait_for
 
 from watchtower.config import load_config
 from watchtower.daemon import run_daemon
-from watchtower.lab import DEMO, Lab
+from watchtower.lab import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -26,14 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 TIER2_AFTER = 25.0  # seconds; the shipped 15 m, shortened so the test can watch it not fire
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = Lab(DEMO)
-    lab.up()
-    try:
-        yield lab
-    finally:
-        lab.down()
+@pytest.fixture
+def lab(demo_lab: Lab) -> Lab:
+    return demo_lab  # one demo site for the whole run (tests/conftest.py)
 
 
 @pytest.fixture

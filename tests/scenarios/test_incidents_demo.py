@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from support import free_port
 
 from watchtower.config import load_config
 from watchtower.daemon import run_daemon
-from watchtower.lab import DEMO, Lab
+from watchtower.lab import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -27,14 +27,9 @@ DETECT = 20.0
 RECOVER = 25.0
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = Lab(DEMO)
-    lab.up()
-    try:
-        yield lab
-    finally:
-        lab.down()
+@pytest.fixture
+def lab(demo_lab: Lab) -> Lab:
+    return demo_lab  # one demo site for the whole run (tests/conftest.py)
 
 
 class Site:

@@ -97,6 +97,8 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.lag = LagStats()
         self.last_tick = time.monotonic()
+        # Set once run() has armed every job: the first round of probes is scheduled (READY=1).
+        self.armed = asyncio.Event()
         self.runs = 0
         self.in_flight = 0
 
@@ -193,6 +195,7 @@ class Scheduler:
         now = self._loop.time()
         for job in self._jobs.values():
             self._arm(job, now + job.first_in)
+        self.armed.set()
         try:
             while True:
                 self.last_tick = time.monotonic()

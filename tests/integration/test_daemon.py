@@ -441,3 +441,56 @@ async def test_heartbeat_pings_while_healthy_and_fails_when_blind(tmp_path: Path
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
+
+
+async def test_reload_keeps_open_incidents_and_retimes_paths_in_place(tmp_path: Path) -> None:
+    """An interval change and a new target on SIGHUP: the open incident keeps its id and stays
+    open (no re-page, no resolution), web1 stays up, and the changed path is re-timed, not reset."""
+    server = await asyncio.start_server(http_ok, "127.0.0.1", 0)
+    alive = server.sockets[0].getsockname()[1]
+    port = free_port()
+    cfg = write_config(tmp_path, port, alive, free_port())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "watchtower.cli", "run", "-c", str(cfg),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+
+            async def get(path: str) -> Any:
+                try:
+                    async with session.get(path) as r:
+                        return await r.json() if r.status == 200 else None
+                except aiohttp.ClientError:
+                    return None
+
+            async def gone_incident() -> dict[str, Any] | None:
+                found = await get("/api/v1/incidents")
+                return found[0] if found else None
+
+            before = await wait_for(gone_incident, 15, "the incident for 'gone'")
+            data = yaml.safe_load(cfg.read_text())
+            data["targets"]["web1"]["interval"] = "2s"
+            data["targets"]["extra"] = {"role": "service", "paths": [{"tcp": f"127.0.0.1:{alive}"}]}
+            cfg.write_text(yaml.safe_dump(data))
+            proc.send_signal(signal.SIGHUP)
+
+            async def extra_up() -> dict[str, Any] | None:
+                doc = await get("/api/v1/state")
+                return doc if doc and doc["targets"].get("extra", {}).get("state") == "up" else None
+
+            doc = await wait_for(extra_up, 10, "the new target up after the reload")
+            assert doc["targets"]["web1"]["state"] == "up"
+            after = await get("/api/v1/incidents?all=1")
+            assert [(i["id"], i["state"], i["root"]) for i in after] == [(before["id"], "open", "gone")]
+            assert [e["kind"] for e in after[0]["timeline"]].count("opened") == 1
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        err = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+        assert "config reloaded added=1 removed=0 changed=2 kept=" in err  # web1's two paths re-timed
+        assert "Traceback" not in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()

@@ -11,8 +11,9 @@ APT_PACKAGES=(iproute2 nftables iptables fping prometheus openssl procps
               snmpd snmp openipmi ipmitool nut-server nut-client)
 # test-only: a headless browser for the status page test (tests/integration/test_browser.py),
 # with a font so its screenshots are readable; Alertmanager for the sink test
-# (tests/integration/test_alertmanager.py); systemd for systemd-analyze verify/security of the unit
-TEST_APT_PACKAGES=(chromium fonts-liberation prometheus-alertmanager systemd)
+# (tests/integration/test_alertmanager.py); blackbox_exporter for the Prometheus side of bench/;
+# systemd for systemd-analyze verify/security of the unit
+TEST_APT_PACKAGES=(chromium fonts-liberation prometheus-alertmanager prometheus-blackbox-exporter systemd)
 if [[ "${1:-}" == "--tests" ]]; then
   APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}")
 fi

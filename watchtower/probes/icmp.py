@@ -50,7 +50,7 @@ Modes and privileges (``Pinger(mode=...)``)
         whose gid (or a supplementary group) is inside ``net.ipv4.ping_group_range``. That sysctl
         covers IPv6 too and applies **per network namespace**. The Debian default is ``1 0``,
         which means nobody, root included. To enable it, add a sysctl.d drop-in, e.g.
-        ``/etc/sysctl.d/60-watchtower-ping.conf`` containing
+        ``/etc/sysctl.d/99-watchtower-ping.conf`` containing
         ``net.ipv4.ping_group_range = 0 2147483647`` (or only the daemon's gid, ``G G``), then run
         ``sysctl --system``.
     ``raw``
@@ -871,7 +871,7 @@ def _open_error(v6: bool, failures: dict[str, OSError]) -> IcmpSocketError:
         + "; ".join(parts)
         + ". Fix one of: grant CAP_NET_RAW (systemd: AmbientCapabilities=CAP_NET_RAW), or allow "
         "unprivileged ICMP for the daemon's group with a sysctl.d drop-in, e.g. "
-        "/etc/sysctl.d/60-watchtower-ping.conf: 'net.ipv4.ping_group_range = 0 2147483647' "
+        "/etc/sysctl.d/99-watchtower-ping.conf: 'net.ipv4.ping_group_range = 0 2147483647' "
         "(or 'G G' for the daemon's gid only), then 'sysctl --system'",
     )
 

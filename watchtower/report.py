@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from watchtower.config import Config
+from watchtower.durations import exact
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, outage_start
 from watchtower.engine.incidents import Incident
@@ -40,16 +41,7 @@ ROLE_ORDER = ("network", "hypervisor", "storage", "vm", "service")
 # --------------------------------------------------------------------------- formatting
 
 
-def span(seconds: float) -> str:
-    """A duration as people say it: ``14s``, ``22m05s``, ``22m``, ``1h10m``, ``4h``."""
-    total = max(0, round(seconds))
-    h, rest = divmod(total, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{h}h{m:02d}m" if m else f"{h}h"
-    if m:
-        return f"{m}m{s:02d}s" if s else f"{m}m"
-    return f"{s}s"
+span = exact  # the name the report and its tests use
 
 
 def _signed(seconds: float) -> str:

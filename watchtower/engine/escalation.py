@@ -20,6 +20,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from watchtower.config import Config, Notify
+from watchtower.durations import coarse, exact
 from watchtower.engine.correlate import Scope
 from watchtower.engine.incidents import Incident, IncidentState
 
@@ -75,15 +76,7 @@ def channels_for(policy: Notify, selectors: Iterable[str]) -> tuple[str, ...]:
     return tuple(c.name for c in policy.channels if c.name in wanted or wanted.intersection(c.tags))
 
 
-def _span(seconds: float) -> str:
-    seconds = round(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    if seconds >= 600:
-        s = 0  # "59m left", not "59m47s left": nobody plans in seconds at that range
-    if h:
-        return f"{h}h{m:02d}m" if m else f"{h}h"
-    return f"{m}m{s:02d}s" if m and s else (f"{m}m" if m else f"{s}s")
+_span = exact
 
 
 def due(
@@ -123,7 +116,7 @@ def due(
                     continue
                 label = (
                     f"{step.rto_fraction:.0%} of the {clock.service} RTO ({_span(clock.rto)}) used, "
-                    f"{_span(max(0.0, clock.left(now)))} left"
+                    f"{coarse(max(0.0, clock.left(now)))} left"
                 )
             channels = channels_for(policy, step.notify)
             kind = "page" if not (set(notified) | set(newly_notified)) else "escalation"

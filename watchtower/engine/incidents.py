@@ -22,6 +22,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from watchtower.durations import exact
 from watchtower.engine.correlate import Cause, Correlation, Scope, TargetState, Verdict
 
 FLAP_WINDOW = 600.0  # seconds after resolution during which a recurrence reopens the incident
@@ -93,11 +94,7 @@ def _clock(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%SZ")
 
 
-def _span(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+_span = exact
 
 
 class IncidentTracker:

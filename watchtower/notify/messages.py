@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from watchtower.config import Channel, Config, Target
+from watchtower.durations import coarse
 from watchtower.engine.correlate import Cause, Scope
 from watchtower.engine.escalation import outage_start, rto_clock
 from watchtower.engine.incidents import Incident, IncidentState
@@ -84,19 +85,7 @@ class Message:
 # --------------------------------------------------------------------------- small helpers
 
 
-def _dur(seconds: float) -> str:
-    """Minutes resolution, rounded down: ``45s``, ``23m``, ``3h12m``, ``4h``, ``2d05h``."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    m = s // 60
-    if m < 60:
-        return f"{m}m"
-    h, m = divmod(m, 60)
-    if h < 48:
-        return f"{h}h{m:02d}m" if m else f"{h}h"
-    d, h = divmod(h, 24)
-    return f"{d}d{h:02d}h"
+_dur = coarse
 
 
 def _hhmm(ts: float, now: float) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 import jinja2
 
 from watchtower.config import Config, Target
+from watchtower.durations import coarse
 from watchtower.engine.escalation import channels_for, outage_start, rto_clock
 from watchtower.engine.incidents import Incident
 
@@ -79,17 +80,7 @@ def category_of(target_name: str, target: Target) -> str:
     return "secondary"
 
 
-def span(seconds: float) -> str:
-    """1h12m, 45m, 30s: a duration as a person reads it on a phone."""
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    h, rest = divmod(rest, 3600)
-    m, s = divmod(rest, 60)
-    if days:
-        return f"{days}d{h}h" if h else f"{days}d"
-    if h:
-        return f"{h}h{m:02d}m" if m else f"{h}h"
-    return f"{m}m" if m else f"{s}s"
+span = coarse  # 1h12m, 45m, 30s: as a person reads it on a phone
 
 
 def _parse_iso(text: str | None) -> float | None:

@@ -1202,6 +1202,13 @@ def _construct_mapping(
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _one_line(text: str) -> str:
+    """A problem is one line: control characters (a newline in a key, a NUL in a value) are escaped."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def _format_loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     parts = list(loc)
@@ -1217,6 +1224,8 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
             continue
         if part == "in_":
             part = "in"
+        if not isinstance(part, str) or not part.strip() or part != part.strip() or not part.isprintable():
+            part = repr(part)  # a key like "\r" or " x" must be visible in the place
         out += f".{part}" if out else str(part)
     return out or "(top level)"
 
@@ -1281,7 +1290,7 @@ def _format_error(err: Mapping[str, Any]) -> str:
         msg = f"needs at least {n} {'entry' if n == 1 else 'entries'}"
     elif msg:
         msg = f"{msg[0].lower()}{msg[1:]}"
-    return f"{_format_loc(loc)}: {msg}"
+    return _one_line(f"{_format_loc(loc)}: {msg}")
 
 
 def parse_config(data: Any, config_dir: Path) -> Config:
@@ -1313,7 +1322,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+        raise ConfigError([_one_line(f"{where}: invalid YAML: {problem}")]) from None
     return parse_config(data, file.resolve().parent)
 
 

@@ -24,6 +24,7 @@ from watchtower.notify.alertmanager import AlertmanagerSink
 from watchtower.notify.outbox import Alerting
 from watchtower.sdnotify import Notifier, watchdog_interval
 from watchtower.store import AsyncStore, Store, StoreError
+from watchtower.web import app as web_app
 from watchtower.web.app import STALL_AFTER, make_app
 
 log = logging.getLogger("watchtower.daemon")
@@ -208,7 +209,13 @@ async def run_daemon(
             # Bind errors (port 162 without CAP_NET_BIND_SERVICE, port in use) surface here, at start.
             await stack.enter_async_context(TrapReceiver.from_config(config.traps, monitor.on_trap))
 
-        runner = web.AppRunner(make_app(monitor, store, alerting), access_log=None, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            make_app(monitor, store, alerting),
+            access_log=None,
+            shutdown_timeout=1.0,
+            keepalive_timeout=web_app.IDLE_TIMEOUT,  # bounds a trickled request head too
+            lingering_time=web_app.LINGER,
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         host, port = config.listen_host_port

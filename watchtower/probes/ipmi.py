@@ -884,8 +884,12 @@ def parse_exec_output(text: str) -> ExecOutput:
             continue
         tm = _SEL_TIME_RE.match(stripped)
         if tm:
-            when = dt.datetime.strptime(tm.group(1), "%m/%d/%y %H:%M:%S").replace(tzinfo=dt.UTC)
-            out.sel_time = int(when.timestamp())
+            try:
+                when = dt.datetime.strptime(tm.group(1), "%m/%d/%y %H:%M:%S").replace(tzinfo=dt.UTC)
+            except ValueError:  # a BMC clock printing month 13 or hour 25: no usable time, not a crash
+                out.junk.append(stripped)
+            else:
+                out.sel_time = int(when.timestamp())
             continue
         if "|" in stripped:
             in_sel_info = False

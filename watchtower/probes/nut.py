@@ -15,6 +15,7 @@ exactly the number an on-call admin wants to graph.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from contextlib import suppress
@@ -146,9 +147,11 @@ def _numbers(values: dict[str, str]) -> tuple[tuple[str, float], ...]:
     out: list[tuple[str, float]] = []
     for name in NUMERIC_VARS:
         try:
-            out.append((name, float(values[name])))
+            value = float(values[name])
         except (KeyError, ValueError):
             continue  # absent on this model, or a driver that reports "unknown"
+        if math.isfinite(value):  # "nan", "inf" or 1e400 from a confused driver is no reading
+            out.append((name, value))
     return tuple(out)
 
 

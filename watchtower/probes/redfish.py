@@ -321,7 +321,12 @@ def _parse_system(doc: Json, path: str) -> _System:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer beyond any float (1e400 written out): not a reading
+        return None
 
 
 def _sensor(item: Json, name: str, reading: Any, unit: str) -> SensorReading | None:

@@ -95,6 +95,12 @@ SESSION_MAX_AGE = 30 * 86400
 _SESSION_PURPOSE = b"watchtower status page session v1"
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/login", "/logout"})
 FORM_MAX = 4096  # bytes of a login or acknowledge form at most
+# Slow clients: a connection must send its request head within IDLE_TIMEOUT of opening (or of its
+# previous request: aiohttp's keep-alive timer, 3630 s by default, is the only bound on a trickled
+# head), and a request body must arrive within BODY_TIMEOUT, so a trickle holds no task for long.
+IDLE_TIMEOUT = 15.0
+BODY_TIMEOUT = 10.0
+LINGER = 2.0  # after answering early (401, 408, 413), read what is left of a body this long at most
 LOGIN_FAIL_DELAY = 0.5  # seconds a wrong token waits: slows guessing, costs a person nothing
 
 PAGE_HEADERS = {
@@ -136,6 +142,20 @@ def _same_origin(request: web.Request) -> bool:
             continue
         return value != "null" and urlsplit(value).netloc.lower() == request.host.lower()
     return True
+
+
+@web.middleware
+async def body_timeout_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A request with a body (POST) is answered within BODY_TIMEOUT: a client trickling it gets 408."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return await handler(request)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            return await handler(request)
+    except TimeoutError:
+        return web.Response(status=408, text="request body too slow\n", headers={"Connection": "close"})
 
 
 @web.middleware
@@ -427,7 +447,7 @@ async def handle_state(request: web.Request) -> web.Response:
 def make_app(
     monitor: Monitor, store: AsyncStore | None = None, alerting: Alerting | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[auth_middleware], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[body_timeout_middleware, auth_middleware], client_max_size=64 * 1024)
     app[MONITOR] = monitor
     app[STORE] = store
     app[ALERTING] = alerting

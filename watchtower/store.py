@@ -259,6 +259,33 @@ class Store:
         self._persisted = persisted
         return added
 
+    def adopt(
+        self, rows: Sequence[Notification], steps: Iterable[tuple[int, str]], now: float
+    ) -> dict[tuple[int, str, str], int]:
+        """Write messages (and the steps that caused them) that could only be kept in memory while
+        the store was failing, as they are now (sent or still pending). Returns the stored id of
+        each by (incident, step, channel), so the alerting can go on with durable rows."""
+        ids: dict[tuple[int, str, str], int] = {}
+        with self._tx():
+            self.db.executemany(
+                "INSERT OR IGNORE INTO steps (incident, step, at) VALUES (?, ?, ?)",
+                [(i, s, now) for i, s in steps],
+            )
+            for n in rows:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO notifications (incident, step, kind, channel, title, body, "
+                    "created_at, state, attempts, next_attempt_at, last_attempt_at, sent_at, error) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (n.incident, n.step, n.kind, n.channel, n.title, n.body, n.created_at, n.state,
+                     n.attempts, n.next_attempt_at, n.last_attempt_at, n.sent_at, n.error),
+                )  # fmt: skip
+                (row_id,) = self.db.execute(
+                    "SELECT id FROM notifications WHERE incident = ? AND step = ? AND channel = ?",
+                    (n.incident, n.step, n.channel),
+                ).fetchone()
+                ids[(n.incident, n.step, n.channel)] = int(row_id)
+        return ids
+
     def record_attempt(
         self, notification: int, at: float, ok: bool, error: str | None, next_attempt_at: float | None
     ) -> None:

@@ -25,6 +25,8 @@ import yaml
 from sinks import SmtpSink, mailto_url
 from support import free_port
 
+from watchtower.store import Store
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root and mount"),
@@ -148,6 +150,15 @@ def test_alerting_goes_on_when_the_state_dir_fails_and_recovers(
             assert "watchtower_store_writable 1.0" in metrics
             assert "state store writable again" in log.read_text()
             until(lambda: len(smtp.messages) >= 2, 20, "the all-clear", log)
+            # What was decided while the disk was full is on disk now: a restart neither loses
+            # the page nor decides it again.
+            store = Store(tmpfs / "watchtower.sqlite")
+            try:
+                assert (1, "step0") in store.steps(1)
+                assert ("step0", "sent") in {(n.step, n.state) for n in store.notifications(1)}
+            finally:
+                store.close()
+            assert "kept in memory while it failed are written now" in log.read_text()
         finally:
             revived.close()
     finally:

@@ -64,6 +64,10 @@ class _Channel:
         self.stats = ChannelStats(self.sender.name)
 
 
+def _key(n: Notification) -> tuple[int, str, str]:
+    return (n.incident, n.step, n.channel)
+
+
 def _fingerprint(i: Incident) -> tuple[object, ...]:
     """Changes the store must see: every change of substance adds a timeline event or moves state."""
     return (len(i.timeline), i.state, i.root, i.scope, i.cause, len(i.affected), len(i.back), i.flaps)
@@ -98,6 +102,7 @@ class Alerting:
         self.store_ok = True
         self.store_error: str | None = None
         self._memory_ids = -1  # ids of messages that could not be written (disk full): negative
+        self._unsaved_steps: set[tuple[int, str]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -224,6 +229,8 @@ class Alerting:
     async def sync(self) -> None:
         """Decide what is due now and make it durable, then hand it to the channels."""
         now = self.now()
+        if self._unsaved_steps:
+            await self._adopt(now)
         dirty, new, steps = self._plan(now)
         if not (dirty or new or steps):
             return
@@ -239,6 +246,7 @@ class Alerting:
                 log.error("state store not writable, alerting from memory: %s", exc)
             self.store_ok, self.store_error = False, str(exc)
             added = [self._in_memory(n, now) for n in self._dedup_memory(new)]
+            self._unsaved_steps.update(steps)  # written with their messages once the disk is back
         else:
             for incident, print_ in dirty:
                 self._saved[incident.id] = print_
@@ -255,6 +263,28 @@ class Alerting:
                 "notification queued id=%d incident=%d step=%s kind=%s channel=%s",
                 n.id, n.incident, n.step, n.kind, n.channel,
             )  # fmt: skip
+
+    async def _adopt(self, now: float) -> None:
+        """The store works again: write what was decided while it did not, so a restart neither
+        forgets a pending message nor decides (and sends) the same step a second time."""
+        rows = [n for notes in self.sent_log.values() for n in notes if n.id < 0]
+        try:
+            ids = await self.store.call(self.store.store.adopt, rows, sorted(self._unsaved_steps), now)
+        except StoreError:
+            return
+        self._unsaved_steps.clear()
+        for notes in self.sent_log.values():
+            for k, n in enumerate(notes):
+                if n.id < 0 and _key(n) in ids:
+                    notes[k] = replace(n, id=ids[_key(n)])
+        for channel in self.channels.values():
+            for k, n in enumerate(channel.queue):
+                if n.id < 0 and _key(n) in ids:
+                    channel.queue[k] = replace(n, id=ids[_key(n)])
+        if rows:
+            log.warning(
+                "state store: %d message(s) kept in memory while it failed are written now", len(rows)
+            )
 
     def _dedup_memory(self, new: Iterable[NewNotification]) -> list[NewNotification]:
         seen = {(n.incident, n.step, n.channel) for notes in self.sent_log.values() for n in notes}
@@ -376,7 +406,7 @@ class Alerting:
             next_at = None if result.ok or given_up else now + self._backoff(head.attempts + 1)
             self._account(channel, head, result, now, given_up)
             updated = await self._record(head, now, result, next_at)
-            if channel.queue and channel.queue[0] is head:
+            if channel.queue and _key(channel.queue[0]) == _key(head):
                 if next_at is None:
                     channel.queue.popleft()
                 else:
@@ -387,6 +417,8 @@ class Alerting:
     ) -> Notification:
         """Write one attempt's outcome (``next_at`` None and not ok: given up) and return the row
         as it now is; the incident's in-memory list of messages follows."""
+        # The row may have been written to the store while this attempt ran (its id changed).
+        n = self._current(n)
         updated = replace(
             n,
             state="sent" if result.ok else ("pending" if next_at is not None else "failed"),
@@ -406,9 +438,15 @@ class Alerting:
         notes = self.sent_log.get(n.incident)
         if notes is not None:
             for k, old in enumerate(notes):
-                if old.id == n.id:
+                if _key(old) == _key(n):
                     notes[k] = updated
         return updated
+
+    def _current(self, n: Notification) -> Notification:
+        for old in self.sent_log.get(n.incident, ()):
+            if _key(old) == _key(n):
+                return old
+        return n
 
     def _superseded(self, n: Notification) -> bool:
         incident = self.tracker.get(n.incident) if n.incident else None

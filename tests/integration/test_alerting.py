@@ -229,13 +229,20 @@ async def test_a_hanging_gateway_delays_no_other_channel_and_recovers(
         channel_warn_after="3s",
         escalation=[{"after": "0s", "notify": ["tier1"]}],
     )
+    doc = yaml.safe_load(cfg.read_text())  # the dead man's switch, on the healthy receiver
+    doc["heartbeat"] = {"url": f"http://127.0.0.1:{signal_gw.port}/hb", "every": "1s", "timeout": "1s"}
+    cfg.write_text(yaml.safe_dump(doc))
     d = await running(cfg)
     await wait_for(lambda: _up(d), 10, "erp1 up")
     await service.down()
     incident = await wait_for(d.incident, 15, "the incident")
     opened = time.monotonic()
     await smtp.wait_messages(1, timeout=10)
-    await signal_gw.wait_requests(1, timeout=10)
+
+    async def signal_page() -> bool:
+        return any(r.path == "/v2/send" for r in signal_gw.requests)
+
+    await wait_for(signal_page, 10, "the Signal page")
     healthy_after = time.monotonic() - opened
     # Healthy channels deliver in ~50 ms; the budget is what an all-healthy run gets on a loaded box.
     assert healthy_after < 2.0, healthy_after
@@ -253,6 +260,13 @@ async def test_a_hanging_gateway_delays_no_other_channel_and_recovers(
         lambda: _matching(smtp, "channel sms-oncall failing"), 20, "a channel-failing warning by mail"
     )
     assert "SinkTok3nSecret" not in warnings[0].text  # the SMS token is a secret
+
+    async def heartbeat_fails() -> list[Any]:
+        return [
+            r for r in signal_gw.requests if r.path == "/hb/fail" and b"channel sms-oncall failing" in r.body
+        ]
+
+    await wait_for(heartbeat_fails, 10, "the heartbeat to report the failing channel")
 
     sms_gw.mode = "ok"  # the gateway recovers: the page is retried and delivered, once
     await sms_gw.wait_requests(1, timeout=30)

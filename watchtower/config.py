@@ -848,6 +848,11 @@ class Notify(Strict):
     escalation: list[EscalationStep] = Field(default_factory=list, description="who is told when")
     update_every: Duration | None = Field(None, description="status message while an incident stays open")
     on_resolve: bool = Field(True, description="all-clear to everyone who was notified")
+    all_clear_after: NonNegativeDuration = Field(
+        60.0,
+        description="the all-clear waits until the recovery held this long: a flapping target gets "
+        "one page and one all-clear, not one per bounce",
+    )
     status_url: str | None = Field(
         None,
         description="the status page as on-call reaches it (e.g. through a VPN); quoted in alerts "

@@ -68,6 +68,7 @@ def site_config(tmp: Path, service_port: int, channels: list[dict[str, Any]], **
                 {"after": "0s", "notify": ["tier1"]},
                 {"after": "4s", "notify": ["tier2"], "unless": "acknowledged"},
             ],
+            "all_clear_after": "0s",
             **notify,
         },
     }

@@ -157,6 +157,7 @@ def write_config(tmp: Path, smtp_port: int, services: dict[str, Listener]) -> tu
                 {"after": "2s", "notify": ["tier2"], "unless": "acknowledged"},
             ],
             "retry_max": "1s",
+            "all_clear_after": "0s",  # all-clears at once: the test counts them within its window
             "channel_warn_after": "1h",  # channel warnings (incident 0) are not what this test counts
         },
     }

@@ -104,6 +104,7 @@ def test_alerting_goes_on_when_the_state_dir_fails_and_recovers(
                 "notify": {
                     "channels": [{"name": "mail", "url": mailto_url(smtp.port), "tags": ["tier1"]}],
                     "escalation": [{"after": "0s", "notify": ["tier1"]}],
+                    "all_clear_after": "0s",
                 },
             }
         )

@@ -56,6 +56,7 @@ async def api(lab: Lab, peers: tuple[SmtpSink, HttpSink], tmp_path: Path) -> Asy
         {"name": "mail-management", "url": mailto_url(smtp.port, to="md@lab.test"), "tags": ["tier4"]},
     ]
     data["notify"]["escalation"][1]["after"] = f"{TIER2_AFTER:g}s"
+    data["notify"]["all_clear_after"] = "5s"
     cfg_path = tmp_path / "demo.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     task = asyncio.create_task(run_daemon(load_config(cfg_path)))

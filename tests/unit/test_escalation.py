@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from watchtower.config import Config, parse_config
 from watchtower.engine.correlate import Scope
-from watchtower.engine.escalation import FLAP_SETTLE, DueStep, channels_for, due, rto_clock
+from watchtower.engine.escalation import DueStep, channels_for, due, rto_clock
 from watchtower.engine.incidents import Incident, IncidentState
 
 MIN = 60.0
@@ -56,6 +56,7 @@ def config(**notify: object) -> Config:
                 {"rto_fraction": 0.75, "notify": ["tier4"]},
             ],
             "update_every": "30m",
+            "all_clear_after": "0s",
             **notify,
         },
     }
@@ -187,25 +188,35 @@ def test_no_all_clear_when_switched_off_or_nobody_was_told() -> None:
     assert due(inc2, config(escalation=[]), T0 + 1, set(), set()) == []
 
 
-def test_flapping_root_gets_one_reopen_and_an_all_clear_only_when_stable() -> None:
+def test_flapping_root_gets_one_page_and_one_all_clear_once_stable() -> None:
     inc = incident()
-    d = Driver(config(), inc)
+    d = Driver(config(all_clear_after="60s"), inc)
     d.at(T0)
     t = T0
-    for flap in range(1, 6):  # up 20 s / down 20 s
+    for flap in range(1, 6):  # down 20 s / up 20 s
         t += 20
         inc.state, inc.resolved_at = IncidentState.RESOLVED, t
-        d.at(t)
+        d.run(t, t + 19)
         t += 20
         inc.state, inc.resolved_at, inc.flaps = IncidentState.OPEN, None, flap
         d.at(t)
-    kinds = [s.kind for _, s in d.log]
-    assert kinds == ["page", "resolve", "reopen"]  # later bounces are quiet
+    assert [s.kind for _, s in d.log] == ["page"]  # no all-clear went out, so no "failed again"
     t += 20
     inc.state, inc.resolved_at = IncidentState.RESOLVED, t
-    assert d.at(t + FLAP_SETTLE - 1) == []
-    (clear,) = d.at(t + FLAP_SETTLE)
+    assert d.at(t + 59) == []
+    (clear,) = d.at(t + 60)
     assert clear.step == "resolve:5" and clear.kind == "resolve"
+
+
+def test_a_failure_after_the_all_clear_is_announced_once() -> None:
+    inc = incident()
+    d = Driver(config(), inc)
+    d.at(T0)
+    inc.state, inc.resolved_at = IncidentState.RESOLVED, T0 + 100
+    assert [s.kind for s in d.at(T0 + 100)] == ["resolve"]
+    inc.state, inc.resolved_at, inc.flaps = IncidentState.OPEN, None, 1
+    assert [s.step for s in d.at(T0 + 200)] == ["reopen:1"]
+    assert d.at(T0 + 201) == []
 
 
 def test_merged_incident_owes_nothing() -> None:

@@ -10,8 +10,8 @@ Step ids:
   after a long pause nobody needs three stale updates in a row);
 - ``ack:{N}``: the N-th acknowledgement, announced to every channel notified so far;
 - ``reopen:{N}``: the incident failed again (flap N) after its all-clear went out;
-- ``resolve:{N}``: the all-clear of the N-th flap. After a flap, the all-clear waits
-  ``FLAP_SETTLE`` so a target bouncing up and down does not page on every bounce.
+- ``resolve:{N}``: the all-clear of the N-th flap, once the recovery held
+  ``notify.all_clear_after``: a target bouncing up and down gets one page and one all-clear.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from watchtower.config import Config, Notify
 from watchtower.durations import coarse, exact
 from watchtower.engine.correlate import Scope
 from watchtower.engine.incidents import Incident, IncidentState
-
-FLAP_SETTLE = 120.0  # after a flap, the all-clear waits until the incident stayed resolved this long
 
 # Kinds a recipient counts as "notified" by: they get updates, acks and the all-clear.
 NOTIFYING_KINDS = ("page", "escalation")
@@ -146,7 +144,7 @@ def due(
         and incident.state is IncidentState.RESOLVED
         and incident.resolved_at is not None
         and f"resolve:{flaps}" not in fired
-        and (flaps == 0 or now - incident.resolved_at >= FLAP_SETTLE)
+        and now - incident.resolved_at >= policy.all_clear_after
     ):
         out.append(DueStep(f"resolve:{flaps}", "resolve", everyone, "all clear"))
     return out

@@ -36,6 +36,9 @@ from watchtower.probes.traps import TrapEvent, is_link_down, is_link_up
 log = logging.getLogger("watchtower.monitor")
 
 
+# A dependent's verdict waits at most this long for a suspect dependency to be confirmed or cleared
+# (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
+HOLD_MAX = 10.0
 CRITICAL_WINDOW = 3600.0  # a critical SEL entry explains an outage for this long after it is seen
 
 
@@ -138,6 +141,7 @@ class Monitor:
         self.bmc: dict[str, BmcState] = {}
         self.topology = Topology.from_config(config)
         self._dirty = asyncio.Event()
+        self._holding: dict[str, float] = {}  # verdict root -> since when it is held back
         # Set when incidents changed (opened, grew, acknowledged, resolved): the alerting looks then.
         self.incidents_changed = asyncio.Event()
         # Filled in by the daemon when alerting runs: channel statistics and store health for metrics.
@@ -315,7 +319,14 @@ class Monitor:
         """A path's first failure: probe the target's other paths, and the vantage, now. The
         second witness (or the proof that watchtower itself is cut off) then arrives within a
         retry interval instead of a full one."""
-        for other in (*self.target_paths(status.path.target), *self.target_paths(VANTAGE)):
+        upstream = self.topology.upstream(status.path.target)
+        for other in (
+            *self.target_paths(status.path.target),
+            *self.target_paths(VANTAGE),
+            # What it depends on, too: if its hypervisor, switch or NAS is the one that died, that
+            # must be confirmed first, so the page names the root and not the first VM noticed.
+            *(p for target in upstream for p in self.target_paths(target)),
+        ):
             if other is not status and other.state is not PathState.DOWN:
                 self.scheduler.run_now(other.path.key)
 
@@ -327,6 +338,30 @@ class Monitor:
                 by_target.setdefault(status.path.target, []).append(path_view(status))
         facts = {name: bmc.facts(now) for name, bmc in self.bmc.items() if bmc.last_at is not None}
         return correlate(self.topology, by_target, facts, by_target.get(VANTAGE, []), now)
+
+    def _suspect(self, target: str) -> bool:
+        """A path of ``target`` is failing but not yet confirmed down."""
+        return any(
+            s.state is not PathState.DOWN and s.failures > 0 and not s.path.is_bmc
+            for s in self.target_paths(target)
+        )
+
+    def _held(self, corr: Correlation, now: float) -> set[str]:
+        """Roots of verdicts to hold back for now: something they depend on is failing but not yet
+        confirmed, so this may be its outage (one incident named after it), not theirs. Bounded:
+        a dependency that stays suspect longer than HOLD_MAX (flapping) no longer holds anyone."""
+        held: set[str] = set()
+        for verdict in corr.verdicts:
+            if verdict.scope is Scope.MONITOR:
+                continue
+            suspects = [u for u in self.topology.upstream(verdict.root) if self._suspect(u)]
+            if not suspects:
+                self._holding.pop(verdict.root, None)
+                continue
+            since = self._holding.setdefault(verdict.root, now)
+            if now - since < HOLD_MAX:
+                held.add(verdict.root)
+        return held
 
     def _vantage_suspect(self) -> bool:
         """A vantage path is failing but not yet confirmed: the monitor may be the one cut off."""
@@ -359,6 +394,10 @@ class Monitor:
             # Hold incident changes until the vantage settles: opening a network incident for a
             # failure of the monitor's own uplink is exactly the false alarm to avoid.
             return []
+        held = self._held(corr, now)
+        if held:
+            self._dirty.set()  # look again once the dependencies have settled
+            corr = replace(corr, verdicts=tuple(v for v in corr.verdicts if v.root not in held))
         changes = self.tracker.step(corr, now)
         if changes:
             self.incidents_changed.set()

@@ -49,6 +49,18 @@ class Topology:
             visit(node.name, frozenset())
         return cls(site, by_name, tuple(order))
 
+    def upstream(self, name: str) -> tuple[str, ...]:
+        """Everything ``name`` needs, transitively (parents and storage), nearest first."""
+        out: list[str] = []
+        todo = [name]
+        while todo:
+            node = self.nodes.get(todo.pop(0))
+            for dep in (*node.parents, *node.storage) if node else ():
+                if dep not in out and dep != name:
+                    out.append(dep)
+                    todo.append(dep)
+        return tuple(out)
+
     @classmethod
     def from_config(cls, cfg: Config) -> Topology:
         nodes = [

@@ -805,6 +805,15 @@ async def test_probe_count_all_answered(pinger: Pinger) -> None:
 
 
 @needs_ping
+async def test_probe_confirming_a_failure_asks_three_times(pinger: Pinger) -> None:
+    ctx = ProbeContext(timeout=1.0, pinger=pinger, state={"confirming": True})
+    result = await probe(IcmpPath(host="127.0.0.1"), ctx)
+    assert result.ok and pinger.sent == 3  # one echo per round, three while confirming a failure
+    result = await probe(IcmpPath(host="127.0.0.1"), ProbeContext(timeout=1.0, pinger=pinger))
+    assert result.ok and pinger.sent == 4
+
+
+@needs_ping
 async def test_probe_timeout(pinger: Pinger, monkeypatch: pytest.MonkeyPatch) -> None:
     drop_sends(monkeypatch, pinger)
     start = time.monotonic()

@@ -214,6 +214,9 @@ class Monitor:
 
     def _runner(self, status: PathStatus) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
+            # Confirming a failure of an up path: probes may look harder (icmp sends 3 echoes), so
+            # packet loss does not pass for an outage while a dead host still fails as fast.
+            status.memory["confirming"] = status.state is PathState.UP and status.failures > 0
             result = await run_probe(status.path, self.shared, status.memory)
             self.record(status, result, clock.now())
 

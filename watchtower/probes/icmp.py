@@ -879,6 +879,9 @@ def _open_error(v6: bool, failures: dict[str, OSError]) -> IcmpSocketError:
 # --------------------------------------------------------------------------- the probe
 
 
+CONFIRM_COUNT = 3
+
+
 async def probe(spec: IcmpPath, ctx: ProbeContext) -> ProbeResult:
     """``count`` echo requests to ``spec.host``, 0.1 s apart. Up when at least one is answered.
 
@@ -896,6 +899,11 @@ async def probe(spec: IcmpPath, ctx: ProbeContext) -> ProbeResult:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     count = max(1, int(getattr(spec, "count", 1) or 1))
+    if ctx.state.get("confirming"):
+        # The last probe of this up path failed: before it counts twice, ask three times. One
+        # echo per round keeps the steady cost at fping's; 30 % loss then needs ~0.3 x 0.03 to
+        # look like two failures in a row, instead of 0.3 x 0.3.
+        count = max(count, CONFIRM_COUNT)
     try:
         _parse_literal(host)
         address, via = host, ""

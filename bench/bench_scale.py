@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Probe cost at scale: the real daemon probing N paths (ICMP + TCP) on namespace hosts that answer
-for a whole prefix, at the default 5 s interval, next to fping as the floor.
+for a whole prefix, at the default 5 s interval, next to fping as the floor and blackbox_exporter
+driven by Prometheus at the same interval and timeout.
 
-    .venv/bin/python bench/bench_scale.py                    # N = 1,000 and 10,000, 60 s each
-    .venv/bin/python bench/bench_scale.py --sizes 1000 --duration 20 --no-write
+    /tmp/wtvenv/bin/python bench/bench_scale.py              # N = 100, 1,000, 5,000, 10,000; 120 s each
+    /tmp/wtvenv/bin/python bench/bench_scale.py --quick      # CI smoke: N = 100 for 10 s, no write
+    /tmp/wtvenv/bin/python bench/bench_scale.py --sizes 1000 --duration 20 --no-blackbox --no-write
 
 Prints a table and (unless --no-write) rewrites bench/RESULTS.md. Traffic goes only to the
 10.213.192.0/18 prefix inside namespaces this script creates and removes.
@@ -64,6 +66,42 @@ def get(url: str, timeout: float = 10.0) -> bytes:
         return bytes(response.read())
 
 
+def prom_histogram(body: bytes, name: str) -> dict[float, float]:
+    """Cumulative bucket counts of a histogram in a /metrics body, by upper bound."""
+    out: dict[float, float] = {}
+    prefix = f"{name}_bucket{{".encode()
+    for line in body.splitlines():
+        if line.startswith(prefix):
+            le = line.split(b'le="', 1)[1].split(b'"', 1)[0]
+            out[float("inf") if le == b"+Inf" else float(le)] = float(line.rsplit(b" ", 1)[1])
+    return out
+
+
+def max_bucket(before: dict[float, float], after: dict[float, float]) -> float:
+    """Upper bound of the highest bucket that gained observations between two scrapes."""
+    bounds = sorted(after)
+    highest = 0.0
+    prev = 0.0
+    for b in bounds:
+        gained = (after[b] - before.get(b, 0.0)) - prev
+        if gained > 0:
+            highest = b
+        prev = after[b] - before.get(b, 0.0)
+    return highest
+
+
+def longest_stall(path: Path, t0: float, t1: float) -> tuple[float, int]:
+    """(longest stall in s, stalls > 100 ms) the stall meter logged within [t0, t1]."""
+    worst, over = 0.0, 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            at, late = map(float, line.split())
+            if t0 <= at <= t1:
+                worst = max(worst, late)
+                over += late > 0.1
+    return worst, over
+
+
 def make_config(path: Path, listen: int, icmp: list[str], tcp: list[str], state_dir: Path) -> None:
     """Targets of five paths (four ICMP, one TCP) each, every path to its own address."""
     targets: dict[str, Any] = {}
@@ -112,8 +150,40 @@ def fping_floor(addresses: list[str], rounds: int) -> dict[str, float]:
     }
 
 
-def run_size(lab: Lab, n: int, duration: float, workdir: Path) -> dict[str, Any]:
-    n_tcp = n // 5
+def py_spy(pid: int, out: Path, seconds: int) -> list[tuple[float, str]]:
+    """Sample the daemon with py-spy (if installed next to this Python or on PATH) for ``seconds``,
+    after the measurement window; the top leaf frames (self time, GIL-holding or not) by share."""
+    exe = Path(sys.executable).parent / "py-spy"
+    spy = str(exe) if exe.exists() else shutil.which("py-spy")
+    if spy is None:
+        return []
+    subprocess.run(
+        [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "50", "--nonblocking", "-f", "raw",
+         "-o", str(out)],
+        capture_output=True, timeout=seconds + 60,
+    )  # fmt: skip
+    if not out.exists():
+        return []
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        name = leaf.split(" (", 1)[0]
+        where = leaf.split(" (", 1)[1].split(":", 1)[0].rsplit("/", 2) if " (" in leaf else [""]
+        key = f"{name} ({'/'.join(where[-2:])})"
+        leaves[key] = leaves.get(key, 0) + int(count)
+        total += int(count)
+    top = sorted(leaves.items(), key=lambda kv: -kv[1])[:12]
+    return [(c / total * 100, k) for k, c in top] if total else []
+
+
+def run_size(
+    lab: Lab, n: int, duration: float, workdir: Path, tcp_share: float, blackbox: bool, profile: bool = False
+) -> dict[str, Any]:
+    n_tcp = round(n * tcp_share)
     n_icmp = n - n_tcp
     addresses = lab.spec.bulk_addresses(n_icmp + n_tcp)
     icmp, tcp = addresses[:n_icmp], addresses[n_icmp:]
@@ -121,8 +191,9 @@ def run_size(lab: Lab, n: int, duration: float, workdir: Path) -> dict[str, Any]
     cfg = workdir / f"bench-{n}.yaml"
     make_config(cfg, listen, icmp, tcp, workdir / "state")
     log = open(workdir / f"daemon-{n}.log", "w")  # noqa: SIM115
+    stallfile = workdir / f"stalls-{n}.txt"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "watchtower.cli", "run", "-c", str(cfg), "--log-level", "WARNING"],
+        [sys.executable, str(REPO / "bench" / "stallmeter.py"), str(cfg), str(stallfile)],
         stdout=subprocess.DEVNULL, stderr=log, cwd=REPO,
     )  # fmt: skip
     base = f"http://127.0.0.1:{listen}"
@@ -138,20 +209,25 @@ def run_size(lab: Lab, n: int, duration: float, workdir: Path) -> dict[str, Any]
                 raise RuntimeError(f"daemon did not come up; see {workdir}/daemon-{n}.log")
             time.sleep(0.2)
         time.sleep(12)  # warm-up: first round spread over 5 s, then the fast retry cadence settles
+        hist0 = prom_histogram(get(f"{base}/metrics"), "watchtower_scheduler_lag_seconds")
         state0 = json.loads(get(f"{base}/api/v1/state"))
         (user0, sys0), t0 = proc_cpu(proc.pid), time.monotonic()
         time.sleep(duration)
         (user1, sys1), t1 = proc_cpu(proc.pid), time.monotonic()
         cpu0, cpu1 = user0 + sys0, user1 + sys1
         state1 = json.loads(get(f"{base}/api/v1/state"))
+        stall, stalls_over = longest_stall(stallfile, t0, t1)
         renders = []
         for _ in range(5):
             start = time.perf_counter()
             body = get(f"{base}/metrics")
             renders.append(time.perf_counter() - start)
+        if profile:
+            result_profile = py_spy(proc.pid, workdir / f"profile-{n}.txt", 30)
+        lag_max = max_bucket(hist0, prom_histogram(body, "watchtower_scheduler_lag_seconds"))
         runs = state1["scheduler"]["runs"] - state0["scheduler"]["runs"]
         not_up = sum(1 for t in state1["targets"].values() for p in t["paths"] if p["state"] != "up")
-        return {
+        result: dict[str, Any] = {
             "n": n,
             "icmp": n_icmp,
             "tcp": n_tcp,
@@ -163,12 +239,17 @@ def run_size(lab: Lab, n: int, duration: float, workdir: Path) -> dict[str, Any]
             "cpu_per_1000": (cpu1 - cpu0) / runs * 1000 if runs else float("nan"),
             "lag_p50_ms": (state1["scheduler"]["lag_p50"] or 0) * 1000,
             "lag_p99_ms": (state1["scheduler"]["lag_p99"] or 0) * 1000,
+            "lag_max_ms": lag_max * 1000,
+            "stall_ms": stall * 1000,
+            "stalls_over_100ms": stalls_over,
             "peak_rss_mb": proc_hwm_mb(proc.pid),
             "metrics_ms": statistics.median(renders) * 1000,
             "metrics_series": sum(1 for line in body.splitlines() if line and not line.startswith(b"#")),
             "not_up": not_up,
             "fping": fping_floor(icmp, rounds=3),
         }
+        if profile:
+            result["profile"] = result_profile
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -177,6 +258,42 @@ def run_size(lab: Lab, n: int, duration: float, workdir: Path) -> dict[str, Any]
             proc.kill()
             proc.wait()
         log.close()
+    if blackbox:
+        result["blackbox"] = blackbox_cost(icmp, tcp, duration, workdir / f"prom-{n}")
+    return result
+
+
+def blackbox_cost(icmp: list[str], tcp: list[str], duration: float, workdir: Path) -> dict[str, Any]:
+    """Prometheus scraping blackbox_exporter for every address at watchtower's interval and timeout
+    (5 s, 1 s): CPU of both processes over ``duration`` after a warm-up, their RSS, probes done."""
+    from common import PromStack, Timing
+
+    timing = Timing("scale", "5s", "1s", "5s", "0m")
+    probes = [(f"h{i}", "icmp", a) for i, a in enumerate(icmp)]
+    probes += [(f"t{i}", "tcp_connect", f"{a}:{TCP_PORT}") for i, a in enumerate(tcp)]
+    stack = PromStack([], None, workdir, probes=probes, alerting=False)
+    try:
+        stack.start_scrapers([timing])
+        time.sleep(12)
+        q0 = stack.scraped(timing)
+        cpu0, t0 = stack.cpu(), time.monotonic()
+        time.sleep(duration)
+        cpu1, t1 = stack.cpu(), time.monotonic()
+        q1 = stack.scraped(timing)
+        up = stack.query(timing, "count(probe_success == 1)")
+        cpu = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
+        total = sum(cpu.values())
+        probes_done = q1 - q0
+        return {
+            "cpu_pct": total / (t1 - t0) * 100,
+            "cpu_split": {k: v / (t1 - t0) * 100 for k, v in cpu.items()},
+            "cpu_per_1000": total / probes_done * 1000 if probes_done else float("nan"),
+            "rss_mb": sum(p.rss_mb() for p in stack.procs.values()),
+            "probes_per_s": probes_done / (t1 - t0),
+            "up": int(float(up[0]["value"][1])) if up else 0,
+        }
+    finally:
+        stack.stop()
 
 
 def machine() -> str:
@@ -187,13 +304,28 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}"
 
 
+def bb_cell(r: dict[str, Any]) -> str:
+    b = r.get("blackbox")
+    if not b:
+        return "not run"
+    split = b["cpu_split"]
+    bb = split.get("blackbox", 0.0)
+    prom = sum(v for k, v in split.items() if k.startswith("prom"))
+    return (
+        f"{b['cpu_pct']:.1f} ({bb:.1f} / {prom:.1f}), {b['cpu_per_1000']:.3f}, {b['rss_mb']:.0f}, "
+        f"{b['up']:,} of {r['n']:,}"
+    )
+
+
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| paths (icmp+tcp) | probes/s | CPU % of a core (system share) | CPU s / 1000 probes "
-        "| lag p50 / p99 ms | peak RSS MB | /metrics ms (series) | paths not up "
-        "| fping: CPU s / 1000 pings, sweep wall s |"
+        "| lag p50 / p99 / max ms | longest loop stall ms (> 100 ms) | peak RSS MB "
+        "| /metrics ms (series) | paths not up "
+        "| fping: CPU s / 1000 pings, sweep wall s "
+        "| blackbox + Prometheus: CPU % (bb / prom), CPU s / 1000 probes, RSS MB, up |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 11]
     for r in results:
         f = r["fping"]
         fp = f"{f['cpu_per_1000']:.4f}, {f['wall']:.2f} s ({f['alive_min']} alive)" if f else "fping missing"
@@ -201,8 +333,9 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {r['n']:,} ({r['icmp']:,}+{r['tcp']:,}) | {r['probes_per_s']:.0f} "
             f"| {r['cpu_pct']:.1f} ({r['sys_share']:.0f} % sys) "
             f"| {r['cpu_per_1000']:.3f} | {r['lag_p50_ms']:.2f} / {r['lag_p99_ms']:.2f} "
+            f"/ <= {r['lag_max_ms']:.0f} | {r['stall_ms']:.0f} ({r['stalls_over_100ms']}) "
             f"| {r['peak_rss_mb']:.0f} "
-            f"| {r['metrics_ms']:.0f} ({r['metrics_series']:,}) | {r['not_up']} | {fp} |"
+            f"| {r['metrics_ms']:.0f} ({r['metrics_series']:,}) | {r['not_up']} | {fp} | {bb_cell(r)} |"
         )
     return "\n".join(lines)
 
@@ -211,10 +344,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 5000, 10000])
+    parser.add_argument("--duration", type=float, default=120.0)
+    parser.add_argument("--tcp-share", type=float, default=0.2, help="share of TCP paths (default 0.2)")
+    parser.add_argument("--no-blackbox", action="store_true", help="skip blackbox_exporter + Prometheus")
+    parser.add_argument("--quick", action="store_true", help="CI smoke: N = 100 for 10 s, no write")
+    parser.add_argument("--profile", action="store_true", help="py-spy the daemon 30 s after the largest N")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.duration, args.no_write = [100], 10.0, True
     if os.geteuid() != 0:
         print("bench_scale: needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -222,14 +361,33 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="wt-bench-") as tmp:
         lab = Lab(spec, Path(tmp) / "lab")
+        from common import wait_lab_free
+
+        wait_lab_free(900, prefix="wtb-", check_ci=False)  # tests/integration/test_lab.py builds "wtb" too
         lab.up()
         try:
             for n in args.sizes:
                 print(f"running N={n} for {args.duration:.0f}s ...", file=sys.stderr, flush=True)
-                results.append(run_size(lab, n, args.duration, Path(tmp)))
+                results.append(
+                    run_size(
+                        lab,
+                        n,
+                        args.duration,
+                        Path(tmp),
+                        args.tcp_share,
+                        not args.no_blackbox,
+                        profile=args.profile and n == max(args.sizes),
+                    )
+                )
         finally:
             lab.down()
     out = table(results)
+    for r in results:
+        if r.get("profile"):
+            out += f"\n\npy-spy, {r['n']:,} paths, 30 s after the window, top leaf frames (share of samples):"
+            out += "\n\n"
+            out += "| share | frame |\n|---|---|\n"
+            out += "\n".join(f"| {pct:.1f} % | `{frame}` |" for pct, frame in r["profile"])
     print(out)
     if not args.no_write:
         write_results(out, args)
@@ -245,7 +403,7 @@ def write_results(out: str, args: argparse.Namespace) -> None:
             marker,
             "",
             f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
-            f"Command: `.venv/bin/python bench/bench_scale.py --sizes {' '.join(map(str, args.sizes))} "
+            f"Command: `/tmp/wtvenv/bin/python bench/bench_scale.py --sizes {' '.join(map(str, args.sizes))} "
             f"--duration {args.duration:.0f}`",
             "",
             "The real daemon (`watchtower run`, default 5 s interval, 1 s timeout) probes N paths on two",
@@ -253,7 +411,12 @@ def write_results(out: str, args: argparse.Namespace) -> None:
             f"to its own address. Figures over {args.duration:.0f} s after a 12 s warm-up; CPU is the",
             "daemon's user+system time from /proc; lag is probe start minus due time (last 20,000 runs);",
             "`/metrics` is the median of 5 uncompressed scrapes; fping sweeps the same ICMP addresses with",
-            "`-i 0`.",
+            "`-i 0`. Lag max is the upper bound of the highest `watchtower_scheduler_lag_seconds` bucket",
+            "that gained runs in the window. The loop stall is measured by bench/stallmeter.py, which runs",
+            "the daemon with a 20 ms ticker on its loop and logs every wake-up more than 5 ms late. Then,",
+            "with the daemon stopped, Debian's Prometheus scrapes blackbox_exporter for the same addresses",
+            "(module icmp / tcp_connect, interval 5 s, scrape_timeout 1 s) for the same time; its CPU is",
+            "both processes' (blackbox / prometheus), per scrape (= probe); RSS is both processes' RSS.",
             "",
             out,
             "",

@@ -4,11 +4,44 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from watchtower.lab.sinks import free_port, wait_for
 
-__all__ = ["free_port", "make_cert", "wait_for"]
+__all__ = ["free_port", "make_cert", "stop_process", "until", "wait_for"]
+
+
+def until(predicate: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:
+    """The blocking twin of ``wait_for`` for tests that drive a subprocess: poll ``predicate``
+    until it returns something truthy; on timeout fail with the tail of ``log`` (the daemon's)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    tail = f": {log.read_text()[-3000:]}" if log is not None and log.exists() else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{tail}")
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> bool:
+    """SIGTERM a process the test started, by its PID; SIGKILL it if that does not work within
+    ``timeout``. True when SIGTERM was enough."""
+    if proc.poll() is not None:
+        return True
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        return False
 
 
 def make_cert(tmp: Path, name: str, days: int = 30) -> tuple[Path, Path]:

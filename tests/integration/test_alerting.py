@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 import yaml
 from sinks import HttpSink, SmtpSink, mailto_url, signal_url, smseagle_url
-from support import free_port, wait_for
+from support import free_port, stop_process, until, wait_for
 
 from watchtower.config import load_config
 from watchtower.daemon import run_daemon
@@ -315,7 +315,8 @@ def test_mail_accepted_while_smtp_is_down_arrives_exactly_once_across_kill_9(tmp
     )
     db = tmp_path / "state" / "watchtower.sqlite"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = (tmp_path / "daemon.log").open("w")
+    daemon_log = tmp_path / "daemon.log"
+    log = daemon_log.open("w")
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -331,21 +332,19 @@ def test_mail_accepted_while_smtp_is_down_arrives_exactly_once_across_kill_9(tmp
         finally:
             store.close()
 
-    def until(predicate: Any, timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.1)
-        tail = (tmp_path / "daemon.log").read_text()[-3000:]
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}: {tail}")
+    def rows_in(state: str, tried: bool = False) -> list[Any]:
+        return [r for r in rows() if r.state == state and (r.attempts >= 1 or not tried)]
 
     first = start()
     try:
-        until(lambda: rows() == [] and db.exists(), 15, "the store to exist")
+        until(lambda: rows() == [] and db.exists(), 15, "the store to exist", daemon_log)
         service.close()  # the service dies
-        until(lambda: [r for r in rows() if r.attempts >= 1 and r.state == "pending"], 20, "a failed attempt")
+        until(
+            lambda: [r for r in rows() if r.attempts >= 1 and r.state == "pending"],
+            20,
+            "a failed attempt",
+            daemon_log,
+        )
         first.send_signal(signal.SIGKILL)
         first.wait(5)
     finally:
@@ -357,12 +356,17 @@ def test_mail_accepted_while_smtp_is_down_arrives_exactly_once_across_kill_9(tmp
     smtp.start()
     second = start()
     try:
-        until(lambda: [r for r in rows() if r.state == "sent"], 40, "the pending mail to be delivered")
+        until(
+            lambda: [r for r in rows() if r.state == "sent"],
+            40,
+            "the pending mail to be delivered",
+            daemon_log,
+        )
         # The restarted daemon re-confirms erp1 down: that must join incident 1, not page again.
         state_url = "http://{}:{}/api/v1/state".format(*load_config(cfg).listen_host_port)
-        until(lambda: _target_state(state_url, "erp1") == "down", 20, "erp1 confirmed down again")
+        until(lambda: _target_state(state_url, "erp1") == "down", 20, "erp1 confirmed down again", daemon_log)
         settle = time.monotonic() + 2.5  # two alerting ticks: time for a wrong second page to be decided
-        until(lambda: time.monotonic() > settle, 5, "two alerting ticks")
+        until(lambda: time.monotonic() > settle, 5, "two alerting ticks", daemon_log)
         store = Store(db)
         try:
             incidents = store.incidents()
@@ -373,11 +377,7 @@ def test_mail_accepted_while_smtp_is_down_arrives_exactly_once_across_kill_9(tmp
         assert len(pages) == 1, [m.subject for m in smtp.messages]
         assert len(smtp.messages) == 1 and len(rows()) == 1
     finally:
-        second.send_signal(signal.SIGTERM)
-        try:
-            second.wait(10)
-        except subprocess.TimeoutExpired:
-            second.kill()
+        stop_process(second)
         smtp.stop()
         log.close()
     check = Store(db)

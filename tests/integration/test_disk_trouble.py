@@ -10,20 +10,17 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from sinks import SmtpSink, mailto_url
-from support import free_port
+from support import free_port, stop_process, until
 
 from watchtower.store import Store
 
@@ -52,16 +49,6 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except OSError:
         return 0, ""
-
-
-def until(predicate: Any, timeout: float, what: str, log: Path) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}: {log.read_text()[-3000:]}")
 
 
 def fill(mnt: Path) -> Path:
@@ -163,12 +150,7 @@ def test_alerting_goes_on_when_the_state_dir_fails_and_recovers(
         finally:
             revived.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         smtp.stop()
         service.close()
         with contextlib.suppress(OSError):

@@ -16,10 +16,8 @@ import base64
 import json
 import os
 import secrets as pysecrets
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from sinks import HttpSink, SmtpSink, mailto_url, signal_url, smseagle_url
-from support import free_port
+from support import free_port, stop_process, until
 
 pytestmark = pytest.mark.slow
 
@@ -226,16 +224,6 @@ def get(url: str, token: str | None = None, accept: str = "*/*") -> tuple[int, s
         return 0, ""
 
 
-def wait(predicate: Any, timeout: float, what: str, log: Path) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}: {log.read_text()[-3000:]}")
-
-
 def leaks(text: str, s: dict[str, str]) -> list[str]:
     found = [name for name, value in s.items() if value in text]
     for name in ("http", "redfish_path"):  # basic auth: the base64 of user:password
@@ -283,8 +271,8 @@ def test_no_secret_leaks_through_any_output(tmp_path: Path) -> None:
             roots = {i["root"] for i in incidents()}
             return {"pve1", "pve2", "nas1", "web1"} <= roots
 
-        wait(every_target_has_an_incident, 40, "an incident per target", log)
-        wait(
+        until(every_target_has_an_incident, 40, "an incident per target", log)
+        until(
             lambda: signal_gw.requests and sms_gw.requests and hb.requests and smtp.messages,
             30,
             "pages at the gateways and a heartbeat",
@@ -296,9 +284,9 @@ def test_no_secret_leaks_through_any_output(tmp_path: Path) -> None:
             failed = {n["channel"] for n in notes if n["error"]}
             return {"sms", "mail-auth"} <= failed
 
-        wait(failures_recorded, 30, "the failing channels' reasons", log)
+        until(failures_recorded, 30, "the failing channels' reasons", log)
         # a channel failing longer than channel_warn_after: the warning names its error
-        wait(lambda: any("failing" in m.subject for m in smtp.messages), 30, "a channel warning", log)
+        until(lambda: any("failing" in m.subject for m in smtp.messages), 30, "a channel warning", log)
 
         ids = [i["id"] for i in incidents()]
         for path in ("/metrics", "/healthz", "/api/v1/state", "/api/v1/incidents", "/api/v1/incidents?all=1"):
@@ -331,12 +319,7 @@ def test_no_secret_leaks_through_any_output(tmp_path: Path) -> None:
         outputs["notify-test"] = cli("notify-test", "-c", c)
         assert "ipmi" in outputs["probe pve1"] and "redfish" in outputs["probe pve2"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         for sink in (signal_gw, sms_gw, hb, web_gw):
             sink.stop()
         smtp.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from support import free_port
+from support import free_port, stop_process
 
 from watchtower.lab import Lab, bulk_site
 
@@ -135,10 +134,5 @@ def test_everything_times_out_at_once(storm_site: Lab, tmp_path: Path) -> None:
         assert len(incidents[0]["affected"]) == len(targets) - 1
     finally:
         storm_site.repair("bulk1")
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         log.close()

@@ -328,9 +328,10 @@ async def test_sighup_reload_keeps_state_and_rejects_bad_config(tmp_path: Path) 
     alive = server.sockets[0].getsockname()[1]
     port = free_port()
     cfg = write_config(tmp_path, port, alive, free_port())
+    log_path = tmp_path / "daemon.log"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "watchtower.cli", "run", "-c", str(cfg),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL, stderr=log_path.open("wb"),
     )  # fmt: skip
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
@@ -367,7 +368,7 @@ async def test_sighup_reload_keeps_state_and_rejects_bad_config(tmp_path: Path) 
 
             doc = await wait_for(reloaded, 10, "the reload to apply")
             # unchanged paths keep their state: still up at once, no unknown phase
-            assert doc["targets"]["web1"]["state"] == "up"
+            assert doc["targets"]["web1"]["state"] == "up", log_path.read_text()
             assert {p["name"] for p in doc["targets"]["web1"]["paths"]} == {p["name"] for p in before}
             assert await metric("watchtower_config_last_reload_success") == 1.0
 
@@ -382,7 +383,7 @@ async def test_sighup_reload_keeps_state_and_rejects_bad_config(tmp_path: Path) 
             assert set((await state())["targets"]) == {"web1", "extra"}
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 5) == 0
-        err = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+        err = log_path.read_text()
         assert "config reloaded added=1 removed=1" in err
         assert "reload rejected, keeping the running config: targets.web1.role" in err
         assert "Traceback" not in err
@@ -450,9 +451,10 @@ async def test_reload_keeps_open_incidents_and_retimes_paths_in_place(tmp_path: 
     alive = server.sockets[0].getsockname()[1]
     port = free_port()
     cfg = write_config(tmp_path, port, alive, free_port())
+    log_path = tmp_path / "daemon.log"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "watchtower.cli", "run", "-c", str(cfg),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL, stderr=log_path.open("wb"),
     )  # fmt: skip
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
@@ -469,6 +471,13 @@ async def test_reload_keeps_open_incidents_and_retimes_paths_in_place(tmp_path: 
                 return found[0] if found else None
 
             before = await wait_for(gone_incident, 15, "the incident for 'gone'")
+
+            async def web1_up() -> bool:
+                doc = await get("/api/v1/state")
+                return bool(doc) and doc["targets"]["web1"]["state"] == "up"
+
+            # web1 must have settled before the reload, or "still up after it" proves nothing
+            await wait_for(web1_up, 15, "web1 up before the reload")
             data = yaml.safe_load(cfg.read_text())
             data["targets"]["web1"]["interval"] = "2s"
             data["targets"]["extra"] = {"role": "service", "paths": [{"tcp": f"127.0.0.1:{alive}"}]}
@@ -480,13 +489,13 @@ async def test_reload_keeps_open_incidents_and_retimes_paths_in_place(tmp_path: 
                 return doc if doc and doc["targets"].get("extra", {}).get("state") == "up" else None
 
             doc = await wait_for(extra_up, 10, "the new target up after the reload")
-            assert doc["targets"]["web1"]["state"] == "up"
+            assert doc["targets"]["web1"]["state"] == "up", log_path.read_text()
             after = await get("/api/v1/incidents?all=1")
             assert [(i["id"], i["state"], i["root"]) for i in after] == [(before["id"], "open", "gone")]
             assert [e["kind"] for e in after[0]["timeline"]].count("opened") == 1
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
-        err = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+        err = log_path.read_text()
         assert "config reloaded added=1 removed=0 changed=2 kept=" in err  # web1's two paths re-timed
         assert "Traceback" not in err
     finally:

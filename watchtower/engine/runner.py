@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
 from watchtower.config import ResolvedPath
-from watchtower.probes import Failure, ProbeContext, ProbeResult, get_probe
+from watchtower.probes import Failure, ProbeContext, ProbeFunc, ProbeResult, get_probe
 
 log = logging.getLogger("watchtower.runner")
 
 # Probes enforce ctx.timeout themselves; this outer bound catches one that does not (a library
 # that ignores cancellation for a moment, a bug) without making the path look slower than it is.
 HARD_TIMEOUT_GRACE = 0.5
+
+# Confirming a failure of an up path (``state["confirming"]``): kinds whose probe is one cheap
+# request try again, staggered inside the same timeout, so one lost SYN or datagram does not count
+# as the path's second failure. A lost SYN costs a TCP connect the kernel's 1 s retransmit, i.e.
+# the whole default timeout. Only a timeout is retried: a refusal or a wrong answer is the peer's
+# word. icmp confirms with its own echoes (see probes/icmp.py); BMC and SNMP probes open sessions
+# that are not worth racing.
+CONFIRM_TRIES = {"tcp": 3, "dns": 3, "http": 3}
 
 
 async def run_probe(
@@ -31,9 +40,13 @@ async def run_probe(
         extra=shared.extra,
         state=state if state is not None else {},
     )
+    tries = CONFIRM_TRIES.get(path.kind, 1) if ctx.state.get("confirming") else 1
     try:
         async with asyncio.timeout(path.timeout + HARD_TIMEOUT_GRACE):
-            result = await probe(path.spec, ctx)
+            if tries == 1:
+                result = await probe(path.spec, ctx)
+            else:
+                result = await staggered(probe, path.spec, ctx, tries)
     except TimeoutError:
         return ProbeResult.fail(Failure.TIMEOUT, f"no answer within {path.timeout:g}s (probe overran)")
     except asyncio.CancelledError:
@@ -46,3 +59,46 @@ async def run_probe(
             Failure.INTERNAL, f"probe returned {type(result).__name__}, not a ProbeResult"
         )
     return result
+
+
+async def staggered(probe: ProbeFunc, spec: Any, ctx: ProbeContext, tries: int) -> ProbeResult:
+    """Up to ``tries`` runs of ``probe``, started ``ctx.timeout / tries`` apart (or at once when the
+    previous one timed out), all ending by the same deadline. The first success wins; so does the
+    first failure that is not a timeout (the peer answered). When every try timed out, the first
+    timeout is the result."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.timeout
+    gap = ctx.timeout / tries
+    running: dict[asyncio.Task[ProbeResult], int] = {}
+    first_timeout: ProbeResult | None = None
+    started = 0
+    try:
+        while True:
+            left = deadline - loop.time()
+            if started < tries and left > 0 and (not running or started * gap <= ctx.timeout - left):
+                attempt = dataclasses.replace(ctx, timeout=left)
+                running[asyncio.ensure_future(probe(spec, attempt))] = started + 1
+                started += 1
+            if not running:
+                assert first_timeout is not None
+                return first_timeout
+            next_start = deadline - ctx.timeout + started * gap
+            wait = max(0.0, next_start - loop.time()) if started < tries else None
+            done, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                number = running.pop(task)
+                result = task.result()  # a crash propagates to run_probe: internal
+                if result.ok:
+                    if number > 1:
+                        note = f"try {number} of {tries}: the earlier ones got no answer"
+                        result = dataclasses.replace(result, detail=f"{result.detail} ({note})")
+                    return result
+                if result.failure is not Failure.TIMEOUT:
+                    return result
+                if first_timeout is None:
+                    first_timeout = dataclasses.replace(result, detail=f"{result.detail} ({tries} tries)")
+    finally:
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)

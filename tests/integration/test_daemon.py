@@ -503,3 +503,46 @@ async def test_reload_keeps_open_incidents_and_retimes_paths_in_place(tmp_path: 
             proc.kill()
             await proc.wait()
         server.close()
+
+
+async def test_reload_replaces_the_api_token(tmp_path: Path) -> None:
+    """A rotated token file takes effect on SIGHUP: the new token opens the API, the old one and
+    the cookies made from it no longer do, and /metrics stays open throughout."""
+    server = await asyncio.start_server(http_ok, "127.0.0.1", 0)
+    alive = server.sockets[0].getsockname()[1]
+    port = free_port()
+    cfg = write_config(tmp_path, port, alive, free_port(), token="first-token")
+    log_path = tmp_path / "daemon.log"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "watchtower.cli", "run", "-c", str(cfg),
+        stdout=asyncio.subprocess.DEVNULL, stderr=log_path.open("wb"),
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+
+            async def status(token: str, path: str = "/api/v1/state") -> int | None:
+                try:
+                    async with session.get(path, headers={"Authorization": f"Bearer {token}"}) as r:
+                        return r.status
+                except aiohttp.ClientError:
+                    return None
+
+            async def opens(token: str) -> bool:
+                return await status(token) == 200
+
+            await wait_for(lambda: opens("first-token"), 15, "the API open to the first token")
+            assert await status("second-token") == 401
+            (tmp_path / "api-token").write_text("second-token\n")
+            proc.send_signal(signal.SIGHUP)
+            await wait_for(lambda: opens("second-token"), 10, "the API open to the rotated token")
+            assert await status("first-token") == 401, log_path.read_text()
+            assert await status("first-token", "/metrics") == 200
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        log = log_path.read_text()
+        assert "first-token" not in log and "second-token" not in log
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()

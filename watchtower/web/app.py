@@ -27,7 +27,6 @@ from watchtower.web.page import page_incident, render_login_page, render_status_
 __all__ = ["make_app", "render_status_page"]
 
 MONITOR: web.AppKey[Monitor] = web.AppKey("monitor", Monitor)
-TOKEN: web.AppKey[str | None] = web.AppKey("token")
 # The incident store (history, notifications); None when the daemon runs without one (unit tests).
 STORE: web.AppKey[AsyncStore | None] = web.AppKey("store")
 ALERTING: web.AppKey[Alerting | None] = web.AppKey("alerting")
@@ -114,6 +113,13 @@ PAGE_HEADERS = {
 }
 
 
+def api_token(request: web.Request) -> str | None:
+    """The API token of the config now in force: read per request, so a SIGHUP that changes the
+    token file takes effect at once (and the old token, and cookies made from it, stop working)."""
+    token = request.app[MONITOR].config.secret("api_token")
+    return token.get_secret_value() if token else None
+
+
 def session_value(token: str) -> str:
     return hmac.new(token.encode(), _SESSION_PURPOSE, hashlib.sha256).hexdigest()
 
@@ -164,7 +170,7 @@ async def auth_middleware(
 ) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD", "OPTIONS") and not _same_origin(request):
         return web.Response(status=403, text="cross-site request refused\n")
-    token = request.app[TOKEN]
+    token = api_token(request)
     authenticated = not token or _bearer_ok(request, token) or _cookie_ok(request, token)
     if not authenticated and request.path not in OPEN_PATHS:
         if _wants_html(request) and not request.path.startswith("/api/"):
@@ -225,13 +231,13 @@ async def handle_page(request: web.Request) -> web.Response:
         state_document(monitor.snapshot(), monitor),
         incidents,
         config=config,
-        logout=bool(request.app[TOKEN]) and SESSION_COOKIE in request.cookies,
+        logout=bool(api_token(request)) and SESSION_COOKIE in request.cookies,
     )
     return _page(html)
 
 
 async def handle_login_form(request: web.Request) -> web.Response:
-    token = request.app[TOKEN]
+    token = api_token(request)
     if not token or _cookie_ok(request, token):
         raise web.HTTPSeeOther("/")
     return _page(render_login_page(request.app[MONITOR].config.site))
@@ -239,7 +245,7 @@ async def handle_login_form(request: web.Request) -> web.Response:
 
 async def handle_login(request: web.Request) -> web.Response:
     """POST /login: the token in a form -> the session cookie, then always to / (no open redirect)."""
-    token = request.app[TOKEN]
+    token = api_token(request)
     if not token:
         raise web.HTTPSeeOther("/")
     site = request.app[MONITOR].config.site
@@ -263,7 +269,7 @@ async def handle_login(request: web.Request) -> web.Response:
 
 
 async def handle_logout(request: web.Request) -> web.Response:
-    response = web.HTTPSeeOther("/login" if request.app[TOKEN] else "/")
+    response = web.HTTPSeeOther("/login" if api_token(request) else "/")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
 
@@ -451,8 +457,6 @@ def make_app(
     app[MONITOR] = monitor
     app[STORE] = store
     app[ALERTING] = alerting
-    token = monitor.config.secret("api_token")
-    app[TOKEN] = token.get_secret_value() if token else None
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/api/v1/state", handle_state)

@@ -90,16 +90,24 @@ def max_bucket(before: dict[float, float], after: dict[float, float]) -> float:
     return highest
 
 
-def longest_stall(path: Path, t0: float, t1: float) -> tuple[float, int]:
-    """(longest stall in s, stalls > 100 ms) the stall meter logged within [t0, t1]."""
-    worst, over = 0.0, 0
+def longest_stall(path: Path, t0: float, t1: float) -> tuple[float, int, float, str]:
+    """(longest stall in s, stalls > 100 ms, longest GC pass in s, its generation) the stall meter
+    logged within [t0, t1]."""
+    worst, over, gc_worst, gc_gen = 0.0, 0, 0.0, "-"
     if path.exists():
         for line in path.read_text().splitlines():
-            at, late = map(float, line.split())
-            if t0 <= at <= t1:
-                worst = max(worst, late)
-                over += late > 0.1
-    return worst, over
+            fields = line.split()
+            at = float(fields[0])
+            if not t0 <= at <= t1:
+                continue
+            if len(fields) == 3:  # "<at> gc<generation> <seconds>"
+                if float(fields[2]) > gc_worst:
+                    gc_worst, gc_gen = float(fields[2]), fields[1]
+                continue
+            late = float(fields[1])
+            worst = max(worst, late)
+            over += late > 0.1
+    return worst, over, gc_worst, gc_gen
 
 
 def make_config(path: Path, listen: int, icmp: list[str], tcp: list[str], state_dir: Path) -> None:
@@ -216,7 +224,7 @@ def run_size(
         (user1, sys1), t1 = proc_cpu(proc.pid), time.monotonic()
         cpu0, cpu1 = user0 + sys0, user1 + sys1
         state1 = json.loads(get(f"{base}/api/v1/state"))
-        stall, stalls_over = longest_stall(stallfile, t0, t1)
+        stall, stalls_over, gc_pause, gc_gen = longest_stall(stallfile, t0, t1)
         renders = []
         for _ in range(5):
             start = time.perf_counter()
@@ -242,6 +250,8 @@ def run_size(
             "lag_max_ms": lag_max * 1000,
             "stall_ms": stall * 1000,
             "stalls_over_100ms": stalls_over,
+            "gc_ms": gc_pause * 1000,
+            "gc_gen": gc_gen,
             "peak_rss_mb": proc_hwm_mb(proc.pid),
             "metrics_ms": statistics.median(renders) * 1000,
             "metrics_series": sum(1 for line in body.splitlines() if line and not line.startswith(b"#")),
@@ -320,12 +330,13 @@ def bb_cell(r: dict[str, Any]) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| paths (icmp+tcp) | probes/s | CPU % of a core (system share) | CPU s / 1000 probes "
-        "| lag p50 / p99 / max ms | longest loop stall ms (> 100 ms) | peak RSS MB "
+        "| lag p50 / p99 / max ms | longest loop stall ms (> 100 ms) | longest GC pass ms "
+        "| peak RSS MB "
         "| /metrics ms (series) | paths not up "
         "| fping: CPU s / 1000 pings, sweep wall s "
         "| blackbox + Prometheus: CPU % (bb / prom), CPU s / 1000 probes, RSS MB, up |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in results:
         f = r["fping"]
         fp = f"{f['cpu_per_1000']:.4f}, {f['wall']:.2f} s ({f['alive_min']} alive)" if f else "fping missing"
@@ -334,6 +345,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {r['cpu_pct']:.1f} ({r['sys_share']:.0f} % sys) "
             f"| {r['cpu_per_1000']:.3f} | {r['lag_p50_ms']:.2f} / {r['lag_p99_ms']:.2f} "
             f"/ <= {r['lag_max_ms']:.0f} | {r['stall_ms']:.0f} ({r['stalls_over_100ms']}) "
+            f"| {r['gc_ms']:.0f} ({r['gc_gen']}) "
             f"| {r['peak_rss_mb']:.0f} "
             f"| {r['metrics_ms']:.0f} ({r['metrics_series']:,}) | {r['not_up']} | {fp} | {bb_cell(r)} |"
         )
@@ -413,7 +425,8 @@ def write_results(out: str, args: argparse.Namespace) -> None:
             "`/metrics` is the median of 5 uncompressed scrapes; fping sweeps the same ICMP addresses with",
             "`-i 0`. Lag max is the upper bound of the highest `watchtower_scheduler_lag_seconds` bucket",
             "that gained runs in the window. The loop stall is measured by bench/stallmeter.py, which runs",
-            "the daemon with a 20 ms ticker on its loop and logs every wake-up more than 5 ms late. Then,",
+            "the daemon with a 20 ms ticker on its loop and logs every wake-up more than 5 ms late, and",
+            "every garbage-collector pass over 5 ms (generation in brackets; a pass holds the GIL). Then,",
             "with the daemon stopped, Debian's Prometheus scrapes blackbox_exporter for the same addresses",
             "(module icmp / tcp_connect, interval 5 s, scrape_timeout 1 s) for the same time; its CPU is",
             "both processes' (blackbox / prometheus), per scrape (= probe); RSS is both processes' RSS.",

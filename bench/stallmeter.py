@@ -7,11 +7,16 @@ A task sleeps 20 ms at a time on the daemon's own loop; whenever it wakes more t
 appends ``<CLOCK_MONOTONIC> <seconds late>`` to STALLFILE (monotonic time is shared by all processes,
 so the bench can cut the measurement window). A stall longer than the tick shows nearly in full; the
 meter costs ~50 wakeups a second (well under 1 % of a core).
+
+To say *why* the loop stalled, every garbage-collector pass longer than 5 ms is logged too, as
+``<CLOCK_MONOTONIC at its end> gc<generation> <seconds>`` (``gc.callbacks``; a collection runs on
+whichever thread allocates, and holds the GIL for its whole length).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import time
 from pathlib import Path
@@ -37,8 +42,23 @@ async def meter(path: Path) -> None:
                 out.write(f"{now:.6f} {late:.6f}\n")
 
 
+def log_gc(path: Path) -> None:
+    out = path.open("a", buffering=1)
+    started: list[float] = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        now = time.monotonic()
+        if phase == "start":
+            started[0] = now
+        elif now - started[0] > REPORT_OVER:
+            out.write(f"{now:.6f} gc{info['generation']} {now - started[0]:.6f}\n")
+
+    gc.callbacks.append(callback)
+
+
 async def main(config: Path, stallfile: Path) -> None:
     cfg = load_config(config)
+    log_gc(stallfile)
     task = asyncio.create_task(meter(stallfile))
     try:
         await run_daemon(cfg, config_path=str(config))

@@ -177,6 +177,8 @@ async def test_tcp_probe() -> None:
     port = server.sockets[0].getsockname()[1]
     r = await tcp_probe.probe(TcpPath(host="127.0.0.1", port=port), ProbeContext(timeout=1.0))
     assert r.ok and r.latency is not None
+    r = await tcp_probe.probe(TcpPath(host="localhost", port=port), ProbeContext(timeout=1.0))
+    assert r.ok, r  # a name goes through the resolver and asyncio streams
     server.close()
     await server.wait_closed()
     r = await tcp_probe.probe(TcpPath(host="127.0.0.1", port=port), ProbeContext(timeout=1.0))

@@ -43,6 +43,7 @@ from common import (
     log,
     machine,
     open_demo_lab,
+    poll,
     random_phase,
     write_section,
 )
@@ -57,7 +58,9 @@ ABOUT = (
     "window, so they must stay silent). The Prometheus stack probes the same addresses (ICMP, plus TCP "
     "where the demo has it) with labels `host`, `role`, `hv`, `storage`, `switch`; the inhibit rule mutes "
     "VM alerts while their hypervisor's or NAS's alert fires and everything behind the switch while the "
-    "switch's fires. Alertmanagers start empty per scenario. For the Prometheus rows, the count lists "
+    "switch's fires. Alertmanagers start empty per scenario; after each repair the bench waits for "
+    "watchtower's all-clear (sent once recovery held `notify.all_clear_after`, 60 s), so it cannot fall "
+    "into the next scenario's window. For the Prometheus rows, the count lists "
     "`alerts@seconds after T0` per notification; 'right' means one notification and it is about the root "
     "alone."
 )
@@ -136,9 +139,24 @@ def judge_prometheus(note: Any, sc: Scenario) -> tuple[bool, str]:
     return False, f"{n} alerts, only dependents ({', '.join(hosts)}): root not named"
 
 
+def wait_all_clear(http: HttpSink, titles: list[str], since: float, timeout: float = 300.0) -> float:
+    """Wait until the Signal receiver got the all-clear of every incident paged in ``titles``, so a
+    late all-clear (sent once recovery held ``notify.all_clear_after``) does not fall into the next
+    scenario's window. Returns the seconds waited."""
+    ids = {m for t in titles for m in re.findall(r"#(\d+) ", t)}
+    start = time.monotonic()
+
+    def cleared() -> bool:
+        sent = [r.json["message"] for r in list(http.requests) if r.path == "/v2/send" and r.at >= since]
+        return all(any(f"#{i} RESOLVED" in m for m in sent) for i in ids)
+
+    poll(cleared, timeout, f"watchtower's all-clear of incident(s) {sorted(ids)}", every=0.5)
+    return time.monotonic() - start
+
+
 def run_scenario(
     sc: Scenario, lab: Lab, wt: Watchtower, stack: PromStack | None, http: HttpSink, smtp: TimedSmtpSink,
-    window: float,
+    window: float, last: bool = True,
 ) -> list[dict[str, Any]]:  # fmt: skip
     wt.wait_settled(240)
     if stack is not None:
@@ -157,6 +175,9 @@ def run_scenario(
     finally:
         for host, _ in reversed(sc.breaks):
             lab.repair(host)
+    if not last:
+        waited = wait_all_clear(http, got["signal"], t0)
+        log(f"{sc.title}: all-clear {waited:.0f}s after the repair")
     rows: list[dict[str, Any]] = []
     opened = ", ".join(
         f"#{i['id']} {i['scope']} {i['root']} ({len(i['affected'])} affected)" for i in incidents
@@ -238,9 +259,9 @@ def main() -> int:
             if routes:
                 stack = PromStack(routes, http, work / "prom").start()
             wt = Watchtower(demo_watchtower_config(smtp, http, work / "state"), work)
-            for _ in range(args.repeat):
-                for sc in chosen:
-                    rows.extend(run_scenario(sc, lab, wt, stack, http, smtp, window))
+            runs = [sc for _ in range(args.repeat) for sc in chosen]
+            for i, sc in enumerate(runs):
+                rows.extend(run_scenario(sc, lab, wt, stack, http, smtp, window, last=i == len(runs) - 1))
         finally:
             if wt is not None:
                 wt.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from watchtower.engine.correlate import BmcFacts, PathView, TargetState, correlate
-from watchtower.engine.incidents import RECOVERY_GRACE, IncidentState, IncidentTracker
+from watchtower.engine.incidents import PARTIAL_GRACE, RECOVERY_GRACE, IncidentState, IncidentTracker
 from watchtower.engine.paths import PathState
 from watchtower.engine.topology import Node, Topology
 
@@ -22,10 +22,13 @@ SITE = Topology.build(
 
 
 def corr(down: Iterable[str] = (), vantage: bool = True, bmc: dict[str, BmcFacts] | None = None,
-         unknown: Iterable[str] = (), since: float = 0.0):  # fmt: skip
+         unknown: Iterable[str] = (), since: float = 0.0, half: Iterable[str] = ()):  # fmt: skip
+    """``half``: targets with one path down and one up (degraded)."""
+
     def view(name: str) -> list[PathView]:
         state = PathState.DOWN if name in down else (PathState.UNKNOWN if name in unknown else PathState.UP)
-        return [PathView(f"p{i}", "icmp", f"{name}{i}", state, "no echo reply", since) for i in range(2)]
+        states = [PathState.DOWN, PathState.UP] if name in half else [state, state]
+        return [PathView(f"p{i}", "icmp", f"{name}{i}", states[i], "no echo reply", since) for i in range(2)]
 
     vantage_paths = [PathView("gw", "icmp", "gw", PathState.UP if vantage else PathState.DOWN)]
     return correlate(SITE, {n: view(n) for n in SITE.nodes}, bmc or {}, vantage_paths, 0.0)
@@ -106,6 +109,29 @@ def test_children_back_within_the_grace_resolve_the_one_incident() -> None:
     assert [c.kind for c in changes] == ["resolved"] and len(t.incidents) == 1
     assert "pve1 and what it took down are back after 2m" in changes[0].text
     assert t.incidents[1].back == ["dc1", "mail1"]
+
+
+def test_a_child_answering_on_some_paths_is_not_back_yet() -> None:
+    """The all-clear must not go out while a VM pings but its service is still starting."""
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"]), 0.0)
+    assert corr(half=["dc1"]).states["dc1"] is TargetState.DEGRADED
+    changes = t.step(corr(half=["dc1"]), 50.0)  # pve1 and mail1 back, dc1 half way
+    assert [c.kind for c in changes] == ["recovering"] and "waiting for dc1" in changes[0].text
+    assert t.step(corr(half=["dc1"]), 60.0) == []
+    changes = t.step(corr(), 62.0)
+    assert [c.kind for c in changes] == ["resolved"] and t.incidents[1].back == ["mail1", "dc1"]
+
+
+def test_a_child_degraded_for_long_does_not_hold_the_all_clear_for_the_full_grace() -> None:
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"]), 0.0)
+    t.step(corr(half=["dc1"]), 50.0)
+    assert t.step(corr(half=["dc1"]), 50.0 + PARTIAL_GRACE - 1) == []
+    changes = t.step(corr(half=["dc1"]), 50.0 + PARTIAL_GRACE)
+    (resolved,) = changes
+    assert resolved.kind == "resolved" and "answering but not on every path yet: dc1" in resolved.text
+    assert "still down" not in resolved.text and t.open_incidents() == []
 
 
 def test_root_failing_again_while_children_recover_keeps_the_incident() -> None:

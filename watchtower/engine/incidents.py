@@ -29,6 +29,10 @@ FLAP_WINDOW = 600.0  # seconds after resolution during which a recurrence reopen
 # After the root is back, what it took down gets this long to come back (VMs boot, services start)
 # within the same incident: a VM still booting is part of the restore, not a new outage to page for.
 RECOVERY_GRACE = 900.0
+# An affected target that answers on some of its paths but not all (``degraded``: the VM pings, its
+# service is still starting) is not back yet; the all-clear waits for it this long. Shorter than
+# RECOVERY_GRACE because a target can be degraded for reasons of its own that predate the outage.
+PARTIAL_GRACE = 120.0
 
 
 class IncidentState(enum.StrEnum):
@@ -180,13 +184,15 @@ class IncidentTracker:
             if incident.id in claimed and incident.root in roots:
                 continue
             self._note_back(incident, corr, now)
-            still = self._still_down(incident, corr)
-            if still and incident.root_back_at is None:
+            still, partial = self._still_down(incident, corr), self._partly_back(incident, corr)
+            if (still or partial) and incident.root_back_at is None:
                 incident.root_back_at = now
-                text = f"{incident.root} is back; waiting for {', '.join(still)} to come back"
+                text = f"{incident.root} is back; waiting for {', '.join(still + partial)} to come back"
                 incident.note(now, "root_back", text)
                 changes.append(Change(incident.id, "recovering", text))
-            elif not still or now - (incident.root_back_at or now) >= RECOVERY_GRACE:
+                continue
+            waited = now - (incident.root_back_at or now)
+            if (not still and (not partial or waited >= PARTIAL_GRACE)) or waited >= RECOVERY_GRACE:
                 self._resolve(incident, corr, now, changes)
         return changes
 
@@ -198,6 +204,11 @@ class IncidentTracker:
             if a not in incident.back
             and corr.states.get(a) in (TargetState.DOWN, TargetState.UNREACHABLE, TargetState.UNKNOWN)
         ]
+
+    @staticmethod
+    def _partly_back(incident: Incident, corr: Correlation) -> list[str]:
+        degraded = TargetState.DEGRADED
+        return [a for a in incident.affected if a not in incident.back and corr.states.get(a) is degraded]
 
     def _apply(self, verdict: Verdict, now: float, changes: list[Change]) -> Incident:
         open_target = [i for i in self.open_incidents() if i.scope is not Scope.MONITOR]
@@ -297,5 +308,8 @@ class IncidentTracker:
             text = f"{incident.root} and what it took down are back after {_span(now - incident.opened_at)}"
         if still:
             text += f"; still down, now incidents of their own: {', '.join(still)}"
+        partial = self._partly_back(incident, corr)
+        if partial:
+            text += f"; answering but not on every path yet: {', '.join(partial)}"
         incident.note(now, "resolved", text)
         changes.append(Change(incident.id, "resolved", text))

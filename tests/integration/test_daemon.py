@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,38 @@ async def http_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
     await writer.drain()
     writer.close()
+
+
+@dataclass
+class DaemonProcess:
+    """``watchtower run`` as a subprocess on the loopback config, its log in a file."""
+
+    proc: asyncio.subprocess.Process
+    port: int  # the daemon's HTTP port
+    alive: int  # the port of the HTTP server web1 probes
+    cfg: Path
+    log_path: Path
+
+
+@contextlib.asynccontextmanager
+async def daemon_process(tmp_path: Path, token: str | None = None) -> AsyncIterator[DaemonProcess]:
+    server = await asyncio.start_server(http_ok, "127.0.0.1", 0)
+    alive = server.sockets[0].getsockname()[1]
+    port = free_port()
+    cfg = write_config(tmp_path, port, alive, free_port(), token=token)
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "watchtower.cli", "run", "-c", str(cfg),
+            stdout=asyncio.subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+    try:
+        yield DaemonProcess(proc, port, alive, cfg, log_path)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()
 
 
 @pytest.fixture
@@ -324,16 +358,8 @@ async def test_status_command(daemon: dict[str, Any], tmp_path: Path) -> None:
 
 
 async def test_sighup_reload_keeps_state_and_rejects_bad_config(tmp_path: Path) -> None:
-    server = await asyncio.start_server(http_ok, "127.0.0.1", 0)
-    alive = server.sockets[0].getsockname()[1]
-    port = free_port()
-    cfg = write_config(tmp_path, port, alive, free_port())
-    log_path = tmp_path / "daemon.log"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "watchtower.cli", "run", "-c", str(cfg),
-        stdout=asyncio.subprocess.DEVNULL, stderr=log_path.open("wb"),
-    )  # fmt: skip
-    try:
+    async with daemon_process(tmp_path) as d:
+        proc, port, alive, cfg, log_path = d.proc, d.port, d.alive, d.cfg, d.log_path
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
 
             async def state() -> dict[str, Any]:
@@ -387,11 +413,6 @@ async def test_sighup_reload_keeps_state_and_rejects_bad_config(tmp_path: Path) 
         assert "config reloaded added=1 removed=1" in err
         assert "reload rejected, keeping the running config: targets.web1.role" in err
         assert "Traceback" not in err
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        server.close()
 
 
 async def test_heartbeat_pings_while_healthy_and_fails_when_blind(tmp_path: Path) -> None:
@@ -447,16 +468,8 @@ async def test_heartbeat_pings_while_healthy_and_fails_when_blind(tmp_path: Path
 async def test_reload_keeps_open_incidents_and_retimes_paths_in_place(tmp_path: Path) -> None:
     """An interval change and a new target on SIGHUP: the open incident keeps its id and stays
     open (no re-page, no resolution), web1 stays up, and the changed path is re-timed, not reset."""
-    server = await asyncio.start_server(http_ok, "127.0.0.1", 0)
-    alive = server.sockets[0].getsockname()[1]
-    port = free_port()
-    cfg = write_config(tmp_path, port, alive, free_port())
-    log_path = tmp_path / "daemon.log"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "watchtower.cli", "run", "-c", str(cfg),
-        stdout=asyncio.subprocess.DEVNULL, stderr=log_path.open("wb"),
-    )  # fmt: skip
-    try:
+    async with daemon_process(tmp_path) as d:
+        proc, port, alive, cfg, log_path = d.proc, d.port, d.alive, d.cfg, d.log_path
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
 
             async def get(path: str) -> Any:
@@ -498,26 +511,13 @@ async def test_reload_keeps_open_incidents_and_retimes_paths_in_place(tmp_path: 
         err = log_path.read_text()
         assert "config reloaded added=1 removed=0 changed=2 kept=" in err  # web1's two paths re-timed
         assert "Traceback" not in err
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        server.close()
 
 
 async def test_reload_replaces_the_api_token(tmp_path: Path) -> None:
     """A rotated token file takes effect on SIGHUP: the new token opens the API, the old one and
     the cookies made from it no longer do, and /metrics stays open throughout."""
-    server = await asyncio.start_server(http_ok, "127.0.0.1", 0)
-    alive = server.sockets[0].getsockname()[1]
-    port = free_port()
-    cfg = write_config(tmp_path, port, alive, free_port(), token="first-token")
-    log_path = tmp_path / "daemon.log"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "watchtower.cli", "run", "-c", str(cfg),
-        stdout=asyncio.subprocess.DEVNULL, stderr=log_path.open("wb"),
-    )  # fmt: skip
-    try:
+    async with daemon_process(tmp_path, token="first-token") as d:
+        proc, port, log_path = d.proc, d.port, d.log_path
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
 
             async def status(token: str, path: str = "/api/v1/state") -> int | None:
@@ -541,8 +541,3 @@ async def test_reload_replaces_the_api_token(tmp_path: Path) -> None:
         assert await asyncio.wait_for(proc.wait(), 10) == 0
         log = log_path.read_text()
         assert "first-token" not in log and "second-token" not in log
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        server.close()

@@ -4,8 +4,8 @@ the 5 s probe interval; time until the SMTP sink holds watchtower's mail and the
 its request, and, for the same outage in the same run, until Alertmanager's webhook fires for
 Prometheus + blackbox_exporter at Debian's default timings and tuned.
 
-    /tmp/wtvenv/bin/python bench/bench_detect.py                 # 10 runs, writes bench/RESULTS.md
-    /tmp/wtvenv/bin/python bench/bench_detect.py --quick         # CI smoke: 1 run, tuned Prometheus only
+    .venv/bin/python bench/bench_detect.py                 # 10 runs, writes bench/RESULTS.md
+    .venv/bin/python bench/bench_detect.py --quick         # CI smoke: 1 run, tuned Prometheus only
 
 watchtower runs with config/demo.yaml's timings (5 s interval, 1 s retry, fail_after 2,
 confirm_paths 2); its channels point at in-process sinks, the on-call mail is tier1 too.

@@ -8,9 +8,9 @@ the VMs erp1 and files1, whose traffic enters through that NIC, see the loss on 
 page or a "failed again") per channel. Target: 0 for the loss, <= 1 for the flapping target.
 The Prometheus stack (Debian defaults and tuned) watches the same outage for comparison.
 
-    /tmp/wtvenv/bin/python bench/bench_falsepages.py              # 30 min, writes bench/RESULTS.md
-    /tmp/wtvenv/bin/python bench/bench_falsepages.py --quick      # 5 min
-    /tmp/wtvenv/bin/python bench/bench_falsepages.py --duration 60 --no-prometheus --no-write  # smoke
+    .venv/bin/python bench/bench_falsepages.py              # 30 min, writes bench/RESULTS.md
+    .venv/bin/python bench/bench_falsepages.py --quick      # 5 min
+    .venv/bin/python bench/bench_falsepages.py --duration 60 --no-prometheus --no-write  # smoke
 
 Traffic: 127.0.0.1 and the demo's 10.213.x.x namespaces only.
 """

@@ -3,9 +3,9 @@
 for a whole prefix, at the default 5 s interval, next to fping as the floor and blackbox_exporter
 driven by Prometheus at the same interval and timeout.
 
-    /tmp/wtvenv/bin/python bench/bench_scale.py              # N = 100, 1,000, 5,000, 10,000; 120 s each
-    /tmp/wtvenv/bin/python bench/bench_scale.py --quick      # CI smoke: N = 100 for 10 s, no write
-    /tmp/wtvenv/bin/python bench/bench_scale.py --sizes 1000 --duration 20 --no-blackbox --no-write
+    .venv/bin/python bench/bench_scale.py              # N = 100, 1,000, 5,000, 10,000; 120 s each
+    .venv/bin/python bench/bench_scale.py --quick      # CI smoke: N = 100 for 10 s, no write
+    .venv/bin/python bench/bench_scale.py --sizes 1000 --duration 20 --no-blackbox --no-write
 
 Prints a table and (unless --no-write) rewrites bench/RESULTS.md. Traffic goes only to the
 10.213.192.0/18 prefix inside namespaces this script creates and removes.
@@ -415,8 +415,7 @@ def write_results(out: str, args: argparse.Namespace) -> None:
             marker,
             "",
             f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
-            f"Command: `/tmp/wtvenv/bin/python bench/bench_scale.py --sizes {' '.join(map(str, args.sizes))} "
-            f"--duration {args.duration:.0f}`",
+            f"Command: `.venv/bin/python bench/bench_scale.py {' '.join(sys.argv[1:])}`",
             "",
             "The real daemon (`watchtower run`, default 5 s interval, 1 s timeout) probes N paths on two",
             "namespace hosts that answer for a whole /19 each: 80 % ICMP, 20 % TCP connects, every path",

@@ -8,8 +8,8 @@ VMs on it hang (their disks are gone). Side by side, for the same outage at the 
 Prometheus + blackbox_exporter + Alertmanager at Debian's defaults and tuned, each with and without
 an inhibit rule that encodes the same topology (switch > hypervisor/NAS > VM).
 
-    /tmp/wtvenv/bin/python bench/bench_storm.py                  # 5 min window, writes bench/RESULTS.md
-    /tmp/wtvenv/bin/python bench/bench_storm.py --quick          # CI smoke: scenario (a), 25 s window
+    .venv/bin/python bench/bench_storm.py                  # 5 min window, writes bench/RESULTS.md
+    .venv/bin/python bench/bench_storm.py --quick          # CI smoke: scenario (a), 25 s window
 
 Traffic: 127.0.0.1 and the demo's 10.213.x.x namespaces only.
 """

@@ -105,7 +105,7 @@ def write_section(marker: str, lines: list[str]) -> None:
 
 def command_line() -> str:
     args = " ".join(sys.argv[1:])
-    return f"`/tmp/wtvenv/bin/python bench/{Path(sys.argv[0]).name}{' ' + args if args else ''}`"
+    return f"`.venv/bin/python bench/{Path(sys.argv[0]).name}{' ' + args if args else ''}`"
 
 
 # --------------------------------------------------------------------------- the shared demo site

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from aiohttp import web
 
@@ -132,7 +132,7 @@ class SmtpSink:
     def running(self) -> bool:
         return self._controller is not None
 
-    def start(self) -> SmtpSink:
+    def start(self) -> Self:
         from aiosmtpd.controller import Controller
 
         if self._controller is None:
@@ -268,7 +268,7 @@ class HttpSink:
         finally:
             ready.set()
 
-    def start(self) -> HttpSink:
+    def start(self) -> Self:
         if self._runner is not None:
             return self
         loop = asyncio.new_event_loop()

@@ -246,7 +246,7 @@ PROMTOOL = shutil.which("promtool")
 async def test_real_prometheus_scrapes_and_promtool_accepts(daemon: dict[str, Any], tmp_path: Path) -> None:
     assert PROMETHEUS and PROMTOOL
     session: aiohttp.ClientSession = daemon["session"]
-    listen = str(session._base_url).removeprefix("http://").rstrip("/")  # type: ignore[attr-defined]
+    listen = str(session._base_url).removeprefix("http://").rstrip("/")
     async with session.get("/metrics") as r:
         body = await r.text()
     check = subprocess.run(
@@ -305,7 +305,7 @@ async def test_real_prometheus_scrapes_and_promtool_accepts(daemon: dict[str, An
 
 async def test_status_command(daemon: dict[str, Any], tmp_path: Path) -> None:
     session: aiohttp.ClientSession = daemon["session"]
-    port = int(str(session._base_url).rsplit(":", 1)[1].rstrip("/"))  # type: ignore[attr-defined]
+    port = int(str(session._base_url).rsplit(":", 1)[1].rstrip("/"))
     cfg = write_config(tmp_path, port, daemon["alive"], free_port(), token="s3cret-token")
 
     async def settled() -> bool:
@@ -313,22 +313,19 @@ async def test_status_command(daemon: dict[str, Any], tmp_path: Path) -> None:
             return len(series(await r.text(), "watchtower_path_up")) == 3
 
     await wait_for(settled, 10, "paths to settle")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "watchtower.cli", "status", "-c", str(cfg), "--json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
-    doc = json.loads(out)
-    assert doc["targets"]["gone"]["state"] == "down" and doc["targets"]["web1"]["state"] == "up"
 
-    async def cli(*argv: str) -> tuple[int, str, str]:
+    async def cli(*argv: str, config: Path = cfg) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "watchtower.cli", *argv, "-c", str(cfg),
+            sys.executable, "-m", "watchtower.cli", *argv, "-c", str(config),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         return proc.returncode or 0, out.decode(), err.decode()
+
+    code, out, err = await cli("status", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["targets"]["gone"]["state"] == "down" and doc["targets"]["web1"]["state"] == "up"
 
     async def incident_open() -> bool:
         code, out, _ = await cli("incidents", "--json")
@@ -348,13 +345,9 @@ async def test_status_command(daemon: dict[str, Any], tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
     unreachable = write_config(other, free_port(), daemon["alive"], free_port())
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "watchtower.cli", "status", "-c", str(unreachable),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 3
-    assert b"not reachable" in err and b"Traceback" not in err
+    code, _, err = await cli("status", config=unreachable)
+    assert code == 3
+    assert "not reachable" in err and "Traceback" not in err
 
 
 async def test_sighup_reload_keeps_state_and_rejects_bad_config(tmp_path: Path) -> None:

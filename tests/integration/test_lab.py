@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import dns.message
 import dns.query
@@ -217,7 +218,7 @@ def test_spec_validation_rejects_mistakes() -> None:
     with pytest.raises(SpecError, match="unknown host"):
         DEMO.host("nope")
 
-    def hv(**kw: str) -> LabHost:
+    def hv(**kw: Any) -> LabHost:
         return LabHost("hv", "hypervisor", ("10.213.30.11",), **kw)
 
     def mgmt_spec(*hosts: LabHost) -> LabSpec:

@@ -216,7 +216,7 @@ async def start_dns(server: DnsServer) -> tuple[asyncio.DatagramTransport, int]:
     transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
         lambda: server, local_addr=("127.0.0.1", 0)
     )
-    return transport, transport.get_extra_info("sockname")[1]  # type: ignore[return-value]
+    return transport, transport.get_extra_info("sockname")[1]
 
 
 async def test_dns_probe_answers_and_expectations() -> None:

@@ -7,7 +7,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -143,7 +143,12 @@ async def test_http_500_is_a_failure_with_the_status(http: HttpSink, kind: str) 
 @pytest.mark.parametrize("kind", ["mail", "signal", "smseagle"])
 async def test_refused_fails_fast(kind: str) -> None:
     port = free_port()
-    url = {"mail": mailto_url, "signal": signal_url, "smseagle": smseagle_url}[kind](port)
+    url_for: dict[str, Callable[[int], str]] = {
+        "mail": mailto_url,
+        "signal": signal_url,
+        "smseagle": smseagle_url,
+    }
+    url = url_for[kind](port)
     s = sender(kind, url)
     result = await s.send(TITLE, BODY)
     assert not result.ok and result.error == "connection refused", result

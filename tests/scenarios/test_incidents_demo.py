@@ -92,7 +92,7 @@ async def site(lab: Lab, tmp_path: Path) -> AsyncIterator[Site]:
 
 
 async def one_incident(
-    site: Site, scope: str, root: str, must_affect: set[str] = frozenset()
+    site: Site, scope: str, root: str, must_affect: frozenset[str] | set[str] = frozenset()
 ) -> dict[str, Any]:
     async def found() -> dict[str, Any] | None:
         incidents = await site.open_incidents()

@@ -192,7 +192,7 @@ ROLES = ["network", "hypervisor", "storage", "vm", "service"]
 @st.composite
 def sites(draw: st.DrawFn) -> tuple[Topology, set[str], bool]:
     n = draw(st.integers(1, 14))
-    nodes = []
+    nodes: list[Node] = []
     for i in range(n):
         role = draw(st.sampled_from(ROLES))
         earlier = [f"t{j}" for j in range(i)]

@@ -251,7 +251,7 @@ def test_random_yaml_text_fails_cleanly(text: str, tmp_path_factory: pytest.Temp
 
 def test_check_as_a_process_on_generated_bad_files(tmp_path: Path) -> None:
     rng = random.Random(9)
-    files = []
+    files: list[Path] = []
     while len(files) < 6:
         data = _random_mutation(rng)
         try:

@@ -42,6 +42,8 @@ from pydantic import (
 
 ROLES = ("network", "hypervisor", "storage", "vm", "service")
 Role = Literal["network", "hypervisor", "storage", "vm", "service"]
+# The emergency playbook's restore order (phase 3), first to last.
+RestoreCategory = Literal["infrastructure", "directory", "storage", "mail", "line-of-business", "secondary"]
 
 PATH_KINDS = ("icmp", "tcp", "http", "dns", "snmp", "ipmi", "redfish", "nut", "trap")
 PASSIVE_KINDS = ("trap",)  # fed by what arrives, never probed
@@ -780,6 +782,14 @@ class Service(Strict):
     rto: Duration | None = Field(None, description="recovery time objective")
     rpo: Duration | None = Field(None, description="recovery point objective")
     restore_order: int | None = Field(None, ge=0, description="lower comes back first")
+    category: RestoreCategory | None = Field(
+        None,
+        description=(
+            "its step in the playbook's restore order (infrastructure, directory, storage, mail, "
+            "line-of-business, secondary), used after restore_order; guessed from the role and the "
+            "names when not set"
+        ),
+    )
 
 
 TargetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]

@@ -244,6 +244,19 @@ def test_configured_restore_order_beats_the_guess() -> None:
     assert [s for _, s in board(html)] == ["Intranet", "DNS", "SQL"]
 
 
+def test_configured_category_beats_the_guess() -> None:
+    config = make_config(
+        {
+            "mail1": {"name": "Mail"},
+            "app1": {"name": "Kasse", "category": "directory"},  # nothing in the names says so
+            "dc1": {"name": "Domain controller", "category": "secondary"},
+        }
+    )
+    assert category_of("app1", config.targets["app1"]) == "directory"
+    html = render(config, hypervisor_incident(["mail1", "app1", "dc1"]), T0 + 60)
+    assert [s for _, s in board(html)] == ["Kasse", "Mail", "Domain controller"]
+
+
 def test_category_heuristics() -> None:
     config = make_config({"x": {"name": "Mail"}, "dc2": {"name": "Printing"}, "fs": {"name": "fileserver"}})
     assert category_of("x", config.targets["x"]) == "mail"

@@ -22,11 +22,11 @@ import re
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 import jinja2
 
-from watchtower.config import Config, Target
+from watchtower.config import Config, RestoreCategory, Target
 from watchtower.durations import coarse
 from watchtower.engine.escalation import channels_for, outage_start, rto_clock
 from watchtower.engine.incidents import Incident
@@ -53,7 +53,7 @@ _ROLE_NOUN = {
 
 # The playbook's restore order (phase 3). Without a configured restore_order, a service's place
 # is guessed from its target's role and from words in its service and target names.
-CATEGORIES = ("infrastructure", "directory", "storage", "mail", "line-of-business", "secondary")
+CATEGORIES: tuple[str, ...] = get_args(RestoreCategory)
 _CATEGORY_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("infrastructure", ("dns", "dhcp", "ntp")),
     ("directory", ("ad", "dc", "directory", "ldap", "domain")),
@@ -67,7 +67,9 @@ _WHOLE_WORD = 3
 
 
 def category_of(target_name: str, target: Target) -> str:
-    """The restore category of a target's service, from its role and its names (see CATEGORIES)."""
+    """The restore category of a target's service: as configured, else from its role and its names."""
+    if target.service is not None and target.service.category is not None:
+        return target.service.category
     if target.role == "storage":
         return "storage"
     names = [target.service.name] if target.service is not None else []

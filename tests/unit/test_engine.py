@@ -336,6 +336,27 @@ def test_a_vm_confirmed_before_its_hypervisor_waits_so_the_incident_names_the_hy
     assert [c.kind for c in changes] == ["opened"]
     assert (incident.scope, incident.root, incident.affected) == ("hypervisor", "pve1", ["vm1"])
 
+    # Everything comes back, the incident ends; hours later the same race: the VM waits again (the
+    # first hold's start must not count against the second).
+    t = 4.0
+    while monitor.tracker.open_incidents() and t < 4000:
+        for status in monitor.statuses.values():
+            monitor.record(status, OK, t)
+        monitor.evaluate(t)
+        t += 5.0
+    assert not monitor.tracker.open_incidents()
+    for status in vm_paths:
+        monitor.record(status, FAIL, 10_000.0)
+        monitor.record(status, FAIL, 10_001.0)
+    for status in hv_paths:
+        monitor.record(status, FAIL, 10_001.1)
+    assert monitor.evaluate(10_001.2) == [] and not monitor.tracker.open_incidents()
+    for status in hv_paths:
+        monitor.record(status, FAIL, 10_002.1)
+    monitor.evaluate(10_002.2)
+    (incident,) = monitor.tracker.open_incidents()
+    assert (incident.scope, incident.root) == ("hypervisor", "pve1")
+
     # A dependency that stays suspect (flapping) holds nobody for longer than HOLD_MAX.
     monitor2 = Monitor(cfg)
     for status in monitor2.statuses.values():

@@ -354,6 +354,11 @@ class Monitor:
         confirmed, so this may be its outage (one incident named after it), not theirs. Bounded:
         a dependency that stays suspect longer than HOLD_MAX (flapping) no longer holds anyone."""
         held: set[str] = set()
+        # A hold belongs to one verdict while it lasts: a root whose verdict is gone (merged into
+        # its hypervisor's, or recovered) starts afresh next time. A stale start would make the
+        # next outage's hold look expired, and the page would name the VM again.
+        for stale in self._holding.keys() - {v.root for v in corr.verdicts}:
+            del self._holding[stale]
         for verdict in corr.verdicts:
             if verdict.scope is Scope.MONITOR:
                 continue

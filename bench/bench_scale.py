@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -34,6 +33,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import command_line, machine, write_section  # noqa: E402
 
 from watchtower.lab import Lab, bulk_site  # noqa: E402
 
@@ -306,14 +307,6 @@ def blackbox_cost(icmp: list[str], tcp: list[str], duration: float, workdir: Pat
         stack.stop()
 
 
-def machine() -> str:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), "unknown CPU",
-    )  # fmt: skip
-    return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}"
-
-
 def bb_cell(r: dict[str, Any]) -> str:
     b = r.get("blackbox")
     if not b:
@@ -407,15 +400,11 @@ def main() -> int:
 
 
 def write_results(out: str, args: argparse.Namespace) -> None:
-    path = REPO / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    marker = "## Probe cost at scale (bench/bench_scale.py)"
-    section = "\n".join(
+    write_section(
+        "## Probe cost at scale (bench/bench_scale.py)",
         [
-            marker,
-            "",
             f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
-            f"Command: `.venv/bin/python bench/bench_scale.py {' '.join(sys.argv[1:])}`",
+            f"Command: {command_line()}",
             "",
             "The real daemon (`watchtower run`, default 5 s interval, 1 s timeout) probes N paths on two",
             "namespace hosts that answer for a whole /19 each: 80 % ICMP, 20 % TCP connects, every path",
@@ -431,16 +420,8 @@ def write_results(out: str, args: argparse.Namespace) -> None:
             "both processes' (blackbox / prometheus), per scrape (= probe); RSS is both processes' RSS.",
             "",
             out,
-            "",
-        ]
+        ],
     )
-    if marker in text:
-        start = text.index(marker)
-        end = text.find("\n## ", start + len(marker))
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 if __name__ == "__main__":

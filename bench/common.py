@@ -93,7 +93,7 @@ def stats(values: list[float]) -> tuple[float, float, float]:
 def write_section(marker: str, lines: list[str]) -> None:
     """Replace (or append) the ``## ...`` section starting with ``marker`` in bench/RESULTS.md."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = "\n".join([marker, "", *lines, ""])
+    section = "\n".join([marker, "", *lines, "", ""])  # a blank line before the next heading
     if marker in text:
         start = text.index(marker)
         end = text.find("\n## ", start + len(marker))

@@ -218,7 +218,20 @@ def test_network_scope() -> None:
     inc = Incident(3, Scope.NETWORK, "core-sw1", T0, affected=["pve1", "pve2", "nas1"])
     msg = incident_message("page", inc, CFG, T0 + 300)
     body = lines(msg)
-    assert msg.title == "[watchtower acme-hq] #3 network core-sw1 DOWN, 3 affected"
+    # The first page often goes out before everything behind the switch is confirmed: the count of
+    # what depends on it says how big this is, and the body names what to expect down too.
+    assert msg.title == "[watchtower acme-hq] #3 network core-sw1 DOWN, 3 affected (16 depend on it)"
+    assert "3 affected: pve1, pve2, nas1" in body
+    assert (
+        "Depend on it, not confirmed down yet (13): dc1, erp1, mail1, vm04, vm05, vm06, vm07, vm08, +5 more"
+        in body
+    )
+    assert " 3 aff of 16 behind" in msg.sms
+    behind = [t for t in CFG.targets if t != "core-sw1"]
+    everything = Incident(3, Scope.NETWORK, "core-sw1", T0, affected=behind)
+    full = incident_message("page", everything, CFG, T0 + 300)
+    assert full.title == "[watchtower acme-hq] #3 network core-sw1 DOWN, 16 affected"
+    assert not any(line.startswith("Depend on it") for line in lines(full))
     assert "- Check the switch/uplink core-sw1: power, link LEDs, which ports are down" in body
     assert "- What is behind it is unreachable, not necessarily down: fix the path first" in body
     assert not any(line.startswith("Cause:") for line in body)

@@ -117,6 +117,30 @@ def _service_of(config: Config, name: str) -> str | None:
     return target.service.name if target is not None and target.service is not None else None
 
 
+def _depend_on(config: Config, root: str) -> list[str]:
+    """Every target that needs ``root`` (runs on it, depends on it, has its disks there), directly
+    or through another one, in config order. A dead switch or hypervisor takes these down with it
+    even if their own failures are not confirmed yet when the first page goes out."""
+    needs: dict[str, list[str]] = {}
+    for name, target in config.targets.items():
+        for dep in (*([target.runs_on] if target.runs_on else []), *target.depends_on, *target.storage):
+            needs.setdefault(dep, []).append(name)
+    found: set[str] = set()
+    todo = [root]
+    while todo:
+        for name in needs.get(todo.pop(), ()):
+            if name not in found and name != root:
+                found.add(name)
+                todo.append(name)
+    return [name for name in config.targets if name in found]
+
+
+def _not_yet(incident: Incident, config: Config) -> list[str]:
+    """What depends on the root but is not (yet) among the affected: expect it down too."""
+    affected = set(incident.affected)
+    return [name for name in _depend_on(config, incident.root) if name not in affected]
+
+
 def _sel_texts(evidence: Iterable[str]) -> list[str]:
     """The critical SEL entries from a BMC evidence line (``BMC: chassis on, SEL: x, SEL: y``)."""
     found: list[str] = []
@@ -233,10 +257,12 @@ def _what(incident: Incident) -> str:
     return f"{incident.scope} {incident.root}"
 
 
-def _down_title(incident: Incident, state: str = "DOWN") -> str:
+def _down_title(incident: Incident, config: Config, state: str = "DOWN") -> str:
     cause = _cause(incident)
     cause_text = f" ({_CAUSE_SHORT[cause]})" if cause else ""
     more = f", {len(incident.affected)} affected" if incident.affected else ""
+    if _not_yet(incident, config):
+        more += f" ({len(_depend_on(config, incident.root))} depend on it)"
     return f"{_what(incident)} {state}{cause_text}{more}"
 
 
@@ -257,20 +283,20 @@ def _title(kind: str, incident: Incident, config: Config, now: float, label: str
         else:
             text = f"{n} monitor {site} BLIND: own uplink down, target states unknown"
     elif kind == "page":
-        text = f"{n} {_down_title(incident)}"
+        text = f"{n} {_down_title(incident, config)}"
     elif kind == "escalation":
         why = f" ({_line(label, 80)})" if label else ""
-        text = f"{n} ESCALATION{why}: {_down_title(incident)}"
+        text = f"{n} ESCALATION{why}: {_down_title(incident, config)}"
     elif kind == "update":
         by = incident.acknowledged_by
         state = f"still down after {_dur(now - outage_start(incident))}"
-        text = f"{n} {_down_title(incident, state)}" + (f", acknowledged by {by}" if by else "")
+        text = f"{n} {_down_title(incident, config, state)}" + (f", acknowledged by {by}" if by else "")
     elif kind == "ack":
         text = (
             f"{n} acknowledged by {_acked_by(incident, label) or '?'}: escalation stopped ({_what(incident)})"
         )
     elif kind == "reopen":
-        text = f"{n} FAILED AGAIN (flap {incident.flaps}): {_down_title(incident)}"
+        text = f"{n} FAILED AGAIN (flap {incident.flaps}): {_down_title(incident, config)}"
     else:  # resolve
         end = incident.resolved_at if incident.resolved_at is not None else now
         text = f"{n} RESOLVED: {incident.root} back after {_dur(end - outage_start(incident))}"
@@ -444,6 +470,12 @@ def _body(
                 )
         else:
             add(f"{len(incident.affected)} affected: {_names(incident.affected, _AFFECTED_LIST_MAX)}")
+    if kind != "resolve" and scope != Scope.MONITOR:
+        not_yet = _not_yet(incident, config)
+        if not_yet:
+            names = _names(not_yet, _AFFECTED_LIST_MAX)
+            add(f"Depend on it, not confirmed down yet ({len(not_yet)}): {names}")
+    if incident.affected:
         services = list(
             dict.fromkeys(
                 s for s in (_service_of(config, a) for a in (incident.root, *incident.affected)) if s
@@ -530,8 +562,10 @@ def _sms(
         return _fit_sms(head, [], ack if kind != "ack" and incident.state == IncidentState.OPEN else "")
 
     down = " ".join(p for p in (scope, root, "DOWN", cause) if p)
-    if incident.affected:
-        optional.append(f"{len(incident.affected)} aff")
+    not_yet = _not_yet(incident, config) if kind != "resolve" else []
+    if incident.affected or not_yet:
+        behind = f" of {len(incident.affected) + len(not_yet)} behind" if not_yet else ""
+        optional.append(f"{len(incident.affected)} aff{behind}")
     if rto and kind != "resolve":
         optional.append(rto)
     if kind in ("page", "escalation", "reopen", "update") and _security_suspected(incident, others):

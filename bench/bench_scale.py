@@ -387,6 +387,8 @@ def main() -> int:
         finally:
             lab.down()
     out = table(results)
+    if args.profile and not any(r.get("profile") for r in results):
+        out += "\n\n(--profile: no profile taken; py-spy was not found next to this Python or on PATH)"
     for r in results:
         if r.get("profile"):
             out += f"\n\npy-spy, {r['n']:,} paths, 30 s after the window, top leaf frames (share of samples):"

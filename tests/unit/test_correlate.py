@@ -216,6 +216,15 @@ def correlate_site(topo: Topology, down: set[str], vantage_up: bool):
     return correlate(topo, view, {}, vantage, 0.0)
 
 
+@settings(max_examples=200, deadline=None)
+@given(sites())
+def test_dependents_are_the_reverse_of_upstream(site: tuple[Topology, set[str], bool]) -> None:
+    topo = site[0]
+    for name in topo.nodes:
+        expected = [other for other in topo.nodes if name in topo.upstream(other)]
+        assert list(topo.dependents(name)) == expected  # same members, config order
+
+
 @settings(max_examples=400, deadline=None)
 @given(sites())
 def test_every_failed_target_is_in_exactly_one_verdict(site: tuple[Topology, set[str], bool]) -> None:

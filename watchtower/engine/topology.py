@@ -61,6 +61,22 @@ class Topology:
                     todo.append(dep)
         return tuple(out)
 
+    def dependents(self, name: str) -> tuple[str, ...]:
+        """Everything that needs ``name`` (the reverse of :meth:`upstream`), transitively, in
+        config order: what a dead switch, hypervisor or NAS takes down with it."""
+        needed_by: dict[str, list[str]] = {}
+        for node in self.nodes.values():
+            for dep in (*node.parents, *node.storage):
+                needed_by.setdefault(dep, []).append(node.name)
+        found: set[str] = set()
+        todo = [name]
+        while todo:
+            for dependent in needed_by.get(todo.pop(), ()):
+                if dependent not in found and dependent != name:
+                    found.add(dependent)
+                    todo.append(dependent)
+        return tuple(n for n in self.nodes if n in found)
+
     @classmethod
     def from_config(cls, cfg: Config) -> Topology:
         nodes = [

@@ -25,6 +25,7 @@ from watchtower.durations import coarse
 from watchtower.engine.correlate import Cause, Scope
 from watchtower.engine.escalation import outage_start, rto_clock
 from watchtower.engine.incidents import Incident, IncidentState
+from watchtower.engine.topology import Topology
 
 SMS_MAX = 160
 TITLE_MAX = 200
@@ -117,28 +118,10 @@ def _service_of(config: Config, name: str) -> str | None:
     return target.service.name if target is not None and target.service is not None else None
 
 
-def _depend_on(config: Config, root: str) -> list[str]:
-    """Every target that needs ``root`` (runs on it, depends on it, has its disks there), directly
-    or through another one, in config order. A dead switch or hypervisor takes these down with it
-    even if their own failures are not confirmed yet when the first page goes out."""
-    needs: dict[str, list[str]] = {}
-    for name, target in config.targets.items():
-        for dep in (*([target.runs_on] if target.runs_on else []), *target.depends_on, *target.storage):
-            needs.setdefault(dep, []).append(name)
-    found: set[str] = set()
-    todo = [root]
-    while todo:
-        for name in needs.get(todo.pop(), ()):
-            if name not in found and name != root:
-                found.add(name)
-                todo.append(name)
-    return [name for name in config.targets if name in found]
-
-
-def _not_yet(incident: Incident, config: Config) -> list[str]:
+def _not_yet(incident: Incident, behind: Sequence[str]) -> list[str]:
     """What depends on the root but is not (yet) among the affected: expect it down too."""
     affected = set(incident.affected)
-    return [name for name in _depend_on(config, incident.root) if name not in affected]
+    return [name for name in behind if name not in affected]
 
 
 def _sel_texts(evidence: Iterable[str]) -> list[str]:
@@ -257,16 +240,18 @@ def _what(incident: Incident) -> str:
     return f"{incident.scope} {incident.root}"
 
 
-def _down_title(incident: Incident, config: Config, state: str = "DOWN") -> str:
+def _down_title(incident: Incident, behind: Sequence[str], state: str = "DOWN") -> str:
     cause = _cause(incident)
     cause_text = f" ({_CAUSE_SHORT[cause]})" if cause else ""
     more = f", {len(incident.affected)} affected" if incident.affected else ""
-    if _not_yet(incident, config):
-        more += f" ({len(_depend_on(config, incident.root))} depend on it)"
+    if _not_yet(incident, behind):
+        more += f" ({len(behind)} depend on it)"
     return f"{_what(incident)} {state}{cause_text}{more}"
 
 
-def _title(kind: str, incident: Incident, config: Config, now: float, label: str) -> str:
+def _title(
+    kind: str, incident: Incident, config: Config, now: float, label: str, behind: Sequence[str]
+) -> str:
     n = f"#{incident.id}"
     site = config.site
     if incident.scope == Scope.MONITOR:
@@ -283,20 +268,20 @@ def _title(kind: str, incident: Incident, config: Config, now: float, label: str
         else:
             text = f"{n} monitor {site} BLIND: own uplink down, target states unknown"
     elif kind == "page":
-        text = f"{n} {_down_title(incident, config)}"
+        text = f"{n} {_down_title(incident, behind)}"
     elif kind == "escalation":
         why = f" ({_line(label, 80)})" if label else ""
-        text = f"{n} ESCALATION{why}: {_down_title(incident, config)}"
+        text = f"{n} ESCALATION{why}: {_down_title(incident, behind)}"
     elif kind == "update":
         by = incident.acknowledged_by
         state = f"still down after {_dur(now - outage_start(incident))}"
-        text = f"{n} {_down_title(incident, config, state)}" + (f", acknowledged by {by}" if by else "")
+        text = f"{n} {_down_title(incident, behind, state)}" + (f", acknowledged by {by}" if by else "")
     elif kind == "ack":
         text = (
             f"{n} acknowledged by {_acked_by(incident, label) or '?'}: escalation stopped ({_what(incident)})"
         )
     elif kind == "reopen":
-        text = f"{n} FAILED AGAIN (flap {incident.flaps}): {_down_title(incident, config)}"
+        text = f"{n} FAILED AGAIN (flap {incident.flaps}): {_down_title(incident, behind)}"
     else:  # resolve
         end = incident.resolved_at if incident.resolved_at is not None else now
         text = f"{n} RESOLVED: {incident.root} back after {_dur(end - outage_start(incident))}"
@@ -403,14 +388,27 @@ def incident_message(
     ``label`` says why (escalation) or who (ack); ``others``: the site's other open incidents."""
     if kind not in KINDS:
         raise ValueError(f"unknown message kind {kind!r}; one of {', '.join(KINDS)}")
-    title = _title(kind, incident, config, now, label)
-    body = _body(kind, incident, config, now, label, others)
-    sms = _sms(kind, incident, config, now, label, others)
+    # What needs the root: the first page goes out before all of it is confirmed down, so the texts
+    # say how big the outage is from the topology too.
+    behind = (
+        ()
+        if kind == "resolve" or incident.scope == Scope.MONITOR
+        else Topology.from_config(config).dependents(incident.root)
+    )
+    title = _title(kind, incident, config, now, label, behind)
+    body = _body(kind, incident, config, now, label, others, behind)
+    sms = _sms(kind, incident, config, now, label, others, behind)
     return Message(title, body, sms)
 
 
 def _body(
-    kind: str, incident: Incident, config: Config, now: float, label: str, others: Sequence[Incident]
+    kind: str,
+    incident: Incident,
+    config: Config,
+    now: float,
+    label: str,
+    others: Sequence[Incident],
+    behind: Sequence[str],
 ) -> str:
     lines: list[str] = []
     add = lines.append
@@ -470,11 +468,9 @@ def _body(
                 )
         else:
             add(f"{len(incident.affected)} affected: {_names(incident.affected, _AFFECTED_LIST_MAX)}")
-    if kind != "resolve" and scope != Scope.MONITOR:
-        not_yet = _not_yet(incident, config)
-        if not_yet:
-            names = _names(not_yet, _AFFECTED_LIST_MAX)
-            add(f"Depend on it, not confirmed down yet ({len(not_yet)}): {names}")
+    not_yet = _not_yet(incident, behind)
+    if not_yet:
+        add(f"Depend on it, not confirmed down yet ({len(not_yet)}): {_names(not_yet, _AFFECTED_LIST_MAX)}")
     if incident.affected:
         services = list(
             dict.fromkeys(
@@ -539,7 +535,13 @@ def _body(
 
 
 def _sms(
-    kind: str, incident: Incident, config: Config, now: float, label: str, others: Sequence[Incident]
+    kind: str,
+    incident: Incident,
+    config: Config,
+    now: float,
+    label: str,
+    others: Sequence[Incident],
+    behind: Sequence[str],
 ) -> str:
     site = _cut(sms_text(config.site), 16)
     n = f"#{incident.id}"
@@ -562,10 +564,10 @@ def _sms(
         return _fit_sms(head, [], ack if kind != "ack" and incident.state == IncidentState.OPEN else "")
 
     down = " ".join(p for p in (scope, root, "DOWN", cause) if p)
-    not_yet = _not_yet(incident, config) if kind != "resolve" else []
+    not_yet = _not_yet(incident, behind)
     if incident.affected or not_yet:
-        behind = f" of {len(incident.affected) + len(not_yet)} behind" if not_yet else ""
-        optional.append(f"{len(incident.affected)} aff{behind}")
+        of = f" of {len(behind)} behind" if not_yet else ""
+        optional.append(f"{len(incident.affected)} aff{of}")
     if rto and kind != "resolve":
         optional.append(rto)
     if kind in ("page", "escalation", "reopen", "update") and _security_suspected(incident, others):

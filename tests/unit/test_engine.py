@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
 
 import pytest
@@ -370,3 +371,72 @@ def test_a_vm_confirmed_before_its_hypervisor_waits_so_the_incident_names_the_hy
     changes = monitor2.evaluate(2.0 + HOLD_MAX)
     (incident,) = monitor2.tracker.open_incidents()
     assert (incident.scope, incident.root) == ("vm", "vm1")
+
+
+async def test_monitor_runs_co_due_icmp_and_tcp_paths_in_batches() -> None:
+    """The scheduler hands co-due icmp/tcp runs to their batch extension; the results land in the
+    same path states as one-by-one runs would, a dead port goes down, and the cadence goes on."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+    from watchtower.probes import ProbeContext
+    from watchtower.probes.icmp import Pinger
+
+    servers = [await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0) for _ in range(10)]
+    ports = [server.sockets[0].getsockname()[1] for server in servers]
+    port = ports[0]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    dead = closed.getsockname()[1]
+    pinger = Pinger()
+    try:
+        await pinger.open()
+        icmp_paths = [{"icmp": f"127.0.1.{i}"} for i in range(1, 21)]
+    except OSError:
+        icmp_paths = []
+    fast = {"interval": "1s", "retry_interval": "0.2s", "timeout": "0.5s"}
+    cfg = parse_config(
+        {
+            "site": "s",
+            "defaults": fast,
+            "targets": {
+                "up": {
+                    "role": "service",
+                    "paths": [*icmp_paths, {"tcp": f"127.0.0.1:{port}"}],
+                },
+                "many": {"role": "service", "paths": [{"tcp": f"127.0.0.1:{p}"} for p in ports]},
+                "dead": {"role": "service", "paths": [{"tcp": f"127.0.0.1:{dead}"}]},
+            },
+        },
+        Path("."),
+    )
+    shared = ProbeContext(timeout=0, pinger=pinger if icmp_paths else None)
+    # the same first phase for every path: all co-due, so they must go out as batches
+    monitor = Monitor(cfg, shared=shared)
+    for job in monitor.scheduler._jobs.values():
+        job.first_in = 0.05
+    task = asyncio.create_task(monitor.run())
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = {k: s.state for k, s in monitor.statuses.items()}
+            if all(
+                st is (PathState.DOWN if k[0] == "dead" else PathState.UP) for k, st in states.items()
+            ) and monitor.scheduler.runs > 3 * len(states):
+                break
+            await asyncio.sleep(0.05)
+        assert all(s.state is PathState.UP for k, s in monitor.statuses.items() if k[0] != "dead"), states
+        dead_status = monitor.statuses[("dead", f"tcp 127.0.0.1:{dead}")]
+        assert dead_status.state is PathState.DOWN and dead_status.detail == "connection refused"
+        sched = monitor.scheduler
+        assert sched.batched > 0.5 * sched.runs, (sched.batched, sched.runs)
+        assert sched.in_flight <= len(monitor.statuses)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        pinger.close()
+        closed.close()
+        for server in servers:
+            server.close()
+            await server.wait_closed()

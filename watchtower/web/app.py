@@ -30,6 +30,7 @@ MONITOR: web.AppKey[Monitor] = web.AppKey("monitor", Monitor)
 # The incident store (history, notifications); None when the daemon runs without one (unit tests).
 STORE: web.AppKey[AsyncStore | None] = web.AppKey("store")
 ALERTING: web.AppKey[Alerting | None] = web.AppKey("alerting")
+METRICS: web.AppKey[metrics.MetricsCache] = web.AppKey("metrics", metrics.MetricsCache)
 
 # /healthz turns 503 when the scheduler loop has not ticked for this long (it ticks >= 1/s).
 STALL_AFTER = 5.0
@@ -182,9 +183,8 @@ async def auth_middleware(
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    snap = request.app[MONITOR].snapshot()
     gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
-    body = await asyncio.to_thread(metrics.render, snap, gzip_ok)
+    body = await request.app[METRICS].body(request.app[MONITOR].snapshot, gzip_ok)
     headers = {"Content-Type": metrics.CONTENT_TYPE}
     if gzip_ok:
         headers["Content-Encoding"] = "gzip"
@@ -457,6 +457,7 @@ def make_app(
     app[MONITOR] = monitor
     app[STORE] = store
     app[ALERTING] = alerting
+    app[METRICS] = metrics.MetricsCache()
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/api/v1/state", handle_state)

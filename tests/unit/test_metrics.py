@@ -79,7 +79,7 @@ class Reference:
 
 def test_hand_written_families_match_prometheus_client_byte_for_byte() -> None:
     snap = snapshot()
-    assert metrics.render_paths(snap).encode() == generate_latest(Reference(snap))  # type: ignore[arg-type]
+    assert metrics.render_paths(snap).encode() == generate_latest(Reference(snap))
     body = metrics.render(snap).decode()
     assert 'watchtower_path_up{path="icmp quo\\"te 1",target="t1quo\\"te"} 0.0\n' in body
     newline = 'kind="icmp",path="icmp new\\nline 3",target="t3new\\nline"'

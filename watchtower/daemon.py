@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from watchtower import __version__, logs
+from watchtower import __version__, gcpolicy, logs
 from watchtower.config import Config, ConfigError, load_config
 from watchtower.engine.correlate import TargetState
 from watchtower.engine.monitor import Monitor, open_shared
@@ -241,6 +241,7 @@ async def run_daemon(
             scheduler_task = tg.create_task(monitor.run(), name="scheduler")
             alerting_task = tg.create_task(alerting.run(), name="alerting")
             sink_task = tg.create_task(sink.run(), name="alertmanager")
+            gc_task = tg.create_task(gcpolicy.settle(), name="gc")
             reloading = asyncio.Lock()
 
             async def on_hup() -> None:
@@ -271,6 +272,7 @@ async def run_daemon(
             scheduler_task.cancel()
             alerting_task.cancel()
             sink_task.cancel()
+            gc_task.cancel()
             if supervise_task is not None:
                 supervise_task.cancel()
     log.info("stopped")

@@ -34,9 +34,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import command_line, machine, write_section  # noqa: E402
+from common import TimedSmtpSink, command_line, machine, random_phase, write_section  # noqa: E402
 
 from watchtower.lab import Lab, bulk_site  # noqa: E402
+from watchtower.lab.sinks import MAIL_TO, mailto_url  # noqa: E402
 
 TCP_PORT = 7000
 # fping's CPU for one sweep of 10,000 addresses is ~0.1-0.2 s: three sweeps gave 0.0072 to 0.0199
@@ -131,8 +132,18 @@ def summarize_slow(slow: list[tuple[float, str, float]]) -> list[tuple[str, int,
     return sorted(((n, c, m, u) for n, (c, m, u) in by_name.items()), key=lambda x: -x[2])
 
 
-def make_config(path: Path, listen: int, icmp: list[str], tcp: list[str], state_dir: Path) -> None:
-    """Targets of five paths (four ICMP, one TCP) each, every path to its own address."""
+def make_config(
+    path: Path,
+    listen: int,
+    icmp: list[str],
+    tcp: list[str],
+    state_dir: Path,
+    victims: list[list[str]] | None = None,
+    mail_port: int | None = None,
+) -> None:
+    """Targets of five paths (four ICMP, one TCP) each, every path to its own address; with
+    ``victims``, one more target per entry (ICMP + TCP to its addresses) for the detection runs,
+    and a mail channel to the sink at ``mail_port`` (config/demo.yaml's timings)."""
     targets: dict[str, Any] = {}
     per = 4
     for i in range(0, len(icmp), per):
@@ -141,14 +152,106 @@ def make_config(path: Path, listen: int, icmp: list[str], tcp: list[str], state_
         if n < len(tcp):
             paths.append({"tcp": f"{tcp[n]}:{TCP_PORT}"})
         targets[f"t{n:05d}"] = {"role": "service", "paths": paths}
-    data = {
+    for k, addresses in enumerate(victims or []):
+        paths = [{"icmp": a} for a in addresses[:-1]] + [{"tcp": f"{addresses[-1]}:{TCP_PORT}"}]
+        targets[f"victim{k}"] = {"role": "service", "paths": paths}
+    data: dict[str, Any] = {
         "site": "bench",
         "listen": f"127.0.0.1:{listen}",
         "state_dir": str(state_dir),
-        "defaults": {"interval": "5s", "retry_interval": "1s", "timeout": "1s"},
+        "defaults": {"interval": "5s", "retry_interval": "1s", "timeout": "1s", "fail_after": 2,
+                     "recover_after": 2, "confirm_paths": 2},
         "targets": targets,
-    }
+    }  # fmt: skip
+    if mail_port is not None:
+        data["notify"] = {
+            "channels": [{"name": "mail-oncall", "url": mailto_url(mail_port), "tags": ["tier1"]}],
+            "escalation": [{"after": "0s", "notify": ["tier1"]}],
+        }
     path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# --------------------------------------------------------------------------- a small, slow box
+
+
+def throttle(pid: int, share: float, cpu: int = 0) -> str:
+    """Pin every thread of ``pid`` to one core and cap it at ``share`` of that core: cgroup v2
+    ``cpu.max`` where the cpu controller is on the unified hierarchy, else cgroup v1's CFS quota
+    (systemd-run needs a running systemd). Returns how, for the table; raises OSError if neither."""
+    subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True, capture_output=True)
+    period = 100_000
+    quota = int(period * share)
+    name = f"wt-bench-{os.getpid()}"
+    v2 = Path("/sys/fs/cgroup")
+    if (v2 / "cgroup.controllers").exists() and "cpu" in (v2 / "cgroup.controllers").read_text().split():
+        group = v2 / name
+        group.mkdir(exist_ok=True)
+        (group / "cpu.max").write_text(f"{quota} {period}")
+        how = "cgroup v2 cpu.max"
+    else:
+        group = Path("/sys/fs/cgroup/cpu") / name
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_period_us").write_text(str(period))
+        (group / "cpu.cfs_quota_us").write_text(str(quota))
+        how = "cgroup v1 cpu.cfs_quota_us"
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        (group / ("cgroup.threads" if how.startswith("cgroup v2") else "tasks")).write_text(tid)
+    THROTTLE_GROUPS.append(group)
+    return f"taskset -c {cpu} + {how} {quota}/{period}"
+
+
+THROTTLE_GROUPS: list[Path] = []
+
+
+def unthrottle() -> None:
+    """Remove the groups (their process has exited by now)."""
+    for group in THROTTLE_GROUPS:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    THROTTLE_GROUPS.clear()
+
+
+def namespace_of(lab: Lab, address: str) -> str:
+    import ipaddress
+
+    for h in lab.spec.hosts:
+        if h.bulk_prefix and ipaddress.ip_address(address) in ipaddress.ip_network(h.bulk_prefix):
+            return f"{lab.spec.prefix}-{h.name}"
+    raise ValueError(address)
+
+
+def silence(lab: Lab, addresses: list[str], name: str) -> None:
+    """Drop everything sent to ``addresses`` inside their bulk host (nft input hook): a dead box."""
+    ns = namespace_of(lab, addresses[0])
+    table = (
+        f"table inet {name} {{\n  chain in {{\n    type filter hook input priority 0; policy accept;\n"
+        f"    ip daddr {{ {', '.join(addresses)} }} drop\n  }}\n}}\n"
+    )
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=table, text=True,
+                   check=True, capture_output=True, timeout=10)  # fmt: skip
+
+
+def detection_runs(lab: Lab, smtp: TimedSmtpSink, victims: list[list[str]]) -> list[float]:
+    """Each victim silenced once, after a random 0-5 s phase: seconds from T0 to the mail that says
+    the victim is DOWN (NaN if none within 30 s). Victims are never repaired, so no all-clear or
+    flap damping is in play; each run is the victim's first outage."""
+    times: list[float] = []
+    for k, addresses in enumerate(victims):
+        time.sleep(random_phase())
+        t0 = time.monotonic()
+        silence(lab, addresses, f"wtvictim{k}")
+        deadline = t0 + 30
+        got = None
+        while got is None and time.monotonic() < deadline:
+            got = smtp.first(MAIL_TO, t0, f"victim{k} DOWN")
+            time.sleep(0.05)
+        times.append(got[0] - t0 if got else float("nan"))
+        print(f"  detection run {k + 1}: {times[-1]:.2f} s", file=sys.stderr, flush=True)
+    return times
 
 
 def fping_floor(addresses: list[str], rounds: int) -> dict[str, float]:
@@ -218,14 +321,26 @@ def run_size(
     blackbox: bool,
     profile: bool = False,
     attribute: bool = False,
+    throttle_share: float | None = None,
+    detect_runs: int = 0,
+    smtp: TimedSmtpSink | None = None,
 ) -> dict[str, Any]:
     n_tcp = round(n * tcp_share)
     n_icmp = n - n_tcp
-    addresses = lab.spec.bulk_addresses(n_icmp + n_tcp)
-    icmp, tcp = addresses[:n_icmp], addresses[n_icmp:]
+    hosts = sum(1 for h in lab.spec.hosts if h.bulk_prefix)
+    addresses = lab.spec.bulk_addresses(n_icmp + n_tcp + 3 * detect_runs * hosts)
+    icmp, tcp = addresses[:n_icmp], addresses[n_icmp : n_icmp + n_tcp]
+    # bulk_addresses interleaves the hosts: each victim's three addresses from one host
+    spare = [
+        a for a in addresses[n_icmp + n_tcp :] if namespace_of(lab, a) == namespace_of(lab, addresses[0])
+    ]
+    victims = [spare[k * 3 : k * 3 + 3] for k in range(detect_runs)]
     listen = free_port()
     cfg = workdir / f"bench-{n}.yaml"
-    make_config(cfg, listen, icmp, tcp, workdir / "state")
+    make_config(
+        cfg, listen, icmp, tcp, workdir / f"state-{n}", victims=victims,
+        mail_port=smtp.port if smtp is not None and detect_runs else None,
+    )  # fmt: skip
     log = open(workdir / f"daemon-{n}.log", "w")  # noqa: SIM115
     stallfile = workdir / f"stalls-{n}.txt"
     env = dict(os.environ, WT_STALL_CALLBACKS="1" if attribute else "0")
@@ -245,6 +360,7 @@ def run_size(
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"daemon did not come up; see {workdir}/daemon-{n}.log")
             time.sleep(0.2)
+        how = throttle(proc.pid, throttle_share) if throttle_share else ""
         time.sleep(12)  # warm-up: first round spread over 5 s, then the fast retry cadence settles
         hist0 = prom_histogram(get(f"{base}/metrics"), "watchtower_scheduler_lag_seconds")
         state0 = json.loads(get(f"{base}/api/v1/state"))
@@ -262,6 +378,7 @@ def run_size(
             renders.append(time.perf_counter() - start)
         if profile:
             result_profile = py_spy(proc.pid, workdir / f"profile-{n}.txt", 30)
+        detect = detection_runs(lab, smtp, victims) if smtp is not None and victims else []
         lag_max = max_bucket(hist0, prom_histogram(body, "watchtower_scheduler_lag_seconds"))
         runs = state1["scheduler"]["runs"] - state0["scheduler"]["runs"]
         not_up = sum(1 for t in state1["targets"].values() for p in t["paths"] if p["state"] != "up")
@@ -289,6 +406,9 @@ def run_size(
             "not_up": not_up,
             "fping": fping_floor(icmp, rounds=FPING_ROUNDS),
             "slow": summarize_slow(slow),
+            "throttle": how,
+            "detect": detect,
+            "expected_per_s": n / 5.0,
         }
         if profile:
             result["profile"] = result_profile
@@ -392,6 +512,14 @@ def main() -> int:
         action="store_true",
         help="name every loop callback over 20 ms (costs ~1 us per callback)",
     )
+    parser.add_argument(
+        "--throttle", type=float, metavar="SHARE",
+        help="a small box: the daemon pinned to one core and capped at SHARE of it (e.g. 0.25)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--detect", type=int, default=0, metavar="RUNS",
+        help="after the window, silence RUNS extra targets one by one: seconds to the DOWN mail",
+    )  # fmt: skip
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -401,6 +529,7 @@ def main() -> int:
         return 2
     spec = bulk_site("wtb", 2, tcp_ports=(TCP_PORT,))
     results = []
+    smtp = TimedSmtpSink().start() if args.detect else None
     with tempfile.TemporaryDirectory(prefix="wt-bench-") as tmp:
         lab = Lab(spec, Path(tmp) / "lab")
         from common import wait_lab_free
@@ -420,19 +549,25 @@ def main() -> int:
                         not args.no_blackbox,
                         profile=args.profile and n == max(args.sizes),
                         attribute=args.attribute,
+                        throttle_share=args.throttle,
+                        detect_runs=args.detect,
+                        smtp=smtp,
                     )
                 )
         finally:
             lab.down()
-    out = table(results)
+            unthrottle()
+            if smtp is not None:
+                smtp.stop()
+    out = small_box_table(results) if args.throttle or args.detect else table(results)
     if args.profile and not any(r.get("profile") for r in results):
         out += "\n\n(--profile: no profile taken; py-spy was not found next to this Python or on PATH)"
     for r in results:
         if r.get("slow"):
             out += f"\n\nLoop callbacks over 20 ms at {r['n']:,} paths (--attribute): "
             out += ", ".join(
-                f"`{name}` {count}x, longest {longest * 1000:.0f} ms"
-                for name, count, longest in r["slow"][:8]
+                f"`{name}` {count}x, longest {longest * 1000:.0f} ms ({cpu * 1000:.0f} ms CPU)"
+                for name, count, longest, cpu in r["slow"][:8]
             )
     for r in results:
         if r.get("profile"):
@@ -446,7 +581,46 @@ def main() -> int:
     return 0
 
 
+def small_box_table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| paths (icmp+tcp) | limit | probes/s (due) | CPU % of a core | lag p50 / p99 / max ms "
+        "| longest loop stall ms (> 100 ms) | paths not up | detection to mail s: median / max (runs) |"
+    )
+    lines = [head, "|" + "---|" * 8]
+    for r in results:
+        d = [x for x in r["detect"] if x == x]
+        detect = (
+            f"{statistics.median(d):.1f} / {max(d):.1f} ({len(d)} of {len(r['detect'])})" if d else "not run"
+        )
+        lines.append(
+            f"| {r['n']:,} ({r['icmp']:,}+{r['tcp']:,}) | {r['throttle'] or 'none'} "
+            f"| {r['probes_per_s']:.0f} ({r['expected_per_s']:.0f}) | {r['cpu_pct']:.1f} "
+            f"| {r['lag_p50_ms']:.2f} / {r['lag_p99_ms']:.2f} / <= {r['lag_max_ms']:.0f} "
+            f"| {r['stall_ms']:.0f} ({r['stalls_over_100ms']}) | {r['not_up']} | {detect} |"
+        )
+    return "\n".join(lines)
+
+
 def write_results(out: str, args: argparse.Namespace) -> None:
+    if args.throttle or args.detect:
+        write_section(
+            "## A small box: one core, capped (bench/bench_scale.py --throttle)",
+            [
+                f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
+                f"Command: {command_line()}",
+                "",
+                "The scale bench's site and daemon (80 % ICMP, 20 % TCP, 5 s interval, 1 s timeout,",
+                "fail_after 2, confirm_paths 2, one mail channel to an SMTP sink in the bench), with the",
+                "daemon pinned to one core (`taskset`) and capped by a CFS quota (the limit column; a",
+                "fanless mini PC or an ARM board is 2-4x slower per core than this machine). probes/s",
+                "against what the paths are due (N / 5 s) shows missed cadence. After the window, extra",
+                "targets (2 ICMP + 1 TCP path each) are silenced one by one at a random 0-5 s phase (nft",
+                "drop in their namespace): seconds from that moment to the DOWN mail at the sink.",
+                "",
+                out,
+            ],
+        )
+        return
     write_section(
         "## Probe cost at scale (bench/bench_scale.py)",
         [

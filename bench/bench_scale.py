@@ -40,6 +40,14 @@ from watchtower.lab import Lab, bulk_site  # noqa: E402
 from watchtower.lab.sinks import MAIL_TO, mailto_url  # noqa: E402
 
 TCP_PORT = 7000
+HTTP_PORT = 8080
+DNS_NAME = "www.bench.test"
+# The MSP-like site mix (--mix), per 1,000 paths (issue 18): the management probes talk to real
+# peers on 127.0.0.1 (bench/peers.py), the rest to the bulk namespace hosts.
+MIX_PER_1000 = {"icmp": 700, "tcp": 150, "http": 50, "dns": 20, "snmp": 50, "ipmi": 20, "redfish": 10}
+IPMI_PATHS_PER_SIM = 5
+# --mix's last row: the management probes at the intervals an admin would give them
+SLOW_INTERVALS = {"snmp": "30s", "ipmi": "60s", "redfish": "60s"}
 # fping's CPU for one sweep of 10,000 addresses is ~0.1-0.2 s: three sweeps gave 0.0072 to 0.0199
 # ms per ping on the same machine, so the floor is taken over more of them.
 FPING_ROUNDS = 10
@@ -57,6 +65,12 @@ def proc_cpu(pid: int) -> tuple[float, float]:
     work (a veth transmit runs the peer namespace's receive path in the sender's context)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu_all(pid: int) -> float:
+    """User + system CPU seconds of a process and of its children it has waited for (ipmitool)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK
 
 
 def proc_hwm_mb(pid: int) -> float:
@@ -312,6 +326,194 @@ def py_spy(pid: int, out: Path, seconds: int) -> list[tuple[float, str]]:
     return [(c / total * 100, k) for k, c in top] if total else []
 
 
+# --------------------------------------------------------------------------- the site mix (--mix)
+
+
+def mix_paths(kind: str, count: int, addresses: list[str], peers: dict[str, Any]) -> list[dict[str, Any]]:
+    """``count`` paths of ``kind``, each to its own address (bulk kinds) or peer (management)."""
+    if kind == "icmp":
+        return [{"icmp": a} for a in addresses[:count]]
+    if kind == "tcp":
+        return [{"tcp": f"{a}:{TCP_PORT}"} for a in addresses[:count]]
+    if kind == "http":
+        return [{"http": {"url": f"http://{a}:{HTTP_PORT}/", "expect_body": "ok"}} for a in addresses[:count]]
+    if kind == "dns":
+        return [{"dns": {"server": a, "query": DNS_NAME}} for a in addresses[:count]]
+    if kind == "snmp":
+        port = peers["snmp"].port
+        return [
+            {"snmp": {"host": "127.0.0.1", "port": port, "community": "public", "name": f"snmp {i}",
+                      "checks": [{"oid": "1.3.6.1.2.1.1.3.0", "label": "sysUpTime"}]}}
+            for i in range(count)
+        ]  # fmt: skip
+    if kind == "ipmi":
+        sims = peers["ipmi"]
+        return [
+            {"ipmi": {"host": "127.0.0.1", "port": sims[i % len(sims)].port, "username": "wtadmin",
+                      "password": "wtpass1", "name": f"ipmi {i}", "timeout": "5s"}}
+            for i in range(count)
+        ]  # fmt: skip
+    if kind == "redfish":
+        fish = peers["redfish"]
+        return [
+            {"redfish": {"host": "127.0.0.1", "port": fish.port, "username": "admin",
+                         "password": "bench-Pw-1", "auth": "basic", "ca_file": fish.extra["ca_file"],
+                         "name": f"redfish {i}", "timeout": "5s"}}
+            for i in range(count)
+        ]  # fmt: skip
+    raise ValueError(kind)
+
+
+def make_mix_config(
+    path: Path, listen: int, counts: dict[str, int], addresses: dict[str, list[str]], peers: dict[str, Any],
+    state_dir: Path, slow_management: bool,
+) -> None:  # fmt: skip
+    targets: dict[str, Any] = {}
+    for kind, count in counts.items():
+        paths = mix_paths(kind, count, addresses.get(kind, []), peers)
+        if slow_management and kind in SLOW_INTERVALS:
+            for p in paths:
+                p[kind]["interval"] = SLOW_INTERVALS[kind]
+        per = 1 if kind in ("snmp", "ipmi", "redfish") else 5  # a BMC or switch is a target of its own
+        for i in range(0, len(paths), per):
+            targets[f"{kind}{i // per:05d}"] = {"role": "service", "paths": paths[i : i + per]}
+    data = {
+        "site": "bench",
+        "listen": f"127.0.0.1:{listen}",
+        "state_dir": str(state_dir),
+        "defaults": {"interval": "5s", "retry_interval": "1s", "timeout": "1s"},
+        "targets": targets,
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def run_mix_row(
+    lab: Lab, label: str, counts: dict[str, int], peers: dict[str, Any], duration: float, workdir: Path,
+    slow_management: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """One daemon with ``counts`` paths: CPU (its own and its child processes'), probes, lag."""
+    bulk = lab.spec.bulk_addresses(sum(counts.get(k, 0) for k in ("icmp", "tcp", "http", "dns")))
+    addresses: dict[str, list[str]] = {}
+    at = 0
+    for kind in ("icmp", "tcp", "http", "dns"):
+        addresses[kind] = bulk[at : at + counts.get(kind, 0)]
+        at += counts.get(kind, 0)
+    listen = free_port()
+    tag = label.replace(" ", "-").replace("/", "-")
+    cfg = workdir / f"mix-{tag}.yaml"
+    make_mix_config(cfg, listen, counts, addresses, peers, workdir / f"state-mix-{tag}", slow_management)
+    log = open(workdir / f"daemon-mix-{tag}.log", "w")  # noqa: SIM115
+    stallfile = workdir / f"stalls-mix-{tag}.txt"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "stallmeter.py"), str(cfg), str(stallfile)],
+        stdout=subprocess.DEVNULL, stderr=log, cwd=REPO,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{listen}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if get(f"{base}/healthz", 1) == b"ok\n":
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"daemon did not come up; see {workdir}/daemon-mix-{tag}.log")
+            time.sleep(0.2)
+        time.sleep(12)
+        state0 = json.loads(get(f"{base}/api/v1/state"))
+        cpu0, t0 = proc_cpu_all(proc.pid), time.monotonic()
+        time.sleep(duration)
+        cpu1, t1 = proc_cpu_all(proc.pid), time.monotonic()
+        state1 = json.loads(get(f"{base}/api/v1/state"))
+        stall, over, _gc, _gen = longest_stall(stallfile, t0, t1)
+        runs = state1["scheduler"]["runs"] - state0["scheduler"]["runs"]
+        paths = [p for t in state1["targets"].values() for p in t["paths"]]
+        not_up = [p for p in paths if p["state"] != "up"]
+        return {
+            "label": label,
+            "counts": counts,
+            "paths": len(paths),
+            "probes_per_s": runs / (t1 - t0),
+            "cpu_pct": (cpu1 - cpu0) / (t1 - t0) * 100,
+            "cpu_per_1000": (cpu1 - cpu0) / runs * 1000 if runs else float("nan"),
+            "lag_p99_ms": (state1["scheduler"]["lag_p99"] or 0) * 1000,
+            "stall_ms": stall * 1000,
+            "stalls_over_100ms": over,
+            "rss_mb": proc_hwm_mb(proc.pid),
+            "not_up": len(not_up),
+            "not_up_example": not_up[0]["detail"] if not_up else "",
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def run_mix(lab: Lab, n: int, duration: float, workdir: Path) -> list[dict[str, Any]]:
+    """Each kind alone (its CPU per 1,000 probes), then the whole mix at 5 s, then the whole mix
+    with the management probes at 30 s / 60 s."""
+    import peers as peer_procs
+
+    counts = {k: round(v * n / 1000) for k, v in MIX_PER_1000.items()}
+    started: list[Any] = []
+    peers: dict[str, Any] = {}
+    try:
+        peers["snmp"] = peer_procs.start_snmpd(workdir / "snmpd")
+        started.append(peers["snmp"])
+        sims = max(1, counts["ipmi"] // IPMI_PATHS_PER_SIM)
+        peers["ipmi"] = [peer_procs.start_ipmi_sim(workdir / f"ipmi{i}") for i in range(sims)]
+        started.extend(peers["ipmi"])
+        try:
+            peers["redfish"] = peer_procs.start_sushy(workdir / "sushy")
+            started.append(peers["redfish"])
+        except RuntimeError as exc:
+            print(f"mix: no redfish rows: {exc}", file=sys.stderr, flush=True)
+            counts.pop("redfish")
+        rows = []
+        for kind, count in counts.items():
+            print(f"mix: {kind} alone ({count} paths) for {duration:.0f}s ...", file=sys.stderr, flush=True)
+            rows.append(run_mix_row(lab, kind, {kind: count}, peers, duration, workdir))
+        print(f"mix: all {n} paths for {duration:.0f}s ...", file=sys.stderr, flush=True)
+        rows.append(run_mix_row(lab, "all at 5 s", counts, peers, duration, workdir))
+        rows.append(run_mix_row(lab, "all, management at 30 s / 60 s", counts, peers, duration, workdir,
+                                slow_management=True))  # fmt: skip
+        return rows
+    finally:
+        for peer in started:
+            peer.stop()
+
+
+def mix_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| kind (paths) | interval | probes/s | CPU % of a core (incl. child processes) "
+        "| CPU s / 1000 probes | lag p99 ms | longest loop stall ms | peak RSS MB | paths not up |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        counts = r["counts"]
+        if len(counts) == 1:
+            kind = next(iter(counts))
+            what, interval = f"{kind} ({counts[kind]:,})", "5 s"
+        else:
+            what = (
+                f"{r['label'].split(',')[0]} ({sum(counts.values()):,}: "
+                + ", ".join(f"{c} {k}" for k, c in counts.items())
+                + ")"
+            )
+            interval = "5 s; snmp 30 s, ipmi/redfish 60 s" if "30 s" in r["label"] else "5 s"
+        not_up = f"{r['not_up']}" + (f" ({r['not_up_example'][:60]})" if r["not_up"] else "")
+        lines.append(
+            f"| {what} | {interval} | {r['probes_per_s']:.1f} | {r['cpu_pct']:.2f} | {r['cpu_per_1000']:.3f} "
+            f"| {r['lag_p99_ms']:.1f} | {r['stall_ms']:.0f} | {r['rss_mb']:.0f} | {not_up} |"
+        )
+    return "\n".join(lines)
+
+
 def run_size(
     lab: Lab,
     n: int,
@@ -520,6 +722,10 @@ def main() -> int:
         "--detect", type=int, default=0, metavar="RUNS",
         help="after the window, silence RUNS extra targets one by one: seconds to the DOWN mail",
     )  # fmt: skip
+    parser.add_argument(
+        "--mix", action="store_true",
+        help="the MSP-like site mix at the first --sizes N: each kind alone, then all together",
+    )  # fmt: skip
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -527,7 +733,10 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_scale: needs root (network namespaces)", file=sys.stderr)
         return 2
-    spec = bulk_site("wtb", 2, tcp_ports=(TCP_PORT,))
+    spec = bulk_site(
+        "wtb", 2, tcp_ports=(TCP_PORT,), http_ports=(HTTP_PORT,) if args.mix else (),
+        dns_names={DNS_NAME: "10.213.192.1"} if args.mix else None,
+    )  # fmt: skip
     results = []
     smtp = TimedSmtpSink().start() if args.detect else None
     with tempfile.TemporaryDirectory(prefix="wt-bench-") as tmp:
@@ -537,6 +746,14 @@ def main() -> int:
         wait_lab_free(900, prefix="wtb-", check_ci=False)  # tests/integration/test_lab.py builds "wtb" too
         lab.up()
         try:
+            if args.mix:
+                rows = run_mix(lab, args.sizes[0], args.duration, Path(tmp))
+                lab.down()
+                out = mix_table(rows)
+                print(out)
+                if not args.no_write:
+                    write_mix(out, args)
+                return 0
             for n in args.sizes:
                 print(f"running N={n} for {args.duration:.0f}s ...", file=sys.stderr, flush=True)
                 results.append(
@@ -579,6 +796,29 @@ def main() -> int:
     if not args.no_write:
         write_results(out, args)
     return 0
+
+
+def write_mix(out: str, args: argparse.Namespace) -> None:
+    per = ", ".join(f"{v} {k}" for k, v in MIX_PER_1000.items())
+    write_section(
+        "## The site mix: CPU per kind (bench/bench_scale.py --mix)",
+        [
+            f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
+            f"Command: {command_line()}",
+            "",
+            f"An MSP-like site per 1,000 paths: {per}. ICMP, TCP, HTTP and DNS go to the bulk namespace",
+            "hosts (the lab responder: a TCP listener, an HTTP/1.0 server, a DNS server); SNMP gets go to",
+            "one net-snmp `snmpd`, IPMI reads (ipmitool, a process per run) to `ipmi_sim` instances",
+            f"({IPMI_PATHS_PER_SIM} paths each), Redfish reads to one `sushy-emulator` over TLS, started",
+            "as the integration tests start them (bench/peers.py, templates in tests/peers/). Each kind",
+            "runs alone in a fresh daemon first (its CPU per 1,000 probes), then the whole mix at the",
+            "5 s default, then with the management probes at 30 s (SNMP) / 60 s (IPMI, Redfish).",
+            f"Figures over {args.duration:.0f} s after a 12 s warm-up; CPU is the daemon's user+system",
+            "time plus its waited-for children's (ipmitool) from /proc. The peers' own CPU is not counted.",
+            "",
+            out,
+        ],
+    )
 
 
 def small_box_table(results: list[dict[str, Any]]) -> str:

@@ -130,8 +130,15 @@ def _same_probe(a: ResolvedPath, b: ResolvedPath) -> bool:
 class Monitor:
     """Owns the path statuses and the scheduler that feeds them."""
 
-    def __init__(self, config: Config, *, shared: ProbeContext | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        shared: ProbeContext | None = None,
+        probe: Callable[[ResolvedPath, ProbeContext, dict[str, Any]], Awaitable[ProbeResult]] = run_probe,
+    ):
         self.config = config
+        self._probe = probe  # the simulator hands in its ground truth instead of the network
         self.scheduler = Scheduler(config.max_concurrent_probes)
         self.shared = shared or ProbeContext(timeout=0)
         self.statuses: dict[tuple[str, str], PathStatus] = {}
@@ -217,7 +224,7 @@ class Monitor:
             # Confirming a failure of an up path: probes may look harder (icmp sends 3 echoes), so
             # packet loss does not pass for an outage while a dead host still fails as fast.
             status.memory["confirming"] = status.state is PathState.UP and status.failures > 0
-            result = await run_probe(status.path, self.shared, status.memory)
+            result = await self._probe(status.path, self.shared, status.memory)
             self.record(status, result, clock.now())
 
         return run

@@ -53,6 +53,12 @@ class BmcState:
     events: deque[tuple[float, SelEntry]] = field(default_factory=lambda: deque(maxlen=50))
     critical_total: int = 0
     last_at: float | None = None
+    cleared_at: float = 0.0  # critical entries seen before this no longer explain anything
+
+    def clear(self, now: float) -> None:
+        """The host answered on every path again: what the SEL said about the last outage does not
+        explain the next one (its cause is what is seen then)."""
+        self.cleared_at = now
 
     def update(self, result: ProbeResult, now: float) -> None:
         self.last_at = now
@@ -74,7 +80,9 @@ class BmcState:
 
     def facts(self, now: float) -> BmcFacts:
         critical = tuple(
-            e.text for at, e in self.events if e.severity == "critical" and now - at <= CRITICAL_WINDOW
+            e.text
+            for at, e in self.events
+            if e.severity == "critical" and now - at <= CRITICAL_WINDOW and at >= self.cleared_at
         )
         return BmcFacts(self.reachable, self.power_on, critical)
 
@@ -390,6 +398,32 @@ class Monitor:
                 status.failing_since = None
                 self.scheduler.run_now(status.path.key)
 
+    def _settle_dependents(self, previous: Correlation, corr: Correlation, now: float) -> bool:
+        """Something came back: what depends on it showed its failure while it was down, so that
+        evidence is stale (a VM behind a host that was off, a host behind a switch). Forget it and
+        probe those targets now; they get a verdict of their own only once they fail afresh as
+        ``fail_after`` demands. Without this, the moment between a switch answering and its
+        dependents' next probes pages every one of them as an outage of its own."""
+        back = [
+            name
+            for name, state in corr.own.items()
+            if previous.own.get(name) is TargetState.DOWN and state in (TargetState.UP, TargetState.DEGRADED)
+        ]
+        for name, bmc in self.bmc.items():
+            if corr.own.get(name) is TargetState.UP and previous.own.get(name) is not TargetState.UP:
+                bmc.clear(now)
+        settled = False
+        for name in back:
+            for dependent in self.topology.dependents(name):
+                for status in self.target_paths(dependent):
+                    if status.path.is_bmc or status.state is PathState.UP:
+                        continue
+                    if status.state is PathState.DOWN or status.failures:
+                        status.state, status.successes, status.failures = PathState.UNKNOWN, 0, 0
+                        settled = True
+                    self.scheduler.run_now(status.path.key)
+        return settled
+
     def evaluate(self, now: float) -> list[Change]:
         """One correlation pass: target states, then incident changes. Returns the changes."""
         vantage_paths = self.target_paths(VANTAGE)
@@ -398,6 +432,8 @@ class Monitor:
             self._fresh_look()
         previous = self.correlation
         self.correlation = corr = self._correlate(now)
+        if self._settle_dependents(previous, corr, now):
+            self.correlation = corr = self._correlate(now)
         for name, state in corr.states.items():
             was = previous.states.get(name, TargetState.UNKNOWN)
             if state is not was:
@@ -413,7 +449,7 @@ class Monitor:
         if held:
             self._dirty.set()  # look again once the dependencies have settled
             corr = replace(corr, verdicts=tuple(v for v in corr.verdicts if v.root not in held))
-        changes = self.tracker.step(corr, now)
+        changes = self.tracker.step(corr, now, self.topology)
         if changes:
             self.incidents_changed.set()
         for change in changes:

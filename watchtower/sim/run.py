@@ -26,7 +26,7 @@ from watchtower.sim.world import World
 from watchtower.store import AsyncStore, Store
 
 EPOCH = 1_800_000_000.0  # virtual time 0, as UTC epoch seconds (a fixed date: runs are reproducible)
-TAIL = 400.0  # seconds of run after the last event: all-clears, escalations and grace periods settle
+TAIL = 600.0  # seconds of run after the last event: all-clears, escalations and grace periods settle
 
 
 @dataclass(frozen=True, slots=True)

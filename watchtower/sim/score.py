@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from watchtower.config import Config
+from watchtower.engine.escalation import ALL_CLEAR_HOLD_MAX
 from watchtower.engine.monitor import HOLD_MAX
 from watchtower.sim.run import Recording, SentMessage
 from watchtower.sim.world import JUDGE_WINDOW, World
@@ -211,7 +212,7 @@ def score(config: Config, world: World, rec: Recording) -> Score:
             s.paged += 1
             continue
         s.missed.append(f"{o.target} {o.what} from {o.start:.1f}s to {o.end:.1f}s ({o.length:.0f}s)")
-    settle = config.notify.all_clear_after + 120.0 + 60.0
+    settle = ALL_CLEAR_HOLD_MAX + 120.0 + 60.0
     if config.notify.on_resolve:
         for o, channels in paged_channels.items():
             if o.end + settle > rec.duration:

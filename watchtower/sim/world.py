@@ -257,7 +257,9 @@ class World:
             bmc_ok=True,
             booting_until=0.0,
             booting_own=False,
-            forward_from=now + float(args.get("forward_delay", 0.0)),
+            # A switch back from an outage answers before its ports forward; one that only lost
+            # packets never stopped forwarding.
+            forward_from=now + float(args.get("forward_delay", 0.0)) if was_down else 0.0,
         )
         if was_down:
             # What ran on it (or on its disks) boots again, each after its own delay.

@@ -29,7 +29,7 @@ from watchtower.engine.topology import Topology
 FLAP_WINDOW = 600.0  # seconds after resolution during which a recurrence reopens the incident
 # After the root is back, what it took down gets this long to come back (VMs boot, services start)
 # within the same incident: a VM still booting is part of the restore, not a new outage to page for.
-RECOVERY_GRACE = 900.0
+RECOVERY_GRACE = 300.0
 # An affected target that answers on some of its paths but not all (``degraded``: the VM pings, its
 # service is still starting) is not back yet; the all-clear waits for it this long. Shorter than
 # RECOVERY_GRACE because a target can be degraded for reasons of its own that predate the outage.

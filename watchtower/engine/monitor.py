@@ -357,10 +357,19 @@ class Monitor:
         facts = {name: bmc.facts(now) for name, bmc in self.bmc.items() if bmc.last_at is not None}
         return correlate(self.topology, by_target, facts, by_target.get(VANTAGE, []), now)
 
-    def _suspect(self, target: str) -> bool:
-        """A path of ``target`` is failing but not yet confirmed down."""
+    def _suspect(self, target: str, corr: Correlation, now: float) -> bool:
+        """``target`` may be failing right now but is not confirmed down: a path is failing and not
+        yet confirmed, or one went down a moment ago while the others are still being probed (a
+        slow http path needs its timeout before its first failure even counts)."""
+        if corr.own.get(target) is TargetState.DOWN:
+            return False
+        window = self._confirm_time(target)
         return any(
-            s.state is not PathState.DOWN and s.failures > 0 and not s.path.is_bmc
+            not s.path.is_bmc
+            and (
+                (s.state is not PathState.DOWN and s.failures > 0)
+                or (s.state is PathState.DOWN and s.changed_at is not None and now - s.changed_at < window)
+            )
             for s in self.target_paths(target)
         )
 
@@ -377,14 +386,27 @@ class Monitor:
         for verdict in corr.verdicts:
             if verdict.scope is Scope.MONITOR:
                 continue
-            suspects = [u for u in self.topology.upstream(verdict.root) if self._suspect(u)]
+            suspects = [u for u in self.topology.upstream(verdict.root) if self._suspect(u, corr, now)]
             if not suspects:
                 self._holding.pop(verdict.root, None)
                 continue
             since = self._holding.setdefault(verdict.root, now)
-            if now - since < HOLD_MAX:
+            if now - since < max(HOLD_MAX, *(self._confirm_time(u) for u in suspects)):
                 held.add(verdict.root)
         return held
+
+    def _confirm_time(self, target: str) -> float:
+        """How long ``target``'s slowest path takes to confirm a failure (an http path with a 3 s
+        timeout needs ~8 s): a dependent's verdict waits that long for it, so the page names the
+        hypervisor and not the VM noticed first."""
+        return max(
+            (
+                s.path.fail_after * (s.path.retry_interval + s.path.timeout) + 2.0
+                for s in self.target_paths(target)
+                if not s.path.is_bmc
+            ),
+            default=HOLD_MAX,
+        )
 
     def _vantage_suspect(self) -> bool:
         """A vantage path is failing but not yet confirmed: the monitor may be the one cut off."""

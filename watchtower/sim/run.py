@@ -81,7 +81,7 @@ def simulate(config: Config, events: list[FaultEvent], seed: int) -> tuple[World
     loop = VirtualTimeLoop()
     # The engine logs every state change at INFO; thousands of runs would drown the terminal.
     previous_level = logging.getLogger("watchtower").level
-    logging.getLogger("watchtower").setLevel(logging.WARNING)
+    logging.getLogger("watchtower").setLevel(logging.ERROR)
     try:
         with clock.use(lambda: EPOCH + loop.time()):
             loop.run_until_complete(_run(config, events, world, recording))

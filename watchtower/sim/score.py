@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from watchtower.config import Config
 from watchtower.engine.escalation import ALL_CLEAR_HOLD_MAX
+from watchtower.engine.incidents import RECOVERY_GRACE
 from watchtower.engine.monitor import HOLD_MAX
 from watchtower.sim.run import Recording, SentMessage
 from watchtower.sim.world import JUDGE_WINDOW, World
@@ -47,6 +48,7 @@ class Outage:
 class Score:
     outages: int = 0
     must_page: int = 0
+    behind_recovery: int = 0
     paged: int = 0
     missed: list[str] = field(default_factory=list)
     wrong_root: list[str] = field(default_factory=list)
@@ -101,6 +103,12 @@ def confirm_time(config: Config, target: str) -> float:
     paths = [p for p in config.paths if p.target == target]
     worst = max((p.interval + p.fail_after * (p.retry_interval + p.timeout) for p in paths), default=10.0)
     return worst + HOLD_MAX + 5.0
+
+
+def _behind_recovery(world: World, o: Outage) -> bool:
+    """The outage began the moment something above its target stopped explaining it."""
+    before = world.truth(max(0.0, o.start - RESOLUTION))
+    return o.start > 0 and world.explained(before, o.target) is not None
 
 
 def _cause_ok(world: World, m: SentMessage) -> bool:
@@ -202,6 +210,11 @@ def score(config: Config, world: World, rec: Recording) -> Score:
     for o in found:
         if o.length < confirm_time(config, o.target):
             continue
+        if o.length < RECOVERY_GRACE + confirm_time(config, o.target) and _behind_recovery(world, o):
+            # It showed only when what it depends on came back: from outside, indistinguishable from
+            # a VM still booting after its host, so it is claimed by that restore for the grace.
+            s.behind_recovery += 1
+            continue
         s.must_page += 1
         if o in paged_outages:
             s.paged += 1
@@ -234,6 +247,7 @@ class Totals:
     failing: list[int] = field(default_factory=list)
     outages: int = 0
     must_page: int = 0
+    behind_recovery: int = 0
     paged: int = 0
     missed: int = 0
     wrong_root: int = 0
@@ -252,6 +266,7 @@ class Totals:
             self.failing.append(seed)
         self.outages += s.outages
         self.must_page += s.must_page
+        self.behind_recovery += s.behind_recovery
         self.paged += s.paged
         self.missed += len(s.missed)
         self.wrong_root += len(s.wrong_root)
@@ -273,6 +288,7 @@ class Totals:
             ("runs with any failure", str(len(self.failing))),
             ("outages (ground truth)", str(self.outages)),
             ("outages longer than confirmation", str(self.must_page)),
+            ("  (not counted: shown only by a restore, shorter than its grace)", str(self.behind_recovery)),
             ("  paged", str(self.paged)),
             ("  missed", str(self.missed)),
             ("pages sent (page + failed again, per channel)", str(self.pages)),

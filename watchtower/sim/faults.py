@@ -12,7 +12,7 @@ A script is a list of events, each at a time (seconds from the start of the run)
 
 Faults: ``power_off`` (the BMC says chassis off), ``psu_fail`` (power off and a critical SEL
 entry), ``hang`` (power on, OS dead), ``nic_down`` (one link; ``address`` or the target's first),
-``loss`` (``pct``), ``bmc_down``, ``monitor_cut`` / ``monitor_restore``. ``repair`` undoes every
+``loss`` (``pct``), ``icmp_drop`` (pings dropped, services answer: no outage), ``bmc_down``, ``monitor_cut`` / ``monitor_restore``. ``repair`` undoes every
 fault of a target; ``forward_delay`` (a switch answering before its ports forward) and
 ``vm_delays`` / ``vm_delay`` (VMs booting after their hypervisor or NAS) stage the recovery.
 """
@@ -26,7 +26,9 @@ from typing import Any
 
 from watchtower.config import Config
 
-FAULTS = ("power_off", "psu_fail", "hang", "nic_down", "loss", "bmc_down", "monitor_cut", "monitor_restore")
+FAULTS = (
+    "power_off", "psu_fail", "hang", "nic_down", "loss", "icmp_drop", "bmc_down", "monitor_cut", "monitor_restore",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +128,9 @@ def random_script(config: Config, seed: int, *, span: float = 1500.0) -> list[Fa
         elif role == "network":
             fault = rng.choices(["hang", "loss"], [50, 50])[0]
         else:
-            fault = rng.choices(["power_off", "hang", "loss", "nic_down"], [30, 40, 15, 15])[0]
+            fault = rng.choices(["power_off", "hang", "loss", "nic_down", "icmp_drop"], [30, 40, 15, 12, 3])[
+                0
+            ]
         args: dict[str, Any] = {}
         if fault == "loss":
             args["pct"] = rng.choice([30, 60, 100, 100, 100])

@@ -45,6 +45,7 @@ class HostTruth:
     os_ok: bool = True
     nics_down: frozenset[str] = frozenset()  # addresses whose link is down
     loss: float = 0.0
+    icmp_drop: bool = False  # a firewall drops pings; everything else is served (not an outage)
     bmc_ok: bool = True
     sel_critical_at: float | None = None
     booting_until: float = 0.0  # answers again from this time (after a repair)
@@ -239,6 +240,8 @@ class World:
                 h = replace(h, loss=float(args.get("pct", 100)) / 100)
             elif action == "bmc_down":
                 h = replace(h, bmc_ok=False)
+            elif action == "icmp_drop":
+                h = replace(h, icmp_drop=True)
             elif action == "repair":
                 h = self._repair(now, target, h, args)
             else:
@@ -254,6 +257,7 @@ class World:
             os_ok=True,
             nics_down=frozenset(),
             loss=0.0,
+            icmp_drop=False,
             bmc_ok=True,
             booting_until=0.0,
             booting_own=False,
@@ -322,6 +326,8 @@ class World:
         if path.is_bmc:
             return self._bmc(path, now, memory)
         ok, why, loss = self._reach(now, path.target, path_address(path))
+        if ok and path.kind == "icmp" and self.hosts[path.target].icmp_drop:
+            ok, why = False, "pings dropped"
         if ok and loss > 0:
             # A confirming probe looks harder (icmp: three echoes; tcp/http/dns: three tries).
             tries = 3 if memory.get("confirming") else 1

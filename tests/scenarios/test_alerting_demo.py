@@ -208,11 +208,19 @@ async def test_readme_walkthrough_one_page_and_one_all_clear_per_outage(
         try:
             await asyncio.to_thread(lab.break_host, "core-sw1", "loss", 100)
             first = "page" if outage == 1 else "reopen"
-            await wait_for(lambda k=first: incident_of("core-sw1", k), 40, "the switch paged")
+
+            async def switch_paged(kind: str = first) -> dict[str, Any] | None:
+                return await incident_of("core-sw1", kind)
+
+            await wait_for(switch_paged, 40, "the switch paged")
             await asyncio.sleep(max(0.0, 12.0 - 5.0))  # the outage lasts ~12 s in all
         finally:
             await asyncio.to_thread(lab.repair, "core-sw1")
-        await wait_for(lambda n=outage: incident_of("core-sw1", "resolve", n), 120, "the switch's all-clear")
+
+        async def switch_cleared(n: int = outage) -> dict[str, Any] | None:
+            return await incident_of("core-sw1", "resolve", n)
+
+        await wait_for(switch_cleared, 120, "the switch's all-clear")
         await asyncio.sleep(10)  # room for a wrong page on the way up (the VMs, pve1 again)
 
     docs = await incidents()

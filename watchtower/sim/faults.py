@@ -12,7 +12,8 @@ A script is a list of events, each at a time (seconds from the start of the run)
 
 Faults: ``power_off`` (the BMC says chassis off), ``psu_fail`` (power off and a critical SEL
 entry), ``hang`` (power on, OS dead), ``nic_down`` (one link; ``address`` or the target's first),
-``loss`` (``pct``), ``icmp_drop`` (pings dropped, services answer: no outage), ``bmc_down``, ``monitor_cut`` / ``monitor_restore``. ``repair`` undoes every
+``loss`` (``pct``), ``icmp_drop`` (pings dropped, services answer: no outage), ``bmc_down``,
+``monitor_cut`` / ``monitor_restore``. ``repair`` undoes every
 fault of a target; ``forward_delay`` (a switch answering before its ports forward) and
 ``vm_delays`` / ``vm_delay`` (VMs booting after their hypervisor or NAS) stage the recovery.
 """
@@ -27,7 +28,8 @@ from typing import Any
 from watchtower.config import Config
 
 FAULTS = (
-    "power_off", "psu_fail", "hang", "nic_down", "loss", "icmp_drop", "bmc_down", "monitor_cut", "monitor_restore",
+    "power_off", "psu_fail", "hang", "nic_down", "loss", "icmp_drop", "bmc_down",
+    "monitor_cut", "monitor_restore",
 )  # fmt: skip
 
 

@@ -167,7 +167,7 @@ def score(config: Config, world: World, rec: Recording) -> Score:
 
     def outage_for(root: str, at: float) -> Outage | None:
         """The outage a message at ``at`` about ``root`` reports: the latest one begun by then."""
-        best = None
+        best: Outage | None = None
         for o in by_target.get(root, ()):
             if o.start <= at:
                 best = o
@@ -188,25 +188,25 @@ def score(config: Config, world: World, rec: Recording) -> Score:
                 continue
             if m.kind in PAGE_KINDS and not _cause_ok(world, m):
                 s.wrong_cause.append(label)
-            o = outage_for(m.root, m.at)
-            key: object = o if o is not None else (m.root, m.incident)
+            found_o = outage_for(m.root, m.at)
+            key: object = found_o if found_o is not None else (m.root, m.incident)
             step = "reopen" if m.kind == "reopen" else m.step
             step = "step0" if step == "reopen" else step  # a reopen is the outage's first page again
             step_count[(key, m.channel, step)] += 1
             if step_count[(key, m.channel, step)] == 2:
                 s.extra_pages.append(f"{label} on {m.channel}: a second {step} for one outage")
-            if o is not None and m.kind in PAGE_KINDS:
-                paged_outages.setdefault(o, m.at)
-                paged_channels.setdefault(o, set()).add(m.channel)
+            if found_o is not None and m.kind in PAGE_KINDS:
+                paged_outages.setdefault(found_o, m.at)
+                paged_channels.setdefault(found_o, set()).add(m.channel)
         elif m.kind == "resolve" and m.scope != "monitor":
             s.all_clears += 1
-            o = outage_for(m.root, m.at)
-            key = o if o is not None else (m.root, m.incident)
+            cleared_o = outage_for(m.root, m.at)
+            key = cleared_o if cleared_o is not None else (m.root, m.incident)
             clear_count[(key, m.channel)] += 1
             if clear_count[(key, m.channel)] == 2:
                 s.extra_all_clears.append(f"all-clear {m.root} at {m.at:.1f}s on {m.channel}: a second one")
-            if o is not None:
-                cleared.setdefault(o, set()).add(m.channel)
+            if cleared_o is not None:
+                cleared.setdefault(cleared_o, set()).add(m.channel)
     for o in found:
         if o.length < confirm_time(config, o.target):
             continue
@@ -235,9 +235,9 @@ def score(config: Config, world: World, rec: Recording) -> Score:
                 continue  # failed again before its all-clear was due: that outage's all-clear counts
             missing = channels - cleared.get(o, set())
             if missing:
-                s.missing_all_clears.append(
-                    f"{o.target} ({o.what}) back at {o.end:.1f}s: no all-clear on {', '.join(sorted(missing))}"
-                )
+                names = ", ".join(sorted(missing))
+                back = f"{o.target} ({o.what}) back at {o.end:.1f}s"
+                s.missing_all_clears.append(f"{back}: no all-clear on {names}")
     return s
 
 

@@ -23,7 +23,7 @@ class Deadlock(RuntimeError):
     """No callback is ready and no timer is scheduled: the run waits on something outside."""
 
 
-class _JumpSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _JumpSelector(selectors.DefaultSelector):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0

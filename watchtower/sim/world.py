@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -102,7 +102,7 @@ def path_address(path: ResolvedPath) -> str:
 class Site:
     """The static shape of the site, from the config."""
 
-    roles: dict[str, str]
+    roles: Mapping[str, str]
     runs_on: dict[str, str | None]
     storage: dict[str, tuple[str, ...]]
     depends_on: dict[str, tuple[str, ...]]

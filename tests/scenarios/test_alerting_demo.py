@@ -227,12 +227,13 @@ async def test_readme_walkthrough_one_page_and_one_all_clear_per_outage(
     roots = sorted(d["root"] for d in docs if d["scope"] != "monitor" and d["notifications"])
     assert roots == ["core-sw1", "pve1", "pve2"], [(d["root"], d["scope"], _pages(d)) for d in docs]
     for doc in docs:
+        # tier 2 (unacknowledged after 25 s here) joins the later messages; tier 1 is what is counted
+        got = [p for p in _pages(doc) if p.split()[0] in tier1]
         if doc["root"] in ("pve1", "pve2"):
-            assert _pages(doc) == sorted(f"{c} {k}" for c in tier1 for k in ("page", "resolve")), doc
+            assert got == sorted(f"{c} {k}" for c in tier1 for k in ("page", "resolve")), doc
             assert doc["timeline"][-1]["event"] != "reopened"
         if doc["root"] == "core-sw1":
-            want = sorted(f"{c} {k}" for c in tier1 for k in ("page", "resolve", "reopen", "resolve"))
-            assert _pages(doc) == want, doc
+            assert got == sorted(f"{c} {k}" for c in tier1 for k in ("page", "resolve", "reopen", "resolve")), doc
     texts = by_channel(smtp, http)
     for channel in ("signal", "sms", "mail-oncall"):
         assert not any("VM " in t.split("\n")[0] or "FAILED AGAIN hypervisor" in t for t in texts[channel])

@@ -233,7 +233,8 @@ async def test_readme_walkthrough_one_page_and_one_all_clear_per_outage(
             assert got == sorted(f"{c} {k}" for c in tier1 for k in ("page", "resolve")), doc
             assert doc["timeline"][-1]["event"] != "reopened"
         if doc["root"] == "core-sw1":
-            assert got == sorted(f"{c} {k}" for c in tier1 for k in ("page", "resolve", "reopen", "resolve")), doc
+            kinds = ("page", "resolve", "reopen", "resolve")
+            assert got == sorted(f"{c} {k}" for c in tier1 for k in kinds), doc
     texts = by_channel(smtp, http)
     for channel in ("signal", "sms", "mail-oncall"):
         assert not any("VM " in t.split("\n")[0] or "FAILED AGAIN hypervisor" in t for t in texts[channel])

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from watchtower.config import Config, parse_config
 from watchtower.engine.correlate import Scope
-from watchtower.engine.escalation import ALL_CLEAR_HOLD_MAX, DueStep, all_clear_hold, channels_for, due, rto_clock
+from watchtower.engine.escalation import (
+    ALL_CLEAR_HOLD_MAX,
+    DueStep,
+    all_clear_hold,
+    channels_for,
+    due,
+    rto_clock,
+)
 from watchtower.engine.incidents import Incident, IncidentState
 
 MIN = 60.0

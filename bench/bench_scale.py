@@ -338,7 +338,13 @@ def mix_paths(kind: str, count: int, addresses: list[str], peers: dict[str, Any]
     if kind == "http":
         return [{"http": {"url": f"http://{a}:{HTTP_PORT}/", "expect_body": "ok"}} for a in addresses[:count]]
     if kind == "dns":
-        return [{"dns": {"server": a, "query": DNS_NAME}} for a in addresses[:count]]
+        # the lab's DNS server answers from the host's own address: ask that one (a reply from
+        # another address than the one asked is rejected, rightly), one name per path
+        servers = peers["dns_servers"]
+        return [
+            {"dns": {"server": servers[i % len(servers)], "query": DNS_NAME, "name": f"dns {i}"}}
+            for i in range(count)
+        ]
     if kind == "snmp":
         port = peers["snmp"].port
         return [
@@ -420,7 +426,12 @@ def run_mix_row(
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"daemon did not come up; see {workdir}/daemon-mix-{tag}.log")
             time.sleep(0.2)
-        time.sleep(12)
+        # warm-up: every path's first run is spread over its interval
+        time.sleep(
+            max(12.0, *(float(v.rstrip("s")) + 5 for v in SLOW_INTERVALS.values()))
+            if slow_management
+            else 12.0
+        )
         state0 = json.loads(get(f"{base}/api/v1/state"))
         cpu0, t0 = proc_cpu_all(proc.pid), time.monotonic()
         time.sleep(duration)
@@ -454,14 +465,18 @@ def run_mix_row(
         log.close()
 
 
-def run_mix(lab: Lab, n: int, duration: float, workdir: Path) -> list[dict[str, Any]]:
+def run_mix(
+    lab: Lab, n: int, duration: float, workdir: Path, kinds: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Each kind alone (its CPU per 1,000 probes), then the whole mix at 5 s, then the whole mix
     with the management probes at 30 s / 60 s."""
     import peers as peer_procs
 
     counts = {k: round(v * n / 1000) for k, v in MIX_PER_1000.items()}
     started: list[Any] = []
-    peers: dict[str, Any] = {}
+    peers: dict[str, Any] = {
+        "dns_servers": [h.addresses[0].split("/")[0] for h in lab.spec.hosts if h.bulk_prefix]
+    }
     try:
         peers["snmp"] = peer_procs.start_snmpd(workdir / "snmpd")
         started.append(peers["snmp"])
@@ -475,6 +490,10 @@ def run_mix(lab: Lab, n: int, duration: float, workdir: Path) -> list[dict[str, 
             print(f"mix: no redfish rows: {exc}", file=sys.stderr, flush=True)
             counts.pop("redfish")
         rows = []
+        if kinds:
+            return [
+                run_mix_row(lab, k, {k: counts[k]}, peers, duration, workdir) for k in kinds if k in counts
+            ]
         for kind, count in counts.items():
             print(f"mix: {kind} alone ({count} paths) for {duration:.0f}s ...", file=sys.stderr, flush=True)
             rows.append(run_mix_row(lab, kind, {kind: count}, peers, duration, workdir))
@@ -726,6 +745,7 @@ def main() -> int:
         "--mix", action="store_true",
         help="the MSP-like site mix at the first --sizes N: each kind alone, then all together",
     )  # fmt: skip
+    parser.add_argument("--mix-kinds", nargs="+", metavar="KIND", help="--mix: only these kinds, alone")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -747,7 +767,7 @@ def main() -> int:
         lab.up()
         try:
             if args.mix:
-                rows = run_mix(lab, args.sizes[0], args.duration, Path(tmp))
+                rows = run_mix(lab, args.sizes[0], args.duration, Path(tmp), args.mix_kinds)
                 lab.down()
                 out = mix_table(rows)
                 print(out)
@@ -813,7 +833,8 @@ def write_mix(out: str, args: argparse.Namespace) -> None:
             "as the integration tests start them (bench/peers.py, templates in tests/peers/). Each kind",
             "runs alone in a fresh daemon first (its CPU per 1,000 probes), then the whole mix at the",
             "5 s default, then with the management probes at 30 s (SNMP) / 60 s (IPMI, Redfish).",
-            f"Figures over {args.duration:.0f} s after a 12 s warm-up; CPU is the daemon's user+system",
+            f"Figures over {args.duration:.0f} s after a 12 s warm-up (65 s for the last row); CPU is the",
+            "daemon's user+system",
             "time plus its waited-for children's (ipmitool) from /proc. The peers' own CPU is not counted.",
             "",
             out,

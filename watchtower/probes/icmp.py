@@ -13,6 +13,13 @@ One socket per address family for the whole process
     concurrent loopback pings take 0.4-0.5 s of CPU, about 40 µs each. About 20 µs of that is
     asyncio's own cost for a task plus an ``asyncio.timeout`` on that VM.
 
+Batches (:meth:`Pinger.ping_batch`, the probe's :data:`BATCH` extension)
+    The scheduler fires co-due runs on a 10 ms grid; the icmp paths among them (one echo to an IP
+    literal, not confirming a failure) are handed over as one batch: the echoes go out in one
+    loop without awaiting, one timer bounds the batch, the reader callback writes each reply into
+    it, and one callback reports all results. That drops the coroutine, future, ``asyncio.timeout``
+    and awaited send of :meth:`Pinger.ping` per echo (bench/RESULTS.md measures both).
+
 Why not icmplib
     icmplib opens a socket *per ping*. In privileged mode that is one ``SOCK_RAW`` socket per
     ping, and every raw ICMP socket receives a copy of *every* ICMP packet on the host: with N

@@ -180,6 +180,9 @@ class Scheduler:
 
     def _fire_slot(self, slot: int) -> None:
         self._slot_timers.pop(slot, None)
+        if self._loop is None:  # stopped: run() cancels the timers, this guards a late one
+            self._buckets.pop(slot, None)
+            return
         batches: dict[BatchStart, list[tuple[_Job, Any]]] = {}
         for job in self._buckets.pop(slot, ()):
             if job.slot != slot or job.removed:

@@ -6,6 +6,8 @@ import asyncio
 import itertools
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -440,3 +442,43 @@ async def test_monitor_runs_co_due_icmp_and_tcp_paths_in_batches() -> None:
         for server in servers:
             server.close()
             await server.wait_closed()
+
+
+async def test_scheduler_batch_hook_that_raises_runs_the_job_alone() -> None:
+    """A bug in one job's batch hook costs that job its batch, not its run, and not the other
+    co-due jobs' runs."""
+    sched = Scheduler()
+    alone: list[str] = []
+    batched: list[list[str]] = []
+
+    def start(items: list[str], done: Callable[[], None]) -> None:
+        batched.append(items)
+        done()
+
+    def broken() -> tuple[Any, str] | None:
+        raise RuntimeError("bug")
+
+    async def run_alone() -> None:
+        alone.append("broken")
+
+    async def never() -> None:
+        raise AssertionError("a batched job must not run alone")
+
+    sched.add("broken", 60.0, lambda: 60.0, run_alone, first_in=0, batch=broken)
+
+    def hook(i: int) -> Callable[[], tuple[Any, str]]:
+        return lambda: (start, f"item{i}")
+
+    for i in range(3):
+        sched.add(i, 60.0, lambda: 60.0, never, first_in=0, batch=hook(i))
+    task = asyncio.create_task(sched.run())
+    try:
+        deadline = time.monotonic() + 5
+        while (not alone or not batched) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert alone == ["broken"]
+        assert sorted(x for b in batched for x in b) == ["item0", "item1", "item2"]
+        assert sched.runs == 4 and sched.batched == 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

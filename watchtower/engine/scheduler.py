@@ -188,7 +188,11 @@ class Scheduler:
             if job.slot != slot or job.removed:
                 continue  # moved to another slot (run_now, reload) or removed since
             job.slot = None
-            ticket = job.batch() if job.batch is not None else None
+            try:
+                ticket = job.batch() if job.batch is not None else None
+            except Exception:  # a bug in a batch hook must not lose the slot's other runs
+                log.exception("batch hook failed key=%s", job.key)
+                ticket = None
             if ticket is None:
                 self._fire(job)
             else:

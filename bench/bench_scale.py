@@ -265,6 +265,10 @@ def detection_runs(lab: Lab, smtp: TimedSmtpSink, victims: list[list[str]]) -> l
             time.sleep(0.05)
         times.append(got[0] - t0 if got else float("nan"))
         print(f"  detection run {k + 1}: {times[-1]:.2f} s", file=sys.stderr, flush=True)
+    for k, addresses in enumerate(victims):  # the next size's paths may use these addresses
+        ns = namespace_of(lab, addresses[0])
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", f"wtvictim{k}"],
+                       capture_output=True, timeout=10)  # fmt: skip
     return times
 
 

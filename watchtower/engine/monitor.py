@@ -82,7 +82,15 @@ class BmcState:
 def path_view(status: PathStatus) -> PathView:
     p = status.path
     return PathView(
-        p.name, p.kind, f"{p.kind} {p.spec.address}", status.state, status.detail, status.failing_since
+        p.name,
+        p.kind,
+        f"{p.kind} {p.spec.address}",
+        status.state,
+        status.detail,
+        status.failing_since,
+        network=p.network,
+        address=p.host,
+        by_bmc=p.by_bmc,
     )
 
 

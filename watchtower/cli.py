@@ -78,12 +78,10 @@ def explain_networks(cfg: Config) -> str:
         lines.append(f"{name}{needs}:")
         for p in (x for x in (*cfg.paths, *cfg.bmc_paths) if x.target == name):
             if cfg.networks:
-                net = cfg.networks.get(p.network or "")
-                where = (
-                    f"{p.network}" + (f" via {', '.join(net.via)}" if net and net.via else "")
-                    if net
-                    else "NO NETWORK"
-                )
+                placed = cfg.networks.get(p.network or "")
+                where = "NO NETWORK" if placed is None else f"{p.network}"
+                if placed is not None and placed.via:
+                    where += f" via {', '.join(placed.via)}"
             else:
                 where = f"[{inferred_network(p.host) or 'no address'}]"
             served = "BMC" if p.by_bmc else "OS"

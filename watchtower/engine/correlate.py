@@ -304,21 +304,26 @@ def correlate(
             if parent in explained:
                 root = explained[parent]
                 break
+            if parent in outages and own[parent] is TargetState.DOWN:
+                root = parent  # the network's device is dead, not only dark on one network
+                break
             if parent in failed and parent not in trail:
                 root = find_root(parent, trail | {name})
                 break
         root_of[name] = root
         return root
 
-    affected: dict[str, list[str]] = {}
-    for outage in outages.values():
-        affected[outage.root] = [t for t in outage.dark if t != outage.root]
+    affected: dict[str, list[str]] = {root: [] for root in outages}
     for name in topology.order:
         if name in explained:
-            if name not in affected[explained[name]]:
-                affected[explained[name]].append(name)
+            affected[explained[name]].append(name)
             continue
         if name not in failed:
+            # Dark on a failed network but answering enough elsewhere not to be down: listed
+            # with that network's outage (it is unreachable there), and no verdict of its own.
+            dark_in = next((o.root for o in outages.values() if name in o.dark and name != o.root), None)
+            if dark_in is not None and name not in outages:
+                affected[dark_in].append(name)
             continue
         root = find_root(name)
         if root == name:
@@ -369,7 +374,10 @@ def correlate(
             down_nets = {network_key(topology, p) for p in down_paths}
             alive = _alive_on(topology, root_paths, down_nets)
             answering = ", ".join(p.name for p in os_up)
-            if alive and None not in down_nets:
+            # Dark on a whole network, alive on another: a service down on an address that still
+            # pings is the service's failure, not the link's.
+            dark_there = not any(network_key(topology, p) in down_nets for p in os_up)
+            if alive and dark_there and None not in down_nets:
                 # Its OS answers on another network: the link to this one is what failed.
                 states[root] = TargetState.DEGRADED
                 dark_nets = "+".join(sorted(labels.get(n, n) for n in down_nets if n is not None))

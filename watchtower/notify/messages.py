@@ -320,7 +320,8 @@ def _title(
         text = f"{n} FAILED AGAIN (flap {incident.flaps}): {_down_title(incident, behind)}"
     else:  # resolve
         end = incident.resolved_at if incident.resolved_at is not None else now
-        text = f"{n} RESOLVED: {incident.root} back after {_dur(end - outage_start(incident))}"
+        back = _what(incident) if _cause(incident) is Cause.PARTITION else incident.root
+        text = f"{n} RESOLVED: {back} back after {_dur(end - outage_start(incident))}"
         still = _still_down(incident)
         if still:
             text += f"; still down: {_names(still, 3)}"

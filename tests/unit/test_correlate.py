@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from watchtower.engine.correlate import (
+    SETTLE,
     BmcFacts,
     Cause,
     PathView,
@@ -457,3 +458,22 @@ def test_properties_of_path_level_correlation(
         nets_down = {p.network or p.address for p in view[t] if p.state is DOWN}
         if configured and nets_up - nets_down and t != "sw":
             assert c.states[t] is not TargetState.DOWN, (t, c)
+
+
+def test_one_host_dark_on_a_moving_network_waits_for_it_to_settle() -> None:
+    # pve1 is confirmed dark on prod first; pve2's prod ping has failed once (not down yet): this
+    # may be the switch going, not pve1's link. Bounded: SETTLE after that first failure, it is.
+    view = pview({"pve1": {"prod"}, "dc1": {"prod"}})
+    view["pve2"][0] = replace(view["pve2"][0], since=100.0)  # failing, still up
+    c = correlate(PSITE, view, {}, [], now=101.0)
+    assert c.verdicts == ()
+    assert c.states["pve1"] is TargetState.DEGRADED and c.states["dc1"] is TargetState.UNREACHABLE
+    later = correlate(PSITE, view, {}, [], now=100.0 + SETTLE)
+    assert [(v.root, v.cause) for v in later.verdicts] == [("pve1", Cause.LINK_DOWN)]
+    # a neighbour's path that changed state recently counts the same (a network coming back)
+    view["pve2"][0] = replace(view["pve2"][0], since=None, changed_at=100.0)
+    assert correlate(PSITE, view, {}, [], now=105.0).verdicts == ()
+    # the management network moving says nothing about the production link
+    view["pve2"][0] = replace(view["pve2"][0], changed_at=None)
+    view["pve2"][1] = replace(view["pve2"][1], changed_at=100.0)
+    assert [v.root for v in correlate(PSITE, view, {}, [], now=105.0).verdicts] == ["pve1"]

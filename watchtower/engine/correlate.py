@@ -80,6 +80,13 @@ class PathView:
     network: str | None = None  # the configured network it crosses
     address: str = ""  # what it talks to: where a network is inferred from when none is configured
     by_bmc: bool = False  # answered by the target's BMC, not its own OS: no sign of the OS's life
+    changed_at: float | None = None  # its last change of state
+
+
+# One host dark on a network waits this long after that network last moved (a path of another
+# host on it failing, going down or coming back): a switch dying, or coming back, takes its
+# hosts one probe at a time, and the first one confirmed is not a link of its own.
+SETTLE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +252,23 @@ def network_outages(
     return tuple(outages)
 
 
+def _settling(
+    topology: Topology, paths: Mapping[str, Sequence[PathView]], host: str, nets: set[str | None], now: float
+) -> bool:
+    """Another host's path on ``nets`` failing but not yet down, or changed state within SETTLE."""
+    for target, views in paths.items():
+        if target == host:
+            continue
+        for p in views:
+            if network_key(topology, p) not in nets:
+                continue
+            if p.state is not PathState.DOWN and p.since is not None and now - p.since < SETTLE:
+                return True
+            if p.changed_at is not None and now - p.changed_at < SETTLE:
+                return True
+    return False
+
+
 def _labels(topology: Topology) -> dict[str, str]:
     return {name: net.label or name for name, net in topology.networks.items()}
 
@@ -256,9 +280,8 @@ def correlate(
     vantage: Sequence[PathView],
     now: float,
 ) -> Correlation:
-    """The site's target states and one verdict per independent outage. ``now`` is accepted so
-    that time-dependent rules stay inside this pure function; none needs it yet."""
-    del now
+    """The site's target states and one verdict per independent outage. ``now`` bounds how long
+    a host dark on a moving network waits (:data:`SETTLE`)."""
     own = {name: own_state(paths.get(name, ()), node.confirm_paths) for name, node in topology.nodes.items()}
     vantage_up = not vantage or any(p.state is not PathState.DOWN for p in vantage)
     if not vantage_up:
@@ -347,7 +370,8 @@ def correlate(
                 f"inferred: no `networks:` configured; to name it, add networks: {{NAME: {{cidr: "
                 f"[{outage.network}]{', via: [' + outage.root + ']' if node is not None else ''}}}}}"
             )
-        for t in outage.dark[:6]:
+        listed = sorted(outage.dark, key=lambda t: (t != outage.root, t not in outage.alive))
+        for t in listed[:8]:
             silent = [p.name for p in paths.get(t, ()) if network_key(topology, p) == outage.network]
             alive = outage.alive.get(t)
             evidence.append(
@@ -380,6 +404,8 @@ def correlate(
             if alive and dark_there and None not in down_nets:
                 # Its OS answers on another network: the link to this one is what failed.
                 states[root] = TargetState.DEGRADED
+                if _settling(topology, paths, root, down_nets, now):
+                    continue  # the network is moving: maybe its outage, not this host's link
                 dark_nets = "+".join(sorted(labels.get(n, n) for n in down_nets if n is not None))
                 evidence.insert(
                     0,

@@ -91,6 +91,7 @@ def path_view(status: PathStatus) -> PathView:
         network=p.network,
         address=p.host,
         by_bmc=p.by_bmc,
+        changed_at=status.changed_at,
     )
 
 

@@ -442,7 +442,7 @@ def test_properties_of_path_level_correlation(
     for t, i in down:
         view[t][i] = replace(view[t][i], state=DOWN)
     bmc = {k: f for k, f in facts.items() if f is not None}
-    c = correlate(PSITE if configured else INFERRED, view, bmc, [], 0.0)
+    c = correlate(PSITE if configured else INFERRED, view, bmc, [], 1000.0)  # nothing settling
     own_down = {t for t, s in c.own.items() if s is TargetState.DOWN}
     members = [m for v in c.verdicts for m in (v.root, *v.affected)]
     assert len(members) == len(set(members))  # nobody in two verdicts
@@ -477,3 +477,18 @@ def test_one_host_dark_on_a_moving_network_waits_for_it_to_settle() -> None:
     view["pve2"][0] = replace(view["pve2"][0], changed_at=None)
     view["pve2"][1] = replace(view["pve2"][1], changed_at=100.0)
     assert [v.root for v in correlate(PSITE, view, {}, [], now=105.0).verdicts] == ["pve1"]
+
+
+def test_a_vm_waits_while_its_hypervisor_goes_dark_on_its_network() -> None:
+    # dc1 confirmed dark on prod; pve1's prod ping went down 2 s ago, its web UI not yet: pve1 is
+    # not down, but it may be its link. No page for dc1 before that is settled (bounded).
+    view = pview({"pve1": {"prod"}, "dc1": {"prod"}})
+    view["pve1"][2] = replace(view["pve1"][2], state=UP, since=None)  # http: still answering
+    view["pve1"][0] = replace(view["pve1"][0], since=100.0)
+    assert correlate(PSITE, view, {}, [], now=102.0).verdicts == ()
+    late = correlate(PSITE, view, {}, [], now=100.0 + SETTLE)
+    assert [(v.scope, v.root) for v in late.verdicts] == [(Scope.VM, "dc1")]
+    # a parent failing on another network explains nothing
+    view["pve1"][0] = replace(view["pve1"][0], state=UP, since=None)
+    view["pve1"][1] = replace(view["pve1"][1], state=DOWN, since=100.0)
+    assert [v.root for v in correlate(PSITE, view, {}, [], now=102.0).verdicts] == ["dc1"]

@@ -269,6 +269,32 @@ def _settling(
     return False
 
 
+def _parent_going_dark(
+    topology: Topology,
+    paths: Mapping[str, Sequence[PathView]],
+    parents: Sequence[str],
+    down: Sequence[PathView],
+    now: float,
+) -> bool:
+    """A parent (not down itself) has a path down, failing since less than SETTLE, on every
+    network ``down`` is on: a VM dark on production while its hypervisor's production ping has
+    just gone down (its web UI's probe still in flight) may be that hypervisor's link, confirmed a
+    probe later; a page for the VM first would name the wrong root. (A parent only failing, not
+    yet down, is the monitor's hold.)"""
+    nets = {network_key(topology, p) for p in down}
+    if not nets or None in nets:
+        return False
+    for parent in parents:
+        failing = {
+            network_key(topology, p)
+            for p in paths.get(parent, ())
+            if p.state is PathState.DOWN and p.since is not None and now - p.since < SETTLE and not p.by_bmc
+        }
+        if nets <= failing:
+            return True
+    return False
+
+
 def _labels(topology: Topology) -> dict[str, str]:
     return {name: net.label or name for name, net in topology.networks.items()}
 
@@ -391,6 +417,8 @@ def correlate(
         facts = bmc.get(root)
         root_paths = paths.get(root, ())
         down_paths = [p for p in root_paths if p.state is PathState.DOWN]
+        if _parent_going_dark(topology, paths, node.parents, down_paths, now):
+            continue  # its hypervisor or switch is going dark on the same network: wait for it
         evidence = [f"{p.name}: {p.detail}" for p in down_paths]
         cause = bmc_cause(facts) if node.has_bmc else None
         os_up = [p for p in root_paths if p.state is PathState.UP and not p.by_bmc]

@@ -544,3 +544,105 @@ def test_sms_always_one_segment(case: tuple[str, Incident, Config, float, str, l
     for other in (warning_message(label or "x", cfg, now), make_test_message(cfg, label or "c", now)):
         check_sms(other.sms)
         assert "\n" not in other.title
+
+
+# --------------------------------------------------------------------------- networks and partitions
+
+PARTITION_EVIDENCE = [
+    "production network via core-sw1: 9 hosts unreachable on it, all alive on management",
+    "pve1: no answer on prod, http; answers on management",
+    "nas1: no answer on prod, iscsi; answers on management",
+]
+
+
+def partition_incident(**kw: Any) -> Incident:
+    inc = Incident(
+        21,
+        Scope.NETWORK,
+        "core-sw1",
+        opened_at=T0 + 60,
+        cause=Cause.PARTITION,
+        affected=["pve1", "pve2", "nas1", "dc1", "erp1", "mail1", "vm04", "vm05", "vm06"],
+        first_failure_at=T0,
+        evidence=list(PARTITION_EVIDENCE),
+    )
+    for key, value in kw.items():
+        setattr(inc, key, value)
+    return inc
+
+
+def test_partition_page_names_the_network_and_says_the_hosts_are_alive() -> None:
+    msg = incident_message("page", partition_incident(), CFG, T0 + 120)
+    assert msg.title == (
+        "[watchtower acme-hq] #21 production network via core-sw1 DOWN: 9 hosts unreachable on it, "
+        "all alive on management"
+    )
+    body = lines(msg)
+    assert body[0] == "What: production network via core-sw1 is DOWN"
+    assert body[1] == (
+        "Cause: 9 hosts unreachable on it, all alive on management: the network failed, not its hosts: "
+        "they answer on another network"
+    )
+    assert "- The hosts are alive (they answer on another network): do not reset or power-cycle them" in body
+    assert "- Check the switch/uplink core-sw1: power, link LEDs, which ports are down" in body
+    assert not any("OS hung" in line or "os_unresponsive" in line for line in body)
+    check_sms(msg.sms)
+    assert msg.sms.startswith(
+        "WT acme-hq #21 production network via core-sw1 DOWN: 9 hosts unreachable on it, all alive on "
+        "management"
+    )
+    assert msg.sms.endswith("ack: watchtower ack 21")
+
+
+def test_partition_reopen_and_resolve() -> None:
+    again = incident_message("reopen", partition_incident(flaps=1), CFG, T0 + 120)
+    assert again.title.startswith("[watchtower acme-hq] #21 FAILED AGAIN (flap 1): production network via")
+    check_sms(again.sms)
+    assert "FAILED AGAIN" in again.sms and "production network via core-sw1" in again.sms
+    done = incident_message(
+        "resolve",
+        partition_incident(
+            state=IncidentState.RESOLVED, resolved_at=T0 + 600, back=partition_incident().affected
+        ),
+        CFG,
+        T0 + 600,
+    )
+    assert done.title == "[watchtower acme-hq] #21 RESOLVED: production network via core-sw1 back after 10m"
+    check_sms(done.sms)
+
+
+def test_link_down_page_is_not_os_hung() -> None:
+    inc = hv_incident(
+        Cause.LINK_DOWN,
+        evidence=[
+            "production link down: pve1 silent on it (prod, http), its OS answers on management (mgmt)",
+            "prod: no echo reply",
+            "BMC: chassis on",
+        ],
+    )
+    msg = incident_message("page", inc, CFG, T0 + 120)
+    assert (
+        msg.title
+        == "[watchtower acme-hq] #12 hypervisor pve1 UNREACHABLE (production link down), 10 affected"
+    )
+    body = lines(msg)
+    assert body[1] == (
+        "Cause: production link down: pve1 silent on it (prod, http), its OS answers on management (mgmt): "
+        "its link to one network is down: its OS answers on another, it is not hung"
+    )
+    assert any(
+        line.startswith("- pve1 is alive (its OS answers on another network): do not reset it")
+        for line in body
+    )
+    assert not any("OS hung" in line for line in body)
+    check_sms(msg.sms)
+    assert msg.sms.startswith("WT acme-hq #12 HV pve1 UNREACH production link down")
+
+
+def test_contradiction_is_named_not_guessed() -> None:
+    inc = hv_incident(
+        None,
+        evidence=["prod: no echo reply", "contradictory: BMC says chassis off, but mgmt answers: no cause"],
+    )
+    body = lines(incident_message("page", inc, CFG, T0 + 120))
+    assert "Cause: unknown: contradictory: BMC says chassis off, but mgmt answers: no cause" in body

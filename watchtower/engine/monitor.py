@@ -90,7 +90,17 @@ class BmcState:
 def path_view(status: PathStatus) -> PathView:
     p = status.path
     return PathView(
-        p.name, p.kind, f"{p.kind} {p.spec.address}", status.state, status.detail, status.failing_since
+        p.name,
+        p.kind,
+        f"{p.kind} {p.spec.address}",
+        status.state,
+        status.detail,
+        status.failing_since,
+        network=p.network,
+        address=p.host,
+        by_bmc=p.by_bmc,
+        changed_at=status.changed_at,
+        last_ok=status.last_ok,
     )
 
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 from watchtower.config import Config
 from watchtower.engine.escalation import ALL_CLEAR_HOLD_MAX
-from watchtower.engine.incidents import RECOVERY_GRACE
-from watchtower.engine.monitor import HOLD_MAX
+from watchtower.engine.incidents import HOLD_MAX, RECOVERY_GRACE
 from watchtower.sim.run import Recording, SentMessage
 from watchtower.sim.world import JUDGE_WINDOW, World
 

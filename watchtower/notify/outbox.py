@@ -82,6 +82,7 @@ class Alerting:
         senders: dict[str, ChannelSender] | None = None,
         *,
         clock_now: Callable[[], float] = clock.now,
+        changed: asyncio.Event | None = None,
     ):
         self.config = config
         self.store = store
@@ -98,7 +99,8 @@ class Alerting:
         self.notified: dict[int, set[str]] = {}
         self.sent_log: dict[int, list[Notification]] = {}  # per incident, the latest state of each message
         self._saved: dict[int, tuple[object, ...]] = {}
-        self.changed = asyncio.Event()
+        # Set by the incident owner's side (the monitor) when incidents changed: look at once.
+        self.changed = changed if changed is not None else asyncio.Event()
         self.store_ok = True
         self.store_error: str | None = None
         self._memory_ids = -1  # ids of messages that could not be written (disk full): negative

@@ -43,7 +43,11 @@ def _load(path: str) -> Config:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from watchtower.people import coverage_warnings
+
     cfg = _load(args.config)
+    for line in coverage_warnings(cfg):
+        print(f"warning: {line}", file=sys.stderr)
     print(f"ok: {len(cfg.targets)} targets, {len(cfg.paths)} paths")
     return EXIT_OK
 

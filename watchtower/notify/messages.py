@@ -156,7 +156,7 @@ def _still_down(incident: Incident) -> list[str]:
     return [a for a in incident.affected if a not in incident.back]
 
 
-def _security_suspected(incident: Incident, others: Sequence[Incident]) -> bool:
+def security_suspected(incident: Incident, others: Sequence[Incident]) -> bool:
     """Several unrelated services (different roots) failing at once while their hosts answer."""
     roots = {
         i.root
@@ -166,7 +166,7 @@ def _security_suspected(incident: Incident, others: Sequence[Incident]) -> bool:
     return len(roots) >= 3
 
 
-def _hardware_suspected(incident: Incident) -> bool:
+def hardware_suspected(incident: Incident) -> bool:
     return incident.scope == Scope.STORAGE or incident.cause in (Cause.HARDWARE_FAULT, Cause.POWER_OFF)
 
 
@@ -331,7 +331,7 @@ def _steps(incident: Incident, config: Config, kind: str, others: Sequence[Incid
             "Alerts may not get out while it is blind: confirm over a second path (VPN, phone)",
         ]
     steps.append("No repair attempts before diagnosis")
-    if _security_suspected(incident, others):
+    if security_suspected(incident, others):
         steps.append(
             "Several unrelated services failing at once: consider a security incident (ransomware?): "
             "isolate, do not restore from backups yet"
@@ -360,7 +360,7 @@ def _steps(incident: Incident, config: Config, kind: str, others: Sequence[Incid
         steps.append(f"Check the VM {name} {where}: running, hung, disk full? Use the console")
     elif scope == Scope.SERVICE:
         steps.append(f"Check the service on {name}: process, logs, disk space; use the console")
-    if _hardware_suspected(incident):
+    if hardware_suspected(incident):
         vendor = []
         if root is not None and root.service_tag:
             vendor.append(f"service tag {_line(root.service_tag, 60)}")
@@ -570,7 +570,7 @@ def _sms(
         optional.append(f"{len(incident.affected)} aff{of}")
     if rto and kind != "resolve":
         optional.append(rto)
-    if kind in ("page", "escalation", "reopen", "update") and _security_suspected(incident, others):
+    if kind in ("page", "escalation", "reopen", "update") and security_suspected(incident, others):
         optional.append("SECURITY? isolate, no restore yet")
     tail = ack if incident.state == IncidentState.OPEN else ""
     if kind == "page":

@@ -182,7 +182,10 @@ class Alerting:
             fired = self.fired.get(incident.id, set())
             due_steps: list[DueStep] = []
             if incident.id not in finished:
-                due_steps = due(incident, self.config, now, fired, self.notified.get(incident.id, set()))
+                others = [i for i in self.tracker.open_incidents() if i.id != incident.id]
+                due_steps = due(
+                    incident, self.config, now, fired, self.notified.get(incident.id, set()), others
+                )
             for step in due_steps:
                 steps.append((incident.id, step.step))
                 if step.kind in NOTIFYING_KINDS:

@@ -984,6 +984,19 @@ FIRST_HOUR_KEYS = (
 )  # fmt: skip
 
 
+# What `watchtower note --kind` records; the checklist ticks items from them.
+NOTE_KINDS = (
+    "decision",
+    "vendor_case",
+    "restore",
+    "user_report",
+    "logs",
+    "management",
+    "provider",
+    "manual_check",
+)
+
+
 class Playbook(Strict):
     first_hour: dict[Literal[FIRST_HOUR_KEYS], FirstHourItem] = Field(  # type: ignore[valid-type]
         default_factory=dict,

@@ -106,6 +106,8 @@ class Alerting:
         self._tg: asyncio.TaskGroup | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # A row's (title, body) as sent: drills put each person's one-time link in at delivery.
+        self.expand: Callable[[Notification], tuple[str, str]] = lambda n: (n.title, n.body)
 
     def reload(self, config: Config) -> None:
         """A new config: new channels start, removed ones stop (their pending rows stay in the
@@ -354,6 +356,14 @@ class Alerting:
             self.channels[n.channel].queue.append(n)
             self.channels[n.channel].wake.set()
 
+    def enqueue(self, added: Iterable[Notification]) -> None:
+        """Rows another part wrote to the outbox (drills): delivered like the rest."""
+        for n in added:
+            channel = self.channels.get(n.channel)
+            if channel is not None:
+                channel.queue.append(n)
+                channel.wake.set()
+
     def problem(self) -> str | None:
         """For the heartbeat and /healthz: a channel failing long, or the store unwritable."""
         if not self.store_ok:
@@ -403,7 +413,7 @@ class Alerting:
                 await self._record(head, now, result, None)
                 channel.queue.popleft()
                 continue
-            result = await channel.sender.send(head.title, head.body)
+            result = await channel.sender.send(*self.expand(head))
             now = self.now()
             given_up = not result.ok and now - head.created_at >= self.config.notify.give_up_after
             next_at = None if result.ok or given_up else now + self._backoff(head.attempts + 1)

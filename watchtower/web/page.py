@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, get_args
 
@@ -320,12 +320,15 @@ def render_status_page(
     config: Config | None = None,
     now: float | None = None,
     logout: bool = False,
+    people: list[dict[str, Any]] | None = None,
+    drill: dict[str, Any] | None = None,
 ) -> str:
     """The server-rendered status page: works without JavaScript, refreshes itself.
 
     ``incidents`` are open incident documents, best passed through :func:`page_incident` (RTO
     clock, restore times); ``config`` adds the restore board and contacts; ``logout`` a
-    logout button (the page was opened with a login cookie).
+    logout button (the page was opened with a login cookie); ``people`` the contacts with their
+    drill results (:func:`people_rows`), ``drill`` the latest drill's document.
     """
     now = time.time() if now is None else now
     targets = [{"name": name, **t} for name, t in doc["targets"].items()]
@@ -371,9 +374,48 @@ def render_status_page(
             steps=steps,
             details=details,
             logout=logout,
+            people=people or [],
+            drill=drill,
         )
     )
 
 
 def render_login_page(site: str, error: str | None = None) -> str:
     return templates().get_template("login.html").render(site=site, error=error)
+
+
+def people_rows(
+    config: Config, verification: Sequence[Any], drill: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Contacts as the page shows them: how to reach them, and what the last drill said."""
+    latest = {c["contact"]: c for c in drill["contacts"]} if drill else {}
+    rows = []
+    for v in verification:
+        contact = config.contacts.get(v.contact)
+        if contact is None:
+            continue
+        in_drill = latest.get(v.contact)
+        result = v.last_result
+        if in_drill is not None and drill is not None and drill["state"] == "running":
+            result = "drill running: " + (
+                "confirmed" if in_drill["confirmed_at"] else "waiting for confirmation"
+            )
+        rows.append(
+            {
+                "name": contact.name or v.contact,
+                "role": contact.role or "",
+                "phone": contact.phone,
+                "available": contact.available,
+                "timezone": contact.timezone,
+                "on_call": contact.on_call,
+                "channels": contact.channels,
+                "drill_result": result,
+                "last_verified": _stamp(v.last_verified),
+                "overdue": v.overdue,
+            }
+        )
+    return rows
+
+
+def _stamp(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -97,8 +97,29 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 print(f"      sensors: {len(bmc['sensors'])} read, {len(bad)} not ok")
                 for s in bad:
                     print(f"      sensor {s['state']:<8} {s['name']} = {s['value']} {s['unit']}")
+    _record_manual_check(cfg, args.target, rows)
     # The BMC is consulted, not a witness: only the target's own paths decide the exit code.
     return EXIT_OK if all(r["ok"] for r in rows if not r["bmc_block"]) else EXIT_DOWN
+
+
+def _record_manual_check(cfg: Config, target: str, rows: list[dict[str, Any]]) -> None:
+    """During an open incident involving ``target``, a probe run is the playbook's manual check:
+    it goes on that incident's timeline (best effort: no daemon, no record)."""
+    own = [r for r in rows if not r["bmc_block"]]
+    up = [r["path"] for r in own if r["ok"]]
+    text = f"watchtower probe {target}: {len(up)} of {len(own)} paths up" + (
+        f" ({', '.join(up)})" if up else ""
+    )
+    by = os.environ.get("SUDO_USER") or os.environ.get("USER") or "cli"
+    try:
+        incidents = asyncio.run(_api(cfg, "GET", "/api/v1/incidents"))
+        for incident in incidents:
+            if target == incident["root"] or target in incident["affected"]:
+                body = {"kind": "manual_check", "text": text, "by": by}
+                asyncio.run(_api(cfg, "POST", f"/api/v1/incidents/{incident['id']}/notes", body))
+                print(f"recorded on incident #{incident['id']} as the manual check", file=sys.stderr)
+    except Exception:  # no daemon running (or it refused): the probe's own output is what counts
+        return
 
 
 async def _probe_target(cfg: Config, target: str) -> list[dict[str, Any]]:

@@ -137,6 +137,13 @@ class IncidentTracker:
         event = incident.note(now, "ack", f"acknowledged by {by}")
         return incident, [Change(incident.id, "acknowledged", event.text)]
 
+    def note(self, incident_id: int, kind: str, text: str, by: str, now: float) -> list[Change]:
+        """A person's note (decision, vendor case, ...) on the timeline as event ``note:KIND``.
+        Raises KeyError for an unknown id."""
+        incident = self.incidents[incident_id]
+        event = incident.note(now, f"note:{kind}", f"{kind.replace('_', ' ')} by {by}: {text}")
+        return [Change(incident.id, "note", event.text)]
+
     def step(self, corr: Correlation, now: float) -> list[Change]:
         changes: list[Change] = []
         blind = next((i for i in self.open_incidents() if i.scope is Scope.MONITOR), None)

@@ -438,6 +438,13 @@ class Monitor:
             log.info("incident id=%d change=%s: %s", incident.id, change.kind, change.text)
         return incident
 
+    def note(self, incident_id: int, kind: str, text: str, by: str) -> Incident:
+        changes = self.tracker.note(incident_id, kind, text, by, clock.now())
+        self.incidents_changed.set()
+        for change in changes:
+            log.info("incident id=%d change=%s kind=%s by=%s", incident_id, change.kind, kind, by)
+        return self.tracker.incidents[incident_id]
+
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.scheduler.run(), name="scheduler")

@@ -383,9 +383,11 @@ def incident_message(
     *,
     label: str = "",
     others: Sequence[Incident] = (),
+    checklist: Sequence[str] = (),
 ) -> Message:
     """The alert for one incident. ``kind``: page, escalation, update, ack, reopen, resolve;
-    ``label`` says why (escalation) or who (ack); ``others``: the site's other open incidents."""
+    ``label`` says why (escalation) or who (ack); ``others``: the site's other open incidents;
+    ``checklist``: the first-hour lines a status update carries."""
     if kind not in KINDS:
         raise ValueError(f"unknown message kind {kind!r}; one of {', '.join(KINDS)}")
     # What needs the root: the first page goes out before all of it is confirmed down, so the texts
@@ -397,6 +399,8 @@ def incident_message(
     )
     title = _title(kind, incident, config, now, label, behind)
     body = _body(kind, incident, config, now, label, others, behind)
+    if kind == "update" and checklist:
+        body += "\nFirst hour:\n" + "\n".join(_line(c, 300) for c in checklist)
     sms = _sms(kind, incident, config, now, label, others, behind)
     return Message(title, body, sms)
 

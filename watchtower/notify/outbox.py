@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from watchtower import clock
+from watchtower.checklist import checklist
 from watchtower.config import Config
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due
@@ -169,7 +170,11 @@ class Alerting:
     # ------------------------------------------------------------------ deciding
     def _message(self, kind: str, incident: Incident, label: str, now: float) -> Message:
         others = [i for i in self.tracker.open_incidents() if i.id != incident.id]
-        return incident_message(kind, incident, self.config, now, label=label, others=others)
+        lines: list[str] = []
+        if kind == "update":
+            sent = self.sent_log.get(incident.id, [])
+            lines = [c.line() for c in checklist(incident, sent, self.config, now, others)]
+        return incident_message(kind, incident, self.config, now, label=label, others=others, checklist=lines)
 
     def _plan(
         self, now: float

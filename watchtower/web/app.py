@@ -17,6 +17,9 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import web
 
 from watchtower import __version__, clock
+from watchtower.checklist import checklist, staff_sentence
+from watchtower.checklist import notes as notes_of
+from watchtower.config import NOTE_KINDS
 from watchtower.drill import DrillError, DrillRunner
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import outage_start
@@ -232,10 +235,36 @@ def _page(html: str, status: int = 200) -> web.Response:
     return web.Response(text=html, status=status, content_type="text/html", headers=PAGE_HEADERS)
 
 
+def checklist_document(
+    incident: Incident, notes: Sequence[Notification], monitor: Monitor
+) -> list[dict[str, Any]]:
+    others = [i for i in monitor.tracker.open_incidents() if i.id != incident.id]
+    return [
+        {
+            "item": item.key,
+            "label": item.label,
+            "state": item.state,
+            "due_at": iso(item.due_at),
+            "done_at": iso(item.done_at),
+            "detail": item.detail,
+            "line": item.line(),
+        }
+        for item in checklist(incident, notes, monitor.config, clock.now(), others)
+    ]
+
+
 async def handle_page(request: web.Request) -> web.Response:
     monitor = request.app[MONITOR]
     config = monitor.config
-    incidents = [page_incident(incident_document(i), i, config) for i in monitor.tracker.open_incidents()]
+    alerting = request.app[ALERTING]
+    incidents = []
+    for i in monitor.tracker.open_incidents():
+        doc = page_incident(incident_document(i), i, config)
+        sent = (alerting.notifications_of(i.id) if alerting is not None else None) or []
+        doc["checklist"] = checklist_document(i, sent, monitor)
+        doc["notes"] = [{"at": iso(e.at), "kind": e.kind[5:], "text": e.text} for e in notes_of(i)]
+        doc["staff"] = staff_sentence(i, config)
+        incidents.append(doc)
     runner = request.app[DRILLS]
     people: list[dict[str, Any]] = []
     drill = None
@@ -364,7 +393,9 @@ async def _documents(request: web.Request, incidents: Sequence[Incident]) -> lis
                 notes = await store.call(store.store.notifications, incident.id)
             except StoreError:
                 notes = None
-        out.append(incident_document(incident, notes or ()))
+        doc = incident_document(incident, notes or ())
+        doc["checklist"] = checklist_document(incident, notes or (), request.app[MONITOR])
+        out.append(doc)
     return out
 
 
@@ -419,6 +450,49 @@ async def handle_ack(request: web.Request) -> web.Response:
     incident = request.app[MONITOR].acknowledge(incident.id, by.strip())
     (doc,) = await _documents(request, [incident])
     return web.json_response(doc)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def _note_fields(fields: dict[str, Any]) -> tuple[str, str, str] | str:
+    """(kind, text, by) of a note, or what is wrong with it."""
+    kind, text, by = fields.get("kind"), fields.get("text"), fields.get("by")
+    if kind not in NOTE_KINDS:
+        return f'"kind" must be one of {", ".join(NOTE_KINDS)}'
+    if not isinstance(text, str) or not text.strip() or len(text) > 2000:
+        return '"text" must be 1 to 2000 characters'
+    if not isinstance(by, str) or not by.strip() or len(by) > 100:
+        return '"by" must be a name of 1 to 100 characters'
+    # one line each: the timeline, the logs and the report are line-oriented
+    return str(kind), _CONTROL.sub(" ", text).strip(), _CONTROL.sub(" ", by).strip()
+
+
+async def handle_note(request: web.Request) -> web.Response:
+    """POST /api/v1/incidents/{id}/notes {"kind", "text", "by"}: a timeline note."""
+    incident = _incident_or_404(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        return web.json_response(
+            {"error": 'body must be JSON like {"kind": "decision", "text": "...", "by": "alice"}'}, status=400
+        )
+    fields = _note_fields(body if isinstance(body, dict) else {})
+    if isinstance(fields, str):
+        return web.json_response({"error": fields}, status=400)
+    incident = request.app[MONITOR].note(incident.id, *fields)
+    (doc,) = await _documents(request, [incident])
+    return web.json_response(doc, status=201)
+
+
+async def handle_page_note(request: web.Request) -> web.Response:
+    """POST /incidents/{id}/notes from the page's note form, then back to /."""
+    incident = _incident_or_404(request)
+    fields = _note_fields(await _read_form(request) or {})
+    if isinstance(fields, str):
+        return web.Response(status=400, text=fields + "\n")
+    request.app[MONITOR].note(incident.id, *fields)
+    raise web.HTTPSeeOther("/")
 
 
 async def handle_report(request: web.Request) -> web.Response:
@@ -599,6 +673,8 @@ def make_app(
     app.router.add_post("/login", handle_login)
     app.router.add_post("/logout", handle_logout)
     app.router.add_post("/incidents/{id}/ack", handle_page_ack)
+    app.router.add_post("/incidents/{id}/notes", handle_page_note)
+    app.router.add_post("/api/v1/incidents/{id}/notes", handle_note)
     app.router.add_get("/api/v1/incidents", handle_incidents)
     app.router.add_get("/api/v1/incidents/{id}", handle_incident)
     app.router.add_post("/api/v1/incidents/{id}/ack", handle_ack)

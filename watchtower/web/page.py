@@ -26,7 +26,7 @@ from typing import Any, get_args
 
 import jinja2
 
-from watchtower.config import Config, RestoreCategory, Target
+from watchtower.config import NOTE_KINDS, Config, RestoreCategory, Target
 from watchtower.durations import coarse
 from watchtower.engine.escalation import channels_for, outage_start, rto_clock
 from watchtower.engine.incidents import Incident
@@ -343,6 +343,8 @@ def render_status_page(
     groups = [(role, [t for t in targets if t["role"] == role]) for role in ROLE_ORDER]
     for i in incidents:
         i.setdefault("evidence", [])
+        for key, empty in (("staff", None), ("checklist", []), ("notes", [])):
+            i.setdefault(key, empty)
         i["since_text"] = clock(i.get("outage_start") or _parse_iso(i.get("opened_at")), now)
         acked_at = clock(_parse_iso(i.get("acknowledged_at")), now)
         i["ack_text"] = (
@@ -375,6 +377,7 @@ def render_status_page(
             details=details,
             logout=logout,
             people=people or [],
+            note_kinds=NOTE_KINDS,
             drill=drill,
         )
     )

@@ -163,3 +163,18 @@ def test_hostile_note_is_escaped_in_report_and_page() -> None:
     assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html
     assert "<b>" not in html.split("<main>")[1]
     assert 'action="/incidents/1/notes"' in html and "overdue since 00:05" in html
+
+
+def test_hypervisor_pages_carry_the_vendor_and_network_pages_the_provider() -> None:
+    from watchtower.notify.messages import incident_message
+
+    cfg = config()
+    hung = Incident(1, Scope.HYPERVISOR, "pve1", T0 + MIN, cause=Cause.OS_UNRESPONSIVE, first_failure_at=T0)
+    body = incident_message("page", hung, cfg, T0 + MIN).body
+    assert "Vendor: service tag ST-123, vendor contact +49 800 123" in body  # not only when hardware
+    broken = Incident(1, Scope.HYPERVISOR, "pve1", T0 + MIN, cause=Cause.HARDWARE_FAULT, first_failure_at=T0)
+    body = incident_message("page", broken, cfg, T0 + MIN).body
+    assert "open a vendor case: service tag ST-123, vendor contact +49 800 123" in body
+    net = Incident(2, Scope.NETWORK, "uplink", T0 + MIN, first_failure_at=T0)
+    body = incident_message("page", net, cfg, T0 + MIN).body
+    assert "Call FiberCo: phone +49 30 999, circuit C-42, response SLA 30m" in body

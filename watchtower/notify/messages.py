@@ -360,18 +360,33 @@ def _steps(incident: Incident, config: Config, kind: str, others: Sequence[Incid
         steps.append(f"Check the VM {name} {where}: running, hung, disk full? Use the console")
     elif scope == Scope.SERVICE:
         steps.append(f"Check the service on {name}: process, logs, disk space; use the console")
+    vendor = []
+    if root is not None and root.service_tag:
+        vendor.append(f"service tag {_line(root.service_tag, 60)}")
+    if root is not None and root.vendor_contact:
+        vendor.append(f"vendor contact {_line(root.vendor_contact, 120)}")
     if hardware_suspected(incident):
-        vendor = []
-        if root is not None and root.service_tag:
-            vendor.append(f"service tag {_line(root.service_tag, 60)}")
-        if root is not None and root.vendor_contact:
-            vendor.append(f"vendor contact {_line(root.vendor_contact, 120)}")
         case = (
             "open a vendor case: " + ", ".join(vendor)
             if vendor
             else f"open a vendor case (no service_tag set for {name})"
         )
         steps.append(f"Collect SEL and storage logs (SMART, RAID) before any swap; {case}")
+    elif scope in (Scope.HYPERVISOR, Scope.STORAGE):
+        # The number is needed at 3 a.m. whatever the cause turns out to be.
+        steps.append(
+            "Vendor: " + (", ".join(vendor) if vendor else f"no service_tag or vendor_contact set for {name}")
+        )
+    provider = config.providers.get(root.provider) if root is not None and root.provider else None
+    if provider is not None and root is not None and root.provider is not None:
+        fields = (("phone", provider.phone), ("contract", provider.contract), ("circuit", provider.circuit))
+        parts = [f"{k} {_line(v, 80)}" for k, v in fields if v]
+        if provider.response_sla is not None:
+            parts.append(f"response SLA {coarse(provider.response_sla)}")
+        who = _line(provider.name or root.provider, 60)
+        steps.append(
+            f"Call {who}" + (f": {', '.join(parts)}" if parts else "") + "; record their answer as a note"
+        )
     return steps
 
 

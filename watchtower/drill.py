@@ -41,7 +41,15 @@ from watchtower.engine.escalation import channels_for
 from watchtower.notify.messages import _fit_sms, _line, is_sms_channel, warning_message
 from watchtower.notify.outbox import Alerting
 from watchtower.people import ContactVerification, verification
-from watchtower.store import AsyncStore, Drill, DrillContact, NewNotification, Notification, StoreError
+from watchtower.store import (
+    AsyncStore,
+    Drill,
+    DrillContact,
+    NewNotification,
+    Notification,
+    Store,
+    StoreError,
+)
 
 log = logging.getLogger("watchtower.drill")
 
@@ -164,6 +172,17 @@ def outcome(
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def verification_of(store: Store, config: Config, now: float) -> list[ContactVerification]:
+    """Per contact verification state read from a store (synchronous: the readiness report and
+    the CLI call it without a daemon; the daemon has :meth:`DrillRunner.verification`)."""
+    latest: dict[str, str] = {}
+    for drill in reversed(store.drills(limit=50)):
+        for c in drill.contacts:
+            if c.result is not None:
+                latest[c.contact] = c.result
+    return verification(config, store.last_verified(), latest, now)
 
 
 # --------------------------------------------------------------------------- I/O
@@ -293,10 +312,9 @@ class DrillRunner:
     async def restore(self) -> None:
         db = self.store.store
         self.verified = await self.store.call(db.last_verified)
-        for drill in reversed(await self.store.call(db.drills, limit=50)):
-            for c in drill.contacts:
-                if c.result is not None:
-                    self.latest[c.contact] = c.result
+        for v in await self.store.call(verification_of, db, self.config, self.now()):
+            if v.last_result is not None:
+                self.latest[v.contact] = v.last_result
 
     async def tick(self) -> None:
         now = self.now()

@@ -38,7 +38,7 @@ from watchtower.availability import is_available
 from watchtower.config import Config
 from watchtower.durations import coarse, exact
 from watchtower.engine.escalation import channels_for
-from watchtower.notify.messages import _fit_sms, _line, is_sms_channel, warning_message
+from watchtower.notify.messages import drill_message, is_sms_channel, one_line, warning_message
 from watchtower.notify.outbox import Alerting
 from watchtower.people import ContactVerification, verification
 from watchtower.store import (
@@ -99,28 +99,6 @@ def parse_key(step: str) -> tuple[int, str] | None:
     return int(number), contact
 
 
-def drill_message(config: Config, drill: int, contact: str, sms: bool) -> tuple[str, str]:
-    """(title, body) with the link and token as placeholders (put in at delivery)."""
-    person = config.contacts[contact]
-    who = _line(person.name or contact, 80)
-    site = _line(config.site, 80)
-    if sms:
-        return "", _fit_sms(f"DRILL {site}: alert-chain test, nothing is down.", [], f" Confirm: {URL_MARK}")
-    title = f"[watchtower {site}] DRILL: alert-chain test for {who} (nothing is down)"
-    body = "\n".join(
-        [
-            "DRILL - this is a test of the alert chain. Nothing is down; no incident is open.",
-            f"It checks that an alert reaches {who}"
-            + (f" ({_line(person.role, 60)})" if person.role else "")
-            + " on this channel.",
-            f"Please confirm you got it (the link works once): {URL_MARK}",
-            "(open it and press the button, or: curl -X POST that link)",
-            f"or on the watchtower box: watchtower drill confirm {drill} {TOKEN_MARK}",
-        ]
-    )
-    return title, body
-
-
 def due_messages(config: Config, drill: Drill, now: float) -> list[NewNotification]:
     """The DRILL messages due now (the store drops those already written)."""
     if drill.state != "running":
@@ -132,7 +110,9 @@ def due_messages(config: Config, drill: Drill, now: float) -> list[NewNotificati
         if person is None or dc.due_at > now:
             continue
         for channel in channels_for(config.notify, person.channels):
-            title, body = drill_message(config, drill.id, dc.contact, is_sms_channel(by_name[channel]))
+            title, body = drill_message(
+                config, dc.contact, drill.id, URL_MARK, TOKEN_MARK, sms=is_sms_channel(by_name[channel])
+            )
             out.append(NewNotification(0, step_key(drill.id, dc.contact), "drill", channel, title, body))
     return out
 
@@ -150,7 +130,7 @@ def result_text(drill: Drill, dc: DrillContact, notes: Sequence[Notification]) -
         return False, "no channel of theirs is configured"
     if not sent:
         errors = "; ".join(dict.fromkeys(n.error for n in mine if n.error)) or "still pending"
-        return False, f"message not delivered: {_line(errors, 200)}"
+        return False, f"message not delivered: {one_line(errors, 200)}"
     return False, f"not confirmed in {coarse(drill.confirm_within)}: number or address outdated? person away?"
 
 

@@ -642,6 +642,36 @@ def warning_message(text: str, config: Config, now: float) -> Message:
     return Message(title, body, sms)
 
 
+def one_line(text: object, limit: int = _LINE_MAX) -> str:
+    """Text from outside (a config, a gateway's error) as one line of at most ``limit``."""
+    return _line(text, limit)
+
+
+def drill_message(
+    config: Config, contact: str, drill: int, url: str, token: str, *, sms: bool
+) -> tuple[str, str]:
+    """(title, body) of a contact's DRILL message; ``url`` and ``token`` are what the drill puts
+    in (placeholders: the link is filled in at delivery, never stored)."""
+    person = config.contacts[contact]
+    who = _line(person.name or contact, 80)
+    site = _line(config.site, 80)
+    if sms:
+        return "", _fit_sms(
+            f"DRILL {sms_text(config.site)[:16]}: alert-chain test, nothing is down.", [], f" Confirm: {url}"
+        )
+    role = f" ({_line(person.role, 60)})" if person.role else ""
+    body = "\n".join(
+        [
+            "DRILL - this is a test of the alert chain. Nothing is down; no incident is open.",
+            f"It checks that an alert reaches {who}{role} on this channel.",
+            f"Please confirm you got it (the link works once): {url}",
+            "(open it and press the button, or: curl -X POST that link)",
+            f"or on the watchtower box: watchtower drill confirm {drill} {token}",
+        ]
+    )
+    return f"[watchtower {site}] DRILL: alert-chain test for {who} (nothing is down)", body
+
+
 def test_message(config: Config, channel: str, now: float) -> Message:
     """A clearly marked test through ``channel``: no action needed."""
     site, name = _line(config.site, 80), _line(channel, 80)

@@ -177,6 +177,15 @@ def test_drill_survives_sigkill_and_reports_who_was_reached(tmp_path: Path) -> N
 
             until(lambda: query(db, "SELECT state FROM drills WHERE id = 1 AND state != 'running'"), 40,
                   "the drill to finish", log)  # fmt: skip
+            # compressed time: 10m and 20m steps came after 6 s and 12 s, not before, not 10 minutes later
+            offsets = dict(
+                query(
+                    db,
+                    "SELECT substr(n.step, 9), MIN(n.created_at) - d.started_at FROM notifications n, "
+                    "drills d WHERE d.id = 1 AND n.step LIKE 'drill:1:%' GROUP BY n.step",
+                )
+            )
+            assert offsets["alice"] < 5 and 6 <= offsets["bob"] < 30 and 12 <= offsets["carol"] < 40, offsets
             results = dict(query(db, "SELECT contact, result FROM drill_contacts WHERE drill = 1"))
             assert results["alice"].startswith("reached in ") and "via mail-alice (link)" in results["alice"]
             assert results["bob"].startswith("reached in ") and "via mail-bob (cli)" in results["bob"]

@@ -274,12 +274,21 @@ def contacts(
             when = f"at {step.rto_fraction:.0%} of the smallest RTO"
         if step.unless:
             when += f", unless {step.unless}"
+        if step.when is not None:
+            only = [*step.when.scope, *step.when.cause]
+            when += f", only for {' / '.join(only)}"
+        people = [f"{c} (on call)" if c in config.contacts and config.contacts[c].on_call else c
+                  for c in step.contacts]  # fmt: skip
+        reach = [*step.notify, *step.contacts]
+        for c in step.contacts:
+            if c in config.contacts:
+                reach += config.contacts[c].channels
         steps.append(
             {
                 "n": n,
                 "when": when,
-                "tags": list(step.notify),
-                "channels": list(channels_for(policy, step.notify)),
+                "tags": [*step.notify, *people],
+                "channels": list(channels_for(policy, reach)),
             }
         )
     seen: list[str] = []

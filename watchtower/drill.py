@@ -301,11 +301,13 @@ class DrillRunner:
         db = self.store.store
         running = await self.store.call(db.drills, running_only=True)
         for drill in running:
-            new = due_messages(self.config, drill, now)
-            if new:
+            notes = await self.store.call(db.drill_notifications, drill.id)
+            written = {(n.step, n.channel) for n in notes}
+            new = [n for n in due_messages(self.config, drill, now) if (n.step, n.channel) not in written]
+            if new:  # the store drops a duplicate anyway: this only saves a write per tick
                 added = await self.store.call(db.commit, (), new, (), now)
                 self.alerting.enqueue(added)
-            notes = await self.store.call(db.drill_notifications, drill.id)
+                notes += added
             finished, results, failed = outcome(drill, notes, now)
             if finished:
                 await self._finish(drill, results, failed, now)

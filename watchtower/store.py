@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -210,10 +211,20 @@ class Store:
         self._thread: int | None = None
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            # Switching a new file to WAL needs it to itself: a second opener at that moment gets
+            # "database is locked" at once (SQLite's busy timeout does not cover it), so try again.
+            deadline = time.monotonic() + 5.0
+            while True:
+                try:
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                    self.db.execute("PRAGMA synchronous=FULL")
+                    self.db.execute("PRAGMA foreign_keys=ON")
+                    self._migrate()
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
@@ -234,19 +245,28 @@ class Store:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def _migrate(self) -> None:
-        current = self.version
-        if current > len(MIGRATIONS):
-            raise StoreError(
-                f"{self.path} has schema version {current}, newer than this watchtower knows "
-                f"({len(MIGRATIONS)}): refusing to touch it"
-            )
-        for version in range(current, len(MIGRATIONS)):
-            # One script, one transaction: a migration lands whole or not at all.
+        """Each migration in its own transaction, the version read under the write lock: two
+        processes opening a new file at once (the daemon starting, a CLI reading) must not both
+        run the same migration (seen: "table incidents already exists")."""
+        while True:
+            self.db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.executescript(
-                    f"BEGIN IMMEDIATE;{MIGRATIONS[version]};PRAGMA user_version = {version + 1};COMMIT;"
-                )
-            except sqlite3.Error:
+                current = self.version
+                if current > len(MIGRATIONS):
+                    raise StoreError(
+                        f"{self.path} has schema version {current}, newer than this watchtower knows "
+                        f"({len(MIGRATIONS)}): refusing to touch it"
+                    )
+                if current == len(MIGRATIONS):
+                    self.db.execute("COMMIT")
+                    return
+                # One migration, one transaction: it lands whole or not at all.
+                for statement in MIGRATIONS[current].split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {current + 1}")
+                self.db.execute("COMMIT")
+            except BaseException:
                 if self.db.in_transaction:
                     self.db.execute("ROLLBACK")
                 raise

@@ -203,3 +203,40 @@ def test_check_command_warns_about_gaps(tmp_path: Path) -> None:
         in out.stderr
     )
     assert out.stdout.startswith("ok:")
+
+
+class IdleSender:
+    """Never asked to send here: the test reads what the alerting wrote to the outbox."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.hung_threads = 0
+
+    def close(self) -> None:
+        pass
+
+
+async def test_the_outbox_queues_the_page_for_whoever_is_available() -> None:
+    """Through the alerting (decision + durable rows): 03:00 -> bob's SMS only, 10:00 -> alice's Signal."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from watchtower.engine.incidents import IncidentTracker
+    from watchtower.notify.outbox import Alerting
+    from watchtower.store import AsyncStore, Store
+
+    c = cfg()
+    for hour, expected in ((3, ["sms-bob"]), (10, ["signal-alice"])):
+        now = at(2, hour)
+        store = AsyncStore(Store(":memory:"), ThreadPoolExecutor(1))
+        tracker = IncidentTracker()
+        tracker.incidents[1] = incident(now)
+        senders: dict[str, Any] = {ch.name: IdleSender(ch.name) for ch in c.notify.channels}
+
+        def clock_now(now: float = now) -> float:
+            return now
+
+        alerting = Alerting(c, store, tracker, senders, clock_now=clock_now)
+        await alerting.sync()
+        rows = await store.call(store.store.notifications, 1)
+        assert [(n.step, n.channel) for n in rows] == [("step0", ch) for ch in expected]
+        await store.close()

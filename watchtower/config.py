@@ -1052,6 +1052,26 @@ class Config(Strict):
         400 * 86400.0, description="resolved incidents older than this are deleted from the store"
     )
 
+    def secret_values(self) -> list[str]:
+        """Every secret in the config (inline or from a ``*_file``), for the log scrubber."""
+        out: list[str] = []
+        stack: list[Any] = [self]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, SecretStr):
+                out.append(item.get_secret_value())
+            elif isinstance(item, FileSecret):
+                out.append(item.value.get_secret_value())
+                if "\n" in out[-1]:  # a file of communities: each line is one
+                    out.extend(line.strip() for line in out[-1].splitlines() if line.strip())
+            elif isinstance(item, BaseModel):
+                stack.extend(getattr(item, name) for name in type(item).model_fields)
+            elif isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+        return out
+
     @field_validator("api_token", mode="after")
     @classmethod
     def _api_token(cls, value: SecretStr | None) -> SecretStr | None:

@@ -35,6 +35,7 @@ def setup_logging(level: str = "INFO", log_format: str = "text") -> None:
     out. Under journald no timestamps (it adds them) and a priority prefix (see watchtower/logs.py)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logs.formatter(log_format))
+    handler.addFilter(logs.SCRUBBER)  # secrets masked in every record, whatever logger wrote it
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # A watchdog kill (SIGABRT) or a fatal signal leaves every thread's stack in the journal.
     if not faulthandler.is_enabled():
@@ -42,6 +43,8 @@ def setup_logging(level: str = "INFO", log_format: str = "text") -> None:
     # apscheduler logs every job run at INFO: noise at our cadence
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for name in logs.QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def raise_fd_limit() -> None:
@@ -154,6 +157,7 @@ async def reload_config(
             log.error("reload rejected, keeping the running config: %s", problem)
         monitor.reload_failed()
         return False
+    logs.SCRUBBER.set_secrets(new.secret_values())
     if new.log_format != old.log_format:
         setup_logging(logging.getLevelName(logging.getLogger().level), new.log_format)
     if new.listen != old.listen:
@@ -181,6 +185,7 @@ async def run_daemon(
 ) -> None:
     """Run until SIGTERM/SIGINT (or cancellation). Startup errors (port in use) raise OSError."""
     raise_fd_limit()
+    logs.SCRUBBER.set_secrets(config.secret_values())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     notifier = Notifier()

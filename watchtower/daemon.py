@@ -23,7 +23,7 @@ from watchtower.engine.monitor import Monitor, open_shared
 from watchtower.notify.alertmanager import AlertmanagerSink
 from watchtower.notify.outbox import Alerting
 from watchtower.sdnotify import Notifier, watchdog_interval
-from watchtower.store import AsyncStore, Store, StoreError
+from watchtower.store import DB_NAME, AsyncStore, Store, StoreError, StoreLock, StoreLocked
 from watchtower.web import app as web_app
 from watchtower.web.app import STALL_AFTER, make_app
 
@@ -126,18 +126,49 @@ async def supervise(notifier: Notifier, monitor: Monitor, every: float | None) -
         await asyncio.sleep(every if every is not None else 15.0)
 
 
+def lock_state(config: Config) -> StoreLock | None:
+    """One daemon per ``state_dir`` (StoreLocked names the other's PID). A directory that cannot
+    hold a lock file cannot hold the store either: that is reported by :func:`open_store`."""
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        return StoreLock.acquire(config.state_dir)
+    except StoreLocked:
+        raise
+    except OSError as exc:
+        log.warning("cannot lock state_dir %s: %s", config.state_dir, exc.strerror or exc)
+        return None
+
+
 async def open_store(config: Config) -> tuple[AsyncStore, str | None]:
-    """The state store in ``state_dir``; when that cannot be opened (missing, read-only, full),
-    an in-memory one, so probing and alerting go on (and /healthz, metrics and the heartbeat say so)."""
+    """The state store in ``state_dir``; when that cannot be opened (missing, read-only, full,
+    corrupt), an in-memory one seeded with whatever can still be read of the broken file, so
+    probing and alerting go on without paging again what was paged before. It is never taken
+    for a working store: /healthz, the metric and the heartbeat say so until a restart finds
+    the file usable (``watchtower store check|repair|reset``)."""
     try:
         return await AsyncStore.open(config.state_dir), None
     except StoreError as exc:
-        log.error("state store unusable, keeping incidents in memory only: %s", exc)
         from concurrent.futures import ThreadPoolExecutor
 
+        path = config.state_dir / DB_NAME
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        store = await asyncio.get_running_loop().run_in_executor(executor, Store, ":memory:")
-        return AsyncStore(store, executor), str(exc)
+        loop = asyncio.get_running_loop()
+        store = await loop.run_in_executor(executor, Store, ":memory:")
+        problem = str(exc)
+        if path.is_file() and path.stat().st_size > 0:
+            salvage = await loop.run_in_executor(executor, store.salvage, path)
+            if not salvage.complete:
+                problem += "; its history is partly unreadable, so a page may repeat an earlier one"
+            history = salvage.summary()
+        else:
+            history = "no history could be read, so a page may repeat an earlier one"
+            problem += "; " + history
+        log.error(
+            "state store %s unusable, alerting from memory (nothing is kept across a restart; "
+            "run `watchtower store check`): %s; %s",
+            path, exc, history,
+        )  # fmt: skip
+        return AsyncStore(store, executor, durable=False), problem
 
 
 async def reload_config(
@@ -191,6 +222,9 @@ async def run_daemon(
     notifier = Notifier()
     async with AsyncExitStack() as stack:
         stack.callback(notifier.close)
+        lock = lock_state(config)
+        if lock is not None:
+            stack.callback(lock.release)
         shared = await open_shared(stack, config)
         monitor = Monitor(config, shared=shared)
         store, store_error = await open_store(config)
@@ -200,6 +234,10 @@ async def run_daemon(
             alerting.store_ok, alerting.store_error = False, store_error
         stack.callback(alerting.close)
         await alerting.restore()  # open incidents keep their ids and are not paged again
+        if store_error is not None:
+            await alerting.warn(
+                f"store:{int(time.time())}", f"watchtower's state store is unusable: {store_error}"
+            )
         alerting.changed = monitor.incidents_changed
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured

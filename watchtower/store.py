@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import functools
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from watchtower.engine.correlate import Cause, Scope
 from watchtower.engine.incidents import Incident, IncidentState, TimelineEvent
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 DB_NAME = "watchtower.sqlite"
+LOCK_NAME = "watchtower.lock"
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 # Each entry migrates from version i to i+1. Never edit a shipped entry: append a new one.
 MIGRATIONS: tuple[str, ...] = (
@@ -135,6 +141,106 @@ class StoreError(Exception):
     """The state directory cannot be used (missing, read-only, full, corrupt)."""
 
 
+class StoreLocked(OSError):
+    """Another watchtower holds the state directory."""
+
+
+def _reading(fn: Callable[P, T]) -> Callable[P, T]:
+    """A read that meets a corrupt page raises StoreError like a write does, never a bare
+    sqlite3.DatabaseError that would end the daemon."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.Error as exc:
+            store = args[0]
+            raise StoreError(f"{getattr(store, 'path', '?')}: {exc}") from exc
+
+    return wrapper
+
+
+def file_problem(path: Path) -> str | None:
+    """What is wrong with the database file before SQLite opens it (which would treat an empty
+    file as a new database and lose the history without a word), or None."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    if path.is_dir():
+        return f"{path} is a directory, not a database file"
+    if st.st_size == 0:
+        return f"{path} is empty (0 bytes): the history it held is gone"
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    if head != SQLITE_HEADER:
+        return f"{path} is not an SQLite database (its header is wrong)"
+    return None
+
+
+@dataclass(slots=True)
+class Salvage:
+    """What could be read out of a broken database: rows per table, and the tables that failed."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    lost: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return not self.lost
+
+    def summary(self) -> str:
+        got = ", ".join(f"{t} {n}" for t, n in self.rows.items())
+        lost = "; ".join(f"{t}: {e}" for t, e in self.lost.items())
+        return f"read {got or 'nothing'}" + (f"; unreadable {lost}" if lost else "")
+
+
+SALVAGE_TABLES = ("incidents", "timeline", "steps", "notifications", "attempts")
+
+
+class StoreLock:
+    """One watchtower per state directory: an exclusive ``flock`` on ``watchtower.lock``, which
+    holds the owner's PID. Two daemons on one store would each deliver every pending page."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, state_dir: Path) -> StoreLock:
+        path = state_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise StoreLocked(
+                f"state_dir {state_dir} is in use by another watchtower (pid {owner}); "
+                "one instance per state directory"
+            ) from None
+        except OSError:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
 def _incident_row(i: Incident) -> tuple[Any, ...]:
     return (
         i.id, i.scope.value, i.root, i.cause.value if i.cause else None, i.state.value, i.opened_at,
@@ -159,13 +265,31 @@ class Store:
         self.path = Path(path)
         self._persisted: dict[int, int] = {}  # incident id -> timeline events already written
         self._thread: int | None = None
+        memory = str(path) == ":memory:"
+        problem = None if memory else file_problem(self.path)
+        if problem is not None:
+            raise StoreError(problem)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
-        except sqlite3.Error as exc:
+            if not memory:
+                # Every page once at start (milliseconds for a year of incidents): a corrupt
+                # page found now is one clear error, not a crash in the middle of alerting.
+                result = [r[0] for r in self.db.execute("PRAGMA quick_check(5)")]
+                if result != ["ok"]:
+                    raise StoreError(f"{self.path} is corrupt: {'; '.join(map(str, result))}")
+        except (sqlite3.Error, StoreError) as exc:
+            self.db.close()
+            if isinstance(exc, StoreError):
+                raise
+            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+                raise StoreError(f"{self.path} is corrupt: {exc}") from exc
             raise StoreError(f"{self.path}: {exc}") from exc
 
     @classmethod
@@ -178,6 +302,43 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def salvage(self, source: Path) -> Salvage:
+        """Copy what can be read of the broken database ``source`` into this one, table by table
+        and row by row up to the first unreadable page (opened read-only: the broken file is
+        evidence and stays as it is). Foreign keys are off meanwhile: a timeline whose incident
+        row was lost is still worth keeping."""
+        out = Salvage()
+        try:
+            src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True, timeout=1.0)
+        except sqlite3.Error as exc:
+            out.lost = dict.fromkeys(SALVAGE_TABLES, str(exc))
+            return out
+        self.db.execute("PRAGMA foreign_keys=OFF")
+        try:
+            for table in SALVAGE_TABLES:
+                try:
+                    ours = [r[1] for r in self.db.execute(f"PRAGMA table_info({table})")]
+                    theirs = {r[1] for r in src.execute(f"PRAGMA table_info({table})")}
+                    cols = [c for c in ours if c in theirs]
+                    if not cols:
+                        raise sqlite3.DatabaseError("table missing")
+                    names, marks = ", ".join(cols), ", ".join("?" * len(cols))
+                    insert = f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({marks})"
+                    copied = 0
+                    cursor = src.execute(f"SELECT {names} FROM {table}")
+                    try:
+                        while batch := cursor.fetchmany(500):
+                            self.db.executemany(insert, batch)
+                            copied += len(batch)
+                    finally:
+                        out.rows[table] = copied
+                except sqlite3.Error as exc:
+                    out.lost[table] = str(exc)
+        finally:
+            src.close()
+            self.db.execute("PRAGMA foreign_keys=ON")
+        return out
 
     # ------------------------------------------------------------------ schema
     @property
@@ -205,6 +366,7 @@ class Store:
     def _tx(self) -> _Transaction:
         return _Transaction(self.db)
 
+    @_reading
     def integrity_check(self) -> str:
         return str(self.db.execute("PRAGMA integrity_check").fetchone()[0])
 
@@ -367,12 +529,14 @@ class Store:
                     incident.root_back_at = None
         return incident
 
+    @_reading
     def incident(self, incident_id: int) -> Incident | None:
         row = self.db.execute(
             f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?", (incident_id,)
         ).fetchone()
         return None if row is None else self._incident(row)
 
+    @_reading
     def incidents(
         self, *, open_only: bool = False, since: float | None = None, limit: int = 1000
     ) -> list[Incident]:
@@ -390,12 +554,14 @@ class Store:
         sql += " ORDER BY id DESC LIMIT ?"
         return [self._incident(r) for r in self.db.execute(sql, (*args, limit)).fetchall()]
 
+    @_reading
     def max_incident_id(self) -> int:
         return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM incidents").fetchone()[0])
 
     def _notification(self, row: Sequence[Any]) -> Notification:
         return Notification(*row)
 
+    @_reading
     def notifications(self, incident: int | None = None) -> list[Notification]:
         sql = f"SELECT {_NOTIFICATION_COLUMNS} FROM notifications"
         rows = (
@@ -405,12 +571,14 @@ class Store:
         )
         return [self._notification(r) for r in rows]
 
+    @_reading
     def pending(self) -> list[Notification]:
         rows = self.db.execute(
             f"SELECT {_NOTIFICATION_COLUMNS} FROM notifications WHERE state = 'pending' ORDER BY id"
         )
         return [self._notification(r) for r in rows]
 
+    @_reading
     def attempts(self, incident: int) -> list[Attempt]:
         rows = self.db.execute(
             "SELECT a.notification, a.at, a.ok, a.error FROM attempts a JOIN notifications n "
@@ -419,6 +587,7 @@ class Store:
         )
         return [Attempt(n, at, bool(ok), err) for n, at, ok, err in rows]
 
+    @_reading
     def steps(self, incident: int | None = None) -> set[tuple[int, str]]:
         rows = (
             self.db.execute("SELECT incident, step FROM steps")
@@ -427,6 +596,7 @@ class Store:
         )
         return {(i, s) for i, s in rows}
 
+    @_reading
     def blind_windows(self, start: float, end: float | None) -> list[tuple[float, float | None]]:
         """Monitor-blind windows (``monitor`` incidents) overlapping [start, end]."""
         rows = self.db.execute(
@@ -465,9 +635,12 @@ class _Transaction:
 class AsyncStore:
     """The store behind one worker thread: calls run in order, the loop never touches the disk."""
 
-    def __init__(self, store: Store, executor: ThreadPoolExecutor):
+    def __init__(self, store: Store, executor: ThreadPoolExecutor, *, durable: bool = True):
         self.store = store
         self._executor = executor
+        # False for the in-memory stand-in of an unusable store: its commits succeed but keep
+        # nothing across a restart, so they must never count as "the store works again".
+        self.durable = durable
 
     @classmethod
     async def open(cls, state_dir: Path) -> AsyncStore:

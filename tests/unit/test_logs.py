@@ -89,7 +89,7 @@ def test_scrubber_masks_configured_secrets_in_every_spelling() -> None:
     )
     plain = base64.b64encode(b"\0mon\0Pa$sw0rd").decode()
     lines = {
-        '127.0.0.1:8080 "POST /hook/Tok3nValue42 HTTP/1.1" 200': '127.0.0.1:8080 "POST /hook/*** HTTP/1.1" 200',
+        '"POST /hook/Tok3nValue42 HTTP/1.1" 200': '"POST /hook/*** HTTP/1.1" 200',
         "login Pa$sw0rd failed": "login *** failed",
         "login Pa%24sw0rd failed": "login *** failed",
         f"535 5.7.8 bad credentials {plain}": "535 5.7.8 bad credentials ***",

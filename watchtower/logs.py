@@ -122,27 +122,41 @@ def scrub_query(text: str) -> str:
 def secret_forms(value: str) -> set[str]:
     """The spellings of a configured secret that may show up in a text: as written, URL-encoded
     and decoded; for a URL also its user, password, path segments (webhook tokens, chat ids) and
-    query values. The host is not a secret (and masking it would mask every line about it)."""
+    query values. A host name is not a secret (and masking it would mask every line about it)."""
     pieces = {value}
+    at, userinfo = "", ""
     if "://" in value:
         parts = urlsplit(value)
-        netloc = parts.netloc
-        userinfo, at, _ = netloc.rpartition("@")
+        userinfo, at, hostport = parts.netloc.rpartition("@")
         if at:
             pieces.update({userinfo, *userinfo.split(":", 1)})
+        if "." not in hostport and not hostport.startswith("["):
+            # Not a host name: apprise puts tokens there (discord://ID/TOKEN, tgram://BOT:TOKEN/).
+            pieces.update({hostport, *hostport.split(":", 1)})
         pieces.update(s for s in parts.path.split("/") if s)
         for pair in parts.query.split("&"):
             _, _, v = pair.partition("=")
-            pieces.update({v, *re.split(r"[,;@: ]", v)})
+            if not re.fullmatch(r"[^@\s]+@[^@\s]+", unquote(v)):  # a mail address is no secret
+                pieces.add(v)
         if parts.fragment:
             pieces.add(parts.fragment)
     out: set[str] = set()
     for piece in pieces:
+        strong = piece == value or (at and piece == userinfo.partition(":")[2])
         for form in (piece, unquote(piece), quote(unquote(piece), safe="")):
             if len(form) < 4 or form.lower() in _BENIGN or (form.isdigit() and len(form) < 6):
                 continue
+            if not strong and not _looks_random(form):
+                continue  # "ping", "jsonrpc", "webhooks": words in a URL's path are not its secret
             out.add(form)
     return out
+
+
+def _looks_random(piece: str) -> bool:
+    """A token, key or id rather than a word: long, or mixing digits or capitals into letters."""
+    return len(piece) >= 16 or (
+        len(piece) >= 6 and (any(c.isdigit() for c in piece) or not piece.islower())
+    )
 
 
 class SecretScrubber(logging.Filter):

@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -655,3 +656,67 @@ class AsyncStore:
     async def close(self) -> None:
         await self.call(self.store.close)
         self._executor.shutdown(wait=True)
+
+
+# --------------------------------------------------------------------------- the way out (CLI)
+
+
+def check_file(path: Path) -> tuple[bool, list[str]]:
+    """``watchtower store check``: is the database usable, and what does it hold. Read-only:
+    safe while the daemon runs."""
+    if not path.exists():
+        return True, [f"{path}: no database yet (the daemon creates it)"]
+    problem = file_problem(path)
+    if problem is not None:
+        return False, [problem]
+    lines: list[str] = []
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            result = [str(r[0]) for r in db.execute("PRAGMA integrity_check(20)")]
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            lines.append(f"{path}: schema version {version} (this watchtower: {len(MIGRATIONS)})")
+            if result != ["ok"]:
+                return False, [*lines, *(f"{path}: {r}" for r in result)]
+            for table in SALVAGE_TABLES:
+                (count,) = db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+                lines.append(f"{table}: {count} rows")
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return False, [*lines, f"{path} is corrupt: {exc}"]
+    return True, [*lines, f"{path}: ok"]
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename the broken file (and its -wal/-shm, whose names must follow it) next to itself."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    backup = path.with_name(f"{path.name}.broken-{stamp}")
+    n = 1
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{path.name}.broken-{stamp}-{n}")
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(backup.with_name(backup.name + suffix))
+    path.rename(backup)
+    return backup
+
+
+def rebuild(state_dir: Path, *, salvage: bool) -> tuple[Path | None, Salvage | None]:
+    """``watchtower store repair`` (``salvage``) or ``reset``: the database is moved aside (kept
+    as evidence, ``watchtower.sqlite.broken-TIME``) and a new one created; ``repair`` copies into
+    it what can be read of the old. Refuses while a daemon holds the state (StoreLocked)."""
+    lock = StoreLock.acquire(state_dir)
+    try:
+        path = state_dir / DB_NAME
+        backup = _move_aside(path) if path.exists() else None
+        store = Store(path)
+        try:
+            result = store.salvage(backup) if salvage and backup is not None and backup.is_file() else None
+        finally:
+            store.close()
+        return backup, result
+    finally:
+        lock.release()

@@ -17,6 +17,7 @@ Everything listens on 127.0.0.1; every process is stopped by PID.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import subprocess
@@ -125,8 +126,11 @@ def test_corrupt_store_under_a_restart_loop_is_one_loud_failure_and_no_repeated_
             code, text = get(base + "/healthz")
             return code == 503 and "corrupt" in text
 
+        def up_or_gone(p: subprocess.Popen[Any]) -> bool:
+            return p.poll() is not None or loudly_broken()
+
         while True:
-            until(lambda: proc.poll() is not None or loudly_broken(), 60, "the daemon up or gone", logs[-1])
+            until(functools.partial(up_or_gone, proc), 60, "the daemon up or gone", logs[-1])
             if proc.poll() is None:
                 break
             exits += 1

@@ -41,6 +41,8 @@ from pydantic import (
     model_validator,
 )
 
+from watchtower.logs import scrub_query
+
 ROLES = ("network", "hypervisor", "storage", "vm", "service")
 Role = Literal["network", "hypervisor", "storage", "vm", "service"]
 # The emergency playbook's restore order (phase 3), first to last.
@@ -465,7 +467,9 @@ class HttpPath(PathBase):
         return self
 
     def default_name(self) -> str:
-        return f"http {self.url}"
+        # The name is a metric label and shows in the API and the log: query values (where
+        # many APIs take a key, ?api_key=...) are masked in it.
+        return f"http {scrub_query(self.url)}"
 
     @property
     def host(self) -> str:
@@ -1032,6 +1036,15 @@ class Config(Strict):
         None, description="bearer token for /api/v1 and the page (prefer the _file)"
     )
     api_token_file: SecretFile | None = Field(None, description="file holding api_token")
+    metrics_auth: bool = Field(
+        False,
+        description="`/metrics` needs the API token too (Prometheus: `authorization: credentials_file`)",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="names this daemon is reached by (`Host:` header), besides IP addresses and "
+        "localhost; without an api_token other names are refused (DNS rebinding)",
+    )
     max_concurrent_probes: int = Field(4096, ge=1, le=100_000, description="probes in flight at most")
     defaults: Defaults = Field(default_factory=Defaults, description="timings every path inherits")
     vantage: list[PathItem] = Field(
@@ -1071,6 +1084,12 @@ class Config(Strict):
             elif isinstance(item, dict):
                 stack.extend(item.values())
         return out
+
+    @model_validator(mode="after")
+    def _metrics_auth(self) -> Config:
+        if self.metrics_auth and self.secret("api_token") is None:
+            raise ValueError("metrics_auth: true needs api_token or api_token_file")
+        return self
 
     @field_validator("api_token", mode="after")
     @classmethod

@@ -154,9 +154,7 @@ def secret_forms(value: str) -> set[str]:
 
 def _looks_random(piece: str) -> bool:
     """A token, key or id rather than a word: long, or mixing digits or capitals into letters."""
-    return len(piece) >= 16 or (
-        len(piece) >= 6 and (any(c.isdigit() for c in piece) or not piece.islower())
-    )
+    return len(piece) >= 16 or (len(piece) >= 6 and (any(c.isdigit() for c in piece) or not piece.islower()))
 
 
 class SecretScrubber(logging.Filter):

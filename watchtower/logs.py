@@ -119,6 +119,25 @@ def scrub_query(text: str) -> str:
     return _QUERY_VALUE.sub(lambda m: m.group(1) + MASK, text) if ("?" in text or "&" in text) else text
 
 
+def mask_encoded(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every base64 run that decodes to something holding one of ``secrets``
+    masked (an SMTP server echoing ``AUTH PLAIN`` data in its error reply), and the data of an
+    ``AUTH PLAIN|LOGIN ...`` line cut."""
+    raw = tuple(s.encode() for s in secrets if len(s) >= 4)
+    if raw and _BASE64.search(text):
+
+        def decoded(m: re.Match[str]) -> str:
+            token = m.group()
+            try:
+                data = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
+            except (binascii.Error, ValueError):
+                return token
+            return MASK if any(r in data for r in raw) else token
+
+        text = _BASE64.sub(decoded, text)
+    return _AUTH_LINE.sub(lambda m: m.group(1) + MASK, text)
+
+
 def secret_forms(value: str) -> set[str]:
     """The spellings of a configured secret that may show up in a text: as written, URL-encoded
     and decoded; for a URL also its user, password, path segments (webhook tokens, chat ids) and
@@ -165,32 +184,19 @@ class SecretScrubber(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._pattern: re.Pattern[str] | None = None
-        self._raw: tuple[bytes, ...] = ()
         self._forms: set[str] = set()
 
     def set_secrets(self, values: Iterable[str]) -> None:
         """The secrets to mask; a reload adds the new ones (lines about the old may still come)."""
         forms = self._forms | {f for v in values if v for f in secret_forms(v)}
         self._forms = forms
-        self._raw = tuple(v.encode() for v in forms if len(v) >= 4)
         ordered = sorted(forms, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered)), re.IGNORECASE) if ordered else None
 
     def scrub(self, text: str) -> str:
         if self._pattern is not None:
             text = self._pattern.sub(MASK, text)
-            if self._raw and _BASE64.search(text):
-                text = _BASE64.sub(self._decoded_secret, text)
-        text = _AUTH_LINE.sub(lambda m: m.group(1) + MASK, text)
-        return scrub_query(text)
-
-    def _decoded_secret(self, m: re.Match[str]) -> str:
-        token = m.group()
-        try:
-            data = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            return token
-        return MASK if any(raw in data for raw in self._raw) else token
+        return scrub_query(mask_encoded(text, self._forms))
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

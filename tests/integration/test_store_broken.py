@@ -208,3 +208,80 @@ def test_corrupt_store_under_a_restart_loop_is_one_loud_failure_and_no_repeated_
             stop_process(p)
         smtp.stop()
         beat.stop()
+
+
+@pytest.mark.parametrize("breakage", ["empty", "directory", "garbage", "read-only"])
+def test_unusable_store_at_start_stays_loud_while_alerting_from_memory(tmp_path: Path, breakage: str) -> None:
+    """Each of these used to log "state store writable again" after the first commit to the
+    in-memory stand-in, and /healthz went back to 200 with nothing persisted."""
+    import shutil
+
+    state = tmp_path / "state"
+    state.mkdir()
+    db = state / "watchtower.sqlite"
+    mounted = False
+    if breakage == "empty":
+        db.write_bytes(b"")
+    elif breakage == "directory":
+        db.mkdir()
+    elif breakage == "garbage":
+        db.write_bytes(b"this is no database\n" * 500)
+    else:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("a read-only state_dir needs root and mount (root writes through file modes)")
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(state)], check=True, timeout=10
+        )
+        mounted = True
+    smtp = SmtpSink().start()
+    listen = f"127.0.0.1:{free_port()}"
+    base = f"http://{listen}"
+    cfg = tmp_path / "wt.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "site": "unusable",
+                "listen": listen,
+                "state_dir": str(state),
+                "defaults": {
+                    "interval": "500ms",
+                    "retry_interval": "200ms",
+                    "timeout": "300ms",
+                    "fail_after": 1,
+                },
+                "targets": {"erp1": {"role": "service", "paths": [{"tcp": f"127.0.0.1:{free_port()}"}]}},
+                "notify": {
+                    "channels": [{"name": "mail", "url": mailto_url(smtp.port), "tags": ["tier1"]}],
+                    "escalation": [{"after": "0s", "notify": ["tier1"]}],
+                },
+            }
+        )
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("NOTIFY_SOCKET", None)
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "watchtower", "run", "-c", str(cfg)], stdout=out, stderr=out, env=env
+        )
+    try:
+        until(
+            lambda: [m for m in smtp.messages if "erp1 DOWN" in m.subject], 40, "the page, from memory", log
+        )
+        warning = until(
+            lambda: [m for m in smtp.messages if "state store" in m.subject], 20, "the store warning", log
+        )
+        assert "may repeat an earlier one" in warning[0].text
+        until(lambda: "notification sent" in log.read_text(), 20, "the page recorded in memory", log)
+        code, text = get(base + "/healthz")
+        assert code == 503 and "state store not writable" in text, (code, text)
+        _, metrics = get(base + "/metrics")
+        assert "watchtower_store_writable 0.0" in metrics
+        assert "writable again" not in log.read_text()
+        errors = [line for line in log.read_text().splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and str(db) in errors[0], errors
+    finally:
+        stop_process(proc)
+        smtp.stop()
+        if mounted:
+            subprocess.run(["umount", "-l", str(state)], check=False, timeout=10)

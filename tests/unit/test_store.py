@@ -244,3 +244,31 @@ def test_one_process_per_state_dir(tmp_path: Path) -> None:
         [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert again.returncode == 0, again
+
+
+def test_store_cli_check_reset_and_repair_of_a_good_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from watchtower.cli import main
+
+    cfg = tmp_path / "wt.yaml"
+    state = tmp_path / "state"
+    cfg.write_text(
+        f"site: s\nstate_dir: {state}\ntargets:\n  a: {{role: service, paths: [tcp: 127.0.0.1:9]}}\n"
+    )
+    assert main(["store", "check", "-c", str(cfg)]) == 0 and "no database yet" in capsys.readouterr().out
+    state.mkdir()
+    filled(state / DB_NAME)
+    assert main(["store", "check", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "incidents: 2 rows" in out and out.rstrip().endswith(": ok")
+    assert main(["store", "repair", "-c", str(cfg)]) == 0 and "nothing to repair" in capsys.readouterr().out
+    (state / DB_NAME).write_bytes(b"")
+    assert main(["store", "check", "-c", str(cfg)]) == 1 and "is empty" in capsys.readouterr().out
+    assert main(["store", "reset", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "kept the old database as" in out and "created a new, empty" in out
+    assert [
+        p.stat().st_size for p in state.glob(f"{DB_NAME}.broken-*") if p.name[-4:] not in ("-wal", "-shm")
+    ] == [0]
+    assert Store(state / DB_NAME).integrity_check() == "ok"

@@ -233,7 +233,12 @@ async def run_daemon(
         if store_error is not None:
             alerting.store_ok, alerting.store_error = False, store_error
         stack.callback(alerting.close)
-        await alerting.restore()  # open incidents keep their ids and are not paged again
+        try:
+            await alerting.restore()  # open incidents keep their ids and are not paged again
+        except StoreError as exc:  # a page gone bad past the check at open: loud, never a crash loop
+            log.error("state store unreadable at start, alerting from memory: %s", exc)
+            store.durable, store_error = False, f"{exc}; a page may repeat an earlier one"
+            alerting.store_ok, alerting.store_error = False, store_error
         if store_error is not None:
             await alerting.warn(
                 f"store:{int(time.time())}", f"watchtower's state store is unusable: {store_error}"

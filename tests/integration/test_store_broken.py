@@ -285,3 +285,42 @@ def test_unusable_store_at_start_stays_loud_while_alerting_from_memory(tmp_path:
         smtp.stop()
         if mounted:
             subprocess.run(["umount", "-l", str(state)], check=False, timeout=10)
+
+
+async def test_a_read_failing_after_the_check_at_open_is_no_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page that goes bad between the check at open and the first read (restore) must not end
+    the daemon either: it alerts from memory and says so."""
+    import asyncio
+
+    from watchtower.config import load_config
+    from watchtower.daemon import run_daemon
+    from watchtower.store import Store, StoreError
+
+    def broken(self: Store) -> list[Any]:
+        raise StoreError(f"{self.path}: database disk image is malformed")
+
+    monkeypatch.setattr(Store, "pending", broken)
+    listen = f"127.0.0.1:{free_port()}"
+    cfg = tmp_path / "wt.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "site": "late",
+                "listen": listen,
+                "state_dir": str(tmp_path / "state"),
+                "targets": {"erp1": {"role": "service", "paths": [{"tcp": f"127.0.0.1:{free_port()}"}]}},
+            }
+        )
+    )
+    ready = asyncio.Event()
+    task = asyncio.create_task(run_daemon(load_config(cfg), ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 20)
+        code, text = await asyncio.to_thread(get, f"http://{listen}/healthz")
+        assert code == 503 and "malformed" in text and "may repeat" in text
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -212,8 +212,8 @@ def _cookie_ok(request: web.Request, token: str) -> bool:
 
 
 def _host_allowed(request: web.Request) -> bool:
-    """Without a token, the Host header must be an IP address, localhost or a name in
-    ``allowed_hosts``: a DNS-rebinding page (Host: rebind.example, resolving to 127.0.0.1)
+    """Without a token, the Host header must be an IP address, localhost, the name in ``listen``
+    or a name in ``allowed_hosts``: a DNS-rebinding page (Host: rebind.example, resolving to 127.0.0.1)
     would otherwise be same-origin with us and could read the state and acknowledge incidents."""
     host = request.host.strip().lower()
     if host.startswith("["):
@@ -226,7 +226,9 @@ def _host_allowed(request: web.Request) -> bool:
         return True
     except ValueError:
         pass
-    allowed = {h.strip().lower().rstrip(".") for h in request.app[MONITOR].config.allowed_hosts}
+    config = request.app[MONITOR].config
+    allowed = {h.strip().lower().rstrip(".") for h in config.allowed_hosts}
+    allowed.add(config.listen_host_port[0].strip("[]").lower().rstrip("."))  # listen: by a name
     return host == "localhost" or host in allowed
 
 

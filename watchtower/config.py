@@ -1042,8 +1042,8 @@ class Config(Strict):
     )
     allowed_hosts: list[str] = Field(
         default_factory=list,
-        description="names this daemon is reached by (`Host:` header), besides IP addresses, the listen name and "
-        "localhost; without an api_token other names are refused (DNS rebinding)",
+        description="names this daemon is reached by (`Host:` header), besides IP addresses, "
+        "the listen name and localhost; without an api_token other names are refused (DNS rebinding)",
     )
     max_concurrent_probes: int = Field(4096, ge=1, le=100_000, description="probes in flight at most")
     defaults: Defaults = Field(default_factory=Defaults, description="timings every path inherits")

@@ -29,11 +29,15 @@ CHANNELS = ("mail", "sms", "signal")
 
 def incident(n: int) -> Incident:
     at = 1_000_000.0 + n * 600
-    i = Incident(n, Scope.HYPERVISOR, f"pve{n % 40}", at, cause=Cause.POWER_OFF, affected=["dc1", "mail1"])
-    i.first_failure_at = at - 12
-    i.note(at - 12, "first_failure", f"first failed probe of pve{n % 40}")
-    i.note(at, "opened", f"confirmed: hypervisor pve{n % 40} down")
-    return i
+    root = f"pve{n % 40}"
+    return (
+        Incident(
+            n, Scope.HYPERVISOR, root, at, cause=Cause.POWER_OFF, affected=("dc1", "mail1"),
+            first_failure_at=at - 12,
+        )
+        .noted(at - 12, "first_failure", f"first failed probe of {root}")
+        .noted(at, "opened", f"confirmed: hypervisor {root} down")
+    )  # fmt: skip
 
 
 def main() -> None:

@@ -229,7 +229,7 @@ async def run_daemon(
         monitor = Monitor(config, shared=shared)
         store, store_error = await open_store(config)
         stack.push_async_callback(store.close)
-        alerting = Alerting(config, store, monitor.tracker)
+        alerting = Alerting(config, store, monitor.tracker, changed=monitor.incidents_changed)
         if store_error is not None:
             alerting.store_ok, alerting.store_error = False, store_error
         stack.callback(alerting.close)
@@ -243,7 +243,6 @@ async def run_daemon(
             await alerting.warn(
                 f"store:{int(time.time())}", f"watchtower's state store is unusable: {store_error}"
             )
-        alerting.changed = monitor.incidents_changed
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
         # The config and the path table live for the whole run: move them out of the garbage

@@ -184,6 +184,32 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
+def _create(path: Path) -> None:
+    """A new database appears whole, under a temporary name renamed into place: nothing that
+    opens it, now or after a crash, ever finds a half-made (zero-byte) file at ``path``, so a
+    zero-byte file there is always damage (see :func:`file_problem`)."""
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}")
+    try:
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            for version in range(len(MIGRATIONS)):
+                db.executescript(
+                    f"BEGIN IMMEDIATE;{MIGRATIONS[version]};PRAGMA user_version = {version + 1};COMMIT;"
+                )
+        finally:
+            db.close()  # the last connection: the WAL is checkpointed into the file and removed
+        os.replace(tmp, path)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot create: {exc}") from exc
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create: {exc.strerror or exc}") from exc
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
 @dataclass(slots=True)
 class Salvage:
     """What could be read out of a broken database: rows per table, and the tables that failed."""
@@ -267,6 +293,8 @@ class Store:
         self._persisted: dict[int, int] = {}  # incident id -> timeline events already written
         self._thread: int | None = None
         memory = str(path) == ":memory:"
+        if not memory and not self.path.exists():
+            _create(self.path)
         problem = None if memory else file_problem(self.path)
         if problem is not None:
             raise StoreError(problem)

@@ -279,3 +279,13 @@ def test_store_cli_check_reset_and_repair_of_a_good_store(
         p.stat().st_size for p in state.glob(f"{DB_NAME}.broken-*") if p.name[-4:] not in ("-wal", "-shm")
     ] == [0]
     assert Store(state / DB_NAME).integrity_check() == "ok"
+
+
+def test_a_new_store_appears_whole(tmp_path: Path) -> None:
+    """Created under a temporary name and renamed into place: a reader (the CLI, a test) that
+    opens it meanwhile never finds a zero-byte file, which would be refused as damage."""
+    Store(tmp_path / DB_NAME).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DB_NAME]
+    data = (tmp_path / DB_NAME).read_bytes()
+    assert data.startswith(b"SQLite format 3\x00") and len(data) >= 4096
+    assert Store(tmp_path / DB_NAME).version == len(MIGRATIONS)

@@ -13,6 +13,7 @@ dead; set ``timeout`` on the target or path to go below it.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import ipaddress
 import os
@@ -39,6 +40,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from watchtower.hours import WeeklyHours
 
 ROLES = ("network", "hypervisor", "storage", "vm", "service")
 Role = Literal["network", "hypervisor", "storage", "vm", "service"]
@@ -383,6 +386,12 @@ class HttpPath(PathBase):
     insecure: bool = Field(False, description="skip TLS verification (explicit opt-out)")
     follow_redirects: bool = False
     max_body: int = Field(1_048_576, ge=0, le=64 * 1_048_576, description="bytes of body read at most")
+    tls_warn_days: float = Field(
+        14,
+        ge=0,
+        description="https: a `certificate` warning when the server's certificate expires within this "
+        "many days (0: never)",
+    )
 
     @field_validator("url")
     @classmethod
@@ -775,6 +784,139 @@ class Bmc(Strict):
         return self
 
 
+# --------------------------------------------------------------------------- backups (issue 16)
+
+
+class ResticSource(Strict):
+    """A restic repository, read with ``restic snapshots --json --no-lock`` (works read-only)."""
+
+    kind: Literal["restic"] = "restic"
+    repository: str = Field(description="path or URL as restic takes it (`-r`)")
+    password_file: SecretFile = Field(description="file holding the repository password")
+    host: str | None = Field(None, description="only snapshots of this host (`--host`)")
+    tag: str | None = Field(None, description="only snapshots with this tag (`--tag`)")
+    binary: str = Field("restic", description="the restic program")
+
+
+class BorgSource(Strict):
+    """A borg repository, read with ``borg list --json --bypass-lock`` (works read-only)."""
+
+    kind: Literal["borg"] = "borg"
+    repository: str = Field(description="path or ssh:// URL as borg takes it")
+    passphrase_file: SecretFile | None = Field(None, description="file holding the passphrase")
+    prefix: str | None = Field(None, description="only archives whose name starts with this")
+    timezone: str = Field(
+        "UTC",
+        description="zone of the machine that makes the archives: borg 1.2 lists `start` as local "
+        "time without a zone",
+    )
+    binary: str = Field("borg", description="the borg program")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        WeeklyHours.parse("always", value)  # raises with a readable message
+        return value
+
+
+class PbsSource(Strict):
+    """Proxmox Backup Server: one backup group's snapshots, with a read-only API token."""
+
+    _secret_fields = ("token_secret",)
+    kind: Literal["pbs"] = "pbs"
+    url: str = Field(description="base URL, e.g. `https://pbs.example:8007`")
+    datastore: str
+    backup_type: Literal["vm", "ct", "host"] = "vm"
+    backup_id: str = Field(description="the guest's id (VMID) or host name")
+    namespace: str | None = Field(None, description="datastore namespace (`ns`)")
+    token_id: str = Field(description="`USER@REALM!TOKENID` (DatastoreAudit suffices)")
+    token_secret: SecretStr | None = None
+    token_secret_file: SecretFile | None = Field(None, description="file holding the token's secret")
+    ca_file: CaFile | None = None
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _token(self) -> PbsSource:
+        if self.secret("token_secret") is None:
+            raise ValueError("pbs needs token_secret or token_secret_file")
+        if not re.fullmatch(r"[^@!\s]+@[^@!\s]+![^@!\s]+", self.token_id):
+            raise ValueError(f"token_id {self.token_id!r} must look like USER@REALM!TOKENID")
+        return self
+
+
+class PushSource(Strict):
+    """The backup job reports itself: ``curl -X POST -H 'Authorization: Bearer TOKEN'
+    .../api/v1/backups/NAME`` at its end (``.../NAME/fail`` when it failed)."""
+
+    _secret_fields = ("token",)
+    kind: Literal["push"] = "push"
+    token: SecretStr | None = None
+    token_file: SecretFile | None = Field(None, description="file holding this backup's push token")
+
+    @model_validator(mode="after")
+    def _token(self) -> PushSource:
+        if self.secret("token") is None:
+            raise ValueError("push needs token or token_file")
+        return self
+
+
+BackupSpec = ResticSource | BorgSource | PbsSource | PushSource
+BACKUP_KINDS = ("restic", "borg", "pbs", "push")
+
+
+class Backup(Strict):
+    """Where a service's restore points are, and how fresh they must be."""
+
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="unique on the site; the push URL's NAME (default TARGET-KIND)",
+    )
+    restic: ResticSource | None = None
+    borg: BorgSource | None = None
+    pbs: PbsSource | None = None
+    push: PushSource | None = None
+    max_age: Duration | None = Field(None, description="newest restore point at most this old (default: rpo)")
+    verified_within: Duration | None = Field(
+        None, description="newest verified restore point at most this old (sources that verify)"
+    )
+    min_count: int | None = Field(None, ge=1, description="at least this many restore points")
+    interval: Duration = Field(900.0, description="how often the source is read")
+    timeout: Duration = Field(60.0, description="bound on one read (the subprocess is killed after it)")
+    kept_at: str | None = Field(
+        None, description="where the backup and its passphrase are kept (a location, never the secret)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Backup:
+        given = [k for k in BACKUP_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"each backup needs exactly one of {', '.join(BACKUP_KINDS)} (got {len(given)})")
+        return self
+
+    @property
+    def source(self) -> BackupSpec:
+        spec = self.restic or self.borg or self.pbs or self.push
+        assert spec is not None
+        return spec
+
+
+class RestoreTest(Strict):
+    date: datetime.date = Field(description="when the restore was tried (YYYY-MM-DD)")
+    duration: Duration | None = Field(None, description="how long it took, to hold against the RTO")
+    result: Literal["ok", "failed", "partial"] = "ok"
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedBackup:
+    name: str
+    target: str
+    service: str
+    spec: Backup
+    max_age: float | None  # the backup's max_age, else its service's rpo
+
+
 class Service(Strict):
     """The business service a target carries, for RTO clocks and the restore board."""
 
@@ -790,6 +932,13 @@ class Service(Strict):
             "names when not set"
         ),
     )
+    backups: list[Backup] = Field(
+        default_factory=list, description="its restore points: restic, borg, pbs or push (issue 16)"
+    )
+    restore_tests: list[RestoreTest] = Field(
+        default_factory=list, description="restore tests done (`watchtower restore-test record` adds one)"
+    )
+    owner: str | None = Field(None, description="who restores it (name and phone), for the plan")
 
 
 TargetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
@@ -812,6 +961,9 @@ class Target(Timing):
     )
     vendor_contact: str | None = Field(None, description="how to open a vendor case")
     runbook: str | None = Field(None, description="link or text shown with incidents of this target")
+    warranty_until: datetime.date | None = Field(
+        None, description="end of the vendor warranty/support contract (readiness warns 90 days ahead)"
+    )
 
 
 # --------------------------------------------------------------------------- notify, heartbeat
@@ -853,6 +1005,29 @@ class EscalationStep(Strict):
         return self
 
 
+class Warnings(Strict):
+    """Warnings are not outages: a backup older than its RPO, a certificate about to expire. They
+    open incidents of scope `backup`/`certificate` (shown and recorded) and go only to these
+    channels, only within these hours; one outside them waits for the next opening."""
+
+    notify: list[str] = Field(
+        default_factory=list, description="channel tags or names (none: recorded and shown, not sent)"
+    )
+    hours: str = Field(
+        "Mon-Fri 08:00-18:00", description='when they may be sent: "Mon-Fri 08:00-18:00", "always"'
+    )
+    timezone: str = Field("UTC", description="IANA zone the hours are in, e.g. Europe/Berlin")
+
+    @model_validator(mode="after")
+    def _hours(self) -> Warnings:
+        self.window  # noqa: B018 - parse now, so a bad value is named at load time
+        return self
+
+    @cached_property
+    def window(self) -> WeeklyHours:
+        return WeeklyHours.parse(self.hours, self.timezone)
+
+
 class Notify(Strict):
     channels: list[Channel] = Field(default_factory=list, description="where alerts go")
     escalation: list[EscalationStep] = Field(default_factory=list, description="who is told when")
@@ -874,6 +1049,10 @@ class Notify(Strict):
     retry_max: Duration = Field(300.0, description="longest pause between two delivery attempts")
     give_up_after: Duration = Field(
         86400.0, description="an undeliverable message is dropped (and counted failed) after this"
+    )
+    warnings: Warnings = Field(
+        default_factory=Warnings,
+        description="backup and certificate warnings: who, and when (never at night by default)",
     )
 
 
@@ -1024,6 +1203,19 @@ class Config(Strict):
         return tuple(p for name, t in self.targets.items() for p in self._resolve(name, t.paths, t))
 
     @cached_property
+    def backups(self) -> tuple[ResolvedBackup, ...]:
+        """Every ``service.backups`` entry with its site-wide name and effective max_age."""
+        out = []
+        for tname, t in self.targets.items():
+            if t.service is None:
+                continue
+            for b in t.service.backups:
+                name = b.name or f"{tname}-{b.source.kind}"
+                max_age = b.max_age if b.max_age is not None else t.service.rpo
+                out.append(ResolvedBackup(name, tname, t.service.name, b, max_age))
+        return tuple(out)
+
+    @cached_property
     def vantage_paths(self) -> tuple[ResolvedPath, ...]:
         return tuple(self._resolve(VANTAGE, self.vantage, None))
 
@@ -1108,6 +1300,14 @@ def _semantic_problems(cfg: Config) -> list[str]:
                     problems.append(
                         f"targets.{tname}.paths[{i}]: a trap path needs the `traps:` receiver configured"
                     )
+    seen_backups: dict[str, str] = {}
+    for b in cfg.backups:
+        if b.name in seen_backups:
+            problems.append(
+                f"targets.{b.target}.service.backups: name {b.name!r} is used twice "
+                f"(also on {seen_backups[b.name]}); give each a unique `name`"
+            )
+        seen_backups[b.name] = b.target
     problems += _cycle_problems(cfg)
     problems += _path_problems(cfg)
     problems += _notify_problems(cfg)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from watchtower.durations import exact
-from watchtower.engine.correlate import Cause, Correlation, Scope, TargetState, Verdict
+from watchtower.engine.correlate import WARNING_SCOPES, Cause, Correlation, Scope, TargetState, Verdict
 
 FLAP_WINDOW = 600.0  # seconds after resolution during which a recurrence reopens the incident
 # After the root is back, what it took down gets this long to come back (VMs boot, services start)
@@ -82,6 +82,8 @@ class Incident:
     def headline(self) -> str:
         if self.scope is Scope.MONITOR:
             return f"monitor {self.root} is blind (its own uplink is down)"
+        if self.scope in WARNING_SCOPES:
+            return f"{self.scope} warning: {self.evidence[0] if self.evidence else self.root}"
         cause = f" ({self.cause})" if self.cause else ""
         more = f", {len(self.affected)} affected" if self.affected else ""
         return f"{self.scope} {self.root} down{cause}{more}"
@@ -137,6 +139,34 @@ class IncidentTracker:
         event = incident.note(now, "ack", f"acknowledged by {by}")
         return incident, [Change(incident.id, "acknowledged", event.text)]
 
+    def raise_warning(
+        self, scope: Scope, root: str, text: str, evidence: list[str], now: float
+    ) -> list[Change]:
+        """Open, or update, the one open warning incident of (``scope``, ``root``): a stale backup,
+        an expiring certificate. Its source decides when it holds; correlation never touches it."""
+        assert scope in WARNING_SCOPES, scope
+        incident = next((i for i in self.open_incidents() if i.scope is scope and i.root == root), None)
+        if incident is None:
+            incident = self._new(scope, root, now)
+            incident.evidence = list(evidence)
+            incident.note(now, "opened", text)
+            return [Change(incident.id, "opened", text)]
+        if incident.evidence != list(evidence):
+            incident.evidence = list(evidence)
+            incident.note(now, "warning", text)
+            return [Change(incident.id, "updated", text)]
+        return []
+
+    def clear_warning(self, scope: Scope, root: str, text: str, now: float) -> list[Change]:
+        """Resolve the open warning incident of (``scope``, ``root``), if there is one."""
+        changes = []
+        for incident in self.open_incidents():
+            if incident.scope is scope and incident.root == root:
+                incident.state, incident.resolved_at = IncidentState.RESOLVED, now
+                incident.note(now, "resolved", text)
+                changes.append(Change(incident.id, "resolved", text))
+        return changes
+
     def step(self, corr: Correlation, now: float) -> list[Change]:
         changes: list[Change] = []
         blind = next((i for i in self.open_incidents() if i.scope is Scope.MONITOR), None)
@@ -160,7 +190,8 @@ class IncidentTracker:
         recovering = {
             target: incident
             for incident in self.open_incidents()
-            if incident.scope is not Scope.MONITOR and incident.root not in roots
+            if incident.scope is not Scope.MONITOR and incident.scope not in WARNING_SCOPES
+            and incident.root not in roots
             and (incident.root_back_at is None or now - incident.root_back_at < RECOVERY_GRACE)
             for target in incident.affected
             if target not in incident.back
@@ -176,7 +207,7 @@ class IncidentTracker:
             claimed.add(incident.id)
             self._note_back(incident, corr, now)
         for incident in self.open_incidents():
-            if incident.scope is Scope.MONITOR:
+            if incident.scope is Scope.MONITOR or incident.scope in WARNING_SCOPES:
                 continue
             root_state = corr.states.get(incident.root)
             if root_state not in (TargetState.UP, TargetState.DEGRADED, None):
@@ -211,7 +242,9 @@ class IncidentTracker:
         return [a for a in incident.affected if a not in incident.back and corr.states.get(a) is degraded]
 
     def _apply(self, verdict: Verdict, now: float, changes: list[Change]) -> Incident:
-        open_target = [i for i in self.open_incidents() if i.scope is not Scope.MONITOR]
+        open_target = [
+            i for i in self.open_incidents() if i.scope is not Scope.MONITOR and i.scope not in WARNING_SCOPES
+        ]
         incident = next((i for i in open_target if i.root == verdict.root), None)
         # Earlier incidents whose root this verdict now explains (VMs confirmed before their host).
         absorbed = sorted(
@@ -283,6 +316,7 @@ class IncidentTracker:
             i
             for i in self.incidents.values()
             if i.root == root
+            and i.scope not in WARNING_SCOPES
             and i.state is IncidentState.RESOLVED
             and i.merged_into is None
             and i.resolved_at is not None

@@ -69,6 +69,11 @@ async def probe(backup: Backup, ctx: ProbeContext) -> ProbeResult:
     times, problem = parse(run.stdout)
     if problem:
         return ProbeResult.fail(Failure.PROTOCOL, problem, latency)
+    complaint = scrub(run.stderr, secret)
+    if complaint:
+        # restic skips snapshots it cannot load (corrupt, wrong key) with a message on stderr and
+        # exit 0: "no snapshot" would hide a damaged repository behind "holds none"
+        return ProbeResult.fail(Failure.CONTENT, f"restic listed with errors: {complaint}", latency)
     values: list[tuple[str, float]] = [("count", float(len(times)))]
     if times:
         values.append(("newest", max(times)))

@@ -453,6 +453,56 @@ async def _notify_test(cfg: Config, channels: list[Any]) -> tuple[list[Any], boo
     return list(results), any(s.hung_threads for s in senders.values())
 
 
+def cmd_readiness(args: argparse.Namespace) -> int:
+    """Reads every backup source once (push backups: their last report), then judges."""
+    from watchtower import clock
+    from watchtower.backups.watch import BackupWatch
+    from watchtower.engine.incidents import IncidentTracker
+    from watchtower.readiness import assess_site, recorded_tests
+
+    cfg = _load(args.config)
+
+    async def read() -> BackupWatch:
+        from watchtower.probes import ProbeContext
+        from watchtower.probes.http import new_session
+
+        async with new_session() as session:
+            watch = BackupWatch(cfg, IncidentTracker(), ProbeContext(timeout=0, http_session=session))
+            await watch.read_all(clock.now())
+            return watch
+
+    watch = asyncio.run(read())
+    report = assess_site(cfg, watch.status, clock.now(), recorded_tests(cfg))
+    print(json.dumps(report.document(), indent=2) if args.json else report.text())
+    return 1 if report.red else 0
+
+
+def cmd_restore_test(args: argparse.Namespace) -> int:
+    from watchtower.config import RestoreTest
+    from watchtower.readiness import record_test
+
+    cfg = _load(args.config)
+    target = cfg.targets.get(args.target)
+    if target is None or target.service is None:
+        with_service = sorted(n for n, t in cfg.targets.items() if t.service is not None)
+        print(
+            f"restore-test: no target {args.target!r} with a service; one of: {', '.join(with_service)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        test = RestoreTest.model_validate(
+            {"date": args.date, "duration": args.duration, "result": args.result, "note": args.note}
+        )
+    except ValueError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())  # type: ignore[attr-defined]
+        print(f"restore-test: {problems}", file=sys.stderr)
+        return 2
+    path = record_test(cfg, args.target, test)
+    print(f"recorded: {target.service.name} restored {test.date} ({test.result}) in {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -489,6 +539,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p = command("notify-test", cmd_notify_test, "send a marked test message through every channel (or one)")
     p.add_argument("--channel", metavar="NAME", help="only this channel")
+    p = command(
+        "readiness", cmd_readiness, "is every service ready for its outage? exit 1 when anything is red"
+    )
+    p.add_argument("--json", action="store_true")
+    p = command(
+        "restore-test", cmd_restore_test, "record a restore test: restore-test record TARGET --date D"
+    )
+    p.add_argument("action", choices=["record"])
+    p.add_argument("target", help="the target whose service was restored")
+    p.add_argument("--date", default=time.strftime("%Y-%m-%d", time.gmtime()), help="YYYY-MM-DD (today)")
+    p.add_argument("--duration", help="how long the restore took, e.g. 2h30m")
+    p.add_argument("--result", default="ok", choices=["ok", "failed", "partial"])
+    p.add_argument("--note", help="what was restored, by whom")
     command("schema", cmd_schema, "print the config's JSON Schema", config=False)
     lab_help = "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST"
     p = command("lab", cmd_lab, lab_help,

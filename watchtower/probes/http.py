@@ -59,6 +59,28 @@ def classify_client_error(exc: aiohttp.ClientError | OSError) -> tuple[Failure, 
     return classify_os_error(exc)
 
 
+CERT_EXPIRY_VALUE = "tls_cert_expiry_days"
+
+
+def _cert_expiry(response: aiohttp.ClientResponse) -> float | None:
+    """When the server's certificate expires (UNIX time), read from the connection the answer came
+    on. Only a verified certificate is decoded by ``ssl`` (``insecure: true`` gives none): that is
+    the one whose expiry would break the service's clients."""
+    connection = response.connection
+    transport = connection.transport if connection is not None else None
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    cert = ssl_object.getpeercert()
+    not_after = cert.get("notAfter") if cert else None
+    if not isinstance(not_after, str):
+        return None
+    try:
+        return float(ssl.cert_time_to_seconds(not_after))
+    except ValueError:
+        return None
+
+
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
     body = bytearray()
     while len(body) < cap:
@@ -94,12 +116,16 @@ async def probe(spec: HttpPath, ctx: ProbeContext) -> ProbeResult:
                         timeout=aiohttp.ClientTimeout(total=None),
                     )
                 )
+                expiry = _cert_expiry(response)
                 body = b"" if spec.method == "HEAD" else await _read_capped(response, spec.max_body)
     except TimeoutError:
         return ProbeResult.fail(Failure.TIMEOUT, f"no complete answer within {ctx.timeout:g}s")
     except (aiohttp.ClientError, OSError) as exc:
         return ProbeResult.fail(*classify_client_error(exc))
     latency = time.perf_counter() - start
+    values: tuple[tuple[str, float], ...] = ()
+    if expiry is not None:
+        values = ((CERT_EXPIRY_VALUE, (expiry - time.time()) / 86400.0),)
     if response.status not in spec.expect_status:
         expected = "/".join(map(str, spec.expect_status))
         return ProbeResult.fail(Failure.STATUS, f"status {response.status}, expected {expected}", latency)
@@ -115,4 +141,4 @@ async def probe(spec: HttpPath, ctx: ProbeContext) -> ProbeResult:
                 f"body does not match /{spec.expect_regex}/ (read {len(body)} bytes)",
                 latency,
             )
-    return ProbeResult.success(latency, f"{response.status} in {latency * 1000:.0f} ms")
+    return ProbeResult(True, latency, None, f"{response.status} in {latency * 1000:.0f} ms", values=values)

@@ -17,6 +17,8 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchtower import __version__, logs
+from watchtower.backups.watch import BackupWatch
+from watchtower.certificates import CertificateWatch
 from watchtower.config import Config, ConfigError, load_config
 from watchtower.engine.correlate import TargetState
 from watchtower.engine.monitor import Monitor, open_shared
@@ -143,6 +145,7 @@ async def reload_config(
     stack: AsyncExitStack,
     alerting: Alerting | None = None,
     sink: AlertmanagerSink | None = None,
+    backups: BackupWatch | None = None,
 ) -> bool:
     """SIGHUP: re-read the config. A bad new config is logged, problem by problem, and the running
     one stays in force; a good one is applied without losing the state of unchanged paths."""
@@ -170,6 +173,8 @@ async def reload_config(
         alerting.reload(new)
     if sink is not None:
         sink.reload(new)
+    if backups is not None:
+        backups.apply(new)
     gc.collect()
     gc.freeze()
     log.info("config reloaded %s", " ".join(f"{k}={v}" for k, v in counts.items()))
@@ -198,6 +203,11 @@ async def run_daemon(
         alerting.changed = monitor.incidents_changed
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
+        # Warnings (issue 16): stale backups and expiring certificates open their own incidents
+        backups = BackupWatch(config, monitor.tracker, shared)
+        backups.changed = monitor.incidents_changed
+        alerting.restore_lines = backups.restore_lines
+        certificates = CertificateWatch(monitor, monitor.tracker, monitor.incidents_changed)
         # The config and the path table live for the whole run: move them out of the garbage
         # collector's view, so a full collection does not stall probing (seen: 100 ms at 10k paths).
         gc.collect()
@@ -210,7 +220,7 @@ async def run_daemon(
             await stack.enter_async_context(TrapReceiver.from_config(config.traps, monitor.on_trap))
 
         runner = web.AppRunner(
-            make_app(monitor, store, alerting),
+            make_app(monitor, store, alerting, backups),
             access_log=None,
             shutdown_timeout=1.0,
             keepalive_timeout=web_app.IDLE_TIMEOUT,  # bounds a trickled request head too
@@ -241,6 +251,10 @@ async def run_daemon(
             scheduler_task = tg.create_task(monitor.run(), name="scheduler")
             alerting_task = tg.create_task(alerting.run(), name="alerting")
             sink_task = tg.create_task(sink.run(), name="alertmanager")
+            warning_tasks = [
+                tg.create_task(backups.run(), name="backups"),
+                tg.create_task(certificates.run(), name="certificates"),
+            ]
             reloading = asyncio.Lock()
 
             async def on_hup() -> None:
@@ -250,7 +264,7 @@ async def run_daemon(
                 async with reloading:
                     notifier.reloading()
                     try:
-                        await reload_config(config_path, monitor, stack, alerting, sink)
+                        await reload_config(config_path, monitor, stack, alerting, sink, backups)
                     finally:
                         notifier.ready(status_line(monitor))  # a rejected reload: the old config runs
 
@@ -271,6 +285,8 @@ async def run_daemon(
             scheduler_task.cancel()
             alerting_task.cancel()
             sink_task.cancel()
+            for task in warning_tasks:
+                task.cancel()
             if supervise_task is not None:
                 supervise_task.cancel()
     log.info("stopped")

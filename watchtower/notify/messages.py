@@ -383,6 +383,7 @@ def incident_message(
     *,
     label: str = "",
     others: Sequence[Incident] = (),
+    restore: Sequence[str] = (),
 ) -> Message:
     """The alert for one incident. ``kind``: page, escalation, update, ack, reopen, resolve;
     ``label`` says why (escalation) or who (ack); ``others``: the site's other open incidents."""
@@ -399,6 +400,9 @@ def incident_message(
     )
     title = _title(kind, incident, config, now, label, behind)
     body = _body(kind, incident, config, now, label, others, behind)
+    if restore and kind in ("page", "escalation", "update"):
+        # what a restore of each hit service loses now: the newest restore point against its RPO
+        body += "\n\nRestore points:\n" + "\n".join(f"- {_line(r, 300)}" for r in restore)
     sms = _sms(kind, incident, config, now, label, others, behind)
     return Message(title, body, sms)
 

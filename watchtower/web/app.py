@@ -6,14 +6,16 @@ import asyncio
 import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
+from prometheus_client.core import Metric
 
 from watchtower import __version__, clock
+from watchtower.backups.watch import BackupWatch
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import outage_start
 from watchtower.engine.incidents import Incident
@@ -21,7 +23,7 @@ from watchtower.engine.monitor import Monitor, Snapshot
 from watchtower.notify.outbox import Alerting
 from watchtower.report import render_report
 from watchtower.store import AsyncStore, Attempt, Notification, StoreError
-from watchtower.web import metrics
+from watchtower.web import backups_api, metrics
 from watchtower.web.page import page_incident, render_login_page, render_status_page
 
 __all__ = ["make_app", "render_status_page"]
@@ -172,7 +174,7 @@ async def auth_middleware(
         return web.Response(status=403, text="cross-site request refused\n")
     token = api_token(request)
     authenticated = not token or _bearer_ok(request, token) or _cookie_ok(request, token)
-    if not authenticated and request.path not in OPEN_PATHS:
+    if not authenticated and request.path not in OPEN_PATHS and not backups_api.is_push(request):
         if _wants_html(request) and not request.path.startswith("/api/"):
             raise web.HTTPSeeOther("/login")
         return web.json_response(
@@ -184,11 +186,19 @@ async def auth_middleware(
 async def handle_metrics(request: web.Request) -> web.Response:
     snap = request.app[MONITOR].snapshot()
     gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
-    body = await asyncio.to_thread(metrics.render, snap, gzip_ok)
+    watch = request.app.get(backups_api.WATCH)
+    statuses = dict(request.app[MONITOR].statuses)
+    extra = _Extra(lambda: backups_api.collectors(watch, statuses))
+    body = await asyncio.to_thread(metrics.render, snap, gzip_ok, extra)
     headers = {"Content-Type": metrics.CONTENT_TYPE}
     if gzip_ok:
         headers["Content-Encoding"] = "gzip"
     return web.Response(body=body, headers=headers)
+
+
+class _Extra:
+    def __init__(self, collect: Callable[[], Iterator[Metric]]):
+        self.collect = collect
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
@@ -451,7 +461,10 @@ async def handle_state(request: web.Request) -> web.Response:
 
 
 def make_app(
-    monitor: Monitor, store: AsyncStore | None = None, alerting: Alerting | None = None
+    monitor: Monitor,
+    store: AsyncStore | None = None,
+    alerting: Alerting | None = None,
+    backups: BackupWatch | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[body_timeout_middleware, auth_middleware], client_max_size=64 * 1024)
     app[MONITOR] = monitor
@@ -469,6 +482,8 @@ def make_app(
     app.router.add_get("/api/v1/incidents/{id}", handle_incident)
     app.router.add_post("/api/v1/incidents/{id}/ack", handle_ack)
     app.router.add_get("/api/v1/incidents/{id}/report", handle_report)
+    if backups is not None:
+        backups_api.register(app, backups)
 
     async def server_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Server"] = f"watchtower/{__version__}"

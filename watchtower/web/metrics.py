@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -148,7 +149,18 @@ class SnapshotCollector:
         yield from PLATFORM_COLLECTOR.collect()
 
 
-def render(snapshot: Snapshot, compress: bool = False) -> bytes:
-    """The exposition text for one snapshot (blocking: call it in a thread)."""
-    body = generate_latest(SnapshotCollector(snapshot))  # type: ignore[arg-type,unused-ignore]
+class _Chained:
+    def __init__(self, *collectors: Any):
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for c in self.collectors:
+            yield from c.collect()
+
+
+def render(snapshot: Snapshot, compress: bool = False, extra: Any = None) -> bytes:
+    """The exposition text for one snapshot (blocking: call it in a thread). ``extra``: another
+    collector (an object with ``collect()``), e.g. backups and readiness."""
+    collector = SnapshotCollector(snapshot) if extra is None else _Chained(SnapshotCollector(snapshot), extra)
+    body = generate_latest(collector)  # type: ignore[arg-type,unused-ignore]
     return gzip.compress(body, compresslevel=5) if compress else body

@@ -14,6 +14,7 @@ import ssl
 import time
 from contextlib import AsyncExitStack
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -60,23 +61,32 @@ def classify_client_error(exc: aiohttp.ClientError | OSError) -> tuple[Failure, 
 
 
 CERT_EXPIRY_VALUE = "tls_cert_expiry_days"
+CERT_LOOK_EVERY = 3600.0  # one extra TLS handshake an hour per https path: expiry moves slowly
 
 
-def _cert_expiry(response: aiohttp.ClientResponse) -> float | None:
-    """When the server's certificate expires (UNIX time), read from the connection the answer came
-    on. Only a verified certificate is decoded by ``ssl`` (``insecure: true`` gives none): that is
-    the one whose expiry would break the service's clients."""
-    connection = response.connection
-    transport = connection.transport if connection is not None else None
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    if ssl_object is None:
-        return None
-    cert = ssl_object.getpeercert()
-    not_after = cert.get("notAfter") if cert else None
-    if not isinstance(not_after, str):
+async def _cert_expiry(spec: HttpPath, budget: float) -> float | None:
+    """When the certificate the server presents expires (UNIX time), from a handshake of its own:
+    aiohttp hands the connection back before the probe could look at it. Only a verified
+    certificate is decoded by ``ssl`` (``insecure: true`` gives none); that is the one whose
+    expiry would break the service's clients. None when it cannot be read (the probe said why)."""
+    context = ssl_context(spec.ca_file, spec.insecure)
+    parts = urlsplit(spec.url)
+    if parts.scheme != "https" or not isinstance(context, ssl.SSLContext) or budget <= 0:
         return None
     try:
-        return float(ssl.cert_time_to_seconds(not_after))
+        async with asyncio.timeout(budget):
+            _, writer = await asyncio.open_connection(
+                parts.hostname, parts.port or 443, ssl=context, server_hostname=parts.hostname
+            )
+    except (OSError, TimeoutError, ssl.SSLError):
+        return None
+    try:
+        cert = writer.get_extra_info("peercert")
+    finally:
+        writer.close()
+    not_after = cert.get("notAfter") if cert else None
+    try:
+        return float(ssl.cert_time_to_seconds(not_after)) if isinstance(not_after, str) else None
     except ValueError:
         return None
 
@@ -116,7 +126,6 @@ async def probe(spec: HttpPath, ctx: ProbeContext) -> ProbeResult:
                         timeout=aiohttp.ClientTimeout(total=None),
                     )
                 )
-                expiry = _cert_expiry(response)
                 body = b"" if spec.method == "HEAD" else await _read_capped(response, spec.max_body)
     except TimeoutError:
         return ProbeResult.fail(Failure.TIMEOUT, f"no complete answer within {ctx.timeout:g}s")
@@ -124,8 +133,13 @@ async def probe(spec: HttpPath, ctx: ProbeContext) -> ProbeResult:
         return ProbeResult.fail(*classify_client_error(exc))
     latency = time.perf_counter() - start
     values: tuple[tuple[str, float], ...] = ()
-    if expiry is not None:
-        values = ((CERT_EXPIRY_VALUE, (expiry - time.time()) / 86400.0),)
+    if spec.url.startswith("https:") and spec.tls_warn_days > 0 and not spec.insecure:
+        if time.monotonic() - ctx.state.get("cert_looked", -CERT_LOOK_EVERY) >= CERT_LOOK_EVERY:
+            ctx.state["cert_looked"] = time.monotonic()
+            ctx.state["cert_expiry"] = await _cert_expiry(spec, ctx.timeout - latency)
+        expiry = ctx.state.get("cert_expiry")
+        if expiry is not None:
+            values = ((CERT_EXPIRY_VALUE, (expiry - time.time()) / 86400.0),)
     if response.status not in spec.expect_status:
         expected = "/".join(map(str, spec.expect_status))
         return ProbeResult.fail(Failure.STATUS, f"status {response.status}, expected {expected}", latency)

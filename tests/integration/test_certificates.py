@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from watchtower.certificates import evaluate, expiring, readings
-from watchtower.config import Config, parse_config
+from watchtower.config import Config, HttpPath, parse_config
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import due
 from watchtower.engine.incidents import IncidentState, IncidentTracker
@@ -123,6 +123,7 @@ async def test_a_certificate_valid_for_5_days_raises_the_warning(
     port, ca = https_server
     config = _config(tmp_path, port, ca, hours="Mon-Fri 08:00-18:00", timezone="Europe/Berlin")
     (path,) = config.paths
+    assert isinstance(path.spec, HttpPath)
     result = await http_probe(path.spec, ProbeContext(timeout=5.0))
     assert result.ok, result.detail
     days = dict(result.values)[CERT_EXPIRY_VALUE]

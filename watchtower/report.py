@@ -372,8 +372,12 @@ def render_report(
             for s in services
         ]
         out += ["", "Recovery points (RPO): verify what the restore actually brought back.", ""]
+        points = [e.text for e in incident.timeline if e.kind == "restore_point"]
         for s in services:
-            if s.rpo is None:
+            known = [p for p in points if p.startswith(f"{s.service}:")]
+            if known:
+                out += [f"- {_inline(p)}" for p in known]  # the backup watch's reading at T+0
+            elif s.rpo is None:
                 out.append(f"- {_inline(s.service)} ({s.target}): no RPO set; record the restore point used.")
             else:
                 out.append(

@@ -22,8 +22,9 @@ from watchtower import clock
 from watchtower.backups import get_source
 from watchtower.config import Config, ResolvedBackup
 from watchtower.durations import coarse
-from watchtower.engine.correlate import Scope
-from watchtower.engine.incidents import Change, IncidentTracker
+from watchtower.engine.correlate import WARNING_SCOPES, Scope
+from watchtower.engine.escalation import outage_start
+from watchtower.engine.incidents import Change, Incident, IncidentTracker
 from watchtower.probes import ProbeContext, ProbeResult
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,23 @@ def restore_loss(backup: ResolvedBackup, status: BackupStatus, now: float) -> st
     rpo = f", RPO {coarse(backup.max_age)}" if backup.max_age is not None else ""
     return (
         f"{backup.service}: {which} {_hhmm(point)}, {age} ago{rpo}: restore loses up to {age} ({backup.name})"
+    )
+
+
+def restore_at(backup: ResolvedBackup, status: BackupStatus, start: float) -> str:
+    """The restore point as of the outage's start (T+0), for the post-mortem."""
+    point = status.newest_verified if status.newest_verified is not None else status.newest
+    if point is None or point > start:
+        known = "no restore point known" if point is None else "newest known restore point is after T+0"
+        return f"{backup.service}: {known} ({backup.name}); record the one actually used"
+    lost = coarse(start - point)
+    rpo = backup.max_age
+    verdict = "" if rpo is None else (" - within the RPO" if start - point <= rpo else " - RPO BROKEN")
+    which = "newest verified restore point" if status.newest_verified is not None else "newest restore point"
+    return (
+        f"{backup.service}: {which} at T+0 was {_hhmm(point)}, {lost} before the first failed probe"
+        f"{f' (RPO {coarse(rpo)})' if rpo is not None else ''}: a restore loses up to {lost}{verdict} "
+        f"({backup.name})"
     )
 
 
@@ -244,8 +262,30 @@ class BackupWatch:
                 await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
 
     # ------------------------------------------------------------------ for pages and reports
-    def restore_lines(self, targets: list[str], now: float) -> list[str]:
-        """Per backed-up service among ``targets``: what a restore loses now."""
-        return [
-            restore_loss(b, self.status[b.name], now) for b in self.backups.values() if b.target in targets
-        ]
+    def _targets_of(self, incident: Incident) -> list[str]:
+        from watchtower.engine.topology import Topology
+
+        names = [incident.root, *incident.affected]
+        if incident.root in self.config.targets:
+            names += Topology.from_config(self.config).dependents(incident.root)
+        return list(dict.fromkeys(names))
+
+    def restore_lines(self, incident: Incident, now: float) -> list[str]:
+        """Per backed-up service the outage hits: what a restore loses now. The first time, the
+        restore point as of T+0 goes into the incident's timeline, for the post-mortem's RPO line."""
+        if incident.scope in WARNING_SCOPES or incident.scope is Scope.MONITOR:
+            return []
+        targets = self._targets_of(incident)
+        mine = [b for b in self.backups.values() if b.target in targets]
+        if mine and not any(e.kind == "restore_point" for e in incident.timeline):
+            start = outage_start(incident)
+            for b in mine:
+                incident.note(now, "restore_point", restore_at(b, self.status[b.name], start))
+        return [restore_loss(b, self.status[b.name], now) for b in mine]
+
+    def restore_by_target(self, now: float) -> dict[str, str]:
+        """target -> what a restore of it loses now, for the restore board."""
+        out: dict[str, list[str]] = {}
+        for b in self.backups.values():
+            out.setdefault(b.target, []).append(restore_loss(b, self.status[b.name], now))
+        return {t: "; ".join(lines) for t, lines in out.items()}

@@ -100,7 +100,7 @@ class Alerting:
         self._saved: dict[int, tuple[object, ...]] = {}
         self.changed = asyncio.Event()
         # What a restore loses now, per backed-up service among the given targets (issue 16)
-        self.restore_lines: Callable[[list[str], float], list[str]] | None = None
+        self.restore_lines: Callable[[Incident, float], list[str]] | None = None
         self.store_ok = True
         self.store_error: str | None = None
         self._memory_ids = -1  # ids of messages that could not be written (disk full): negative
@@ -169,7 +169,7 @@ class Alerting:
     # ------------------------------------------------------------------ deciding
     def _message(self, kind: str, incident: Incident, label: str, now: float) -> Message:
         others = [i for i in self.tracker.open_incidents() if i.id != incident.id]
-        restore = self.restore_lines([incident.root, *incident.affected], now) if self.restore_lines else []
+        restore = self.restore_lines(incident, now) if self.restore_lines else []
         return incident_message(kind, incident, self.config, now, label=label, others=others, restore=restore)
 
     def _plan(

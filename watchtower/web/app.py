@@ -242,6 +242,7 @@ async def handle_page(request: web.Request) -> web.Response:
         incidents,
         config=config,
         logout=bool(api_token(request)) and SESSION_COOKIE in request.cookies,
+        **backups_api.page_sections(request.app.get(backups_api.WATCH)),
     )
     return _page(html)
 

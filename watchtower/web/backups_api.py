@@ -81,6 +81,15 @@ async def handle_readiness(request: web.Request) -> web.Response:
     return web.json_response(report.document())
 
 
+def page_sections(watch: BackupWatch | None) -> dict[str, Any]:
+    """The status page's restore points (restore board) and readiness section."""
+    if watch is None:
+        return {}
+    now = clock.now()
+    report = assess_site(watch.config, watch.status, now, recorded_tests(watch.config))
+    return {"restore_points": watch.restore_by_target(now), "readiness": report.document()}
+
+
 def register(app: web.Application, watch: BackupWatch) -> None:
     app[WATCH] = watch
     app.router.add_post("/api/v1/backups/{name}", handle_push)

@@ -457,24 +457,49 @@ def cmd_readiness(args: argparse.Namespace) -> int:
     """Reads every backup source once (push backups: their last report), then judges."""
     from watchtower import clock
     from watchtower.backups.watch import BackupWatch
-    from watchtower.engine.incidents import IncidentTracker
     from watchtower.readiness import assess_site, recorded_tests
 
     cfg = _load(args.config)
 
-    async def read() -> BackupWatch:
-        from watchtower.probes import ProbeContext
-        from watchtower.probes.http import new_session
-
-        async with new_session() as session:
-            watch = BackupWatch(cfg, IncidentTracker(), ProbeContext(timeout=0, http_session=session))
-            await watch.read_all(clock.now())
-            return watch
-
-    watch = asyncio.run(read())
+    watch: BackupWatch = asyncio.run(_read_backups(cfg))
     report = assess_site(cfg, watch.status, clock.now(), recorded_tests(cfg))
     print(json.dumps(report.document(), indent=2) if args.json else report.text())
     return 1 if report.red else 0
+
+
+async def _read_backups(cfg: Config) -> Any:
+    from watchtower import clock
+    from watchtower.backups.watch import BackupWatch
+    from watchtower.engine.incidents import IncidentTracker
+    from watchtower.probes import ProbeContext
+    from watchtower.probes.http import new_session
+
+    async with new_session() as session:
+        watch = BackupWatch(cfg, IncidentTracker(), ProbeContext(timeout=0, http_session=session))
+        await watch.read_all(clock.now())
+        return watch
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The plan as HTML, PDF or vCard, on stdout or into -o FILE."""
+    from watchtower import clock
+    from watchtower.plan import PdfUnavailable, export
+
+    cfg = _load(args.config)
+    watch = asyncio.run(_read_backups(cfg)) if args.format != "vcard" else None
+    try:
+        data = asyncio.run(export(cfg, args.format, watch.status if watch else {}, clock.now()))
+    except PdfUnavailable as exc:
+        print(f"plan export: {exc}", file=sys.stderr)
+        return 1
+    if args.output:
+        with open(args.output, "wb") as out:
+            out.write(data)
+        print(f"wrote {args.output} ({len(data)} bytes)", file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return 0
 
 
 def cmd_restore_test(args: argparse.Namespace) -> int:
@@ -543,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
         "readiness", cmd_readiness, "is every service ready for its outage? exit 1 when anything is red"
     )
     p.add_argument("--json", action="store_true")
+    p = command("plan", cmd_plan, "export the recovery plan: plan export --format html|pdf|vcard [-o FILE]")
+    p.add_argument("action", choices=["export"])
+    p.add_argument("--format", default="html", choices=["html", "pdf", "vcard"])
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
     p = command(
         "restore-test", cmd_restore_test, "record a restore test: restore-test record TARGET --date D"
     )

@@ -1005,6 +1005,21 @@ class EscalationStep(Strict):
         return self
 
 
+class PlanDistribution(Strict):
+    every: Duration = Field(30 * 86400.0, description="send a fresh copy this often")
+    notify: list[str] = Field(min_length=1, description="channel tags or names (those taking attachments)")
+
+
+class Plan(Strict):
+    """The recovery plan on the phones: `watchtower plan export`, and a copy sent regularly."""
+
+    format: Literal["pdf", "html"] = Field("pdf", description="the attachment's format (pdf needs chromium)")
+    distribute: PlanDistribution | None = Field(
+        None,
+        description="send the plan as an attachment (mail, Signal), e.g. `{every: 30d, notify: [tier1]}`",
+    )
+
+
 class Warnings(Strict):
     """Warnings are not outages: a backup older than its RPO, a certificate about to expire. They
     open incidents of scope `backup`/`certificate` (shown and recorded) and go only to these
@@ -1182,6 +1197,7 @@ class Config(Strict):
         "fields parsed out); no timestamps under journald (`$JOURNAL_STREAM`), which adds its own",
     )
     traps: TrapListener | None = Field(None, description="the SNMP trap receiver, for `trap` paths")
+    plan: Plan = Field(default_factory=Plan, description="the recovery plan's export and distribution")
     retention: Duration = Field(
         400 * 86400.0, description="resolved incidents older than this are deleted from the store"
     )

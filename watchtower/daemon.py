@@ -24,6 +24,7 @@ from watchtower.engine.correlate import TargetState
 from watchtower.engine.monitor import Monitor, open_shared
 from watchtower.notify.alertmanager import AlertmanagerSink
 from watchtower.notify.outbox import Alerting
+from watchtower.plan_distribution import PlanDistributor
 from watchtower.sdnotify import Notifier, watchdog_interval
 from watchtower.store import AsyncStore, Store, StoreError
 from watchtower.web import app as web_app
@@ -146,6 +147,7 @@ async def reload_config(
     alerting: Alerting | None = None,
     sink: AlertmanagerSink | None = None,
     backups: BackupWatch | None = None,
+    distributor: PlanDistributor | None = None,
 ) -> bool:
     """SIGHUP: re-read the config. A bad new config is logged, problem by problem, and the running
     one stays in force; a good one is applied without losing the state of unchanged paths."""
@@ -175,6 +177,8 @@ async def reload_config(
         sink.reload(new)
     if backups is not None:
         backups.apply(new)
+    if distributor is not None:
+        distributor.reload(new)
     gc.collect()
     gc.freeze()
     log.info("config reloaded %s", " ".join(f"{k}={v}" for k, v in counts.items()))
@@ -208,6 +212,8 @@ async def run_daemon(
         backups.changed = monitor.incidents_changed
         alerting.restore_lines = backups.restore_lines
         certificates = CertificateWatch(monitor, monitor.tracker, monitor.incidents_changed)
+        distributor = PlanDistributor(config, backups)  # idle while `plan.distribute` is not set
+        stack.callback(distributor.close)
         # The config and the path table live for the whole run: move them out of the garbage
         # collector's view, so a full collection does not stall probing (seen: 100 ms at 10k paths).
         gc.collect()
@@ -254,6 +260,7 @@ async def run_daemon(
             warning_tasks = [
                 tg.create_task(backups.run(), name="backups"),
                 tg.create_task(certificates.run(), name="certificates"),
+                tg.create_task(distributor.run(), name="plan"),
             ]
             reloading = asyncio.Lock()
 
@@ -264,7 +271,7 @@ async def run_daemon(
                 async with reloading:
                     notifier.reloading()
                     try:
-                        await reload_config(config_path, monitor, stack, alerting, sink, backups)
+                        await reload_config(config_path, monitor, stack, alerting, sink, backups, distributor)
                     finally:
                         notifier.ready(status_line(monitor))  # a rejected reload: the old config runs
 

@@ -194,3 +194,65 @@ async def test_push_state_survives_a_restart(tmp_path: Path) -> None:
     assert again.status["erp1-push"].newest == 1_800_000_000.0
     assert again.evaluate(1_800_000_000.0 + 60) == []
     assert PUSH_TOKEN not in (tmp_path / "state" / "backup-pushes.json").read_text()
+
+
+async def test_plan_distribute_sends_a_mail_and_a_signal_attachment_once_per_period_across_restarts(
+    tmp_path: Path, sinks: tuple[SmtpSink, HttpSink]
+) -> None:
+    import base64
+
+    from watchtower.plan import chromium
+    from watchtower.plan_distribution import PlanDistributor
+
+    if chromium() is None:
+        pytest.skip("the PDF needs chromium (scripts/bootstrap.sh --tests)")
+    smtp, signal_gw = sinks
+    (tmp_path / "state").mkdir()
+    doc: dict[str, Any] = {
+        "site": "loop",
+        "state_dir": str(tmp_path / "state"),
+        "targets": {
+            "erp1": {
+                "role": "service",
+                "paths": [{"tcp": "127.0.0.1:9"}],
+                "service": {"name": "ERP", "rto": "4h", "rpo": "1h", "owner": "Anna +49 171 2345678"},
+            }
+        },
+        "notify": {
+            "channels": [
+                {"name": "signal-oncall", "url": signal_url(signal_gw.port), "tags": ["tier1"]},
+                {"name": "mail-oncall", "url": mailto_url(smtp.port), "tags": ["tier1"]},
+            ]
+        },
+        "plan": {"format": "pdf", "distribute": {"every": "30d", "notify": ["tier1"]}},
+    }
+    cfg_path = tmp_path / "watchtower.yaml"
+    cfg_path.write_text(yaml.safe_dump(doc))
+    cfg = load_config(cfg_path)
+    now = 1_800_000_000.0
+
+    first = PlanDistributor(cfg)
+    try:
+        assert await first.look(now) == {"signal-oncall": "sent", "mail-oncall": "sent"}
+        assert await first.look(now + 3600) == {}  # within the period: nothing
+    finally:
+        first.close()
+    (mail,) = await smtp.wait_messages(1, timeout=10)
+    (sig,) = await signal_gw.wait_requests(1, timeout=10)
+    assert "Recovery plan" in mail.subject
+    assert b"Content-Disposition: attachment" in mail.raw and b"recovery-plan-loop-" in mail.raw
+    (attachment,) = sig.json["base64_attachments"]
+    pdf = base64.b64decode(attachment.split("base64,")[-1])
+    assert pdf.startswith(b"%PDF") and len(pdf) > 10_000
+    assert b"application/pdf" in mail.raw
+
+    # a restart: the same state dir, nothing sent again within the period
+    again = PlanDistributor(load_config(cfg_path))
+    try:
+        assert await again.look(now + 86400) == {}
+        assert await again.look(now + 31 * 86400) == {"signal-oncall": "sent", "mail-oncall": "sent"}
+    finally:
+        again.close()
+    await smtp.wait_messages(2, timeout=10)
+    await signal_gw.wait_requests(2, timeout=10)
+    assert len(smtp.messages) == 2 and len(signal_gw.requests) == 2

@@ -844,6 +844,31 @@ class PbsSource(Strict):
         return self
 
 
+class PveSource(Strict):
+    """Proxmox VE: a guest's backups on one storage, its failed backup jobs, and whether any job
+    covers it at all, with a read-only API token (PVEAuditor)."""
+
+    _secret_fields = ("token_secret",)
+    kind: Literal["pve"] = "pve"
+    url: str = Field(description="base URL, e.g. `https://pve1.example:8006`")
+    node: str = Field(description="the node whose storage holds the backups")
+    storage: str = Field(description="the backup storage (vzdump dir, NFS, or a PBS storage)")
+    vmid: int = Field(ge=100, description="the guest")
+    token_id: str = Field(description="`USER@REALM!TOKENID`")
+    token_secret: SecretStr | None = None
+    token_secret_file: SecretFile | None = Field(None, description="file holding the token's secret")
+    ca_file: CaFile | None = None
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _token(self) -> PveSource:
+        if self.secret("token_secret") is None:
+            raise ValueError("pve needs token_secret or token_secret_file")
+        if not re.fullmatch(r"[^@!\s]+@[^@!\s]+![^@!\s]+", self.token_id):
+            raise ValueError(f"token_id {self.token_id!r} must look like USER@REALM!TOKENID")
+        return self
+
+
 class PushSource(Strict):
     """The backup job reports itself: ``curl -X POST -H 'Authorization: Bearer TOKEN'
     .../api/v1/backups/NAME`` at its end (``.../NAME/fail`` when it failed)."""
@@ -860,8 +885,8 @@ class PushSource(Strict):
         return self
 
 
-BackupSpec = ResticSource | BorgSource | PbsSource | PushSource
-BACKUP_KINDS = ("restic", "borg", "pbs", "push")
+BackupSpec = ResticSource | BorgSource | PbsSource | PveSource | PushSource
+BACKUP_KINDS = ("restic", "borg", "pbs", "pve", "push")
 
 
 class Backup(Strict):
@@ -875,6 +900,7 @@ class Backup(Strict):
     restic: ResticSource | None = None
     borg: BorgSource | None = None
     pbs: PbsSource | None = None
+    pve: PveSource | None = None
     push: PushSource | None = None
     max_age: Duration | None = Field(None, description="newest restore point at most this old (default: rpo)")
     verified_within: Duration | None = Field(
@@ -896,7 +922,7 @@ class Backup(Strict):
 
     @property
     def source(self) -> BackupSpec:
-        spec = self.restic or self.borg or self.pbs or self.push
+        spec = self.restic or self.borg or self.pbs or self.pve or self.push
         assert spec is not None
         return spec
 

@@ -280,7 +280,7 @@ async def pbs_fake() -> AsyncIterator[dict[str, Any]]:
 
     app = web.Application()
     app.router.add_get("/api2/json/admin/datastore/{store}/snapshots", snapshots)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)  # a hanging handler is cut off
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -7,7 +7,8 @@ reason (never a secret), never an exception. What a source found travels in ``va
 - ``newest``: UNIX time of the newest restore point (absent: the repository holds none);
 - ``newest_verified``: of the newest one verified (sources that verify: PBS, PVE);
 - ``count``: restore points seen (a source that lists only the newest says 1);
-- ``failed_at``: the newest failed job, where the source reports failures (push ``/fail``).
+- ``failed_at``: the newest failed job, where the source reports failures (PVE tasks);
+- ``uncovered_vmid`` (repeated): guests no backup job covers (PVE).
 
 :mod:`watchtower.backups.watch` turns these into ``backup`` warnings against the RPO.
 """
@@ -24,6 +25,6 @@ BackupProbe = Callable[[Any, ProbeContext], Awaitable[ProbeResult]]
 
 def get_source(kind: str) -> BackupProbe | None:
     """The probe for a backup source kind (``push`` has none: the job reports itself)."""
-    from watchtower.backups import borg, pbs, restic
+    from watchtower.backups import borg, pbs, pve, restic
 
-    return {"restic": restic.probe, "borg": borg.probe, "pbs": pbs.probe}.get(kind)
+    return {"restic": restic.probe, "borg": borg.probe, "pbs": pbs.probe, "pve": pve.probe}.get(kind)

@@ -42,7 +42,8 @@ class BackupStatus:
     newest: float | None = None
     newest_verified: float | None = None
     count: int | None = None
-    failed_at: float | None = None  # push: the last `/fail`
+    failed_at: float | None = None  # push: the last `/fail`; pve: the newest failed vzdump task
+    uncovered: tuple[int, ...] = ()  # pve: guests no backup job covers (site-wide)
 
 
 def _hhmm(ts: float) -> str:
@@ -59,6 +60,9 @@ def assess(backup: ResolvedBackup, status: BackupStatus, now: float) -> list[str
         problems.append(
             f"{service}: backup job {backup.name} reported a failure at {_hhmm(status.failed_at)}"
         )
+    pve = backup.spec.pve
+    if pve is not None and pve.vmid in status.uncovered:
+        problems.append(f"{service}: guest {pve.vmid} is covered by no backup job ({backup.name})")
     if status.ok is None and status.newest is None:
         if backup.spec.push is not None and backup.max_age is not None:
             return [f"{service}: backup {backup.name} has not reported yet"]
@@ -193,6 +197,9 @@ class BackupWatch:
             status.newest_verified = values.get("newest_verified")
             count = values.get("count")
             status.count = int(count) if count is not None else None
+            if status.kind != "push":
+                status.failed_at = values.get("failed_at")
+            status.uncovered = tuple(int(v) for k, v in result.values if k == "uncovered_vmid")
 
     async def read(self, backup: ResolvedBackup) -> ProbeResult:
         source = get_source(backup.spec.source.kind)

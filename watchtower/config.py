@@ -869,6 +869,33 @@ class PveSource(Strict):
         return self
 
 
+class TruenasSource(Strict):
+    """TrueNAS 25.04+: a periodic snapshot or replication task's last run, over JSON-RPC."""
+
+    _secret_fields = ("api_key",)
+    kind: Literal["truenas"] = "truenas"
+    url: str = Field(description="`wss://HOST/api/current`")
+    task: Literal["snapshot", "replication"] = Field(description="which kind of task")
+    id: int = Field(ge=1, description="the task's id (Data Protection in the web UI)")
+    api_key: SecretStr | None = None
+    api_key_file: SecretFile | None = Field(None, description="file holding a read-only API key")
+    ca_file: CaFile | None = None
+    insecure: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _ws(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("ws", "wss") or not urlsplit(value).hostname:
+            raise ValueError(f"{value!r} must be a wss:// URL, e.g. wss://nas.example/api/current")
+        return value
+
+    @model_validator(mode="after")
+    def _key(self) -> TruenasSource:
+        if self.secret("api_key") is None:
+            raise ValueError("truenas needs api_key or api_key_file")
+        return self
+
+
 class PushSource(Strict):
     """The backup job reports itself: ``curl -X POST -H 'Authorization: Bearer TOKEN'
     .../api/v1/backups/NAME`` at its end (``.../NAME/fail`` when it failed)."""
@@ -885,8 +912,8 @@ class PushSource(Strict):
         return self
 
 
-BackupSpec = ResticSource | BorgSource | PbsSource | PveSource | PushSource
-BACKUP_KINDS = ("restic", "borg", "pbs", "pve", "push")
+BackupSpec = ResticSource | BorgSource | PbsSource | PveSource | TruenasSource | PushSource
+BACKUP_KINDS = ("restic", "borg", "pbs", "pve", "truenas", "push")
 
 
 class Backup(Strict):
@@ -901,6 +928,7 @@ class Backup(Strict):
     borg: BorgSource | None = None
     pbs: PbsSource | None = None
     pve: PveSource | None = None
+    truenas: TruenasSource | None = None
     push: PushSource | None = None
     max_age: Duration | None = Field(None, description="newest restore point at most this old (default: rpo)")
     verified_within: Duration | None = Field(
@@ -922,7 +950,7 @@ class Backup(Strict):
 
     @property
     def source(self) -> BackupSpec:
-        spec = self.restic or self.borg or self.pbs or self.pve or self.push
+        spec = self.restic or self.borg or self.pbs or self.pve or self.truenas or self.push
         assert spec is not None
         return spec
 

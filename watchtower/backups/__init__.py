@@ -25,6 +25,13 @@ BackupProbe = Callable[[Any, ProbeContext], Awaitable[ProbeResult]]
 
 def get_source(kind: str) -> BackupProbe | None:
     """The probe for a backup source kind (``push`` has none: the job reports itself)."""
-    from watchtower.backups import borg, pbs, pve, restic
+    from watchtower.backups import borg, pbs, pve, restic, truenas
 
-    return {"restic": restic.probe, "borg": borg.probe, "pbs": pbs.probe, "pve": pve.probe}.get(kind)
+    sources: dict[str, BackupProbe] = {
+        "restic": restic.probe,
+        "borg": borg.probe,
+        "pbs": pbs.probe,
+        "pve": pve.probe,
+        "truenas": truenas.probe,
+    }
+    return sources.get(kind)

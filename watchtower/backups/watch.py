@@ -193,7 +193,10 @@ class BackupWatch:
         status.read_at, status.ok, status.detail = now, result.ok, result.detail
         if result.ok:
             values = dict(result.values)
-            status.newest = values.get("newest")
+            if "newest" in values or status.kind != "truenas":
+                # TrueNAS reports a task's last state only: while it runs or after an error, the
+                # last good run seen before is still the newest restore point
+                status.newest = values.get("newest")
             status.newest_verified = values.get("newest_verified")
             count = values.get("count")
             status.count = int(count) if count is not None else None

@@ -586,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("lab", cmd_lab, lab_help,
                 config=False)  # fmt: skip
     p.add_argument("lab_args", nargs=argparse.REMAINDER)
+    from watchtower.sim.cli import add_arguments, cmd_sim
+
+    p = command("sim", cmd_sim, "score the engine against random fault sequences on virtual time")
+    add_arguments(p)
     p = command("demo", cmd_demo, "build the simulated site and run watchtower against it (root)")
     p.set_defaults(config="config/demo.yaml")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -118,8 +118,10 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
     up = sum(1 for states in witnesses.values() if any(s is PathState.UP for s in states))
     if down >= min(confirm_paths, len(witnesses)):
         return TargetState.DOWN
-    if down:
+    if down and up:
         return TargetState.DEGRADED
+    # Down on some paths with nothing answering (the rest not settled yet, e.g. re-probed after
+    # what it depends on came back) is not "partly back": it is not known yet.
     return TargetState.UP if up else TargetState.UNKNOWN
 
 

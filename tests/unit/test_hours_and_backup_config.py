@@ -15,8 +15,8 @@ from watchtower.hours import WeeklyHours
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
-def _ts(*args: int) -> float:
-    return datetime(*args, tzinfo=BERLIN).timestamp()  # type: ignore[misc]
+def _ts(year: int, month: int, day: int, hour: int, minute: int) -> float:
+    return datetime(year, month, day, hour, minute, tzinfo=BERLIN).timestamp()
 
 
 def test_office_hours_in_a_zone_across_a_dst_change() -> None:
@@ -40,9 +40,9 @@ def test_office_hours_in_a_zone_across_a_dst_change() -> None:
 )
 def test_forms(text: str, inside: tuple[int, ...], outside: tuple[int, ...] | None) -> None:
     hours = WeeklyHours.parse(text, "Europe/Berlin")
-    assert hours.contains(_ts(*inside))
+    assert hours.contains(_ts(*inside[:5]))
     if outside is not None:
-        assert not hours.contains(_ts(*outside))
+        assert not hours.contains(_ts(*outside[:5]))
 
 
 @pytest.mark.parametrize(

@@ -232,6 +232,13 @@ def assess_site(
             else:
                 add(Item("warranty", "green", f"warranty until {warranty}"))
         out.append(sr)
+    uncovered = sorted({vmid for status in backups.values() for vmid in status.uncovered})
+    if uncovered:
+        # guests no backup job includes (Proxmox VE's own list): each is a restore that cannot happen
+        site = ServiceReadiness("(site)", config.site)
+        guests = ", ".join(map(str, uncovered))
+        site.items.append(Item("coverage", "red", f"guests covered by no backup job: {guests}"))
+        out.append(site)
     out.sort(key=lambda s: (-LEVELS.index(s.level), s.service))
     return Readiness(out, now)
 

@@ -22,6 +22,7 @@ from watchtower.config import Backup, parse_config
 from watchtower.engine.correlate import Scope
 from watchtower.engine.incidents import IncidentTracker
 from watchtower.probes import Failure, ProbeContext
+from watchtower.readiness import assess_site
 
 USER, TOKEN, SECRET = "monitor@pve", "watchtower", "5e1d0c8a-1111-4c2b-8d3e-abcdefabcdef"
 VMID = 100
@@ -209,6 +210,10 @@ async def test_pve_stale_failed_and_uncovered_warn_then_clear(
         "/api2/json/nodes/pve1/tasks",
         {"typefilter": "vzdump", "errors": "1", "vmid": "100"},
     ) in state.seen
+    report = assess_site(config, watch.status, now)
+    assert report.red
+    site = next(s for s in report.services if s.service == "(site)")
+    assert site.items[0].text == "guests covered by no backup job: 100, 105"
     watch.evaluate(now)
     (incident,) = tracker.open_incidents()
     assert incident.scope is Scope.BACKUP

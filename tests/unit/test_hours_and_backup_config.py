@@ -126,3 +126,24 @@ def test_secrets_never_in_the_error_text(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, {"name": "ERP", "backups": [{"push": {"token": "sekrit-token-99"}, "max_age": "x"}]})
     assert "sekrit-token-99" not in "\n".join(caught.value.problems)
+
+
+def test_the_documented_backup_example_is_a_valid_config(tmp_path: Path) -> None:
+    import re
+
+    import yaml
+    from support import make_cert
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "backups-readiness-plan.md").read_text()
+    block = re.search(r"```yaml\ntargets:\n(.*?)```", doc, re.S)
+    assert block is not None
+    targets = yaml.safe_load("targets:\n" + block.group(1))["targets"]
+    for name in ("restic-erp", "borg-erp", "pbs-token", "pve-token", "nas-key", "push-erp-dump"):
+        (tmp_path / name).write_text("secret-value-123\n")
+    _, cert = make_cert(tmp_path, "ca")
+    for name in ("pbs-ca.pem", "pve-ca.pem"):
+        (tmp_path / name).write_bytes(cert.read_bytes())
+    targets["pve1"] = {"role": "hypervisor", "paths": [{"icmp": "10.213.16.11"}]}
+    config = parse_config({"site": "acme", "targets": targets}, tmp_path)
+    assert [b.spec.source.kind for b in config.backups] == ["restic", "borg", "pbs", "pve", "truenas", "push"]
+    assert [b.name for b in config.backups][-1] == "erp-dump"

@@ -1,0 +1,47 @@
+"""The status page with backups: a warning turns the banner amber (not red, not "down"), the
+restore board says what a restore loses, the readiness section names what to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_status_page import T0, banner, hypervisor_incident, make_config, state_for
+
+from watchtower.engine.correlate import Scope
+from watchtower.engine.incidents import Incident
+from watchtower.readiness import assess_site
+from watchtower.web.app import incident_document, render_status_page
+from watchtower.web.page import page_incident
+
+
+def test_a_backup_warning_is_amber_and_not_an_outage() -> None:
+    config = make_config({"erp1": {"name": "ERP", "rpo": "1h"}})
+    warning = Incident(
+        3, Scope.BACKUP, "erp1-restic", T0, evidence=["ERP: newest restore point is 3h old, RPO 1h"]
+    )
+    page = page_incident(incident_document(warning), warning, config)
+    html = render_status_page(state_for(config, down="up", pve1="up"), [page], config=config, now=T0 + 60)
+    assert banner(html).strip() == "all targets up; warning: ERP: newest restore point is 3h old, RPO 1h"
+    assert "#b06000" in html and "down since" not in banner(html)
+    assert 'id="restore"' not in html  # a warning takes nothing down: no restore board
+
+
+LOSS = "7h24m ago, RPO 1h: restore loses up to 7h24m (erp1-pbs)"
+
+
+def test_restore_board_and_readiness_section(tmp_path: Path) -> None:
+    config = make_config({"erp1": {"name": "ERP", "rto": "4h", "rpo": "1h"}})
+    incident = hypervisor_incident(["erp1"])
+    page = page_incident(incident_document(incident), incident, config)
+    readiness = assess_site(config, {}, T0).document()
+    html = render_status_page(
+        state_for(config),
+        [page],
+        config=config,
+        now=T0 + 600,
+        restore_points={"erp1": f"ERP: newest restore point 2026-11-21 19:00 UTC, {LOSS}"},
+        readiness=readiness,
+    )
+    assert 'class="note restore-point">ERP: newest restore point 2026-11-21 19:00 UTC' in html
+    assert 'id="readiness"' in html and "no backup configured (service.backups)" in html
+    assert 'class="readiness-red">red<' in html

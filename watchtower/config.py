@@ -1462,6 +1462,14 @@ def _notify_problems(cfg: Config) -> list[str]:
             problems.append(
                 f"notify.escalation[{i}].rto_fraction: no target has a service.rto to take a fraction of"
             )
+    selectors = [(f"notify.warnings.notify[{j}]", tag) for j, tag in enumerate(cfg.notify.warnings.notify)]
+    if cfg.plan.distribute is not None:
+        selectors += [
+            (f"plan.distribute.notify[{j}]", tag) for j, tag in enumerate(cfg.plan.distribute.notify)
+        ]
+    for where, tag in selectors:
+        if tag not in known:
+            problems.append(f"{where}: no channel has tag or name {tag!r}" + _did_you_mean(tag, known))
     return problems
 
 

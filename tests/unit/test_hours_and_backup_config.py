@@ -147,3 +147,13 @@ def test_the_documented_backup_example_is_a_valid_config(tmp_path: Path) -> None
     config = parse_config({"site": "acme", "targets": targets}, tmp_path)
     assert [b.spec.source.kind for b in config.backups] == ["restic", "borg", "pbs", "pve", "truenas", "push"]
     assert [b.name for b in config.backups][-1] == "erp-dump"
+
+
+def test_warning_and_plan_channels_must_exist(tmp_path: Path) -> None:
+    notify = {"channels": [{"name": "mail-it", "url": "json://127.0.0.1/", "tags": ["tier4"]}],
+              "warnings": {"notify": ["tier5"]}}  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, {"name": "ERP"}, notify=notify, plan={"distribute": {"notify": ["tier1"]}})
+    text = "\n".join(caught.value.problems)
+    assert "notify.warnings.notify[0]: no channel has tag or name 'tier5' (did you mean 'tier4'?)" in text
+    assert "plan.distribute.notify[0]: no channel has tag or name 'tier1'" in text

@@ -5,13 +5,14 @@ a fresh one clears it; every way a source can go wrong is a failed read with a r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import stat
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -136,27 +137,48 @@ async def test_borg_stale_archive_warns_and_a_new_archive_clears(tmp_path: Path,
     assert not tracker.open_incidents()
 
 
+@contextlib.contextmanager
+def _read_only(tmp: Path, *repos: Path) -> Iterator[list[Path]]:
+    """The repositories as the monitor should see them: read-only. As root (CI) a read-only bind
+    mount (root ignores file modes), unmounted afterwards; otherwise the write bits removed."""
+    if os.geteuid() != 0:
+        for repo in repos:
+            for root, dirs, files in os.walk(repo):
+                for name in [*dirs, *files]:
+                    p = Path(root) / name
+                    p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+            repo.chmod(0o555)
+        yield list(repos)
+        return
+    mounted: list[Path] = []
+    try:
+        for repo in repos:
+            target = tmp / f"ro-{repo.name}"
+            target.mkdir()
+            subprocess.run(["mount", "--bind", str(repo), str(target)], check=True)
+            mounted.append(target)
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+        yield mounted
+    finally:
+        for target in mounted:
+            subprocess.run(["umount", str(target)], check=False)
+
+
 async def test_read_only_restic_and_borg_repositories_are_read(tmp_path: Path, data: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root ignores file modes: a read-only repository cannot be made here")
     _restic(tmp_path, "init")
     _restic(tmp_path, "backup", str(data))
     _borg(tmp_path, "init", "-e", "repokey", str(tmp_path / "borg"))
     _borg(tmp_path, "create", f"{tmp_path / 'borg'}::a", str(data))
-    for repo in (tmp_path / "restic", tmp_path / "borg"):
-        for root, dirs, files in os.walk(repo):
-            for name in [*dirs, *files]:
-                p = Path(root) / name
-                p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-        repo.chmod(0o555)
-    r = Backup.model_validate(
-        {"restic": {"repository": str(tmp_path / "restic"), "password_file": str(tmp_path / "pw")}}
-    )
-    b = Backup.model_validate(
-        {"borg": {"repository": str(tmp_path / "borg"), "passphrase_file": str(tmp_path / "pw")}}
-    )
-    assert (await restic.probe(r, _ctx())).ok
-    assert (await borg.probe(b, _ctx())).ok
+    with _read_only(tmp_path, tmp_path / "restic", tmp_path / "borg") as (restic_ro, borg_ro):
+        with pytest.raises(OSError):
+            (restic_ro / "locks" / "probe").write_text("x")  # really read-only
+        pw = str(tmp_path / "pw")
+        r = Backup.model_validate({"restic": {"repository": str(restic_ro), "password_file": pw}})
+        b = Backup.model_validate({"borg": {"repository": str(borg_ro), "passphrase_file": pw}})
+        result = await restic.probe(r, _ctx())
+        assert result.ok and dict(result.values)["count"] == 1, result.detail
+        result = await borg.probe(b, _ctx())
+        assert result.ok and dict(result.values)["count"] == 1, result.detail
 
 
 async def test_read_only_mount_needs_no_lock(tmp_path: Path, data: Path) -> None:

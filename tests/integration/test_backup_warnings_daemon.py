@@ -6,6 +6,10 @@ the service then pages on-call with what a restore loses now. Real mail (aiosmtp
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -256,3 +260,71 @@ async def test_plan_distribute_sends_a_mail_and_a_signal_attachment_once_per_per
     await smtp.wait_messages(2, timeout=10)
     await signal_gw.wait_requests(2, timeout=10)
     assert len(smtp.messages) == 2 and len(signal_gw.requests) == 2
+
+
+@pytest.mark.skipif(
+    shutil.which("restic") is None, reason="needs Debian's restic (scripts/bootstrap.sh --tests)"
+)
+async def test_daemon_reads_a_stale_restic_repository_warns_once_and_a_new_snapshot_clears(
+    tmp_path: Path, sinks: tuple[SmtpSink, HttpSink]
+) -> None:
+    smtp, signal_gw = sinks
+    (tmp_path / "state").mkdir()
+    (tmp_path / "pw").write_text("restic-password-4711\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "ledger.csv").write_text("1,100\n")
+    env = {
+        **os.environ,
+        "RESTIC_PASSWORD_FILE": str(tmp_path / "pw"),
+        "RESTIC_CACHE_DIR": str(tmp_path / "c"),
+    }
+    repo = str(tmp_path / "repo")
+
+    def restic(*args: str) -> None:
+        subprocess.run(["restic", "-r", repo, "-q", *args], env=env, check=True, timeout=120)
+
+    restic("init")
+    old = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 3 * 3600))
+    restic("backup", "--time", old, str(tmp_path / "data"))
+    doc: dict[str, Any] = {
+        "site": "loop",
+        "listen": f"127.0.0.1:{free_port()}",
+        "state_dir": str(tmp_path / "state"),
+        "targets": {
+            "erp1": {
+                "role": "service",
+                "paths": [{"tcp": "127.0.0.1:9"}],
+                "interval": "60s",
+                "service": {
+                    "name": "ERP",
+                    "rpo": "1h",
+                    "backups": [{"restic": {"repository": repo, "password_file": "pw"}, "interval": "1s"}],
+                },
+            }
+        },
+        "notify": {
+            "channels": [
+                {"name": "signal-oncall", "url": signal_url(signal_gw.port), "tags": ["tier1"]},
+                {"name": "mail-it", "url": mailto_url(smtp.port), "tags": ["tier4"]},
+            ],
+            "escalation": [{"after": "1h", "notify": ["tier1"]}],
+            "warnings": {"notify": ["tier4"], "hours": "always"},
+        },
+    }
+    cfg_path = tmp_path / "watchtower.yaml"
+    cfg_path.write_text(yaml.safe_dump(doc))
+    ready = asyncio.Event()
+    task = asyncio.create_task(run_daemon(load_config(cfg_path), ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        (mail,) = await smtp.wait_messages(1, timeout=30)
+        assert "WARNING backup" in mail.subject and "ERP" in mail.text
+        assert "3h" in mail.text and "RPO 1h" in mail.text and "restic-password" not in mail.text
+        restic("backup", str(tmp_path / "data"))
+        cleared = await smtp.wait_messages(2, timeout=30)
+        assert "CLEARED backup erp1-restic" in cleared[1].subject
+        await asyncio.sleep(2.5)  # two more reads of the repository: nothing new to say
+        assert len(smtp.messages) == 2 and signal_gw.requests == []
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 
 from watchtower.config import Config
 from watchtower.durations import exact
-from watchtower.engine.correlate import Scope
+from watchtower.engine.correlate import WARNING_SCOPES, Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, outage_start
 from watchtower.engine.incidents import Incident
 from watchtower.store import Attempt, Notification
@@ -289,7 +289,7 @@ def _timeline_rows(
 
 
 def _title(incident: Incident) -> str:
-    if incident.scope is Scope.MONITOR:
+    if incident.scope is Scope.MONITOR or incident.scope in WARNING_SCOPES:
         return incident.headline()
     cause = f" ({incident.cause})" if incident.cause else ""
     return f"{incident.scope} {incident.root} down{cause}"

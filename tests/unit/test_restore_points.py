@@ -99,3 +99,15 @@ def test_no_restore_lines_for_warnings_or_services_without_backups(tmp_path: Pat
     assert watch.restore_lines(warning, T0) == []
     other = Incident(3, Scope.VM, "somewhere-else", T0)
     assert watch.restore_lines(other, T0) == [] and other.timeline == []
+
+
+def test_a_warnings_report_is_titled_as_a_warning(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    tracker = IncidentTracker()
+    text = "ERP: newest restore point 2027-01-15 00:48 UTC is 7h12m old, RPO 1h (erp-pbs)"
+    tracker.raise_warning(Scope.BACKUP, "erp-pbs", text, [text], T0)
+    tracker.clear_warning(Scope.BACKUP, "erp-pbs", "ERP: backup erp-pbs fresh again", T0 + 3600)
+    (incident,) = tracker.incidents.values()
+    report = render_report(incident, [], [], [], config, T0 + 7200)
+    assert report.startswith(f"# Incident #1: backup warning: {text}")
+    assert " down" not in report.splitlines()[0]

@@ -95,4 +95,7 @@ class CertificateWatch:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(LOOK_EVERY)
-            self.look(clock.now())
+            try:
+                self.look(clock.now())
+            except Exception:  # a bug here must not end the daemon; the trace says where
+                log.exception("certificate look failed")

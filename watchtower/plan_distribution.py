@@ -135,6 +135,8 @@ class PlanDistributor:
                     await self.look(clock.now())
                 except OSError as exc:  # state dir unwritable: said, retried at the next look
                     log.error("plan distribution failed: %s", exc)
+                except Exception:  # a bug here must not end the daemon; the trace says where
+                    log.exception("plan distribution failed")
             await asyncio.sleep(LOOK_EVERY)
 
     def reload(self, config: Config) -> None:

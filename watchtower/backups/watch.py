@@ -262,7 +262,10 @@ class BackupWatch:
                     self.record(backup.name, result, now)
                     if not result.ok:
                         log.warning("backup read failed backup=%s detail=%r", backup.name, result.detail)
-            self.evaluate(clock.now())
+            try:
+                self.evaluate(clock.now())
+            except Exception:  # a bug here must not end the daemon; the trace says where
+                log.exception("backup evaluation failed")
             pending = [
                 self._next.get(b.name, 0.0) for b in self.backups.values() if b.spec.source.kind != "push"
             ]

@@ -120,6 +120,8 @@ def _rows(model: type[BaseModel]) -> list[str]:
         annotation = field.annotation
         if "IcmpPath" in repr(annotation):
             type_name = "list of paths"
+        elif annotation is c.FileSecret:  # a required *_file: pydantic unwrapped the Annotated
+            type_name = "file path (secret)"
         elif field.metadata and any(type(m).__name__ == "PlainSerializer" for m in field.metadata):
             type_name = "duration"
         else:

@@ -43,9 +43,50 @@ def _load(path: str) -> Config:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from watchtower.config import unplaced_paths
+
     cfg = _load(args.config)
     print(f"ok: {len(cfg.targets)} targets, {len(cfg.paths)} paths")
+    if args.explain:
+        print(explain_networks(cfg))
+    for p in unplaced_paths(cfg):
+        print(
+            f"warning: targets.{p.target} path {p.name!r} ({p.host}) is on no network: no cidr of "
+            f"networks: holds it; set network: on the path",
+            file=sys.stderr,
+        )
     return EXIT_OK
+
+
+def explain_networks(cfg: Config) -> str:
+    """Which network each path landed on, and what it depends on (``check --explain``)."""
+    from watchtower.engine.correlate import inferred_network
+    from watchtower.engine.topology import Topology
+
+    topology = Topology.from_config(cfg)
+    lines = []
+    if cfg.networks:
+        lines.append("networks:")
+        for name, net in cfg.networks.items():
+            cidrs = ", ".join(map(str, net.cidr))
+            lines.append(f"  {name}: {cidrs}" + (f" via {' -> '.join(net.via)}" if net.via else ""))
+    else:
+        lines.append("networks: none configured; inferred from address prefixes (shown in brackets)")
+    for name in cfg.targets:
+        node = topology.nodes[name]
+        needs = f" (depends on {', '.join(node.parents)})" if node.parents else ""
+        lines.append(f"{name}{needs}:")
+        for p in (x for x in (*cfg.paths, *cfg.bmc_paths) if x.target == name):
+            if cfg.networks:
+                placed = cfg.networks.get(p.network or "")
+                where = "NO NETWORK" if placed is None else f"{p.network}"
+                if placed is not None and placed.via:
+                    where += f" via {', '.join(placed.via)}"
+            else:
+                where = f"[{inferred_network(p.host) or 'no address'}]"
+            served = "BMC" if p.by_bmc else "OS"
+            lines.append(f"  {p.name:<40} {served:<3} {where}")
+    return "\n".join(lines)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -548,7 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", cmd_run, "run the daemon in the foreground until SIGTERM/SIGINT")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    command("check", cmd_check, "validate the config")
+    p = command("check", cmd_check, "validate the config")
+    p.add_argument(
+        "--explain", action="store_true", help="show the network each path is on and what it depends on"
+    )
     p = command("probe", cmd_probe, "probe every path of one target once")
     p.add_argument("target")
     p.add_argument("--json", action="store_true")

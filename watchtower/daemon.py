@@ -199,12 +199,11 @@ async def run_daemon(
         monitor = Monitor(config, shared=shared)
         store, store_error = await open_store(config)
         stack.push_async_callback(store.close)
-        alerting = Alerting(config, store, monitor.tracker)
+        alerting = Alerting(config, store, monitor.tracker, changed=monitor.incidents_changed)
         if store_error is not None:
             alerting.store_ok, alerting.store_error = False, store_error
         stack.callback(alerting.close)
         await alerting.restore()  # open incidents keep their ids and are not paged again
-        alerting.changed = monitor.incidents_changed
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
         # Warnings (issue 16): stale backups and expiring certificates open their own incidents

@@ -104,6 +104,7 @@ async def test_restic_stale_snapshot_opens_one_warning_and_a_new_one_clears_it(
     await watch.read_all(later)
     changes = watch.evaluate(later)
     assert [c.kind for c in changes] == ["resolved"]
+    incident = tracker.incidents[incident.id]  # a frozen value: the tracker holds the new one
     assert incident.state is IncidentState.RESOLVED and not tracker.open_incidents()
     assert "fresh again" in incident.timeline[-1].text
 

@@ -138,6 +138,7 @@ async def test_stale_replication_warns_a_failure_is_reported_and_a_fresh_run_cle
     )
     await watch.read_all(now)
     watch.evaluate(now)
+    incident = tracker.incidents[incident.id]  # a frozen value: the tracker holds the new one
     assert any("reported a failure" in e for e in incident.evidence)
     assert "No route to host" in status.detail
 

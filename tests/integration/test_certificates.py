@@ -156,6 +156,7 @@ async def test_a_certificate_valid_for_5_days_raises_the_warning(
     # renewed: cleared, and the clearing goes out within hours too
     renewed = [type(found[0])(found[0].target, found[0].path, 89.0, 14.0)]
     assert [c.kind for c in evaluate(tracker, renewed, morning + 120)] == ["resolved"]
+    incident = tracker.incidents[incident.id]  # a frozen value: the tracker holds the new one
     assert incident.state is IncidentState.RESOLVED
     (step,) = due(incident, config, morning + 120, {"warning"}, {"mail-it"})
     assert step.step == "resolve:0" and step.channels == ("mail-it",)
@@ -179,4 +180,4 @@ def test_a_warning_cleared_before_anyone_was_told_sends_nothing(tmp_path: Path) 
     assert due(incident, config, sunday, set(), set()) == []
     tracker.clear_warning(Scope.CERTIFICATE, "erp1 x", "renewed", sunday + 60)
     monday = sunday + 21 * 3600
-    assert due(incident, config, monday, set(), set()) == []
+    assert due(tracker.incidents[incident.id], config, monday, set(), set()) == []

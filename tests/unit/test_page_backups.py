@@ -17,7 +17,7 @@ from watchtower.web.page import page_incident
 def test_a_backup_warning_is_amber_and_not_an_outage() -> None:
     config = make_config({"erp1": {"name": "ERP", "rpo": "1h"}})
     warning = Incident(
-        3, Scope.BACKUP, "erp1-restic", T0, evidence=["ERP: newest restore point is 3h old, RPO 1h"]
+        3, Scope.BACKUP, "erp1-restic", T0, evidence=("ERP: newest restore point is 3h old, RPO 1h",)
     )
     page = page_incident(incident_document(warning), warning, config)
     html = render_status_page(state_for(config, down="up", pve1="up"), [page], config=config, now=T0 + 60)

@@ -3,6 +3,7 @@ what a restore loses now, and the post-mortem's RPO line names the real restore 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from watchtower.backups.watch import BackupWatch
@@ -58,18 +59,20 @@ def test_first_page_restore_board_and_report_say_what_a_restore_loses(tmp_path: 
     config = _config(tmp_path)
     watch = _watch(config)
     # the first page goes out at confirmation, before the VM is known to be affected
-    incident = Incident(1, Scope.HYPERVISOR, "pve1", T0 + 12, first_failure_at=T0)
+    watch.tracker.load([Incident(1, Scope.HYPERVISOR, "pve1", T0 + 12, first_failure_at=T0)], 2)
     now = T0 + 12
-    lines = watch.restore_lines(incident, now)
+    lines = watch.restore_lines(watch.tracker.incidents[1], now)
     assert lines == [
         "ERP: newest verified restore point 2027-01-15 00:48 UTC, 7h12m ago, RPO 1h: "
         "restore loses up to 7h12m (erp-pbs)"
     ]
+    incident = watch.tracker.incidents[1]  # with the note the tracker made
     page = incident_message("page", incident, config, now, restore=lines)
     assert "restore loses up to 7h12m" in page.body and "RPO 1h" in page.body
     # the restore point as of T+0 went into the timeline once
     assert [e.kind for e in incident.timeline].count("restore_point") == 1
     watch.restore_lines(incident, now + 600)
+    incident = watch.tracker.incidents[1]
     assert [e.kind for e in incident.timeline].count("restore_point") == 1
 
     doc = {"targets": {"pve1": {"state": "down"}, "erp1": {"state": "unreachable"}}}
@@ -83,7 +86,7 @@ def test_first_page_restore_board_and_report_say_what_a_restore_loses(tmp_path: 
     (row,) = restore_board(doc, [inc_doc], config, now + 3600, watch.restore_by_target(now + 3600))
     assert row["service"] == "ERP" and "restore loses up to 8h12m" in row["restore_point"]
 
-    incident.affected = ["erp1"]
+    incident = replace(incident, affected=("erp1",))
     report = render_report(incident, [], [], [], config, T0 + 7200)
     assert (
         "ERP: newest verified restore point at T+0 was 2027-01-15 00:48 UTC, 7h12m before the first "
@@ -95,10 +98,10 @@ def test_first_page_restore_board_and_report_say_what_a_restore_loses(tmp_path: 
 def test_no_restore_lines_for_warnings_or_services_without_backups(tmp_path: Path) -> None:
     config = _config(tmp_path)
     watch = _watch(config)
-    warning = Incident(2, Scope.BACKUP, "erp-pbs", T0)
-    assert watch.restore_lines(warning, T0) == []
-    other = Incident(3, Scope.VM, "somewhere-else", T0)
-    assert watch.restore_lines(other, T0) == [] and other.timeline == []
+    watch.tracker.load([Incident(2, Scope.BACKUP, "erp-pbs", T0), Incident(3, Scope.VM, "elsewhere", T0)], 4)
+    assert watch.restore_lines(watch.tracker.incidents[2], T0) == []
+    assert watch.restore_lines(watch.tracker.incidents[3], T0) == []
+    assert watch.tracker.incidents[3].timeline == ()
 
 
 def test_a_warnings_report_is_titled_as_a_warning(tmp_path: Path) -> None:

@@ -290,10 +290,13 @@ class BackupWatch:
             return []
         targets = self._targets_of(incident)
         mine = [b for b in self.backups.values() if b.target in targets]
-        if mine and not any(e.kind == "restore_point" for e in incident.timeline):
+        known = incident.id in self.tracker.incidents  # the tracker is the incidents' only writer
+        if mine and known and not any(e.kind == "restore_point" for e in incident.timeline):
             start = outage_start(incident)
             for b in mine:
-                incident.note(now, "restore_point", restore_at(b, self.status[b.name], start))
+                self.tracker.note(
+                    incident.id, "restore_point", restore_at(b, self.status[b.name], start), now
+                )
         return [restore_loss(b, self.status[b.name], now) for b in mine]
 
     def restore_by_target(self, now: float) -> dict[str, str]:

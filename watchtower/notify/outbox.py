@@ -82,6 +82,7 @@ class Alerting:
         senders: dict[str, ChannelSender] | None = None,
         *,
         clock_now: Callable[[], float] = clock.now,
+        changed: asyncio.Event | None = None,
     ):
         self.config = config
         self.store = store
@@ -98,8 +99,9 @@ class Alerting:
         self.notified: dict[int, set[str]] = {}
         self.sent_log: dict[int, list[Notification]] = {}  # per incident, the latest state of each message
         self._saved: dict[int, tuple[object, ...]] = {}
-        self.changed = asyncio.Event()
-        # What a restore loses now, per backed-up service among the given targets (issue 16)
+        # Set by the incident owner's side (the monitor) when incidents changed: look at once.
+        self.changed = changed if changed is not None else asyncio.Event()
+        # What a restore loses now, per backed-up service the incident hits (issue 16)
         self.restore_lines: Callable[[Incident, float], list[str]] | None = None
         self.store_ok = True
         self.store_error: str | None = None
@@ -175,8 +177,7 @@ class Alerting:
     def _plan(
         self, now: float
     ) -> tuple[list[tuple[Incident, tuple[object, ...]]], list[NewNotification], list[tuple[int, str]]]:
-        """What is due, as copies taken on the loop: the store's thread must not read incidents
-        the loop goes on changing."""
+        """What is due now, and the incidents that changed since they were last written."""
         dirty: list[tuple[Incident, tuple[object, ...]]] = []
         new: list[NewNotification] = []
         steps: list[tuple[int, str]] = []
@@ -190,10 +191,10 @@ class Alerting:
                 steps.append((incident.id, step.step))
                 if step.kind in NOTIFYING_KINDS:
                     names = ", ".join(step.channels) or "no channel matches"
-                    incident.note(
-                        now, "notify" if step.kind == "page" else "escalated", f"{step.label}: {names}"
-                    )
+                    kind = "notify" if step.kind == "page" else "escalated"
+                    incident = self.tracker.note(incident.id, kind, f"{step.label}: {names}", now)
                 message = self._message(step.kind, incident, step.label, now)
+                incident = self.tracker.get(incident.id) or incident  # the message may have noted
                 for name in step.channels:
                     channel = self.channels.get(name)
                     if channel is None:
@@ -202,14 +203,7 @@ class Alerting:
                     new.append(NewNotification(incident.id, step.step, step.kind, name, title, body))
             print_ = _fingerprint(incident)
             if print_ != self._saved.get(incident.id):
-                copy = replace(
-                    incident,
-                    affected=list(incident.affected),
-                    back=list(incident.back),
-                    evidence=list(incident.evidence),
-                    timeline=list(incident.timeline),
-                )
-                dirty.append((copy, print_))
+                dirty.append((incident, print_))  # a frozen value: the store's thread may read it
         return dirty, new, steps
 
     @property
@@ -307,7 +301,7 @@ class Alerting:
                 and self._saved.get(incident.id) == _fingerprint(incident)
                 and not any(n.state == "pending" for n in self.sent_log.get(incident.id, ()))
             ):
-                del self.tracker.incidents[incident.id]
+                self.tracker.forget((incident.id,))
                 self.fired.pop(incident.id, None)
                 self.notified.pop(incident.id, None)
                 self.sent_log.pop(incident.id, None)

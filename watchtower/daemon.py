@@ -20,6 +20,7 @@ from watchtower import __version__, logs
 from watchtower.backups.watch import BackupWatch
 from watchtower.certificates import CertificateWatch
 from watchtower.config import Config, ConfigError, load_config
+from watchtower.drill import DrillRunner
 from watchtower.engine.correlate import TargetState
 from watchtower.engine.monitor import Monitor, open_shared
 from watchtower.notify.alertmanager import AlertmanagerSink
@@ -213,6 +214,8 @@ async def run_daemon(
         certificates = CertificateWatch(monitor, monitor.tracker, monitor.incidents_changed)
         distributor = PlanDistributor(config, backups)  # idle while `plan.distribute` is not set
         stack.callback(distributor.close)
+        drills = DrillRunner(store, alerting, state_dir=None if store_error is not None else config.state_dir)
+        await drills.restore()
         # The config and the path table live for the whole run: move them out of the garbage
         # collector's view, so a full collection does not stall probing (seen: 100 ms at 10k paths).
         gc.collect()
@@ -225,7 +228,7 @@ async def run_daemon(
             await stack.enter_async_context(TrapReceiver.from_config(config.traps, monitor.on_trap))
 
         runner = web.AppRunner(
-            make_app(monitor, store, alerting, backups),
+            make_app(monitor, store, alerting, drills, backups),
             access_log=None,
             shutdown_timeout=1.0,
             keepalive_timeout=web_app.IDLE_TIMEOUT,  # bounds a trickled request head too
@@ -261,6 +264,7 @@ async def run_daemon(
                 tg.create_task(certificates.run(), name="certificates"),
                 tg.create_task(distributor.run(), name="plan"),
             ]
+            drill_task = tg.create_task(drills.run(), name="drills")
             reloading = asyncio.Lock()
 
             async def on_hup() -> None:
@@ -293,6 +297,7 @@ async def run_daemon(
             sink_task.cancel()
             for task in warning_tasks:
                 task.cancel()
+            drill_task.cancel()
             if supervise_task is not None:
                 supervise_task.cancel()
     log.info("stopped")

@@ -9,15 +9,15 @@ is red, so a cron job or CI can gate on it.
 
 Restore tests come from the config (``service.restore_tests``) and from
 ``watchtower restore-test record`` (``state_dir/restore-tests.json``: the config file stays the
-admin's). Contacts are read from ``config.contacts`` when the config has them (the drill of issue
-17 fills ``verified_at``); without them the item says "not configured".
+admin's). Contacts come from ``contacts:``, verified when a drill reached each of them within its
+``verify_every`` (:mod:`watchtower.drill`); without contacts the item says "not configured".
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 from watchtower.backups.watch import BackupStatus, assess
 from watchtower.config import Config, RestoreTest
 from watchtower.durations import coarse
+from watchtower.people import ContactVerification
 
 YEAR = 365 * 86400.0
 WARRANTY_AHEAD = 90  # days
@@ -148,7 +149,9 @@ def assess_site(
     backups: Mapping[str, BackupStatus],
     now: float,
     tests: Mapping[str, list[RestoreTest]] | None = None,
+    verified: Sequence[ContactVerification] | None = None,
 ) -> Readiness:
+    """``verified``: the drills' record per contact (None: not known, e.g. no store yet)."""
     tests = tests or {}
     out = []
     for tname, target in config.targets.items():
@@ -171,12 +174,12 @@ def assess_site(
                 add(Item("backup", "red", "; ".join(problems)))
             else:
                 point = coarse(now - status.newest) if status.newest is not None else "?"
-                verified = (
+                checked = (
                     f", newest verified {coarse(now - status.newest_verified)} old"
                     if status.newest_verified is not None
                     else ", not verified by the source"
                 )
-                add(Item("backup", "green", f"{b.name}: newest restore point {point} old{verified}"))
+                add(Item("backup", "green", f"{b.name}: newest restore point {point} old{checked}"))
             if b.spec.kept_at:
                 add(Item("passphrase", "green", f"{b.name}: kept at {b.spec.kept_at}"))
             elif b.spec.source.kind in ("restic", "borg"):
@@ -212,7 +215,7 @@ def assess_site(
                 )
             else:
                 add(Item("restore_test", "green", f"restored {last.date}{took}, {int(age)} days ago"))
-        add(_contacts(config))
+        add(_contacts(config, verified))
         host = target.runs_on and config.targets.get(target.runs_on)
         tag = target.service_tag or (host.service_tag if host else None)
         add(
@@ -243,13 +246,21 @@ def assess_site(
     return Readiness(out, now)
 
 
-def _contacts(config: Config) -> Item:
-    """Contacts verified: issue 17's ``contacts`` when present (each with ``verified_at``)."""
-    contacts = getattr(config, "contacts", None)
-    if not contacts:
-        return Item("contacts", "amber", "contacts not configured")
-    rows = contacts.values() if isinstance(contacts, Mapping) else contacts
-    unverified = [getattr(c, "name", "?") for c in rows if not getattr(c, "verified_at", None)]
-    if unverified:
-        return Item("contacts", "amber", f"contacts not verified: {', '.join(map(str, unverified))}")
-    return Item("contacts", "green", "contacts verified")
+def _contacts(config: Config, verified: Sequence[ContactVerification] | None) -> Item:
+    """Contacts verified: each reached by a drill within its ``verify_every``."""
+    if not config.contacts:
+        return Item("contacts", "amber", "contacts not configured (contacts:)")
+    if verified is None:
+        return Item("contacts", "amber", "contacts not verified: no drill on record (watchtower drill run)")
+    overdue = [v for v in verified if v.overdue]
+    if overdue:
+        names = ", ".join(
+            f"{v.contact} ({'never' if v.last_verified is None else 'last ' + _day(v.last_verified)})"
+            for v in overdue
+        )
+        return Item("contacts", "amber", f"contacts not verified by a drill in time: {names}")
+    return Item("contacts", "green", f"{len(verified)} contact(s) verified by drills")
+
+
+def _day(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")

@@ -561,13 +561,11 @@ def partition_incident(**kw: Any) -> Incident:
         "core-sw1",
         opened_at=T0 + 60,
         cause=Cause.PARTITION,
-        affected=["pve1", "pve2", "nas1", "dc1", "erp1", "mail1", "vm04", "vm05", "vm06"],
+        affected=("pve1", "pve2", "nas1", "dc1", "erp1", "mail1", "vm04", "vm05", "vm06"),
         first_failure_at=T0,
-        evidence=list(PARTITION_EVIDENCE),
+        evidence=tuple(PARTITION_EVIDENCE),
     )
-    for key, value in kw.items():
-        setattr(inc, key, value)
-    return inc
+    return replace(inc, **kw)
 
 
 def test_partition_page_names_the_network_and_says_the_hosts_are_alive() -> None:

@@ -294,9 +294,8 @@ class BackupWatch:
         if mine and known and not any(e.kind == "restore_point" for e in incident.timeline):
             start = outage_start(incident)
             for b in mine:
-                self.tracker.note(
-                    incident.id, "restore_point", restore_at(b, self.status[b.name], start), now
-                )
+                point = restore_at(b, self.status[b.name], start)
+                self.tracker.annotate(incident.id, "restore_point", point, now)
         return [restore_loss(b, self.status[b.name], now) for b in mine]
 
     def restore_by_target(self, now: float) -> dict[str, str]:

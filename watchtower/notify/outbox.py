@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from watchtower import clock
+from watchtower.checklist import checklist
 from watchtower.config import Config
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due, owes_all_clear
@@ -110,6 +111,8 @@ class Alerting:
         self._tg: asyncio.TaskGroup | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # A row's (title, body) as sent: drills put each person's one-time link in at delivery.
+        self.expand: Callable[[Notification], tuple[str, str]] = lambda n: (n.title, n.body)
 
     def reload(self, config: Config) -> None:
         """A new config: new channels start, removed ones stop (their pending rows stay in the
@@ -171,8 +174,14 @@ class Alerting:
     # ------------------------------------------------------------------ deciding
     def _message(self, kind: str, incident: Incident, label: str, now: float) -> Message:
         others = [i for i in self.tracker.open_incidents() if i.id != incident.id]
+        lines: list[str] = []
+        if kind == "update":
+            sent = self.sent_log.get(incident.id, [])
+            lines = [c.line() for c in checklist(incident, sent, self.config, now, others)]
         restore = self.restore_lines(incident, now) if self.restore_lines else []
-        return incident_message(kind, incident, self.config, now, label=label, others=others, restore=restore)
+        return incident_message(
+            kind, incident, self.config, now, label=label, others=others, checklist=lines, restore=restore
+        )
 
     def _plan(
         self, now: float
@@ -186,13 +195,16 @@ class Alerting:
             fired = self.fired.get(incident.id, set())
             due_steps: list[DueStep] = []
             if incident.id not in finished:
-                due_steps = due(incident, self.config, now, fired, self.notified.get(incident.id, set()))
+                others = [i for i in self.tracker.open_incidents() if i.id != incident.id]
+                due_steps = due(
+                    incident, self.config, now, fired, self.notified.get(incident.id, set()), others
+                )
             for step in due_steps:
                 steps.append((incident.id, step.step))
                 if step.kind in NOTIFYING_KINDS:
                     names = ", ".join(step.channels) or "no channel matches"
                     kind = "notify" if step.kind == "page" else "escalated"
-                    incident = self.tracker.note(incident.id, kind, f"{step.label}: {names}", now)
+                    incident = self.tracker.annotate(incident.id, kind, f"{step.label}: {names}", now)
                 message = self._message(step.kind, incident, step.label, now)
                 incident = self.tracker.get(incident.id) or incident  # the message may have noted
                 for name in step.channels:
@@ -344,6 +356,14 @@ class Alerting:
             self.channels[n.channel].queue.append(n)
             self.channels[n.channel].wake.set()
 
+    def enqueue(self, added: Iterable[Notification]) -> None:
+        """Rows another part wrote to the outbox (drills): delivered like the rest."""
+        for n in added:
+            channel = self.channels.get(n.channel)
+            if channel is not None:
+                channel.queue.append(n)
+                channel.wake.set()
+
     def problem(self) -> str | None:
         """For the heartbeat and /healthz: a channel failing long, or the store unwritable."""
         if not self.store_ok:
@@ -393,7 +413,7 @@ class Alerting:
                 await self._record(head, now, result, None)
                 channel.queue.popleft()
                 continue
-            result = await channel.sender.send(head.title, head.body)
+            result = await channel.sender.send(*self.expand(head))
             now = self.now()
             given_up = not result.ok and now - head.created_at >= self.config.notify.give_up_after
             next_at = None if result.ok or given_up else now + self._backoff(head.attempts + 1)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -22,10 +22,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from watchtower import clock
 from watchtower.backups.watch import BackupWatch
 from watchtower.certificates import readings
-from watchtower.readiness import LEVELS, assess_site, recorded_tests
+from watchtower.people import ContactVerification
+from watchtower.readiness import LEVELS, Readiness, assess_site, recorded_tests
 
 PUSH_PREFIX = "/api/v1/backups/"
 WATCH: web.AppKey[BackupWatch] = web.AppKey("backup_watch", BackupWatch)
+# The drills' record per contact (watchtower.drill.DrillRunner.verification), when drills run
+Verify = Callable[[], list[ContactVerification]] | None
+VERIFY: web.AppKey[Verify] = web.AppKey("contact_verification")
 
 
 def is_push(request: web.Request) -> bool:
@@ -75,30 +79,33 @@ async def handle_backups(request: web.Request) -> web.Response:
     return web.json_response(_backup_doc(request.app[WATCH]))
 
 
+def _report(watch: BackupWatch, verify: Verify) -> Readiness:
+    verified = verify() if verify is not None else None
+    return assess_site(watch.config, watch.status, clock.now(), recorded_tests(watch.config), verified)
+
+
 async def handle_readiness(request: web.Request) -> web.Response:
-    watch = request.app[WATCH]
-    report = assess_site(watch.config, watch.status, clock.now(), recorded_tests(watch.config))
-    return web.json_response(report.document())
+    return web.json_response(_report(request.app[WATCH], request.app.get(VERIFY)).document())
 
 
-def page_sections(watch: BackupWatch | None) -> dict[str, Any]:
+def page_sections(watch: BackupWatch | None, verify: Verify = None) -> dict[str, Any]:
     """The status page's restore points (restore board) and readiness section."""
     if watch is None:
         return {}
-    now = clock.now()
-    report = assess_site(watch.config, watch.status, now, recorded_tests(watch.config))
-    return {"restore_points": watch.restore_by_target(now), "readiness": report.document()}
+    report = _report(watch, verify)
+    return {"restore_points": watch.restore_by_target(clock.now()), "readiness": report.document()}
 
 
-def register(app: web.Application, watch: BackupWatch) -> None:
+def register(app: web.Application, watch: BackupWatch, verify: Verify = None) -> None:
     app[WATCH] = watch
+    app[VERIFY] = verify
     app.router.add_post("/api/v1/backups/{name}", handle_push)
     app.router.add_post("/api/v1/backups/{name}/fail", handle_push)
     app.router.add_get("/api/v1/backups", handle_backups)
     app.router.add_get("/api/v1/readiness", handle_readiness)
 
 
-def collectors(watch: BackupWatch | None, statuses: Any) -> Iterator[Metric]:
+def collectors(watch: BackupWatch | None, statuses: Any, verify: Verify = None) -> Iterator[Metric]:
     """Metrics of backups, readiness and certificates (no secret, no URL in any label)."""
     certs = GaugeMetricFamily(
         "watchtower_tls_cert_expiry_days",
@@ -110,7 +117,6 @@ def collectors(watch: BackupWatch | None, statuses: Any) -> Iterator[Metric]:
     yield certs
     if watch is None:
         return
-    now = clock.now()
     newest = GaugeMetricFamily(
         "watchtower_backup_newest_timestamp_seconds",
         "when the newest restore point was made",
@@ -146,7 +152,7 @@ def collectors(watch: BackupWatch | None, statuses: Any) -> Iterator[Metric]:
     yield verified
     yield read_ok
     yield max_age
-    report = assess_site(watch.config, watch.status, now, recorded_tests(watch.config))
+    report = _report(watch, verify)
     score = GaugeMetricFamily("watchtower_readiness_score", "per cent of readiness items that are green")
     score.add_metric([], float(report.score))
     level = GaugeMetricFamily(

@@ -45,3 +45,26 @@ def test_restore_board_and_readiness_section(tmp_path: Path) -> None:
     assert 'class="note restore-point">ERP: newest restore point 2026-11-21 19:00 UTC' in html
     assert 'id="readiness"' in html and "no backup configured (service.backups)" in html
     assert 'class="readiness-red">red<' in html
+
+
+def test_readiness_contacts_item_follows_the_drills_record() -> None:
+    from watchtower.people import ContactVerification
+
+    channels = [{"name": "sig", "url": "json://127.0.0.1/", "tags": ["tier1"]}]
+    config = make_config(
+        {"erp1": {"name": "ERP", "rto": "4h", "rpo": "1h"}},
+        notify={"channels": channels},
+        contacts={"alice": {"channels": ["sig"]}, "bob": {"channels": ["sig"], "verify_every": "30d"}},
+    )
+
+    def item(verified: list[ContactVerification] | None) -> tuple[str, str]:
+        (service,) = assess_site(config, {}, T0, verified=verified).services
+        (found,) = [i for i in service.items if i.name == "contacts"]
+        return found.level, found.text
+
+    assert item(None) == ("amber", "contacts not verified: no drill on record (watchtower drill run)")
+    fresh = [ContactVerification("alice", T0 - 86400, T0 + 1, False, None),
+             ContactVerification("bob", T0 - 86400, T0 + 1, False, None)]  # fmt: skip
+    assert item(fresh) == ("green", "2 contact(s) verified by drills")
+    stale = [fresh[0], ContactVerification("bob", None, None, True, None)]
+    assert item(stale) == ("amber", "contacts not verified by a drill in time: bob (never)")

@@ -681,6 +681,36 @@ def cmd_restore_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    """The way out when the state store is broken: look, salvage, or start afresh."""
+    from watchtower.store import DB_NAME, StoreError, StoreLocked, check_file, rebuild
+
+    cfg = _load(args.config)
+    path = cfg.state_dir / DB_NAME
+    if args.action == "check":
+        ok, lines = check_file(path)
+        for line in lines:
+            print(line)
+        if not ok:
+            print("run `watchtower store repair` (keeps a copy of this file) with the daemon stopped")
+        return EXIT_OK if ok else EXIT_DOWN
+    if args.action == "repair" and check_file(path)[0] and not args.force:
+        print(f"{path}: ok, nothing to repair (--force rebuilds it anyway)")
+        return EXIT_OK
+    try:
+        backup, salvage = rebuild(cfg.state_dir, salvage=args.action == "repair")
+    except (StoreLocked, StoreError, OSError) as exc:
+        print(f"watchtower: store {args.action}: {exc}", file=sys.stderr)
+        return EXIT_DOWN
+    if backup is not None:
+        print(f"kept the old database as {backup}")
+    if salvage is not None:
+        print(f"copied into a new {path}: {salvage.summary()}")
+    else:
+        print(f"created a new, empty {path}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -750,6 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", help="how long the restore took, e.g. 2h30m")
     p.add_argument("--result", default="ok", choices=["ok", "failed", "partial"])
     p.add_argument("--note", help="what was restored, by whom")
+    p = command("store", cmd_store, "the state store: check it, repair it (salvage), or reset it")
+    p.add_argument("action", choices=["check", "repair", "reset"])
+    p.add_argument("--force", action="store_true", help="repair: rebuild even a store that checks ok")
     command("schema", cmd_schema, "print the config's JSON Schema", config=False)
     lab_help = "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST"
     p = command("lab", cmd_lab, lab_help,

@@ -454,8 +454,18 @@ class Monitor:
             for up in self.topology.upstream(verdict.root)
             if self._suspect(up, corr, now)
         }
+        failing = {
+            target
+            for target, statuses in self._by_target.items()
+            if any(s.failures and not s.path.is_bmc for s in statuses)
+        }
         changes = self.tracker.step(
-            corr, now, self.topology, suspects=suspects, vantage_settling=self._vantage_suspect()
+            corr,
+            now,
+            self.topology,
+            suspects=suspects,
+            vantage_settling=self._vantage_suspect(),
+            failing=failing,
         )
         if self.tracker.waiting:
             self._dirty.set()  # look again once the dependencies (or the vantage) have settled

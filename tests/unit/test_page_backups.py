@@ -68,3 +68,39 @@ def test_readiness_contacts_item_follows_the_drills_record() -> None:
     assert item(fresh) == ("green", "2 contact(s) verified by drills")
     stale = [fresh[0], ContactVerification("bob", None, None, True, None)]
     assert item(stale) == ("amber", "contacts not verified by a drill in time: bob (never)")
+
+
+async def test_a_push_needs_its_own_token_and_no_host_listing(tmp_path: Path) -> None:
+    """Without an API token the daemon refuses unknown Host names (DNS rebinding); a push carries
+    its backup's own token, so a job on another box reaches it by any name."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from watchtower.backups.watch import BackupWatch
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+    from watchtower.web.app import make_app
+
+    (tmp_path / "state").mkdir()
+    doc = {
+        "site": "acme",
+        "state_dir": str(tmp_path / "state"),
+        "targets": {
+            "erp1": {"role": "vm", "paths": [{"icmp": "127.0.0.1"}],
+                     "service": {"name": "ERP", "rpo": "1h",
+                                 "backups": [{"name": "erp-dump", "push": {"token": "push-token-0001"}}]}},
+        },
+    }  # fmt: skip
+    config = parse_config(doc, tmp_path)
+    monitor = Monitor(config)
+    watch = BackupWatch(config, monitor.tracker)
+    async with TestClient(TestServer(make_app(monitor, backups=watch))) as client:
+        host = {"Host": "watchtower.office.lan:9847"}
+        async with client.get("/api/v1/backups", headers=host) as r:
+            assert r.status == 403  # an unknown name for the API itself
+        wrong = {**host, "Authorization": "Bearer nope"}
+        async with client.post("/api/v1/backups/erp-dump", headers=wrong) as r:
+            assert r.status == 401
+        right = {**host, "Authorization": "Bearer push-token-0001"}
+        async with client.post("/api/v1/backups/erp-dump", headers=right) as r:
+            assert r.status == 200, await r.text()
+        assert watch.status["erp-dump"].newest is not None

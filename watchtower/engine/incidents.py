@@ -220,8 +220,10 @@ class IncidentTracker:
     ) -> set[str]:
         """Roots of verdicts to hold back for now: something they depend on is failing but not yet
         confirmed (``suspects``: target -> how long its confirmation may take), so this may be its
-        outage (one incident named after it), not theirs. Bounded: a dependency that stays suspect
-        longer than its confirmation time (flapping) no longer holds anyone."""
+        outage (one incident named after it), not theirs; or the root itself is in ``suspects``
+        (its BMC has not answered since the outage began: the page waits for the BMC's word on
+        why). Bounded: a dependency that stays suspect longer than its confirmation time
+        (flapping) no longer holds anyone."""
         held: set[str] = set()
         # A hold belongs to one verdict while it lasts: a root whose verdict is gone (merged into
         # its hypervisor's, or recovered) starts afresh next time. A stale start would make the
@@ -233,7 +235,7 @@ class IncidentTracker:
         for verdict in corr.verdicts:
             if verdict.scope is Scope.MONITOR:
                 continue
-            bounds = [suspects[u] for u in topology.upstream(verdict.root) if u in suspects]
+            bounds = [suspects[u] for u in (verdict.root, *topology.upstream(verdict.root)) if u in suspects]
             if not bounds:
                 self._holding.pop(verdict.root, None)
                 continue

@@ -588,6 +588,99 @@ async def _notify_test(cfg: Config, channels: list[Any]) -> tuple[list[Any], boo
     return list(results), any(s.hung_threads for s in senders.values())
 
 
+def _verified(cfg: Config, now: float) -> Any:
+    """The drills' record per contact, from the daemon's store (None when there is none yet)."""
+    from watchtower.drill import verification_of
+    from watchtower.store import DB_NAME, Store, StoreError
+
+    path = cfg.state_dir / DB_NAME
+    if not cfg.contacts or not path.exists():
+        return None
+    try:
+        store = Store(path)
+    except StoreError:
+        return None
+    try:
+        return verification_of(store, cfg, now)
+    finally:
+        store.close()
+
+
+def cmd_readiness(args: argparse.Namespace) -> int:
+    """Reads every backup source once (push backups: their last report), then judges."""
+    from watchtower import clock
+    from watchtower.backups.watch import BackupWatch
+    from watchtower.readiness import assess_site, recorded_tests
+
+    cfg = _load(args.config)
+
+    watch: BackupWatch = asyncio.run(_read_backups(cfg))
+    report = assess_site(cfg, watch.status, clock.now(), recorded_tests(cfg), _verified(cfg, clock.now()))
+    print(json.dumps(report.document(), indent=2) if args.json else report.text())
+    return 1 if report.red else 0
+
+
+async def _read_backups(cfg: Config) -> Any:
+    from watchtower import clock
+    from watchtower.backups.watch import BackupWatch
+    from watchtower.engine.incidents import IncidentTracker
+    from watchtower.probes import ProbeContext
+    from watchtower.probes.http import new_session
+
+    async with new_session() as session:
+        watch = BackupWatch(cfg, IncidentTracker(), ProbeContext(timeout=0, http_session=session))
+        await watch.read_all(clock.now())
+        return watch
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The plan as HTML, PDF or vCard, on stdout or into -o FILE."""
+    from watchtower import clock
+    from watchtower.plan import PdfUnavailable, export
+
+    cfg = _load(args.config)
+    watch = asyncio.run(_read_backups(cfg)) if args.format != "vcard" else None
+    try:
+        data = asyncio.run(export(cfg, args.format, watch.status if watch else {}, clock.now()))
+    except PdfUnavailable as exc:
+        print(f"plan export: {exc}", file=sys.stderr)
+        return 1
+    if args.output:
+        with open(args.output, "wb") as out:
+            out.write(data)
+        print(f"wrote {args.output} ({len(data)} bytes)", file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_restore_test(args: argparse.Namespace) -> int:
+    from watchtower.config import RestoreTest
+    from watchtower.readiness import record_test
+
+    cfg = _load(args.config)
+    target = cfg.targets.get(args.target)
+    if target is None or target.service is None:
+        with_service = sorted(n for n, t in cfg.targets.items() if t.service is not None)
+        print(
+            f"restore-test: no target {args.target!r} with a service; one of: {', '.join(with_service)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        test = RestoreTest.model_validate(
+            {"date": args.date, "duration": args.duration, "result": args.result, "note": args.note}
+        )
+    except ValueError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())  # type: ignore[attr-defined]
+        print(f"restore-test: {problems}", file=sys.stderr)
+        return 2
+    path = record_test(cfg, args.target, test)
+    print(f"recorded: {target.service.name} restored {test.date} ({test.result}) in {path}")
+    return 0
+
+
 def cmd_store(args: argparse.Namespace) -> int:
     """The way out when the state store is broken: look, salvage, or start afresh."""
     from watchtower.store import DB_NAME, StoreError, StoreLocked, check_file, rebuild
@@ -670,6 +763,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p = command("notify-test", cmd_notify_test, "send a marked test message through every channel (or one)")
     p.add_argument("--channel", metavar="NAME", help="only this channel")
+    p = command(
+        "readiness", cmd_readiness, "is every service ready for its outage? exit 1 when anything is red"
+    )
+    p.add_argument("--json", action="store_true")
+    p = command("plan", cmd_plan, "export the recovery plan: plan export --format html|pdf|vcard [-o FILE]")
+    p.add_argument("action", choices=["export"])
+    p.add_argument("--format", default="html", choices=["html", "pdf", "vcard"])
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    p = command(
+        "restore-test", cmd_restore_test, "record a restore test: restore-test record TARGET --date D"
+    )
+    p.add_argument("action", choices=["record"])
+    p.add_argument("target", help="the target whose service was restored")
+    p.add_argument("--date", default=time.strftime("%Y-%m-%d", time.gmtime()), help="YYYY-MM-DD (today)")
+    p.add_argument("--duration", help="how long the restore took, e.g. 2h30m")
+    p.add_argument("--result", default="ok", choices=["ok", "failed", "partial"])
+    p.add_argument("--note", help="what was restored, by whom")
     p = command("store", cmd_store, "the state store: check it, repair it (salvage), or reset it")
     p.add_argument("action", choices=["check", "repair", "reset"])
     p.add_argument("--force", action="store_true", help="repair: rebuild even a store that checks ok")

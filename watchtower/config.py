@@ -13,6 +13,7 @@ dead; set ``timeout`` on the target or path to go below it.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import ipaddress
 import os
@@ -41,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from watchtower.hours import WeeklyHours
 from watchtower.logs import scrub_query
 
 ROLES = ("network", "hypervisor", "storage", "vm", "service")
@@ -433,6 +435,12 @@ class HttpPath(PathBase):
     insecure: bool = Field(False, description="skip TLS verification (explicit opt-out)")
     follow_redirects: bool = False
     max_body: int = Field(1_048_576, ge=0, le=64 * 1_048_576, description="bytes of body read at most")
+    tls_warn_days: float = Field(
+        14,
+        ge=0,
+        description="https: a `certificate` warning when the server's certificate expires within this "
+        "many days (0: never)",
+    )
 
     @field_validator("url")
     @classmethod
@@ -829,6 +837,193 @@ class Bmc(Strict):
         return self
 
 
+# --------------------------------------------------------------------------- backups (issue 16)
+
+
+class ResticSource(Strict):
+    """A restic repository, read with ``restic snapshots --json --no-lock`` (works read-only)."""
+
+    kind: Literal["restic"] = "restic"
+    repository: str = Field(description="path or URL as restic takes it (`-r`)")
+    password_file: SecretFile = Field(description="file holding the repository password")
+    host: str | None = Field(None, description="only snapshots of this host (`--host`)")
+    tag: str | None = Field(None, description="only snapshots with this tag (`--tag`)")
+    binary: str = Field("restic", description="the restic program")
+
+
+class BorgSource(Strict):
+    """A borg repository, read with ``borg list --json --bypass-lock`` (works read-only)."""
+
+    kind: Literal["borg"] = "borg"
+    repository: str = Field(description="path or ssh:// URL as borg takes it")
+    passphrase_file: SecretFile | None = Field(None, description="file holding the passphrase")
+    prefix: str | None = Field(None, description="only archives whose name starts with this")
+    timezone: str = Field(
+        "UTC",
+        description="zone of the machine that makes the archives: borg 1.2 lists `start` as local "
+        "time without a zone",
+    )
+    binary: str = Field("borg", description="the borg program")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        WeeklyHours.parse("always", value)  # raises with a readable message
+        return value
+
+
+class PbsSource(Strict):
+    """Proxmox Backup Server: one backup group's snapshots, with a read-only API token."""
+
+    _secret_fields = ("token_secret",)
+    kind: Literal["pbs"] = "pbs"
+    url: str = Field(description="base URL, e.g. `https://pbs.example:8007`")
+    datastore: str
+    backup_type: Literal["vm", "ct", "host"] = "vm"
+    backup_id: str = Field(description="the guest's id (VMID) or host name")
+    namespace: str | None = Field(None, description="datastore namespace (`ns`)")
+    token_id: str = Field(description="`USER@REALM!TOKENID` (DatastoreAudit suffices)")
+    token_secret: SecretStr | None = None
+    token_secret_file: SecretFile | None = Field(None, description="file holding the token's secret")
+    ca_file: CaFile | None = None
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _token(self) -> PbsSource:
+        if self.secret("token_secret") is None:
+            raise ValueError("pbs needs token_secret or token_secret_file")
+        if not re.fullmatch(r"[^@!\s]+@[^@!\s]+![^@!\s]+", self.token_id):
+            raise ValueError(f"token_id {self.token_id!r} must look like USER@REALM!TOKENID")
+        return self
+
+
+class PveSource(Strict):
+    """Proxmox VE: a guest's backups on one storage, its failed backup jobs, and whether any job
+    covers it at all, with a read-only API token (PVEAuditor)."""
+
+    _secret_fields = ("token_secret",)
+    kind: Literal["pve"] = "pve"
+    url: str = Field(description="base URL, e.g. `https://pve1.example:8006`")
+    node: str = Field(description="the node whose storage holds the backups")
+    storage: str = Field(description="the backup storage (vzdump dir, NFS, or a PBS storage)")
+    vmid: int = Field(ge=100, description="the guest")
+    token_id: str = Field(description="`USER@REALM!TOKENID`")
+    token_secret: SecretStr | None = None
+    token_secret_file: SecretFile | None = Field(None, description="file holding the token's secret")
+    ca_file: CaFile | None = None
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _token(self) -> PveSource:
+        if self.secret("token_secret") is None:
+            raise ValueError("pve needs token_secret or token_secret_file")
+        if not re.fullmatch(r"[^@!\s]+@[^@!\s]+![^@!\s]+", self.token_id):
+            raise ValueError(f"token_id {self.token_id!r} must look like USER@REALM!TOKENID")
+        return self
+
+
+class TruenasSource(Strict):
+    """TrueNAS 25.04+: a periodic snapshot or replication task's last run, over JSON-RPC."""
+
+    _secret_fields = ("api_key",)
+    kind: Literal["truenas"] = "truenas"
+    url: str = Field(description="`wss://HOST/api/current`")
+    task: Literal["snapshot", "replication"] = Field(description="which kind of task")
+    id: int = Field(ge=1, description="the task's id (Data Protection in the web UI)")
+    api_key: SecretStr | None = None
+    api_key_file: SecretFile | None = Field(None, description="file holding a read-only API key")
+    ca_file: CaFile | None = None
+    insecure: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _ws(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("ws", "wss") or not urlsplit(value).hostname:
+            raise ValueError(f"{value!r} must be a wss:// URL, e.g. wss://nas.example/api/current")
+        return value
+
+    @model_validator(mode="after")
+    def _key(self) -> TruenasSource:
+        if self.secret("api_key") is None:
+            raise ValueError("truenas needs api_key or api_key_file")
+        return self
+
+
+class PushSource(Strict):
+    """The backup job reports itself: ``curl -X POST -H 'Authorization: Bearer TOKEN'
+    .../api/v1/backups/NAME`` at its end (``.../NAME/fail`` when it failed)."""
+
+    _secret_fields = ("token",)
+    kind: Literal["push"] = "push"
+    token: SecretStr | None = None
+    token_file: SecretFile | None = Field(None, description="file holding this backup's push token")
+
+    @model_validator(mode="after")
+    def _token(self) -> PushSource:
+        if self.secret("token") is None:
+            raise ValueError("push needs token or token_file")
+        return self
+
+
+BackupSpec = ResticSource | BorgSource | PbsSource | PveSource | TruenasSource | PushSource
+BACKUP_KINDS = ("restic", "borg", "pbs", "pve", "truenas", "push")
+
+
+class Backup(Strict):
+    """Where a service's restore points are, and how fresh they must be."""
+
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="unique on the site; the push URL's NAME (default TARGET-KIND)",
+    )
+    restic: ResticSource | None = None
+    borg: BorgSource | None = None
+    pbs: PbsSource | None = None
+    pve: PveSource | None = None
+    truenas: TruenasSource | None = None
+    push: PushSource | None = None
+    max_age: Duration | None = Field(None, description="newest restore point at most this old (default: rpo)")
+    verified_within: Duration | None = Field(
+        None, description="newest verified restore point at most this old (sources that verify)"
+    )
+    min_count: int | None = Field(None, ge=1, description="at least this many restore points")
+    interval: Duration = Field(900.0, description="how often the source is read")
+    timeout: Duration = Field(60.0, description="bound on one read (the subprocess is killed after it)")
+    kept_at: str | None = Field(
+        None, description="where the backup and its passphrase are kept (a location, never the secret)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Backup:
+        given = [k for k in BACKUP_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"each backup needs exactly one of {', '.join(BACKUP_KINDS)} (got {len(given)})")
+        return self
+
+    @property
+    def source(self) -> BackupSpec:
+        spec = self.restic or self.borg or self.pbs or self.pve or self.truenas or self.push
+        assert spec is not None
+        return spec
+
+
+class RestoreTest(Strict):
+    date: datetime.date = Field(description="when the restore was tried (YYYY-MM-DD)")
+    duration: Duration | None = Field(None, description="how long it took, to hold against the RTO")
+    result: Literal["ok", "failed", "partial"] = "ok"
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedBackup:
+    name: str
+    target: str
+    service: str
+    spec: Backup
+    max_age: float | None  # the backup's max_age, else its service's rpo
+
+
 class Service(Strict):
     """The business service a target carries, for RTO clocks and the restore board."""
 
@@ -844,6 +1039,13 @@ class Service(Strict):
             "names when not set"
         ),
     )
+    backups: list[Backup] = Field(
+        default_factory=list, description="its restore points: restic, borg, pbs or push (issue 16)"
+    )
+    restore_tests: list[RestoreTest] = Field(
+        default_factory=list, description="restore tests done (`watchtower restore-test record` adds one)"
+    )
+    owner: str | None = Field(None, description="who restores it (name and phone), for the plan")
 
 
 TargetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
@@ -902,6 +1104,9 @@ class Target(Timing):
         None, description="the `providers:` entry to call when it fails (its ISP line, its vendor)"
     )
     runbook: str | None = Field(None, description="link or text shown with incidents of this target")
+    warranty_until: datetime.date | None = Field(
+        None, description="end of the vendor warranty/support contract (readiness warns 90 days ahead)"
+    )
 
 
 # --------------------------------------------------------------------------- notify, heartbeat
@@ -1010,6 +1215,44 @@ class EscalationStep(Strict):
         return self
 
 
+class PlanDistribution(Strict):
+    every: Duration = Field(30 * 86400.0, description="send a fresh copy this often")
+    notify: list[str] = Field(min_length=1, description="channel tags or names (those taking attachments)")
+
+
+class Plan(Strict):
+    """The recovery plan on the phones: `watchtower plan export`, and a copy sent regularly."""
+
+    format: Literal["pdf", "html"] = Field("pdf", description="the attachment's format (pdf needs chromium)")
+    distribute: PlanDistribution | None = Field(
+        None,
+        description="send the plan as an attachment (mail, Signal), e.g. `{every: 30d, notify: [tier1]}`",
+    )
+
+
+class Warnings(Strict):
+    """Warnings are not outages: a backup older than its RPO, a certificate about to expire. They
+    open incidents of scope `backup`/`certificate` (shown and recorded) and go only to these
+    channels, only within these hours; one outside them waits for the next opening."""
+
+    notify: list[str] = Field(
+        default_factory=list, description="channel tags or names (none: recorded and shown, not sent)"
+    )
+    hours: str = Field(
+        "Mon-Fri 08:00-18:00", description='when they may be sent: "Mon-Fri 08:00-18:00", "always"'
+    )
+    timezone: str = Field("UTC", description="IANA zone the hours are in, e.g. Europe/Berlin")
+
+    @model_validator(mode="after")
+    def _hours(self) -> Warnings:
+        self.window  # noqa: B018 - parse now, so a bad value is named at load time
+        return self
+
+    @cached_property
+    def window(self) -> WeeklyHours:
+        return WeeklyHours.parse(self.hours, self.timezone)
+
+
 class Notify(Strict):
     channels: list[Channel] = Field(default_factory=list, description="where alerts go")
     escalation: list[EscalationStep] = Field(default_factory=list, description="who is told when")
@@ -1031,6 +1274,10 @@ class Notify(Strict):
     retry_max: Duration = Field(300.0, description="longest pause between two delivery attempts")
     give_up_after: Duration = Field(
         86400.0, description="an undeliverable message is dropped (and counted failed) after this"
+    )
+    warnings: Warnings = Field(
+        default_factory=Warnings,
+        description="backup and certificate warnings: who, and when (never at night by default)",
     )
 
 
@@ -1230,6 +1477,7 @@ class Config(Strict):
         "fields parsed out); no timestamps under journald (`$JOURNAL_STREAM`), which adds its own",
     )
     traps: TrapListener | None = Field(None, description="the SNMP trap receiver, for `trap` paths")
+    plan: Plan = Field(default_factory=Plan, description="the recovery plan's export and distribution")
     retention: Duration = Field(
         400 * 86400.0, description="resolved incidents older than this are deleted from the store"
     )
@@ -1296,6 +1544,19 @@ class Config(Strict):
     def paths(self) -> tuple[ResolvedPath, ...]:
         """Every target path with its effective settings, in config order."""
         return tuple(p for name, t in self.targets.items() for p in self._resolve(name, t.paths, t))
+
+    @cached_property
+    def backups(self) -> tuple[ResolvedBackup, ...]:
+        """Every ``service.backups`` entry with its site-wide name and effective max_age."""
+        out = []
+        for tname, t in self.targets.items():
+            if t.service is None:
+                continue
+            for b in t.service.backups:
+                name = b.name or f"{tname}-{b.source.kind}"
+                max_age = b.max_age if b.max_age is not None else t.service.rpo
+                out.append(ResolvedBackup(name, tname, t.service.name, b, max_age))
+        return tuple(out)
 
     @cached_property
     def vantage_paths(self) -> tuple[ResolvedPath, ...]:
@@ -1425,6 +1686,14 @@ def _semantic_problems(cfg: Config) -> list[str]:
                     problems.append(
                         f"targets.{tname}.paths[{i}]: a trap path needs the `traps:` receiver configured"
                     )
+    seen_backups: dict[str, str] = {}
+    for b in cfg.backups:
+        if b.name in seen_backups:
+            problems.append(
+                f"targets.{b.target}.service.backups: name {b.name!r} is used twice "
+                f"(also on {seen_backups[b.name]}); give each a unique `name`"
+            )
+        seen_backups[b.name] = b.target
     for nname, net in cfg.networks.items():
         for i, via in enumerate(net.via):
             if via not in names:
@@ -1527,6 +1796,14 @@ def _notify_problems(cfg: Config) -> list[str]:
             problems.append(
                 f"notify.escalation[{i}].rto_fraction: no target has a service.rto to take a fraction of"
             )
+    selectors = [(f"notify.warnings.notify[{j}]", tag) for j, tag in enumerate(cfg.notify.warnings.notify)]
+    if cfg.plan.distribute is not None:
+        selectors += [
+            (f"plan.distribute.notify[{j}]", tag) for j, tag in enumerate(cfg.plan.distribute.notify)
+        ]
+    for where, tag in selectors:
+        if tag not in known:
+            problems.append(f"{where}: no channel has tag or name {tag!r}" + _did_you_mean(tag, known))
     for cname, contact in cfg.contacts.items():
         for j, ref in enumerate(contact.channels):
             if ref not in known:

@@ -17,12 +17,15 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchtower import __version__, logs
+from watchtower.backups.watch import BackupWatch
+from watchtower.certificates import CertificateWatch
 from watchtower.config import Config, ConfigError, load_config
 from watchtower.drill import DrillRunner
 from watchtower.engine.correlate import TargetState
 from watchtower.engine.monitor import Monitor, open_shared
 from watchtower.notify.alertmanager import AlertmanagerSink
 from watchtower.notify.outbox import Alerting
+from watchtower.plan_distribution import PlanDistributor
 from watchtower.sdnotify import Notifier, watchdog_interval
 from watchtower.store import DB_NAME, AsyncStore, Store, StoreError, StoreLock, StoreLocked
 from watchtower.web import app as web_app
@@ -178,6 +181,8 @@ async def reload_config(
     stack: AsyncExitStack,
     alerting: Alerting | None = None,
     sink: AlertmanagerSink | None = None,
+    backups: BackupWatch | None = None,
+    distributor: PlanDistributor | None = None,
 ) -> bool:
     """SIGHUP: re-read the config. A bad new config is logged, problem by problem, and the running
     one stays in force; a good one is applied without losing the state of unchanged paths."""
@@ -206,6 +211,10 @@ async def reload_config(
         alerting.reload(new)
     if sink is not None:
         sink.reload(new)
+    if backups is not None:
+        backups.apply(new)
+    if distributor is not None:
+        distributor.reload(new)
     gc.collect()
     gc.freeze()
     log.info("config reloaded %s", " ".join(f"{k}={v}" for k, v in counts.items()))
@@ -246,6 +255,13 @@ async def run_daemon(
             )
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
+        # Warnings (issue 16): stale backups and expiring certificates open their own incidents
+        backups = BackupWatch(config, monitor.tracker, shared)
+        backups.changed = monitor.incidents_changed
+        alerting.restore_lines = backups.restore_lines
+        certificates = CertificateWatch(monitor, monitor.tracker, monitor.incidents_changed)
+        distributor = PlanDistributor(config, backups)  # idle while `plan.distribute` is not set
+        stack.callback(distributor.close)
         drills = DrillRunner(store, alerting, state_dir=None if store_error is not None else config.state_dir)
         await drills.restore()
         # The config and the path table live for the whole run: move them out of the garbage
@@ -260,7 +276,7 @@ async def run_daemon(
             await stack.enter_async_context(TrapReceiver.from_config(config.traps, monitor.on_trap))
 
         runner = web.AppRunner(
-            make_app(monitor, store, alerting, drills),
+            make_app(monitor, store, alerting, drills, backups),
             access_log=None,
             shutdown_timeout=1.0,
             keepalive_timeout=web_app.IDLE_TIMEOUT,  # bounds a trickled request head too
@@ -291,6 +307,11 @@ async def run_daemon(
             scheduler_task = tg.create_task(monitor.run(), name="scheduler")
             alerting_task = tg.create_task(alerting.run(), name="alerting")
             sink_task = tg.create_task(sink.run(), name="alertmanager")
+            warning_tasks = [
+                tg.create_task(backups.run(), name="backups"),
+                tg.create_task(certificates.run(), name="certificates"),
+                tg.create_task(distributor.run(), name="plan"),
+            ]
             drill_task = tg.create_task(drills.run(), name="drills")
             reloading = asyncio.Lock()
 
@@ -301,7 +322,7 @@ async def run_daemon(
                 async with reloading:
                     notifier.reloading()
                     try:
-                        await reload_config(config_path, monitor, stack, alerting, sink)
+                        await reload_config(config_path, monitor, stack, alerting, sink, backups, distributor)
                     finally:
                         notifier.ready(status_line(monitor))  # a rejected reload: the old config runs
 
@@ -322,6 +343,8 @@ async def run_daemon(
             scheduler_task.cancel()
             alerting_task.cancel()
             sink_task.cancel()
+            for task in warning_tasks:
+                task.cancel()
             drill_task.cancel()
             if supervise_task is not None:
                 supervise_task.cancel()

@@ -56,6 +56,13 @@ class Scope(enum.StrEnum):
     VM = "vm"
     SERVICE = "service"
     MONITOR = "monitor"
+    # Warnings, not outages (issue 16): raised and cleared by their source through
+    # IncidentTracker.raise_warning/clear_warning, never by correlation; routed by notify.warnings.
+    BACKUP = "backup"
+    CERTIFICATE = "certificate"
+
+
+WARNING_SCOPES = frozenset({Scope.BACKUP, Scope.CERTIFICATE})
 
 
 class Cause(enum.StrEnum):

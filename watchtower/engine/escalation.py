@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from watchtower import people
 from watchtower.config import Config, Notify
 from watchtower.durations import coarse, exact
-from watchtower.engine.correlate import Scope
+from watchtower.engine.correlate import WARNING_SCOPES, Scope
 from watchtower.engine.incidents import ALL_CLEAR_WATCH, Incident, IncidentState
 
 # Kinds a recipient counts as "notified" by: they get updates, acks and the all-clear.
@@ -122,6 +122,10 @@ def due(
     out: list[DueStep] = []
     if incident.merged_into is not None:
         return out  # its story continues in the incident it was folded into
+    if incident.scope in WARNING_SCOPES:
+        from watchtower.engine.warning_steps import warning_due
+
+        return warning_due(incident, config, now, fired)
     acked = incident.state is IncidentState.ACKNOWLEDGED or incident.acknowledged_at is not None
     newly_notified: list[str] = []
 

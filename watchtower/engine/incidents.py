@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from watchtower.durations import exact
-from watchtower.engine.correlate import Cause, Correlation, Scope, TargetState, Verdict
+from watchtower.engine.correlate import WARNING_SCOPES, Cause, Correlation, Scope, TargetState, Verdict
 from watchtower.engine.topology import Topology
 
 FLAP_WINDOW = 600.0  # seconds after resolution during which a recurrence reopens the incident
@@ -114,6 +114,8 @@ class Incident:
     def headline(self) -> str:
         if self.scope is Scope.MONITOR:
             return f"monitor {self.root} is blind (its own uplink is down)"
+        if self.scope in WARNING_SCOPES:
+            return f"{self.scope} warning: {self.evidence[0] if self.evidence else self.root}"
         cause = f" ({self.cause})" if self.cause else ""
         more = f", {len(self.affected)} affected" if self.affected else ""
         return f"{self.scope} {self.root} down{cause}{more}"
@@ -184,6 +186,33 @@ class IncidentTracker:
         )
         return incident, [Change(incident.id, "acknowledged", text)]
 
+    def raise_warning(
+        self, scope: Scope, root: str, text: str, evidence: Iterable[str], now: float
+    ) -> list[Change]:
+        """Open, or update, the one open warning incident of (``scope``, ``root``): a stale backup,
+        an expiring certificate. Its source decides when it holds; correlation never touches it."""
+        assert scope in WARNING_SCOPES, scope
+        evidence = tuple(evidence)
+        incident = next((i for i in self.open_incidents() if i.scope is scope and i.root == root), None)
+        if incident is None:
+            incident = self._new(scope, root, now)
+            self._put(replace(incident, evidence=evidence).noted(now, "opened", text))
+            return [Change(incident.id, "opened", text)]
+        if incident.evidence != evidence:
+            self._put(replace(incident, evidence=evidence).noted(now, "warning", text))
+            return [Change(incident.id, "updated", text)]
+        return []
+
+    def clear_warning(self, scope: Scope, root: str, text: str, now: float) -> list[Change]:
+        """Resolve the open warning incident of (``scope``, ``root``), if there is one."""
+        changes = []
+        for incident in self.open_incidents():
+            if incident.scope is scope and incident.root == root:
+                resolved = replace(incident, state=IncidentState.RESOLVED, resolved_at=now)
+                self._put(resolved.noted(now, "resolved", text))
+                changes.append(Change(incident.id, "resolved", text))
+        return changes
+
     def annotate(self, incident_id: int, kind: str, text: str, now: float) -> Incident:
         """A timeline entry from outside the lifecycle (a trap, a message decided). KeyError for an
         unknown id."""
@@ -234,7 +263,12 @@ class IncidentTracker:
         answers before its ports forward: part of the restore, not a new outage to page for."""
         out: dict[str, int] = {}
         for incident in self.incidents.values():
-            if incident.scope is Scope.MONITOR or incident.root in roots or incident.merged_into is not None:
+            if (
+                incident.scope is Scope.MONITOR
+                or incident.scope in WARNING_SCOPES
+                or incident.root in roots
+                or incident.merged_into is not None
+            ):
                 continue
             if not incident.is_open and (
                 incident.resolved_at is None or now - incident.resolved_at > RESTORE_TAIL
@@ -302,7 +336,8 @@ class IncidentTracker:
         claimed: set[int] = set()
         roots = {v.root for v in verdicts}
         recovering = self._coming_back(corr, roots, now, topology)
-        own_roots = {i.root for i in self.open_incidents()}  # an outage of its own stays its own
+        # an outage of its own stays its own
+        own_roots = {i.root for i in self.open_incidents() if i.scope not in WARNING_SCOPES}
         for verdict in verdicts:
             owner_id = recovering.get(verdict.root)
             if owner_id is not None and verdict.cause not in OWN_CAUSES and verdict.root not in own_roots:
@@ -329,7 +364,7 @@ class IncidentTracker:
             claimed.add(incident.id)
             self._note_back(incident.id, corr, now)
         for incident in self.open_incidents():
-            if incident.scope is Scope.MONITOR:
+            if incident.scope is Scope.MONITOR or incident.scope in WARNING_SCOPES:
                 continue
             root_state = corr.states.get(incident.root)
             if root_state not in (TargetState.UP, TargetState.DEGRADED, None):
@@ -363,7 +398,9 @@ class IncidentTracker:
         return [a for a in incident.affected if a not in incident.back and corr.states.get(a) is degraded]
 
     def _apply(self, verdict: Verdict, now: float, changes: list[Change]) -> Incident:
-        open_target = [i for i in self.open_incidents() if i.scope is not Scope.MONITOR]
+        open_target = [
+            i for i in self.open_incidents() if i.scope is not Scope.MONITOR and i.scope not in WARNING_SCOPES
+        ]
         incident = next((i for i in open_target if i.root == verdict.root), None)
         # Earlier incidents whose root this verdict now explains (VMs confirmed before their host):
         # only those of the same onset. An older one (a VM dead on its own for an hour, already
@@ -466,6 +503,7 @@ class IncidentTracker:
             i
             for i in self.incidents.values()
             if i.root == root
+            and i.scope not in WARNING_SCOPES
             and i.state is IncidentState.RESOLVED
             and i.merged_into is None
             and i.resolved_at is not None

@@ -102,6 +102,8 @@ class Alerting:
         self._saved: dict[int, tuple[object, ...]] = {}
         # Set by the incident owner's side (the monitor) when incidents changed: look at once.
         self.changed = changed if changed is not None else asyncio.Event()
+        # What a restore loses now, per backed-up service the incident hits (issue 16)
+        self.restore_lines: Callable[[Incident, float], list[str]] | None = None
         self.store_ok = True
         self.store_error: str | None = None
         self._memory_ids = -1  # ids of messages that could not be written (disk full): negative
@@ -176,7 +178,10 @@ class Alerting:
         if kind == "update":
             sent = self.sent_log.get(incident.id, [])
             lines = [c.line() for c in checklist(incident, sent, self.config, now, others)]
-        return incident_message(kind, incident, self.config, now, label=label, others=others, checklist=lines)
+        restore = self.restore_lines(incident, now) if self.restore_lines else []
+        return incident_message(
+            kind, incident, self.config, now, label=label, others=others, checklist=lines, restore=restore
+        )
 
     def _plan(
         self, now: float
@@ -201,6 +206,7 @@ class Alerting:
                     kind = "notify" if step.kind == "page" else "escalated"
                     incident = self.tracker.annotate(incident.id, kind, f"{step.label}: {names}", now)
                 message = self._message(step.kind, incident, step.label, now)
+                incident = self.tracker.get(incident.id) or incident  # the message may have noted
                 for name in step.channels:
                     channel = self.channels.get(name)
                     if channel is None:

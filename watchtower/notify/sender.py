@@ -286,7 +286,9 @@ class ChannelSender:
 
     # -- in the channel's thread
 
-    def _deliver(self, worker: _Worker, title: str, body: str) -> tuple[bool, str | None]:
+    def _deliver(
+        self, worker: _Worker, title: str, body: str, attach: str | None = None
+    ) -> tuple[bool, str | None]:
         worker.running_since = started = time.monotonic()
         try:
             result = worker.client.notify(
@@ -294,6 +296,7 @@ class ChannelSender:
                 title=title,
                 body_format=self._apprise.NotifyFormat.TEXT,
                 log_level=logging.DEBUG,
+                attach=attach,  # a file path (the plan); plugins without attachments send the text
             )
             if result:
                 return True, None
@@ -308,11 +311,12 @@ class ChannelSender:
 
     # -- on the event loop
 
-    async def send(self, title: str, body: str) -> DeliveryResult:
-        """Deliver one message; never raises (a cancelled caller still gets CancelledError)."""
+    async def send(self, title: str, body: str, attach: str | None = None) -> DeliveryResult:
+        """Deliver one message; never raises (a cancelled caller still gets CancelledError).
+        ``attach``: a file to attach, where the plugin supports attachments."""
         started = time.monotonic()
         try:
-            ok, reason = await self._send(title, body)
+            ok, reason = await self._send(title, body, attach)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -321,13 +325,13 @@ class ChannelSender:
         error = None if ok else _one_line(scrub(reason or "delivery failed", self._secrets))
         return DeliveryResult(ok, error, elapsed)
 
-    async def _send(self, title: str, body: str) -> tuple[bool, str | None]:
+    async def _send(self, title: str, body: str, attach: str | None = None) -> tuple[bool, str | None]:
         if self._closed:
             return False, "sender closed"
         worker = self._worker
         if worker.client is None:
             return False, self.problem
-        future = worker.executor.submit(self._deliver, worker, title, body)
+        future = worker.executor.submit(self._deliver, worker, title, body, attach)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
         except TimeoutError:
@@ -349,6 +353,12 @@ class ChannelSender:
         worker.executor.shutdown(wait=False)
         log.warning("channel=%s send hung past %.0fs; continuing on a new thread", self.name, self.timeout)
         self._worker = _Worker(self.name, self._build())
+
+    @property
+    def takes_attachments(self) -> bool:
+        """apprise's plugin for this URL can send attachments (mail, Signal, ...)."""
+        client = self._worker.client
+        return client is not None and all(getattr(p, "attachment_support", False) for p in client)
 
     @property
     def hung_threads(self) -> int:

@@ -12,14 +12,16 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
+from prometheus_client.core import Metric
 
 from watchtower import __version__, clock
+from watchtower.backups.watch import BackupWatch
 from watchtower.checklist import checklist, staff_sentence
 from watchtower.checklist import notes as notes_of
 from watchtower.config import NOTE_KINDS
@@ -31,7 +33,7 @@ from watchtower.engine.monitor import Monitor, Snapshot
 from watchtower.notify.outbox import Alerting
 from watchtower.report import render_report
 from watchtower.store import AsyncStore, Attempt, Drill, Notification, StoreError
-from watchtower.web import metrics
+from watchtower.web import backups_api, metrics
 from watchtower.web.page import page_incident, people_rows, render_login_page, render_status_page
 
 __all__ = ["make_app", "render_status_page"]
@@ -288,13 +290,15 @@ async def auth_middleware(
         not token
         and request.path not in ("/metrics", "/healthz")
         and not _CONFIRM_PATH.match(request.path)
+        and not backups_api.is_push(request)
         and not _host_allowed(request)
     ):
         return web.Response(status=403, text="unknown Host; list the name in allowed_hosts\n")
     if request.method not in ("GET", "HEAD", "OPTIONS") and not _same_origin(request):
         return web.Response(status=403, text="cross-site request refused\n")
     confirm = _CONFIRM_PATH.match(request.path) is not None  # carries its own token
-    open_path = (request.path in OPEN_PATHS or confirm) and not (
+    push = backups_api.is_push(request)  # carries its backup's own token
+    open_path = (request.path in OPEN_PATHS or confirm or push) and not (
         request.path == "/metrics" and request.app[MONITOR].config.metrics_auth
     )
     authenticated = not token
@@ -323,11 +327,20 @@ async def handle_metrics(request: web.Request) -> web.Response:
     gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
     runner = request.app[DRILLS]
     verified = {v.contact: v.last_verified for v in runner.verification()} if runner is not None else None
-    body = await asyncio.to_thread(metrics.render, snap, gzip_ok, verified)
+    watch = request.app.get(backups_api.WATCH)
+    statuses = dict(request.app[MONITOR].statuses)
+    verify = request.app.get(backups_api.VERIFY)
+    extra = _Extra(lambda: backups_api.collectors(watch, statuses, verify))
+    body = await asyncio.to_thread(metrics.render, snap, gzip_ok, verified, extra)
     headers = {"Content-Type": metrics.CONTENT_TYPE}
     if gzip_ok:
         headers["Content-Encoding"] = "gzip"
     return web.Response(body=body, headers=headers)
+
+
+class _Extra:
+    def __init__(self, collect: Callable[[], Iterator[Metric]]):
+        self.collect = collect
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
@@ -405,6 +418,7 @@ async def handle_page(request: web.Request) -> web.Response:
         incidents,
         config=config,
         logout=bool(api_token(request)) and SESSION_COOKIE in request.cookies,
+        **backups_api.page_sections(request.app.get(backups_api.WATCH), request.app.get(backups_api.VERIFY)),
         people=people,
         drill=drill,
     )
@@ -798,6 +812,7 @@ def make_app(
     store: AsyncStore | None = None,
     alerting: Alerting | None = None,
     drills: DrillRunner | None = None,
+    backups: BackupWatch | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[body_timeout_middleware, auth_middleware], client_max_size=64 * 1024)
     app[MONITOR] = monitor
@@ -820,6 +835,8 @@ def make_app(
     app.router.add_get("/api/v1/incidents/{id}", handle_incident)
     app.router.add_post("/api/v1/incidents/{id}/ack", handle_ack)
     app.router.add_get("/api/v1/incidents/{id}/report", handle_report)
+    if backups is not None:
+        backups_api.register(app, backups, drills.verification if drills is not None else None)
     app.router.add_get("/api/v1/drills", handle_drills)
     app.router.add_post("/api/v1/drills", handle_drill_start)
     app.router.add_get(r"/api/v1/drills/{id:\d+}/confirm/{token:[0-9a-f]{1,64}}", handle_drill_confirm_form)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -158,10 +159,26 @@ class SnapshotCollector:
         yield from PLATFORM_COLLECTOR.collect()
 
 
+class _Chained:
+    def __init__(self, *collectors: Any):
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for c in self.collectors:
+            yield from c.collect()
+
+
 def render(
-    snapshot: Snapshot, compress: bool = False, verified: Mapping[str, float | None] | None = None
+    snapshot: Snapshot,
+    compress: bool = False,
+    verified: Mapping[str, float | None] | None = None,
+    extra: Any = None,
 ) -> bytes:
     """The exposition text for one snapshot (blocking: call it in a thread); ``verified``: contact
-    -> last drill confirmation."""
-    body = generate_latest(SnapshotCollector(snapshot, verified))  # type: ignore[arg-type,unused-ignore]
+    -> last drill confirmation; ``extra``: another collector (an object with ``collect()``), e.g.
+    backups and readiness."""
+    collector: Any = SnapshotCollector(snapshot, verified)
+    if extra is not None:
+        collector = _Chained(collector, extra)
+    body = generate_latest(collector)  # type: ignore[arg-type,unused-ignore]
     return gzip.compress(body, compresslevel=5) if compress else body

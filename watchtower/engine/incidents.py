@@ -143,6 +143,8 @@ class IncidentTracker:
         self.incidents: dict[int, Incident] = {}
         self._next_id = next_id
         self._holding: dict[str, float] = {}  # verdict root -> since when it is held back
+        # incident id -> what behind its root answered again while it was coming back
+        self._seen_up: dict[int, set[str]] = {}
         self.waiting = False  # the last step held something back: step again soon
 
     def load(self, incidents: Iterable[Incident], next_id: int) -> None:
@@ -155,6 +157,7 @@ class IncidentTracker:
         """Finished incidents leave memory (the store keeps them)."""
         for incident_id in incident_ids:
             self.incidents.pop(incident_id, None)
+            self._seen_up.pop(incident_id, None)
 
     # ------------------------------------------------------------------ reading
     def open_incidents(self) -> list[Incident]:
@@ -279,8 +282,12 @@ class IncidentTracker:
             if incident.root_back_at is not None and now - incident.root_back_at >= RECOVERY_GRACE:
                 continue
             behind = topology.dependents(incident.root) if topology is not None else ()
+            seen_up = self._seen_up.setdefault(incident.id, set())
+            seen_up.update(t for t in behind if corr.states.get(t) is TargetState.UP)
             for target in (*incident.affected, *behind):
-                out.setdefault(target, incident.id)
+                # One that has come back since is done with this restore: failing again is its own.
+                if target not in incident.back and target not in seen_up:
+                    out.setdefault(target, incident.id)
         return out
 
     def step(
@@ -496,6 +503,7 @@ class IncidentTracker:
             incident = replace(incident, root_back_at=None).noted(
                 now, "root_failed", f"{verdict.root} failed again before everything came back"
             )
+        self._seen_up.pop(incident.id, None)  # its root is failing (again): a new way down, a new way up
         return self._put(replace(incident, evidence=verdict.evidence))
 
     def _recent(self, root: str, now: float) -> Incident | None:

@@ -388,8 +388,7 @@ class World:
                 return False, f"{host} link down", 0.0
             loss = 1 - (1 - loss) * (1 - hv.loss)
         for s in self.site.storage.get(target, ()):
-            st = self.hosts[s]
-            if not st.power or not st.os_ok or now < st.booting_until:
+            if self.hosts[s].hard(now) is not None:  # off, hung, its link down: the VM's I/O hangs
                 return False, f"storage {s} gone: I/O hung", 0.0
         loss = 1 - (1 - loss) * (1 - h.loss)
         return True, "", loss

@@ -40,6 +40,8 @@ from pydantic import (
     model_validator,
 )
 
+from watchtower.engine.maintenance import Window, parse_every, zone
+
 ROLES = ("network", "hypervisor", "storage", "vm", "service")
 Role = Literal["network", "hypervisor", "storage", "vm", "service"]
 # The emergency playbook's restore order (phase 3), first to last.
@@ -936,6 +938,33 @@ class Alertmanager(Strict):
         return self
 
 
+class MaintenanceWindow(Strict):
+    """A recurring maintenance window: its targets are probed and recorded, but not paged for."""
+
+    every: str = Field(
+        description='when, in `timezone`: "Sun 02:00-04:00", "Mon-Fri 22:00-02:00" (ends the next '
+        'day), "Sat,Sun 01:00-05:00", "daily 03:00-03:30"'
+    )
+    targets: list[str] = Field(default_factory=list, description="targets muted; empty: every target")
+    timezone: str = Field("UTC", description="IANA time zone of `every`, e.g. Europe/Berlin")
+    reason: str | None = Field(None, description="shown in the incident's timeline")
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: str) -> str:
+        parse_every(value)
+        return value.strip()
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+    def window(self) -> Window:
+        return Window(parse_every(self.every), self.timezone, tuple(self.targets), self.every, self.reason)
+
+
 # --------------------------------------------------------------------------- the whole config
 
 
@@ -1006,11 +1035,19 @@ class Config(Strict):
     retention: Duration = Field(
         400 * 86400.0, description="resolved incidents older than this are deleted from the store"
     )
+    maintenance: list[MaintenanceWindow] = Field(
+        default_factory=list,
+        description="recurring maintenance windows: incidents are recorded, pages wait for the window's end",
+    )
 
     @field_validator("state_dir", mode="after")
     @classmethod
     def _state_dir(cls, value: Path, info: ValidationInfo) -> Path:
         return value if value.is_absolute() else (_context_dir(info) / value)
+
+    @cached_property
+    def maintenance_windows(self) -> tuple[Window, ...]:
+        return tuple(m.window() for m in self.maintenance)
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -1108,6 +1145,12 @@ def _semantic_problems(cfg: Config) -> list[str]:
                     problems.append(
                         f"targets.{tname}.paths[{i}]: a trap path needs the `traps:` receiver configured"
                     )
+    for i, window in enumerate(cfg.maintenance):
+        for j, name in enumerate(window.targets):
+            if name not in names:
+                problems.append(
+                    f"maintenance[{i}].targets[{j}]: no target named {name!r}{_did_you_mean(name, names)}"
+                )
     problems += _cycle_problems(cfg)
     problems += _path_problems(cfg)
     problems += _notify_problems(cfg)

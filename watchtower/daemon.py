@@ -195,6 +195,7 @@ async def run_daemon(
             alerting.store_ok, alerting.store_error = False, store_error
         stack.callback(alerting.close)
         await alerting.restore()  # open incidents keep their ids and are not paged again
+        alerting.mutes = await store.call(store.store.mutes, time.time())  # maintenance survives restarts
         alerting.changed = monitor.incidents_changed
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured

@@ -23,6 +23,7 @@ from watchtower.config import Config, Notify
 from watchtower.durations import coarse, exact
 from watchtower.engine.correlate import Scope
 from watchtower.engine.incidents import Incident, IncidentState
+from watchtower.engine.maintenance import paging_start
 
 # Kinds a recipient counts as "notified" by: they get updates, acks and the all-clear.
 NOTIFYING_KINDS = ("page", "escalation")
@@ -83,11 +84,14 @@ def due(
     now: float,
     fired: Collection[str],
     notified: Collection[str],
+    muted: bool = False,
 ) -> list[DueStep]:
     """The steps owed to ``incident`` at ``now`` that have not fired yet.
 
     ``fired``: step ids already recorded for this incident; ``notified``: channels that got one
-    of its page/escalation messages. Returns steps in the order they should go out.
+    of its page/escalation messages; ``muted``: the incident is in maintenance now (no pages,
+    escalations or updates; the ``after`` delays count from the end of its maintenance).
+    Returns steps in the order they should go out.
     """
     policy = config.notify
     out: list[DueStep] = []
@@ -96,14 +100,15 @@ def due(
     acked = incident.state is IncidentState.ACKNOWLEDGED or incident.acknowledged_at is not None
     newly_notified: list[str] = []
 
-    if incident.is_open:
+    if incident.is_open and not muted:
         clock = rto_clock(incident, config)
+        start = paging_start(incident)
         for n, step in enumerate(policy.escalation):
             step_id = f"step{n}"
             if step_id in fired or (step.unless == "acknowledged" and acked):
                 continue
             if step.after is not None:
-                if now - incident.opened_at < step.after:
+                if now - start < step.after:
                     continue
                 label = "first alert" if n == 0 else f"unacknowledged after {_span(step.after)}"
                 if step.unless is None and n:
@@ -125,7 +130,7 @@ def due(
     if not everyone:
         return out
 
-    if incident.is_open and policy.update_every and incident.scope is not Scope.MONITOR:
+    if incident.is_open and not muted and policy.update_every and incident.scope is not Scope.MONITOR:
         k = int((now - incident.opened_at) // policy.update_every)
         if k >= 1 and f"update:{k}" not in fired:
             label = f"status after {_span(now - incident.opened_at)}"

@@ -27,6 +27,7 @@ from watchtower.config import Config
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due
 from watchtower.engine.incidents import Incident, IncidentTracker
+from watchtower.engine.maintenance import Mute, MutedBy, muted_targets, note_maintenance
 from watchtower.notify.messages import Message, incident_message, is_sms_channel, warning_message
 from watchtower.notify.sender import ChannelSender, DeliveryResult, make_senders
 from watchtower.store import AsyncStore, NewNotification, Notification, StoreError
@@ -106,6 +107,11 @@ class Alerting:
         self._tg: asyncio.TaskGroup | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.mutes: list[Mute] = []  # from the store at start, then kept current by the API
+
+    def muted(self, now: float) -> dict[str, MutedBy]:
+        """Targets in maintenance at ``now`` (ad-hoc mutes and the config's windows)."""
+        return muted_targets(self.config.targets, self.mutes, self.config.maintenance_windows, now)
 
     def reload(self, config: Config) -> None:
         """A new config: new channels start, removed ones stop (their pending rows stay in the
@@ -178,11 +184,15 @@ class Alerting:
         new: list[NewNotification] = []
         steps: list[tuple[int, str]] = []
         finished = self._finished
+        muted = self.muted(now)
         for incident in list(self.tracker.incidents.values()):
             fired = self.fired.get(incident.id, set())
             due_steps: list[DueStep] = []
             if incident.id not in finished:
-                due_steps = due(incident, self.config, now, fired, self.notified.get(incident.id, set()))
+                quiet = note_maintenance(incident, muted, now)
+                due_steps = due(
+                    incident, self.config, now, fired, self.notified.get(incident.id, set()), quiet
+                )
             for step in due_steps:
                 steps.append((incident.id, step.step))
                 if step.kind in NOTIFYING_KINDS:

@@ -14,9 +14,11 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import web
 
 from watchtower import __version__, clock
+from watchtower.config import parse_duration
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import outage_start
 from watchtower.engine.incidents import Incident
+from watchtower.engine.maintenance import SITE, Mute, check_mute_end, window_span
 from watchtower.engine.monitor import Monitor, Snapshot
 from watchtower.notify.outbox import Alerting
 from watchtower.report import render_report
@@ -184,7 +186,9 @@ async def auth_middleware(
 async def handle_metrics(request: web.Request) -> web.Response:
     snap = request.app[MONITOR].snapshot()
     gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
-    body = await asyncio.to_thread(metrics.render, snap, gzip_ok)
+    alerting = request.app[ALERTING]
+    muted = set(alerting.muted(snap.taken_at)) if alerting is not None else set()
+    body = await asyncio.to_thread(metrics.render, snap, gzip_ok, muted)
     headers = {"Content-Type": metrics.CONTENT_TYPE}
     if gzip_ok:
         headers["Content-Encoding"] = "gzip"
@@ -227,11 +231,17 @@ async def handle_page(request: web.Request) -> web.Response:
     monitor = request.app[MONITOR]
     config = monitor.config
     incidents = [page_incident(incident_document(i), i, config) for i in monitor.tracker.open_incidents()]
+    alerting = request.app[ALERTING]
+    mutes = None
+    if alerting is not None:
+        mutes = {"active": mutes_document(alerting, clock.now())["muted"], "targets": list(config.targets)}
+        mutes["active"] = [{"target": t, **m} for t, m in mutes["active"].items()]
     html = render_status_page(
         state_document(monitor.snapshot(), monitor),
         incidents,
         config=config,
         logout=bool(api_token(request)) and SESSION_COOKIE in request.cookies,
+        mutes=mutes,
     )
     return _page(html)
 
@@ -450,6 +460,167 @@ async def handle_state(request: web.Request) -> web.Response:
     return web.json_response(state_document(monitor.snapshot(), monitor))
 
 
+# --------------------------------------------------------------------------- maintenance mutes
+
+
+def mute_document(m: Mute) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "target": None if m.target == SITE else m.target,
+        "site": m.target == SITE,
+        "start": iso(m.start),
+        "end": iso(m.end),
+        "reason": m.reason,
+        "by": m.by,
+        "created_at": iso(m.created_at),
+    }
+
+
+def mutes_document(alerting: Alerting, now: float) -> dict[str, Any]:
+    """Mutes still to come or running, the config's windows, and who is muted now (and why)."""
+    muted = alerting.muted(now)
+    windows = []
+    for w in alerting.config.maintenance_windows:
+        span = window_span(w, now)
+        windows.append({
+            "every": w.text, "timezone": w.timezone, "targets": list(w.targets) or None,
+            "reason": w.reason, "active_until": iso(span[1]) if span else None,
+        })  # fmt: skip
+    by_source = {f"mute #{m.id} by {m.by}": m.id for m in alerting.mutes}
+    return {
+        "mutes": [mute_document(m) for m in alerting.mutes if m.end > now],
+        "windows": windows,
+        "muted": {
+            name: {
+                "until": (iso(why.until) or "")[:16].replace("T", " "),
+                "source": why.source,
+                "reason": why.reason,
+                "id": by_source.get(why.source),
+            }
+            for name, why in muted.items()
+        },
+    }
+
+
+def _alerting_or_503(request: web.Request) -> Alerting:
+    alerting = request.app[ALERTING]
+    if alerting is None:
+        raise web.HTTPServiceUnavailable(text="no alerting in this daemon\n")
+    return alerting
+
+
+async def _new_mute(request: web.Request, fields: dict[str, Any]) -> Mute | str:
+    """A mute from API or form fields (target or site, for or until, reason, by); an error text
+    when they do not make one."""
+    alerting = _alerting_or_503(request)
+    config = alerting.config
+    now = clock.now()
+    target = fields.get("target")
+    if fields.get("site") is True or target in (SITE, "--site"):
+        target = SITE
+    if not isinstance(target, str) or (target != SITE and target not in config.targets):
+        return f"no target named {target!r} (give a target of the config, or site: true)"
+    for key in ("reason", "by"):
+        value = fields.get(key)
+        if not isinstance(value, str) or not value.strip() or len(value) > 200:
+            return f'"{key}" must be a text of 1 to 200 characters'
+    length, until = fields.get("for"), fields.get("until")
+    if (length is None) == (until is None):
+        return 'give exactly one of "for" (a duration like 2h) or "until" (ISO 8601 with a time zone)'
+    try:
+        if length is not None:
+            end = now + parse_duration(length)
+        else:
+            when = datetime.fromisoformat(str(until).replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                return '"until" needs a time zone, like 2026-12-08T04:00:00Z or +01:00'
+            end = when.timestamp()
+        check_mute_end(now, end)
+    except ValueError as exc:
+        return f"{'for' if length is not None else 'until'}: {exc}"
+    store = request.app[STORE]
+    reason, by = str(fields["reason"]).strip(), str(fields["by"]).strip()
+    if store is not None:
+        try:
+            mute = await store.call(store.store.add_mute, target, now, end, reason, by, now)
+        except StoreError as exc:
+            return f"cannot record the mute: {exc}"
+    else:
+        mute = Mute(max((m.id for m in alerting.mutes), default=0) + 1, target, now, end, reason, by, now)
+    alerting.mutes = [m for m in alerting.mutes if m.end > now] + [mute]
+    alerting.changed.set()
+    return mute
+
+
+async def _end_mute(request: web.Request, by: str) -> Mute | None:
+    alerting = _alerting_or_503(request)
+    try:
+        mute_id = int(request.match_info["id"])
+    except ValueError:
+        return None
+    now = clock.now()
+    store = request.app[STORE]
+    ended: Mute | None = None
+    if store is not None:
+        try:
+            ended = await store.call(store.store.end_mute, mute_id, by, now)
+        except StoreError:
+            ended = None
+    for k, m in enumerate(alerting.mutes):
+        if m.id == mute_id and m.end > now:
+            ended = Mute(m.id, m.target, m.start, now, m.reason, m.by, m.created_at)
+            alerting.mutes[k] = ended
+    alerting.changed.set()
+    return ended
+
+
+async def handle_mutes(request: web.Request) -> web.Response:
+    return web.json_response(mutes_document(_alerting_or_503(request), clock.now()))
+
+
+async def handle_add_mute(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return web.json_response(
+            {"error": 'body must be JSON like {"target": "pve1", "for": "2h", "reason": "..", "by": "bo"}'},
+            status=400,
+        )
+    mute = await _new_mute(request, body)
+    if isinstance(mute, str):
+        return web.json_response({"error": mute}, status=400)
+    return web.json_response(mute_document(mute), status=201)
+
+
+async def handle_delete_mute(request: web.Request) -> web.Response:
+    by = request.query.get("by", "api").strip()[:100] or "api"
+    ended = await _end_mute(request, by)
+    if ended is None:
+        return web.json_response({"error": "no such mute running"}, status=404)
+    return web.json_response(mute_document(ended))
+
+
+async def handle_page_mute(request: web.Request) -> web.Response:
+    """POST /mutes from the page's form (target, for, reason, by), then back to /."""
+    form = await _read_form(request) or {}
+    mute = await _new_mute(request, {k: form.get(k) for k in ("target", "for", "reason", "by")})
+    if isinstance(mute, str):
+        return web.Response(status=400, text=f"cannot mute: {mute}\n")
+    raise web.HTTPSeeOther("/#maintenance")
+
+
+async def handle_page_unmute(request: web.Request) -> web.Response:
+    form = await _read_form(request) or {}
+    by = (form.get("by") or "").strip()
+    if not by or len(by) > 100:
+        return web.Response(status=400, text="unmuting needs a name of 1 to 100 characters\n")
+    if await _end_mute(request, by) is None:
+        return web.Response(status=404, text="no such mute running\n")
+    raise web.HTTPSeeOther("/#maintenance")
+
+
 def make_app(
     monitor: Monitor, store: AsyncStore | None = None, alerting: Alerting | None = None
 ) -> web.Application:
@@ -469,6 +640,11 @@ def make_app(
     app.router.add_get("/api/v1/incidents/{id}", handle_incident)
     app.router.add_post("/api/v1/incidents/{id}/ack", handle_ack)
     app.router.add_get("/api/v1/incidents/{id}/report", handle_report)
+    app.router.add_get("/api/v1/mutes", handle_mutes)
+    app.router.add_post("/api/v1/mutes", handle_add_mute)
+    app.router.add_delete("/api/v1/mutes/{id}", handle_delete_mute)
+    app.router.add_post("/mutes", handle_page_mute)
+    app.router.add_post("/mutes/{id}/end", handle_page_unmute)
 
     async def server_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Server"] = f"watchtower/{__version__}"

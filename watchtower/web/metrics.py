@@ -9,7 +9,7 @@ it into 20,000 locked ``.labels()`` children would cost ~30x more per update and
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -22,8 +22,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class SnapshotCollector:
-    def __init__(self, snapshot: Snapshot):
+    def __init__(self, snapshot: Snapshot, muted: Collection[str] = ()):
         self.snapshot = snapshot
+        self.muted = muted
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot
@@ -62,6 +63,14 @@ class SnapshotCollector:
             for candidate in TargetState:
                 target_state.add_metric([name, role, candidate.value], 1.0 if candidate is state else 0.0)
         yield target_state
+        muted = GaugeMetricFamily(
+            "watchtower_muted",
+            "1 while the target is in maintenance (muted or in a window): recorded, not paged",
+            labels=["target"],
+        )
+        for name, _, _ in snap.targets:
+            muted.add_metric([name], 1.0 if name in self.muted else 0.0)
+        yield muted
 
         yield GaugeMetricFamily(
             "watchtower_vantage_up",
@@ -148,7 +157,7 @@ class SnapshotCollector:
         yield from PLATFORM_COLLECTOR.collect()
 
 
-def render(snapshot: Snapshot, compress: bool = False) -> bytes:
+def render(snapshot: Snapshot, compress: bool = False, muted: Collection[str] = ()) -> bytes:
     """The exposition text for one snapshot (blocking: call it in a thread)."""
-    body = generate_latest(SnapshotCollector(snapshot))  # type: ignore[arg-type,unused-ignore]
+    body = generate_latest(SnapshotCollector(snapshot, muted))  # type: ignore[arg-type,unused-ignore]
     return gzip.compress(body, compresslevel=5) if compress else body

@@ -320,6 +320,7 @@ def render_status_page(
     config: Config | None = None,
     now: float | None = None,
     logout: bool = False,
+    mutes: dict[str, Any] | None = None,
 ) -> str:
     """The server-rendered status page: works without JavaScript, refreshes itself.
 
@@ -371,6 +372,7 @@ def render_status_page(
             steps=steps,
             details=details,
             logout=logout,
+            mutes=mutes,
         )
     )
 

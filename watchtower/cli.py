@@ -11,6 +11,7 @@ import asyncio
 import difflib
 import json
 import os
+import re
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -333,6 +334,72 @@ def cmd_ack(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _until_iso(text: str, now: float) -> str:
+    """``--until``: ISO 8601 (without a zone: this box's local time) or ``HH:MM`` (the next one, local)."""
+    from datetime import datetime, timedelta
+
+    try:
+        if re.fullmatch(r"\d{1,2}:\d{2}", text.strip()):
+            hour, minute = (int(p) for p in text.strip().split(":"))
+            local = datetime.fromtimestamp(now).astimezone()
+            when = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
+            if when.timestamp() <= now:
+                when += timedelta(days=1)
+        else:
+            when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                when = when.astimezone()  # the box's local time zone
+    except ValueError:
+        raise SystemExit(f"--until {text!r}: give a time like 04:30 or 2026-12-08T04:30") from None
+    return when.isoformat()
+
+
+def cmd_mute(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if (args.target is None) == (not args.site):
+        print("give a TARGET or --site (every target)", file=sys.stderr)
+        return EXIT_INVALID
+    body: dict[str, Any] = {"reason": args.reason, "by": args.by}
+    body.update({"site": True} if args.site else {"target": args.target})
+    if args.until is not None:
+        body["until"] = _until_iso(args.until, time.time())
+    else:
+        body["for"] = args.for_
+    try:
+        mute = _call_daemon(cfg, "POST", "/api/v1/mutes", body, api_errors=True)
+    except ApiError as exc:
+        print(f"cannot mute: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    what = "the whole site" if mute["site"] else mute["target"]
+    print(f"mute #{mute['id']}: {what} muted until {mute['end']} by {mute['by']}: {mute['reason']}")
+    return EXIT_OK
+
+
+def cmd_unmute(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    cfg = _load(args.config)
+    if (args.target is None) == (not args.site):
+        print("give a TARGET or --site", file=sys.stderr)
+        return EXIT_INVALID
+    doc = _call_daemon(cfg, "GET", "/api/v1/mutes")
+    ids = [
+        m["id"]
+        for m in doc["mutes"]
+        if (args.site and m["site"]) or (not args.site and m["target"] == args.target)
+        or str(m["id"]) == args.target
+    ]  # fmt: skip
+    if not ids:
+        windows = [w["every"] for w in doc["windows"] if w["active_until"]]
+        extra = f" (a config window is running: {', '.join(windows)})" if windows else ""
+        print(f"no running mute of {args.target or 'the site'}{extra}", file=sys.stderr)
+        return EXIT_DOWN
+    for mute_id in ids:
+        _call_daemon(cfg, "DELETE", f"/api/v1/mutes/{mute_id}?by={quote(args.by)}")
+        print(f"mute #{mute_id} ended by {args.by}")
+    return EXIT_OK
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from watchtower.lab import lab_main
 
@@ -485,6 +552,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ack", cmd_ack, "acknowledge an incident (stops further escalation)")
     p.add_argument("id", type=int)
     p.add_argument("--by", required=True, help="who takes it")
+    p = command("mute", cmd_mute, "mute a target (or the site) for maintenance: recorded, not paged")
+    p.add_argument("target", nargs="?", metavar="TARGET", help="the target to mute (or give --site)")
+    p.add_argument("--site", action="store_true", help="mute every target of the site")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--for", dest="for_", metavar="DURATION", help="how long, e.g. 2h (at most 7d)")
+    when.add_argument("--until", metavar="TIME", help="HH:MM or ISO 8601 (local time unless zoned)")
+    p.add_argument("--reason", required=True, help="why (shown in the incident's timeline)")
+    p.add_argument("--by", required=True, help="who mutes")
+    p = command("unmute", cmd_unmute, "end the running mutes of a target (or of the site, or one mute by id)")
+    p.add_argument("target", nargs="?", metavar="TARGET|ID", help="the target (or a mute id)")
+    p.add_argument("--site", action="store_true", help="end the site-wide mutes")
+    p.add_argument("--by", required=True, help="who unmutes")
     p = command("report", cmd_report, "print the post-mortem of an incident as Markdown")
     p.add_argument("id", type=int)
     p = command("notify-test", cmd_notify_test, "send a marked test message through every channel (or one)")

@@ -99,10 +99,10 @@ def due(
         return out  # its story continues in the incident it was folded into
     acked = incident.state is IncidentState.ACKNOWLEDGED or incident.acknowledged_at is not None
     newly_notified: list[str] = []
+    start = paging_start(incident)
 
     if incident.is_open and not muted:
         clock = rto_clock(incident, config)
-        start = paging_start(incident)
         for n, step in enumerate(policy.escalation):
             step_id = f"step{n}"
             if step_id in fired or (step.unless == "acknowledged" and acked):
@@ -131,7 +131,7 @@ def due(
         return out
 
     if incident.is_open and not muted and policy.update_every and incident.scope is not Scope.MONITOR:
-        k = int((now - incident.opened_at) // policy.update_every)
+        k = int((now - start) // policy.update_every)
         if k >= 1 and f"update:{k}" not in fired:
             label = f"status after {_span(now - incident.opened_at)}"
             out.append(DueStep(f"update:{k}", "update", everyone, label))

@@ -43,8 +43,22 @@ def _load(path: str) -> Config:
 # --------------------------------------------------------------------------- commands
 
 
+def _channel_problems(cfg: Config) -> list[str]:
+    """Channel URLs apprise refuses (at check and at start): one line each, never the URL."""
+    if not cfg.notify.channels:
+        return []
+    from watchtower.notify.sender import channel_problems
+
+    return channel_problems(cfg.notify.channels)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    problems = _channel_problems(cfg)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return EXIT_INVALID
     print(f"ok: {len(cfg.targets)} targets, {len(cfg.paths)} paths")
     return EXIT_OK
 
@@ -52,7 +66,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from watchtower.config import json_schema
 
-    print(json.dumps(json_schema(), indent=2))
+    try:
+        print(json.dumps(json_schema(), indent=2))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `watchtower schema | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 
@@ -60,6 +78,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from watchtower.daemon import run_daemon, setup_logging
 
     cfg = _load(args.config)
+    problems = _channel_problems(cfg)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return EXIT_INVALID
     setup_logging(args.log_level, cfg.log_format)
     try:
         asyncio.run(run_daemon(cfg, config_path=args.config))

@@ -69,6 +69,7 @@ class ConfigError(Exception):
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DURATION_HINT = "must be a duration like 2s, 500ms, 15m or 4h"
+DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"
 
 
 def parse_duration(value: Any) -> float:
@@ -107,7 +108,7 @@ Duration = Annotated[
     float,
     BeforeValidator(_positive_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$", "examples": ["5s"]}),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["5s"]}),
 ]
 
 
@@ -115,7 +116,7 @@ NonNegativeDuration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$", "examples": ["0s"]}),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["0s"]}),
 ]
 
 
@@ -370,9 +371,17 @@ class HttpPath(PathBase):
     _secret_fields = ("password",)
     url: str
     method: Literal["GET", "HEAD", "POST"] = "GET"
-    expect_status: list[int] = Field(
-        default_factory=lambda: [200], description="status codes that count as up"
-    )
+    expect_status: Annotated[
+        list[int],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "integer", "minimum": 100, "maximum": 599},
+                    {"type": "array", "items": {"type": "integer", "minimum": 100, "maximum": 599}},
+                ]
+            }
+        ),
+    ] = Field(default_factory=lambda: [200], description="status code(s) that count as up")
     expect_body: str | None = Field(None, description="substring the body must contain")
     expect_regex: str | None = Field(None, description="regular expression the body must match")
     headers: dict[str, str] = Field(default_factory=dict)
@@ -1195,6 +1204,7 @@ def _cycle_problems(cfg: Config) -> list[str]:
 
 def _path_problems(cfg: Config) -> list[str]:
     problems: list[str] = []
+    inherited: dict[str, tuple[str, str, list[str]]] = {}  # place -> (timeout, interval, paths)
     groups = [(f"targets.{t}", [p for p in cfg.paths if p.target == t]) for t in cfg.targets]
     groups.append(("vantage", list(cfg.vantage_paths)))
     for base, paths in groups:
@@ -1208,10 +1218,28 @@ def _path_problems(cfg: Config) -> list[str]:
                 )
             seen.setdefault(p.name, i)
             if p.timeout > p.interval:
-                problems.append(
-                    f"{where}.timeout: {format_duration(p.timeout)} is longer than its interval "
-                    f"{format_duration(p.interval)}"
+                # Report it where the value was written: one line for a default, not one per path.
+                owner = cfg.targets.get(p.target)
+                if p.spec.timeout is not None:
+                    place = f"{where}.timeout"
+                elif owner is not None and owner.timeout is not None:
+                    place = f"{base}.timeout"
+                elif p.timeout == cfg.defaults.timeout:
+                    place = "defaults.timeout"
+                else:  # the kind's floor (http 3s, ...) is above the interval
+                    place = f"{where}.timeout"
+                    detail = f"the {p.kind} timeout floor {format_duration(p.timeout)}"
+                    inherited.setdefault(place, (detail, format_duration(p.interval), []))
+                    continue
+                timings: tuple[str, str, list[str]] = (
+                    format_duration(p.timeout),
+                    format_duration(p.interval),
+                    [],
                 )
+                inherited.setdefault(place, timings)[2].append(where)
+    for place, (timeout, interval, where_used) in inherited.items():
+        scope = f" (used by {len(where_used)} paths, e.g. {where_used[0]})" if len(where_used) > 1 else ""
+        problems.append(f"{place}: {timeout} is longer than its interval {interval}{scope}")
     return problems
 
 
@@ -1343,6 +1371,12 @@ def _format_error(err: Mapping[str, Any]) -> str:
         msg = f"must be one of {expected.replace(chr(39), '')}, got {err.get('input')!r}"
     elif kind == "union_tag_invalid":
         msg = f"unknown path kind{_did_you_mean(str(err.get('input', '')), PATH_KINDS)}"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        # pydantic says "a valid dictionary or instance of Target": the class name means nothing to a user
+        got = err.get("input")
+        names = {str: "a text", list: "a list", int: "a number", float: "a number", bool: "true/false"}
+        what = "nothing" if got is None else names.get(type(got), "something else")
+        msg = f"must be a mapping of settings, got {what} (check the indentation of the lines below it)"
     elif kind == "too_short":
         n = err.get("ctx", {}).get("min_length", 1)
         msg = f"needs at least {n} {'entry' if n == 1 else 'entries'}"
@@ -1365,6 +1399,17 @@ def parse_config(data: Any, config_dir: Path) -> Config:
     return cfg
 
 
+# PyYAML's words for a block that is indented too much, too little, or not at all.
+_INDENT_PROBLEMS = (
+    "mapping values are not allowed",
+    "expected <block end>",
+    "could not find expected ':'",
+    "did not find expected key",
+    "did not find expected '-' indicator",
+    "found character '\\t'",
+)
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate a config file. Raises ConfigError with one line per problem."""
     file = Path(path)
@@ -1380,7 +1425,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([_one_line(f"{where}: invalid YAML: {problem}")]) from None
+        hint = ""
+        if any(p in problem for p in _INDENT_PROBLEMS):
+            hint = " (check the indentation: settings go 2 spaces deeper than their key, siblings line up)"
+        raise ConfigError([_one_line(f"{where}: invalid YAML: {problem}{hint}")]) from None
     return parse_config(data, file.resolve().parent)
 
 
@@ -1415,6 +1463,26 @@ def json_schema() -> dict[str, Any]:
         definition.get("properties", {}).pop("kind", None)
         if "kind" in definition.get("required", []):
             definition["required"].remove("kind")
+    schema = _duration_defaults(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "watchtower configuration"
     return schema
+
+
+def _is_duration(node: Mapping[str, Any]) -> bool:
+    if node.get("pattern") == DURATION_PATTERN:
+        return True
+    return any(isinstance(b, Mapping) and _is_duration(b) for b in node.get("anyOf", ()))
+
+
+def _duration_defaults(node: Any) -> Any:
+    """Defaults of duration keys as they are written in YAML (``"5s"``), not pydantic's seconds."""
+    if isinstance(node, dict):
+        out = {k: _duration_defaults(v) for k, v in node.items()}
+        default = out.get("default")
+        if isinstance(default, int | float) and not isinstance(default, bool) and _is_duration(out):
+            out["default"] = format_duration(float(default))
+        return out
+    if isinstance(node, list):
+        return [_duration_defaults(v) for v in node]
+    return node

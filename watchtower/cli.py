@@ -18,7 +18,7 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 from watchtower import __version__
-from watchtower.config import Config, ConfigError, load_config
+from watchtower.config import ClientConfig, Config, ConfigError, load_client_config, load_config
 
 if TYPE_CHECKING:
     from watchtower.store import Store
@@ -34,6 +34,17 @@ def default_config() -> str:
 def _load(path: str) -> Config:
     try:
         return load_config(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        raise SystemExit(EXIT_INVALID) from None
+
+
+def _load_client(path: str) -> ClientConfig:
+    """For commands that only talk to the daemon (or read its store): the API token is the only
+    secret they need, so an unreadable BMC password does not stop an ``ack``."""
+    try:
+        return load_client_config(path)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
@@ -162,7 +173,7 @@ async def _probe_target(cfg: Config, target: str) -> list[dict[str, Any]]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load_client(args.config)
     doc = _call_daemon(cfg, "GET", "/api/v1/state")
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -183,7 +194,7 @@ class ApiError(Exception):
         super().__init__(f"HTTP {status}: {text.strip()}")
 
 
-async def _api(cfg: Config, method: str, path: str, body: Any = None) -> Any:
+async def _api(cfg: Config | ClientConfig, method: str, path: str, body: Any = None) -> Any:
     """Call the running daemon's API on ``listen`` with the configured token."""
     import aiohttp
 
@@ -204,7 +215,9 @@ async def _api(cfg: Config, method: str, path: str, body: Any = None) -> Any:
         return await response.json()
 
 
-def _call_daemon(cfg: Config, method: str, path: str, body: Any = None, *, api_errors: bool = False) -> Any:
+def _call_daemon(
+    cfg: Config | ClientConfig, method: str, path: str, body: Any = None, *, api_errors: bool = False
+) -> Any:
     """The daemon's answer. Not reachable (or, unless ``api_errors``, answering with an error)
     prints one line and exits 3; with ``api_errors`` an error status raises ApiError."""
     try:
@@ -225,7 +238,7 @@ class DaemonUnreachable(Exception):
     """Nothing answers on ``listen``: the daemon is not running (or not reachable from here)."""
 
 
-def _ask_daemon(cfg: Config, path: str) -> Any:
+def _ask_daemon(cfg: Config | ClientConfig, path: str) -> Any:
     """GET from the running daemon: raises DaemonUnreachable when it does not answer, ApiError
     when it answers with an error status."""
     try:
@@ -236,7 +249,7 @@ def _ask_daemon(cfg: Config, path: str) -> Any:
         raise DaemonUnreachable(f"{exc.__class__.__name__}: {exc}") from exc
 
 
-def _stored(cfg: Config, why: DaemonUnreachable) -> Store | None:
+def _stored(cfg: Config | ClientConfig, why: DaemonUnreachable) -> Store | None:
     """The daemon's store, opened to read while the daemon is down (None: there is none yet).
     Says on stderr that the answer comes from the store."""
     from watchtower.store import DB_NAME, Store, StoreError
@@ -266,7 +279,7 @@ def _age(doc: dict[str, Any], now: float) -> str:
 
 
 def cmd_incidents(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load_client(args.config)
     try:
         incidents = _ask_daemon(cfg, "/api/v1/incidents" + ("?all=1" if args.all else ""))
     except ApiError as exc:
@@ -309,7 +322,7 @@ def cmd_incidents(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """The post-mortem as Markdown: from the daemon, else straight from its store."""
-    cfg = _load(args.config)
+    cfg = _load_client(args.config)
     try:
         text = _ask_daemon(cfg, f"/api/v1/incidents/{args.id}/report")
     except ApiError as exc:
@@ -322,7 +335,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         from watchtower.engine.escalation import outage_start
         from watchtower.report import render_report
 
-        store = _stored(cfg, exc)
+        full = _load(args.config)  # the report quotes targets and services of the config
+        store = _stored(full, exc)
         incident = store.incident(args.id) if store is not None else None
         if store is None or incident is None:
             if store is not None:
@@ -335,7 +349,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 store.notifications(incident.id),
                 store.attempts(incident.id),
                 store.blind_windows(outage_start(incident), incident.resolved_at),
-                cfg,
+                full,
                 time.time(),
             )
         finally:
@@ -345,7 +359,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ack(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load_client(args.config)
     try:
         incident = _call_daemon(
             cfg, "POST", f"/api/v1/incidents/{args.id}/ack", {"by": args.by}, api_errors=True
@@ -378,7 +392,7 @@ def _until_iso(text: str, now: float) -> str:
 
 
 def cmd_mute(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load_client(args.config)
     if (args.target is None) == (not args.site):
         print("give a TARGET or --site (every target)", file=sys.stderr)
         return EXIT_INVALID
@@ -401,7 +415,7 @@ def cmd_mute(args: argparse.Namespace) -> int:
 def cmd_unmute(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    cfg = _load(args.config)
+    cfg = _load_client(args.config)
     if (args.target is None) == (not args.site):
         print("give a TARGET or --site", file=sys.stderr)
         return EXIT_INVALID

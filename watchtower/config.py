@@ -175,10 +175,20 @@ def resolve_file(name: str, config_dir: Path) -> Path:
     path = Path(name).expanduser()
     if path.is_absolute():
         return path
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / path).is_file():
+    creds = os.environ.get("CREDENTIALS_DIRECTORY") or credentials_dir()
+    if (Path(creds) / path).is_file():
         return Path(creds) / path
     return config_dir / path
+
+
+CREDENTIALS_DIR = "/etc/watchtower/credentials"
+
+
+def credentials_dir() -> str:
+    """Where the CLI finds secrets outside the unit (where systemd hands them over in
+    $CREDENTIALS_DIRECTORY): the folder the unit's ``LoadCredential=`` lines read from, so
+    ``watchtower ack`` works from a root shell. ``$WATCHTOWER_CREDENTIALS`` overrides it."""
+    return os.environ.get("WATCHTOWER_CREDENTIALS") or CREDENTIALS_DIR
 
 
 def _read_file(value: Any, info: ValidationInfo) -> tuple[Path, str]:
@@ -188,9 +198,8 @@ def _read_file(value: Any, info: ValidationInfo) -> tuple[Path, str]:
     try:
         return path, path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        where = (
-            f" (looked in $CREDENTIALS_DIRECTORY and {path.parent})" if not Path(value).is_absolute() else ""
-        )
+        creds = "$CREDENTIALS_DIRECTORY" if os.environ.get("CREDENTIALS_DIRECTORY") else credentials_dir()
+        where = f" (looked in {creds} and {path.parent})" if not Path(value).is_absolute() else ""
         raise ValueError(f"file not found: {value}{where}") from None
     except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {path}: {exc.__class__.__name__}") from None
@@ -1413,6 +1422,49 @@ _INDENT_PROBLEMS = (
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate a config file. Raises ConfigError with one line per problem."""
     file = Path(path)
+    return parse_config(_read_yaml(file), file.resolve().parent)
+
+
+class ClientConfig(BaseModel):
+    """What the commands that only talk to the daemon need (where it listens, its token, its
+    store): they work with the API token alone, even where the other secrets are not readable."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    _secret_fields: ClassVar[tuple[str, ...]] = ("api_token",)
+    site: str = ""
+    listen: Annotated[str, BeforeValidator(_check_listen)] = "127.0.0.1:9847"
+    state_dir: Path = Path("/var/lib/watchtower")
+    api_token: SecretStr | None = None
+    api_token_file: SecretFile | None = None
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _state_dir(cls, value: Path, info: ValidationInfo) -> Path:
+        return value if value.is_absolute() else (_context_dir(info) / value)
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, port = _split_host_port(self.listen)
+        assert port is not None
+        return host, port
+
+    def secret(self, name: str) -> SecretStr | None:
+        return _pick_secret(self, name)
+
+
+def load_client_config(path: str | os.PathLike[str]) -> ClientConfig:
+    """The daemon's address, token and store from a config file. Raises ConfigError."""
+    file = Path(path)
+    data = _read_yaml(file)
+    if not isinstance(data, Mapping):
+        raise ConfigError(["(top level): the config must be a mapping of keys like site, targets, notify"])
+    try:
+        return ClientConfig.model_validate(data, context={"config_dir": file.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(list(dict.fromkeys(_format_error(e) for e in exc.errors()))) from None
+
+
+def _read_yaml(file: Path) -> Any:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -1429,7 +1481,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         if any(p in problem for p in _INDENT_PROBLEMS):
             hint = " (check the indentation: settings go 2 spaces deeper than their key, siblings line up)"
         raise ConfigError([_one_line(f"{where}: invalid YAML: {problem}{hint}")]) from None
-    return parse_config(data, file.resolve().parent)
+    return data
 
 
 def _yaml_path_schema() -> dict[str, Any]:

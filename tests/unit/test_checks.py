@@ -130,3 +130,37 @@ def test_schema_into_a_closed_pipe_ends_quietly() -> None:
     )  # fmt: skip
     assert proc.stdout.splitlines()[0] == "{"
     assert "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cli_finds_secrets_in_the_credentials_dir_and_daemon_commands_need_only_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from watchtower.config import ConfigError, load_client_config, load_config
+
+    creds, unit_creds, etc = tmp_path / "credentials", tmp_path / "unit", tmp_path / "etc"
+    for d in (creds, unit_creds, etc):
+        d.mkdir()
+    (creds / "api-token").write_text("root-shell-token\n")
+    (unit_creds / "api-token").write_text("unit-token\n")
+    cfg = etc / "watchtower.yaml"
+    cfg.write_text(
+        "api_token_file: api-token\n" + BASE
+        + "    bmc: {ipmi: {host: 10.0.99.6, username: m, password_file: bmc-dc1}}\n"
+    )  # fmt: skip
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setenv("WATCHTOWER_CREDENTIALS", str(creds))
+    # the BMC password is not there: the full config names it and where it looked ...
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert f"file not found: bmc-dc1 (looked in {creds} and {etc})" in exc.value.problems[0]
+    # ... but ack/status/incidents need only the token, found in the credentials dir
+    client = load_client_config(cfg)
+    token = client.secret("api_token")
+    assert token is not None and token.get_secret_value() == "root-shell-token"
+    (creds / "bmc-dc1").write_text("pw\n")
+    full = load_config(cfg)
+    assert full.secret("api_token") is not None
+    # under the unit, systemd's $CREDENTIALS_DIRECTORY comes first
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(unit_creds))
+    token = load_client_config(cfg).secret("api_token")
+    assert token is not None and token.get_secret_value() == "unit-token"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -257,3 +258,13 @@ def test_a_single_vm_failure_never_yields_a_hypervisor_verdict(site: tuple[Topol
         if node.role == "vm":
             c = correlate_site(topo, {name}, True)
             assert [(v.scope, v.root) for v in c.verdicts] == [(Scope.VM, name)]
+
+
+def test_a_critical_path_down_takes_the_target_down_alone() -> None:
+    up = PathView("tcp 10.0.0.5:443", "tcp", "tcp 10.0.0.5:443", PathState.UP)
+    icmp = PathView("icmp 10.0.0.5", "icmp", "icmp 10.0.0.5", PathState.UP)
+    login = PathView("http https://erp1/login", "http", "http erp1", PathState.DOWN)
+    assert own_state([up, icmp, login], 2) is TargetState.DEGRADED
+    critical = PathView("http https://erp1/login", "http", "http erp1", PathState.DOWN, critical=True)
+    assert own_state([up, icmp, critical], 2) is TargetState.DOWN
+    assert own_state([up, icmp, replace(critical, state=PathState.UP)], 2) is TargetState.UP

@@ -62,6 +62,7 @@ class PathView:
     state: PathState
     detail: str = ""
     since: float | None = None  # first failure of the current failing streak
+    critical: bool = False  # `critical: true`: down alone takes the target down
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,9 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
         return TargetState.UNKNOWN
     down = sum(1 for states in witnesses.values() if all(s is PathState.DOWN for s in states))
     up = sum(1 for states in witnesses.values() if any(s is PathState.UP for s in states))
-    if down >= min(confirm_paths, len(witnesses)):
+    if down >= min(confirm_paths, len(witnesses)) or any(
+        p.critical and p.state is PathState.DOWN for p in paths
+    ):
         return TargetState.DOWN
     if down:
         return TargetState.DEGRADED

@@ -164,3 +164,19 @@ def test_cli_finds_secrets_in_the_credentials_dir_and_daemon_commands_need_only_
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(unit_creds))
     token = load_client_config(cfg).secret("api_token")
     assert token is not None and token.get_secret_value() == "unit-token"
+
+
+def test_every_command_says_its_exit_codes_and_every_argument_has_help() -> None:
+    import argparse
+
+    from watchtower.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {"mute", "unmute", "ack", "check"} <= set(sub.choices)
+    for name, command in sub.choices.items():
+        assert command.epilog and command.epilog.startswith("exit codes: 0"), name
+        for action in command._actions:
+            assert action.help, f"{name} {action.dest} has no help text"
+    assert "cut-monitor" in sub.choices["lab"].format_help()
+    assert "restore-monitor" in sub.choices["lab"].format_help()

@@ -82,7 +82,7 @@ class BmcState:
 def path_view(status: PathStatus) -> PathView:
     p = status.path
     return PathView(
-        p.name, p.kind, f"{p.kind} {p.spec.address}", status.state, status.detail, status.failing_since,
+        p.name, p.kind, f"{p.kind} {p.spec.address}", status.state, status.evidence, status.failing_since,
         p.spec.critical,
     )  # fmt: skip
 

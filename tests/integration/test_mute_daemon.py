@@ -231,6 +231,22 @@ async def test_config_window_mutes_at_its_time_and_cli_refuses_endless_mutes(
         assert code == 0 and "ended by carol" in out, err
         assert await d.muted_metric("erp1") == 0.0
 
+        # the status page's form, as a browser posts it
+        form = {"target": "erp1", "for": "30m", "reason": "disk swap", "by": "dave"}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(d.base + "/mutes", data=form, allow_redirects=False) as r:
+                assert r.status == 303, await r.text()
+            page = await d.get("/")
+            assert "disk swap" in page and "by dave" in page
+            assert await d.muted_metric("erp1") == 1.0
+            mute_id = (await d.get("/api/v1/mutes"))["mutes"][-1]["id"]
+            dave = {"by": "dave"}
+            async with s.post(f"{d.base}/mutes/{mute_id}/end", data=dave, allow_redirects=False) as r:
+                assert r.status == 303, await r.text()
+            async with s.post(d.base + "/mutes", data={**form, "for": "8d"}, allow_redirects=False) as r:
+                assert r.status == 400 and "at most 7d" in await r.text()
+        assert await d.muted_metric("erp1") == 0.0
+
 
 async def _is(value: Any, expected: str) -> bool:
     return (await value) == expected

@@ -637,6 +637,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = command("lab", cmd_lab, lab_help, "0 ok, 1 failed, 2 bad arguments", config=False)
     p.add_argument("lab_args", nargs=argparse.REMAINDER, metavar="ARGS", help="what to do, as listed above")
+    from watchtower.sim.cli import add_arguments, cmd_sim
+
+    p = command("sim", cmd_sim, "score the engine against random fault sequences on virtual time",
+                f"0 no run failed, 1 some runs failed, {INVALID}")  # fmt: skip
+    add_arguments(p)
     p = command("demo", cmd_demo, "build the simulated site and run watchtower against it (root)",
                 f"0 clean stop, {INVALID}")  # fmt: skip
     p.set_defaults(config="config/demo.yaml")

@@ -114,8 +114,10 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
         p.critical and p.state is PathState.DOWN for p in paths
     ):
         return TargetState.DOWN
-    if down:
+    if down and up:
         return TargetState.DEGRADED
+    # Down on some paths with nothing answering (the rest not settled yet, e.g. re-probed after
+    # what it depends on came back) is not "partly back": it is not known yet.
     return TargetState.UP if up else TargetState.UNKNOWN
 
 

@@ -61,6 +61,18 @@ def rto_clock(incident: Incident, config: Config) -> RtoClock | None:
     return best
 
 
+# A flapping incident's all-clear waits longer each time it failed again (60 s, 120 s, 240 s, ...),
+# up to this: a host bouncing every minute gets one page and one all-clear, not one per bounce.
+ALL_CLEAR_HOLD_MAX = 300.0
+
+
+def all_clear_hold(incident: Incident, policy: Notify) -> float:
+    """How long the recovery must hold before the all-clear goes out."""
+    if not incident.flaps:
+        return policy.all_clear_after
+    return max(policy.all_clear_after, min(policy.all_clear_after * 2**incident.flaps, ALL_CLEAR_HOLD_MAX))
+
+
 @dataclass(frozen=True, slots=True)
 class DueStep:
     step: str
@@ -149,7 +161,7 @@ def due(
         and incident.state is IncidentState.RESOLVED
         and incident.resolved_at is not None
         and f"resolve:{flaps}" not in fired
-        and now - incident.resolved_at >= policy.all_clear_after
+        and now - incident.resolved_at >= all_clear_hold(incident, policy)
     ):
         out.append(DueStep(f"resolve:{flaps}", "resolve", everyone, "all clear"))
     return out

@@ -1,0 +1,3 @@
+from watchtower.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Which messages an incident is owed now: a pure function of (incident, policy, now, what fired).
+
+Nothing here reads the clock or does I/O. Every message has a *step id* that is unique within
+its incident; the outbox stores (incident, step id, channel) with a unique key, so a step that
+is due again after a restart, a reload or a race is a no-op, never a second page.
+
+Step ids:
+- ``step{N}``: the N-th escalation step of the policy (``after`` or ``rto_fraction``);
+- ``update:{K}``: the K-th ``update_every`` status message (only the latest one due is sent:
+  after a long pause nobody needs three stale updates in a row);
+- ``ack:{N}``: the N-th acknowledgement, announced to every channel notified so far;
+- ``reopen:{N}``: the incident failed again (flap N) after its all-clear went out;
+- ``resolve:{N}``: the all-clear of the N-th flap, once the recovery held
+  ``notify.all_clear_after``: a target bouncing up and down gets one page and one all-clear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from watchtower.config import Config, Notify
+from watchtower.durations import coarse, exact
+from watchtower.engine.correlate import Scope
+from watchtower.engine.incidents import Incident, IncidentState
+from watchtower.engine.maintenance import paging_start
+
+# Kinds a recipient counts as "notified" by: they get updates, acks and the all-clear.
+NOTIFYING_KINDS = ("page", "escalation")
+
+
+@dataclass(frozen=True, slots=True)
+class RtoClock:
+    """The tightest recovery-time objective among the services an incident takes down."""
+
+    service: str
+    target: str
+    rto: float
+    started_at: float  # the outage's start: the first failed probe, else the confirmation
+
+    @property
+    def deadline(self) -> float:
+        return self.started_at + self.rto
+
+    def left(self, now: float) -> float:
+        return self.deadline - now
+
+
+def outage_start(incident: Incident) -> float:
+    return incident.first_failure_at if incident.first_failure_at is not None else incident.opened_at
+
+
+def rto_clock(incident: Incident, config: Config) -> RtoClock | None:
+    best: RtoClock | None = None
+    for name in (incident.root, *incident.affected):
+        target = config.targets.get(name)
+        if target is None or target.service is None or target.service.rto is None:
+            continue
+        if best is None or target.service.rto < best.rto:
+            best = RtoClock(target.service.name, name, target.service.rto, outage_start(incident))
+    return best
+
+
+@dataclass(frozen=True, slots=True)
+class DueStep:
+    step: str
+    kind: str  # page | escalation | update | ack | reopen | resolve
+    channels: tuple[str, ...]  # channel names, in config order
+    label: str  # for the message and the timeline: "tier2 (unacknowledged after 15m)"
+
+
+def channels_for(policy: Notify, selectors: Iterable[str]) -> tuple[str, ...]:
+    """Channel names a step addresses: by tag or by name, in config order."""
+    wanted = set(selectors)
+    return tuple(c.name for c in policy.channels if c.name in wanted or wanted.intersection(c.tags))
+
+
+_span = exact
+
+
+def due(
+    incident: Incident,
+    config: Config,
+    now: float,
+    fired: Collection[str],
+    notified: Collection[str],
+    muted: bool = False,
+) -> list[DueStep]:
+    """The steps owed to ``incident`` at ``now`` that have not fired yet.
+
+    ``fired``: step ids already recorded for this incident; ``notified``: channels that got one
+    of its page/escalation messages; ``muted``: the incident is in maintenance now (no pages,
+    escalations or updates; the ``after`` delays count from the end of its maintenance).
+    Returns steps in the order they should go out.
+    """
+    policy = config.notify
+    out: list[DueStep] = []
+    if incident.merged_into is not None:
+        return out  # its story continues in the incident it was folded into
+    acked = incident.state is IncidentState.ACKNOWLEDGED or incident.acknowledged_at is not None
+    newly_notified: list[str] = []
+    start = paging_start(incident)
+
+    if incident.is_open and not muted:
+        clock = rto_clock(incident, config)
+        for n, step in enumerate(policy.escalation):
+            step_id = f"step{n}"
+            if step_id in fired or (step.unless == "acknowledged" and acked):
+                continue
+            if step.after is not None:
+                if now - start < step.after:
+                    continue
+                label = "first alert" if n == 0 else f"unacknowledged after {_span(step.after)}"
+                if step.unless is None and n:
+                    label = f"open for {_span(step.after)}"
+            else:
+                assert step.rto_fraction is not None
+                if clock is None or now - clock.started_at < step.rto_fraction * clock.rto:
+                    continue
+                label = (
+                    f"{step.rto_fraction:.0%} of the {clock.service} RTO ({_span(clock.rto)}) used, "
+                    f"{coarse(max(0.0, clock.left(now)))} left"
+                )
+            channels = channels_for(policy, step.notify)
+            kind = "page" if not (set(notified) | set(newly_notified)) else "escalation"
+            out.append(DueStep(step_id, kind, channels, label))
+            newly_notified.extend(channels)
+
+    everyone = tuple(c.name for c in policy.channels if c.name in set(notified) | set(newly_notified))
+    if not everyone:
+        return out
+
+    if incident.is_open and not muted and policy.update_every and incident.scope is not Scope.MONITOR:
+        k = int((now - start) // policy.update_every)
+        if k >= 1 and f"update:{k}" not in fired:
+            label = f"status after {_span(now - incident.opened_at)}"
+            out.append(DueStep(f"update:{k}", "update", everyone, label))
+
+    acks = sum(1 for e in incident.timeline if e.kind == "ack")
+    if acks and f"ack:{acks}" not in fired and incident.acknowledged_by is not None:
+        out.append(DueStep(f"ack:{acks}", "ack", everyone, f"acknowledged by {incident.acknowledged_by}"))
+
+    flaps = incident.flaps
+    if incident.is_open and flaps and f"reopen:{flaps}" not in fired and f"resolve:{flaps - 1}" in fired:
+        out.append(DueStep(f"reopen:{flaps}", "reopen", everyone, f"failed again (flap {flaps})"))
+
+    if (
+        policy.on_resolve
+        and incident.state is IncidentState.RESOLVED
+        and incident.resolved_at is not None
+        and f"resolve:{flaps}" not in fired
+        and now - incident.resolved_at >= policy.all_clear_after
+    ):
+        out.append(DueStep(f"resolve:{flaps}", "resolve", everyone, "all clear"))
+    return out

@@ -1,0 +1,315 @@
+"""Incident lifecycle: verdicts over time -> incidents that open, grow, merge, flap and resolve.
+
+The clock is passed in; nothing here reads it or does I/O. Each call to :meth:`step` returns
+the :class:`Change` list it caused, which is what the log, the store and the alerting consume.
+
+Decisions an admin would expect:
+- **one incident per outage**: a verdict whose root already has an open incident updates it;
+- **merge, not a second page**: VMs confirmed down before their hypervisor open a ``vm``
+  incident; when the hypervisor is confirmed, the oldest such incident is *re-rooted* (same id,
+  scope and root change, a timeline entry says why) and the others are folded into it;
+- **flap damping**: a root that fails again within ``flap_window`` of its incident resolving
+  reopens that incident and counts the flap (``reopened`` is not a new page);
+- **never silently dropped**: when a root recovers while what it took down stays down, the
+  incident resolves and says so, and those targets become roots of their own incidents;
+- **blind is not down**: while the vantage is down, target incidents neither open nor resolve;
+  one ``monitor`` incident records the blind window.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from watchtower.durations import exact
+from watchtower.engine.correlate import Cause, Correlation, Scope, TargetState, Verdict
+
+FLAP_WINDOW = 600.0  # seconds after resolution during which a recurrence reopens the incident
+# After the root is back, what it took down gets this long to come back (VMs boot, services start)
+# within the same incident: a VM still booting is part of the restore, not a new outage to page for.
+RECOVERY_GRACE = 900.0
+# An affected target that answers on some of its paths but not all (``degraded``: the VM pings, its
+# service is still starting) is not back yet; the all-clear waits for it this long. Shorter than
+# RECOVERY_GRACE because a target can be degraded for reasons of its own that predate the outage.
+PARTIAL_GRACE = 120.0
+
+
+class IncidentState(enum.StrEnum):
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEvent:
+    at: float
+    kind: (
+        str  # first_failure, opened, confirmed, affected, cause, scope, merged, reopened, ack, resolved, ...
+    )
+    text: str
+
+
+@dataclass(slots=True)
+class Incident:
+    id: int
+    scope: Scope
+    root: str
+    opened_at: float
+    cause: Cause | None = None
+    affected: list[str] = field(default_factory=list)
+    state: IncidentState = IncidentState.OPEN
+    acknowledged_at: float | None = None
+    acknowledged_by: str | None = None
+    resolved_at: float | None = None
+    first_failure_at: float | None = None
+    evidence: list[str] = field(default_factory=list)
+    flaps: int = 0
+    merged_into: int | None = None
+    back: list[str] = field(default_factory=list)  # affected targets seen up again
+    root_back_at: float | None = None  # the root is up again, affected targets still coming back
+    timeline: list[TimelineEvent] = field(default_factory=list)
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is not IncidentState.RESOLVED
+
+    def note(self, at: float, kind: str, text: str) -> TimelineEvent:
+        event = TimelineEvent(at, kind, text)
+        self.timeline.append(event)
+        return event
+
+    def headline(self) -> str:
+        if self.scope is Scope.MONITOR:
+            return f"monitor {self.root} is blind (its own uplink is down)"
+        cause = f" ({self.cause})" if self.cause else ""
+        more = f", {len(self.affected)} affected" if self.affected else ""
+        return f"{self.scope} {self.root} down{cause}{more}"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    incident: int
+    kind: str  # opened, reopened, affected, cause, rerooted, merged, resolved, acknowledged
+    text: str
+
+
+def _clock(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%SZ")
+
+
+_span = exact
+
+
+class IncidentTracker:
+    def __init__(self, flap_window: float = FLAP_WINDOW, next_id: int = 1):
+        self.flap_window = flap_window
+        self.incidents: dict[int, Incident] = {}
+        self._next_id = next_id
+
+    def load(self, incidents: list[Incident], next_id: int) -> None:
+        """Start from the store's open (and recently resolved) incidents: same ids after a restart."""
+        for incident in incidents:
+            self.incidents[incident.id] = incident
+        self._next_id = max(self._next_id, next_id)
+
+    # ------------------------------------------------------------------ reading
+    def open_incidents(self) -> list[Incident]:
+        return [i for i in self.incidents.values() if i.is_open]
+
+    def get(self, incident_id: int) -> Incident | None:
+        return self.incidents.get(incident_id)
+
+    # ------------------------------------------------------------------ changes
+    def _new(self, scope: Scope, root: str, now: float) -> Incident:
+        incident = Incident(self._next_id, scope, root, now)
+        self.incidents[incident.id] = incident
+        self._next_id += 1
+        return incident
+
+    def acknowledge(self, incident_id: int, by: str, now: float) -> tuple[Incident, list[Change]]:
+        """Raises KeyError for an unknown id. Acknowledging twice keeps the first ack."""
+        incident = self.incidents[incident_id]
+        if incident.state is not IncidentState.OPEN:
+            return incident, []
+        incident.state = IncidentState.ACKNOWLEDGED
+        incident.acknowledged_at, incident.acknowledged_by = now, by
+        event = incident.note(now, "ack", f"acknowledged by {by}")
+        return incident, [Change(incident.id, "acknowledged", event.text)]
+
+    def step(self, corr: Correlation, now: float) -> list[Change]:
+        changes: list[Change] = []
+        blind = next((i for i in self.open_incidents() if i.scope is Scope.MONITOR), None)
+        if not corr.vantage_up:
+            if blind is None:
+                verdict = next(v for v in corr.verdicts if v.scope is Scope.MONITOR)
+                incident = self._new(Scope.MONITOR, verdict.root, now)
+                incident.evidence = list(verdict.evidence)
+                event = incident.note(now, "opened", f"blind since {_clock(now)}: every vantage path is down")
+                changes.append(Change(incident.id, "opened", event.text))
+            return changes  # what is seen while blind is not evidence: target incidents stay as they are
+        if blind is not None:
+            blind.state, blind.resolved_at = IncidentState.RESOLVED, now
+            text = f"blind from {_clock(blind.opened_at)} to {_clock(now)} ({_span(now - blind.opened_at)})"
+            blind.note(now, "resolved", text)
+            changes.append(Change(blind.id, "resolved", text))
+
+        claimed: set[int] = set()
+        roots = {v.root for v in corr.verdicts}
+        # Targets still coming back after their root returned: their own verdicts belong to it.
+        recovering = {
+            target: incident
+            for incident in self.open_incidents()
+            if incident.scope is not Scope.MONITOR and incident.root not in roots
+            and (incident.root_back_at is None or now - incident.root_back_at < RECOVERY_GRACE)
+            for target in incident.affected
+            if target not in incident.back
+        }  # fmt: skip
+        for verdict in corr.verdicts:
+            if verdict.scope is Scope.MONITOR:
+                continue
+            owner = recovering.get(verdict.root)
+            if owner is not None and corr.states.get(owner.root) in (TargetState.UP, TargetState.DEGRADED):
+                claimed.add(owner.id)
+                continue
+            incident = self._apply(verdict, now, changes)
+            claimed.add(incident.id)
+            self._note_back(incident, corr, now)
+        for incident in self.open_incidents():
+            if incident.scope is Scope.MONITOR:
+                continue
+            root_state = corr.states.get(incident.root)
+            if root_state not in (TargetState.UP, TargetState.DEGRADED, None):
+                continue  # down, unknown or unreachable: cannot tell yet, keep it open
+            if incident.id in claimed and incident.root in roots:
+                continue
+            self._note_back(incident, corr, now)
+            still, partial = self._still_down(incident, corr), self._partly_back(incident, corr)
+            if (still or partial) and incident.root_back_at is None:
+                incident.root_back_at = now
+                text = f"{incident.root} is back; waiting for {', '.join(still + partial)} to come back"
+                incident.note(now, "root_back", text)
+                changes.append(Change(incident.id, "recovering", text))
+                continue
+            waited = now - (incident.root_back_at or now)
+            if (not still and (not partial or waited >= PARTIAL_GRACE)) or waited >= RECOVERY_GRACE:
+                self._resolve(incident, corr, now, changes)
+        return changes
+
+    @staticmethod
+    def _still_down(incident: Incident, corr: Correlation) -> list[str]:
+        return [
+            a
+            for a in incident.affected
+            if a not in incident.back
+            and corr.states.get(a) in (TargetState.DOWN, TargetState.UNREACHABLE, TargetState.UNKNOWN)
+        ]
+
+    @staticmethod
+    def _partly_back(incident: Incident, corr: Correlation) -> list[str]:
+        degraded = TargetState.DEGRADED
+        return [a for a in incident.affected if a not in incident.back and corr.states.get(a) is degraded]
+
+    def _apply(self, verdict: Verdict, now: float, changes: list[Change]) -> Incident:
+        open_target = [i for i in self.open_incidents() if i.scope is not Scope.MONITOR]
+        incident = next((i for i in open_target if i.root == verdict.root), None)
+        # Earlier incidents whose root this verdict now explains (VMs confirmed before their host).
+        absorbed = sorted(
+            (i for i in open_target if i.root in verdict.affected and i is not incident),
+            key=lambda i: i.opened_at,
+        )
+        if incident is None and absorbed:
+            incident = absorbed.pop(0)
+            text = (
+                f"re-scoped {incident.scope} {incident.root} -> {verdict.scope} {verdict.root}: "
+                f"{incident.root} is down because {verdict.root} is"
+            )
+            incident.scope, incident.root = verdict.scope, verdict.root
+            incident.note(now, "scope", text)
+            changes.append(Change(incident.id, "rerooted", text))
+        if incident is None:
+            incident = self._recent(verdict.root, now)
+            if incident is not None:
+                incident.state, incident.resolved_at = IncidentState.OPEN, None
+                incident.acknowledged_at = incident.acknowledged_by = None
+                incident.flaps += 1
+                incident.scope = verdict.scope
+                text = f"{verdict.root} failed again: reopened (flap {incident.flaps})"
+                incident.note(now, "reopened", text)
+                changes.append(Change(incident.id, "reopened", text))
+        if incident is None:
+            incident = self._new(verdict.scope, verdict.root, now)
+            incident.cause = verdict.cause
+            incident.affected = list(verdict.affected)
+            incident.evidence = list(verdict.evidence)
+            if verdict.since is not None:
+                incident.first_failure_at = verdict.since
+                incident.note(verdict.since, "first_failure", f"first failed probe of {verdict.root}")
+            event = incident.note(now, "opened", f"confirmed: {incident.headline()}")
+            changes.append(Change(incident.id, "opened", event.text))
+        for other in absorbed:
+            other.state, other.resolved_at, other.merged_into = IncidentState.RESOLVED, now, incident.id
+            other.note(now, "merged", f"merged into #{incident.id} ({verdict.scope} {verdict.root})")
+            text = f"#{other.id} ({other.root}) merged in"
+            incident.note(now, "merged", text)
+            changes.append(Change(incident.id, "merged", text))
+        joined = [a for a in verdict.affected if a not in incident.affected]
+        if joined:
+            incident.affected.extend(joined)
+            text = f"affected: +{', '.join(joined)} ({len(incident.affected)} in all)"
+            incident.note(now, "affected", text)
+            changes.append(Change(incident.id, "affected", text))
+        if verdict.cause is Cause.OS_UNRESPONSIVE and incident.cause in (
+            Cause.POWER_OFF,
+            Cause.HARDWARE_FAULT,
+        ):
+            # Chassis back on while the host is still down: it is booting, not hung. Keep the cause
+            # that explains the outage, and say what changed.
+            if not incident.timeline or incident.timeline[-1].kind != "power":
+                incident.note(now, "power", "BMC: chassis power back on, host not answering yet (booting?)")
+        elif verdict.cause is not None and verdict.cause != incident.cause:
+            text = f"cause: {verdict.cause}" + (f" (was {incident.cause})" if incident.cause else "")
+            incident.cause = verdict.cause
+            incident.note(now, "cause", text)
+            changes.append(Change(incident.id, "cause", text))
+        if incident.root_back_at is not None:
+            incident.root_back_at = None
+            incident.note(now, "root_failed", f"{verdict.root} failed again before everything came back")
+        incident.evidence = list(verdict.evidence)
+        return incident
+
+    def _recent(self, root: str, now: float) -> Incident | None:
+        candidates = [
+            i
+            for i in self.incidents.values()
+            if i.root == root
+            and i.state is IncidentState.RESOLVED
+            and i.merged_into is None
+            and i.resolved_at is not None
+            and now - i.resolved_at <= self.flap_window
+        ]
+        return max(candidates, key=lambda i: i.resolved_at or 0.0, default=None)
+
+    @staticmethod
+    def _note_back(incident: Incident, corr: Correlation, now: float) -> None:
+        """Each affected target's return, for the restore log and the post-mortem."""
+        for target in incident.affected:
+            if target not in incident.back and corr.states.get(target) is TargetState.UP:
+                incident.back.append(target)
+                incident.note(now, "back", f"{target} is back")
+
+    def _resolve(self, incident: Incident, corr: Correlation, now: float, changes: list[Change]) -> None:
+        self._note_back(incident, corr, now)
+        incident.state, incident.resolved_at = IncidentState.RESOLVED, now
+        still = self._still_down(incident, corr)
+        incident.root_back_at = None
+        text = f"{incident.root} is back after {_span(now - incident.opened_at)}"
+        if incident.back and incident.timeline and any(e.kind == "root_back" for e in incident.timeline):
+            text = f"{incident.root} and what it took down are back after {_span(now - incident.opened_at)}"
+        if still:
+            text += f"; still down, now incidents of their own: {', '.join(still)}"
+        partial = self._partly_back(incident, corr)
+        if partial:
+            text += f"; answering but not on every path yet: {', '.join(partial)}"
+        incident.note(now, "resolved", text)
+        changes.append(Change(incident.id, "resolved", text))

@@ -1,0 +1,518 @@
+"""The live picture of the site: every path's status, target states, vantage; fed by the scheduler.
+
+Only the event loop mutates it. Readers in other threads (the metrics renderer) get a
+:class:`Snapshot`, copied on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from watchtower import clock
+from watchtower.config import PASSIVE_KINDS, VANTAGE, Config, ResolvedPath, TrapPath
+from watchtower.engine.correlate import (
+    BmcFacts,
+    Correlation,
+    PathView,
+    Scope,
+    TargetState,
+    correlate,
+)
+from watchtower.engine.incidents import Change, Incident, IncidentTracker
+from watchtower.engine.paths import PathState, PathStatus
+from watchtower.engine.runner import run_probe
+from watchtower.engine.scheduler import Scheduler
+from watchtower.engine.topology import Topology
+from watchtower.probes import Failure, ProbeContext, ProbeResult, SelEntry, SensorReading, get_probe
+from watchtower.probes.traps import TrapEvent, is_link_down, is_link_up
+
+log = logging.getLogger("watchtower.monitor")
+
+
+# A dependent's verdict waits at most this long for a suspect dependency to be confirmed or cleared
+# (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
+HOLD_MAX = 10.0
+CRITICAL_WINDOW = 3600.0  # a critical SEL entry explains an outage for this long after it is seen
+
+
+@dataclass(slots=True)
+class BmcState:
+    """What a target's management controller said lately (from a bmc: block or an ipmi/redfish path)."""
+
+    reachable: bool = False
+    power_on: bool | None = None
+    health: str | None = None
+    sensors: tuple[SensorReading, ...] = ()
+    events: deque[tuple[float, SelEntry]] = field(default_factory=lambda: deque(maxlen=50))
+    critical_total: int = 0
+    last_at: float | None = None
+
+    def update(self, result: ProbeResult, now: float) -> None:
+        self.last_at = now
+        reading = result.bmc
+        if reading is None:
+            # No answer at all is "unreachable"; an answer we could not use (auth, garbage) is not.
+            self.reachable = result.failure not in (Failure.TIMEOUT, Failure.UNREACHABLE, Failure.REFUSED)
+            if not self.reachable:
+                self.power_on = None
+            return
+        self.reachable = True
+        self.power_on, self.health = reading.power_on, reading.health
+        if reading.sensors:
+            self.sensors = reading.sensors
+        for entry in reading.new_events:
+            self.events.append((now, entry))
+            if entry.severity == "critical":
+                self.critical_total += 1
+
+    def facts(self, now: float) -> BmcFacts:
+        critical = tuple(
+            e.text for at, e in self.events if e.severity == "critical" and now - at <= CRITICAL_WINDOW
+        )
+        return BmcFacts(self.reachable, self.power_on, critical)
+
+
+def path_view(status: PathStatus) -> PathView:
+    p = status.path
+    return PathView(
+        p.name, p.kind, f"{p.kind} {p.spec.address}", status.state, status.detail, status.failing_since
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PathRow:
+    target: str
+    name: str
+    kind: str
+    state: PathState
+    ok: bool | None
+    latency: float | None
+    last_ok: float | None
+    detail: str
+    values: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable copy of the state, safe to hand to another thread."""
+
+    taken_at: float
+    site: str
+    paths: tuple[PathRow, ...]
+    targets: tuple[tuple[str, str, TargetState], ...]  # name, role, state
+    vantage_up: bool
+    lag_buckets: tuple[tuple[str, int], ...]
+    lag_sum: float
+    lag_count: int
+    reload_ok: bool = True
+    reload_at: float = 0.0
+    incidents_open: tuple[tuple[str, int], ...] = ()  # scope, count
+    bmc: tuple[tuple[str, BmcState], ...] = ()  # target, a copy of its BMC state
+    channels: tuple[Any, ...] = ()  # notify.outbox.ChannelStats copies (the engine does not import notify)
+    store_ok: bool = True
+
+
+_TIMINGS = {"interval", "retry_interval", "timeout", "fail_after", "recover_after"}
+
+
+def _same_probe(a: ResolvedPath, b: ResolvedPath) -> bool:
+    """Same target and same probe apart from its timings: its state is still meaningful."""
+    return a.kind == b.kind and a.spec.model_dump(exclude=_TIMINGS) == b.spec.model_dump(exclude=_TIMINGS)
+
+
+class Monitor:
+    """Owns the path statuses and the scheduler that feeds them."""
+
+    def __init__(self, config: Config, *, shared: ProbeContext | None = None):
+        self.config = config
+        self.scheduler = Scheduler(config.max_concurrent_probes)
+        self.shared = shared or ProbeContext(timeout=0)
+        self.statuses: dict[tuple[str, str], PathStatus] = {}
+        self.started_at = clock.now()
+        self.reloaded_ok, self.reloaded_at = True, self.started_at
+        self.tracker = IncidentTracker()
+        self.bmc: dict[str, BmcState] = {}
+        self.topology = Topology.from_config(config)
+        self._dirty = asyncio.Event()
+        self._holding: dict[str, float] = {}  # verdict root -> since when it is held back
+        # Set when incidents changed (opened, grew, acknowledged, resolved): the alerting looks then.
+        self.incidents_changed = asyncio.Event()
+        # Filled in by the daemon when alerting runs: channel statistics and store health for metrics.
+        self.alerting_stats: Callable[[], tuple[tuple[Any, ...], bool]] | None = None
+        self._apply(config)
+        self.correlation = self._correlate(self.started_at)
+
+    # ------------------------------------------------------------------ wiring
+    def _apply(self, config: Config) -> dict[str, int]:
+        """Make the running set of paths match ``config``.
+
+        A path whose spec (what it talks to and how) is unchanged keeps its state, its streak
+        counts and its phase, even if its timings changed; a changed spec starts over as unknown;
+        a removed path stops. Returns counts for the reload log line.
+        """
+        old = self.statuses
+        self.statuses = {}
+        counts = {"added": 0, "removed": 0, "changed": 0, "kept": 0}
+        for path in (*config.vantage_paths, *config.paths, *config.bmc_paths):
+            status = old.pop(path.key, None)
+            if status is not None and status.path == path:
+                self.statuses[path.key] = status
+                counts["kept"] += 1
+                continue
+            if status is not None and _same_probe(status.path, path):
+                status.path = path  # timings changed: the cadence closure reads status.path
+                counts["changed"] += 1
+            else:
+                counts["added" if status is None else "changed"] += 1
+                status = PathStatus(path)
+            self.statuses[path.key] = status
+            if path.kind in PASSIVE_KINDS:
+                status.detail = status.detail or "no trap received yet"
+                self.scheduler.remove(path.key)
+                continue
+            if get_probe(path.kind) is None:
+                status.detail = f"no prober for kind {path.kind!r} in this version; path stays unknown"
+                log.warning("no prober target=%s path=%r kind=%s", path.target, path.name, path.kind)
+                self.scheduler.remove(path.key)
+                continue
+            self.scheduler.add(path.key, path.interval, self._cadence(status), self._runner(status))
+        for key in old:
+            self.scheduler.remove(key)
+            counts["removed"] += 1
+        # Paths by target: a storm of first failures asks "the other paths of this target" once per
+        # path, which must not be a scan of every path of the site.
+        self._by_target: dict[str, list[PathStatus]] = {}
+        for status in self.statuses.values():
+            self._by_target.setdefault(status.path.target, []).append(status)
+        self.config = config
+        self.topology = Topology.from_config(config)
+        self._dirty.set()
+        return counts
+
+    def reload(self, config: Config) -> dict[str, int]:
+        """Apply a new config (already validated) to the running monitor."""
+        counts = self._apply(config)
+        self.reloaded_ok, self.reloaded_at = True, clock.now()
+        return counts
+
+    def reload_failed(self) -> None:
+        self.reloaded_ok, self.reloaded_at = False, clock.now()
+
+    @staticmethod
+    def _cadence(status: PathStatus) -> Callable[[], float]:
+        def cadence() -> float:
+            return status.path.retry_interval if status.pending else status.path.interval
+
+        return cadence
+
+    def _runner(self, status: PathStatus) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            # Confirming a failure of an up path: probes may look harder (icmp sends 3 echoes), so
+            # packet loss does not pass for an outage while a dead host still fails as fast.
+            status.memory["confirming"] = status.state is PathState.UP and status.failures > 0
+            result = await run_probe(status.path, self.shared, status.memory)
+            self.record(status, result, clock.now())
+
+        return run
+
+    def record(self, status: PathStatus, result: ProbeResult, now: float) -> bool:
+        """Fold one probe result into the picture. True when a correlation pass is needed."""
+        was_down = status.state is PathState.DOWN
+        changed = status.observe(result, now)
+        if changed:
+            p = status.path
+            log.info(
+                "path state target=%s path=%r state=%s detail=%r",
+                p.target,
+                p.name,
+                status.state,
+                result.detail,
+            )
+        if status.path.is_bmc or result.bmc is not None:
+            bmc = self.bmc.setdefault(status.path.target, BmcState())
+            before = bmc.facts(now)
+            bmc.update(result, now)
+            if bmc.facts(now) != before:
+                changed = True  # a new BMC fact (power off, a PSU failure) may change the cause
+        if not result.ok and status.failures == 1 and not was_down:
+            self._second_witness(status)
+        if changed:
+            self._dirty.set()
+        return changed
+
+    # ------------------------------------------------------------------ traps
+    def on_trap(self, event: TrapEvent) -> None:
+        """A trap arrived (called on the loop by the receiver). linkDown/linkUp of a listed
+        interface sets the trap path's state at once (a trap is the device's own word, no streak
+        needed); configured trap OIDs go to the log and the open incident's timeline, and may hold
+        the path down until a clearing trap or their hold time."""
+        now = clock.now()
+        matched = False
+        for status in list(self.statuses.values()):
+            spec = status.path.spec
+            if not isinstance(spec, TrapPath) or spec.source != event.source:
+                continue
+            matched = True
+            for down_or_up, check in ((True, is_link_down), (False, is_link_up)):
+                is_it, if_index = check(event)
+                if is_it and self._interface_listed(spec, event, if_index):
+                    what = f"{'linkDown' if down_or_up else 'linkUp'} ifIndex {if_index}"
+                    self._set_passive(status, not down_or_up, what, now)
+            for rule in spec.events:
+                label = rule.text or rule.oid
+                if event.trap_oid == rule.oid:
+                    self._trap_timeline(status.path.target, f"trap from {event.source}: {label}", now)
+                    if rule.down:
+                        self._set_passive(status, False, label, now)
+                        self._hold(status, rule.hold, label)
+                elif rule.clear_oid is not None and event.trap_oid == rule.clear_oid:
+                    self._trap_timeline(status.path.target, f"trap from {event.source}: {label} cleared", now)
+                    self._set_passive(status, True, f"{label} cleared", now)
+        if not matched:
+            log.info("trap from an unknown source source=%s oid=%s", event.source, event.trap_oid)
+
+    @staticmethod
+    def _interface_listed(spec: TrapPath, event: TrapEvent, if_index: int | None) -> bool:
+        if not spec.interfaces:
+            return True  # no list: every interface of the device counts
+        descr = event.value(f"1.3.6.1.2.1.2.2.1.2.{if_index}") if if_index is not None else None
+        return any(i == if_index or (descr is not None and str(i) == descr) for i in spec.interfaces)
+
+    def _set_passive(self, status: PathStatus, up: bool, what: str, now: float) -> None:
+        state = PathState.UP if up else PathState.DOWN
+        status.detail = what
+        status.last_at = now
+        if up:
+            status.last_ok, status.failing_since = now, None
+            handle = status.memory.pop("hold", None)
+            if handle is not None:
+                handle.cancel()
+        elif status.state is not PathState.DOWN:
+            status.failing_since = now
+        if status.state is not state:
+            status.state, status.changed_at = state, now
+            p = status.path
+            log.info("path state target=%s path=%r state=%s detail=%r", p.target, p.name, state, what)
+            self._dirty.set()
+            if not up:
+                self._second_witness(status)
+
+    def _hold(self, status: PathStatus, hold: float, label: str) -> None:
+        previous = status.memory.pop("hold", None)
+        if previous is not None:
+            previous.cancel()
+        status.memory["hold"] = asyncio.get_running_loop().call_later(
+            hold, lambda: self._set_passive(status, True, f"{label}: no news for {hold:g}s", clock.now())
+        )
+
+    def _trap_timeline(self, target: str, text: str, now: float) -> None:
+        log.info("trap event target=%s: %s", target, text)
+        for incident in self.tracker.open_incidents():
+            if target == incident.root or target in incident.affected:
+                incident.note(now, "trap", text)
+
+    def _second_witness(self, status: PathStatus) -> None:
+        """A path's first failure: probe the target's other paths, and the vantage, now. The
+        second witness (or the proof that watchtower itself is cut off) then arrives within a
+        retry interval instead of a full one."""
+        upstream = self.topology.upstream(status.path.target)
+        for other in (
+            *self.target_paths(status.path.target),
+            *self.target_paths(VANTAGE),
+            # What it depends on, too: if its hypervisor, switch or NAS is the one that died, that
+            # must be confirmed first, so the page names the root and not the first VM noticed.
+            *(p for target in upstream for p in self.target_paths(target)),
+        ):
+            if other is not status and other.state is not PathState.DOWN:
+                self.scheduler.run_now(other.path.key)
+
+    # ------------------------------------------------------------------ correlation
+    def _correlate(self, now: float) -> Correlation:
+        by_target: dict[str, list[PathView]] = {}
+        for status in self.statuses.values():
+            if not status.path.is_bmc:  # the BMC explains an outage; it is no witness of one
+                by_target.setdefault(status.path.target, []).append(path_view(status))
+        facts = {name: bmc.facts(now) for name, bmc in self.bmc.items() if bmc.last_at is not None}
+        return correlate(self.topology, by_target, facts, by_target.get(VANTAGE, []), now)
+
+    def _suspect(self, target: str) -> bool:
+        """A path of ``target`` is failing but not yet confirmed down."""
+        return any(
+            s.state is not PathState.DOWN and s.failures > 0 and not s.path.is_bmc
+            for s in self.target_paths(target)
+        )
+
+    def _held(self, corr: Correlation, now: float) -> set[str]:
+        """Roots of verdicts to hold back for now: something they depend on is failing but not yet
+        confirmed, so this may be its outage (one incident named after it), not theirs. Bounded:
+        a dependency that stays suspect longer than HOLD_MAX (flapping) no longer holds anyone."""
+        held: set[str] = set()
+        # A hold belongs to one verdict while it lasts: a root whose verdict is gone (merged into
+        # its hypervisor's, or recovered) starts afresh next time. A stale start would make the
+        # next outage's hold look expired, and the page would name the VM again.
+        for stale in self._holding.keys() - {v.root for v in corr.verdicts}:
+            del self._holding[stale]
+        for verdict in corr.verdicts:
+            if verdict.scope is Scope.MONITOR:
+                continue
+            suspects = [u for u in self.topology.upstream(verdict.root) if self._suspect(u)]
+            if not suspects:
+                self._holding.pop(verdict.root, None)
+                continue
+            since = self._holding.setdefault(verdict.root, now)
+            if now - since < HOLD_MAX:
+                held.add(verdict.root)
+        return held
+
+    def _vantage_suspect(self) -> bool:
+        """A vantage path is failing but not yet confirmed: the monitor may be the one cut off."""
+        return any(s.state is PathState.UP and s.failures > 0 for s in self.target_paths(VANTAGE))
+
+    def _fresh_look(self) -> None:
+        """Vantage is back: forget what the target paths saw while blind and probe them all now."""
+        for status in self.statuses.values():
+            if status.path.target != VANTAGE:
+                status.state, status.successes, status.failures = PathState.UNKNOWN, 0, 0
+                status.failing_since = None
+                self.scheduler.run_now(status.path.key)
+
+    def evaluate(self, now: float) -> list[Change]:
+        """One correlation pass: target states, then incident changes. Returns the changes."""
+        vantage_paths = self.target_paths(VANTAGE)
+        vantage_up = not vantage_paths or any(s.state is not PathState.DOWN for s in vantage_paths)
+        if vantage_up and not self.correlation.vantage_up:
+            self._fresh_look()
+        previous = self.correlation
+        self.correlation = corr = self._correlate(now)
+        for name, state in corr.states.items():
+            was = previous.states.get(name, TargetState.UNKNOWN)
+            if state is not was:
+                down = ", ".join(s.path.name for s in self.target_paths(name) if s.state is PathState.DOWN)
+                log.info(
+                    "target state target=%s state=%s was=%s paths_down=%r", name, state, was, down or "none"
+                )
+        if corr.vantage_up and self._vantage_suspect():
+            # Hold incident changes until the vantage settles: opening a network incident for a
+            # failure of the monitor's own uplink is exactly the false alarm to avoid.
+            return []
+        held = self._held(corr, now)
+        if held:
+            self._dirty.set()  # look again once the dependencies have settled
+            corr = replace(corr, verdicts=tuple(v for v in corr.verdicts if v.root not in held))
+        changes = self.tracker.step(corr, now)
+        if changes:
+            self.incidents_changed.set()
+        for change in changes:
+            incident = self.tracker.incidents[change.incident]
+            log.info(
+                "incident id=%d change=%s scope=%s root=%s cause=%s: %s",
+                incident.id, change.kind, incident.scope, incident.root, incident.cause or "-", change.text,
+            )  # fmt: skip
+        return changes
+
+    async def _correlation_loop(self) -> None:
+        while True:
+            # Also look every few seconds without news: a recovery grace or a hold may run out.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), 5.0)
+            # Coalesce a burst of path changes (a switch dying flips hundreds at once) into one pass.
+            await asyncio.sleep(0.05)
+            self._dirty.clear()
+            self.evaluate(clock.now())
+            if self._vantage_suspect():
+                self._dirty.set()  # look again once the vantage has settled
+                await asyncio.sleep(0.25)
+
+    def acknowledge(self, incident_id: int, by: str) -> Incident:
+        incident, changes = self.tracker.acknowledge(incident_id, by, clock.now())
+        if changes:
+            self.incidents_changed.set()
+        for change in changes:
+            log.info("incident id=%d change=%s: %s", incident.id, change.kind, change.text)
+        return incident
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.scheduler.run(), name="scheduler")
+            tg.create_task(self._correlation_loop(), name="correlation")
+
+    # ------------------------------------------------------------------ reading
+    def target_paths(self, target: str) -> list[PathStatus]:
+        return self._by_target.get(target, [])
+
+    def target_states(self) -> dict[str, TargetState]:
+        """As of the last correlation pass (at most ~50 ms behind the paths)."""
+        return {name: self.correlation.states.get(name, TargetState.UNKNOWN) for name in self.config.targets}
+
+    @property
+    def vantage_up(self) -> bool:
+        """Up while any vantage path is not down (no vantage configured: assumed up)."""
+        return self.correlation.vantage_up
+
+    def snapshot(self) -> Snapshot:
+        states = self.target_states()
+        rows = tuple(
+            PathRow(
+                s.path.target,
+                s.path.name,
+                s.path.kind,
+                s.state,
+                None if s.last is None else s.last.ok,
+                None if s.last is None else s.last.latency,
+                s.last_ok,
+                s.detail,
+                s.last.values if s.last is not None else (),
+            )
+            for s in self.statuses.values()
+        )
+        lag = self.scheduler.lag
+        channels, store_ok = self.alerting_stats() if self.alerting_stats else ((), True)
+        return Snapshot(
+            channels=channels,
+            store_ok=store_ok,
+            taken_at=clock.now(),
+            site=self.config.site,
+            paths=rows,
+            targets=tuple((n, t.role, states[n]) for n, t in self.config.targets.items()),
+            vantage_up=self.vantage_up,
+            lag_buckets=tuple(lag.cumulative()),
+            lag_sum=lag.sum,
+            lag_count=lag.total,
+            reload_ok=self.reloaded_ok,
+            reload_at=self.reloaded_at,
+            bmc=tuple((name, replace(state, events=deque(state.events))) for name, state in self.bmc.items()),
+            incidents_open=tuple(
+                (scope.value, sum(1 for i in self.tracker.open_incidents() if i.scope is scope))
+                for scope in Scope
+            ),
+        )
+
+
+async def open_shared(
+    stack: AsyncExitStack, config: Config, shared: ProbeContext | None = None
+) -> ProbeContext:
+    """The long-lived probe resources (one ICMP socket, one HTTP session) ``config`` needs,
+    added to ``shared`` when given (a reload that brings the first icmp or http path)."""
+    from watchtower.probes.http import new_session
+    from watchtower.probes.icmp import Pinger
+
+    kinds = {p.kind for p in (*config.paths, *config.vantage_paths, *config.bmc_paths)}
+    shared = shared or ProbeContext(timeout=0)
+    if "snmp" in kinds and not shared.extra.get("snmp_cleanup"):
+        from watchtower.probes.snmp import close_engines
+
+        # pysnmp engines run timers of their own: close them with the daemon (or the CLI probe)
+        stack.callback(close_engines)
+        shared.extra["snmp_cleanup"] = True
+    if "icmp" in kinds and shared.pinger is None:
+        shared.pinger = await stack.enter_async_context(Pinger())
+    if "http" in kinds and shared.http_session is None:
+        shared.http_session = await stack.enter_async_context(new_session())
+    return shared

@@ -1,0 +1,73 @@
+"""Path states from consecutive probe results (``fail_after`` / ``recover_after``)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from watchtower.config import ResolvedPath
+from watchtower.probes import Failure, ProbeResult
+
+
+class PathState(enum.StrEnum):
+    UP = "up"
+    DOWN = "down"
+    UNKNOWN = "unknown"  # not settled yet, no prober, or watchtower itself failed to probe
+
+
+@dataclass(slots=True)
+class PathStatus:
+    """What watchtower knows about one path. Mutated only on the event loop (by :meth:`observe`)."""
+
+    path: ResolvedPath
+    state: PathState = PathState.UNKNOWN
+    successes: int = 0  # consecutive
+    failures: int = 0  # consecutive
+    last: ProbeResult | None = None
+    last_at: float | None = None  # wall clock of the last result
+    last_ok: float | None = None  # wall clock of the last success
+    changed_at: float | None = None  # wall clock of the last state change
+    failing_since: float | None = None  # wall clock of the first failure of the current streak
+    runs: int = 0
+    detail: str = ""
+    memory: dict[str, Any] = field(default_factory=dict)  # the probe's state between runs
+
+    @property
+    def pending(self) -> bool:
+        """A streak is building toward a change of state (or the path has not settled yet):
+        probe at ``retry_interval`` so the change is confirmed, or refuted, quickly."""
+        if self.state is PathState.UP:
+            return self.failures > 0
+        if self.state is PathState.DOWN:
+            return self.successes > 0
+        return True
+
+    def observe(self, result: ProbeResult, now: float) -> bool:
+        """Fold one result in. Returns True when the path's state changed."""
+        self.runs += 1
+        self.last, self.last_at, self.detail = result, now, result.detail
+        old = self.state
+        if result.failure is Failure.INTERNAL:
+            # A watchtower bug says nothing about the target: the path is unknown, never down.
+            self.successes = self.failures = 0
+            self.failing_since = None
+            self.state = PathState.UNKNOWN
+        elif result.ok:
+            self.successes += 1
+            self.failures = 0
+            self.failing_since = None
+            self.last_ok = now
+            if self.successes >= self.path.recover_after:
+                self.state = PathState.UP
+        else:
+            if self.failures == 0:
+                self.failing_since = now
+            self.failures += 1
+            self.successes = 0
+            if self.failures >= self.path.fail_after:
+                self.state = PathState.DOWN
+        if self.state is not old:
+            self.changed_at = now
+            return True
+        return False

@@ -1,0 +1,1 @@
+"""Alerting: texts (messages), delivery through apprise (sender), the durable outbox (outbox)."""

@@ -1,0 +1,530 @@
+"""SQLite store: incidents, their timelines, the notification outbox and its delivery attempts.
+
+The only module that writes SQL. One file in ``state_dir`` (WAL, ``synchronous=FULL``: an alert
+the store accepted survives ``kill -9`` and a power cut). The schema is versioned with
+``PRAGMA user_version`` and migrated forward at open.
+
+All methods are synchronous and must run on one thread: :class:`AsyncStore` wraps them in a
+single-thread executor so the event loop never waits for a disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from watchtower.engine.correlate import Cause, Scope
+from watchtower.engine.incidents import Incident, IncidentState, TimelineEvent
+from watchtower.engine.maintenance import Mute
+
+T = TypeVar("T")
+
+DB_NAME = "watchtower.sqlite"
+
+# Each entry migrates from version i to i+1. Never edit a shipped entry: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE incidents (
+        id INTEGER PRIMARY KEY,
+        scope TEXT NOT NULL,
+        root TEXT NOT NULL,
+        cause TEXT,
+        state TEXT NOT NULL,
+        opened_at REAL NOT NULL,
+        first_failure_at REAL,
+        acknowledged_at REAL,
+        acknowledged_by TEXT,
+        resolved_at REAL,
+        flaps INTEGER NOT NULL DEFAULT 0,
+        merged_into INTEGER,
+        affected TEXT NOT NULL DEFAULT '[]',
+        back TEXT NOT NULL DEFAULT '[]',
+        evidence TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE INDEX incidents_state ON incidents(state);
+    CREATE TABLE timeline (
+        incident INTEGER NOT NULL REFERENCES incidents(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        text TEXT NOT NULL,
+        PRIMARY KEY (incident, seq)
+    );
+    CREATE TABLE notifications (
+        id INTEGER PRIMARY KEY,
+        incident INTEGER NOT NULL,
+        step TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        title TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_attempt_at REAL,
+        sent_at REAL,
+        error TEXT,
+        UNIQUE (incident, step, channel)
+    );
+    CREATE INDEX notifications_pending ON notifications(state, channel, id);
+    CREATE TABLE attempts (
+        notification INTEGER NOT NULL REFERENCES notifications(id) ON DELETE CASCADE,
+        at REAL NOT NULL,
+        ok INTEGER NOT NULL,
+        error TEXT
+    );
+    CREATE INDEX attempts_notification ON attempts(notification);
+    CREATE TABLE steps (
+        incident INTEGER NOT NULL,
+        step TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (incident, step)
+    );
+    """,
+    # issue 19: maintenance mutes (watchtower mute, POST /api/v1/mutes); they survive a restart
+    """
+    CREATE TABLE mutes (
+        id INTEGER PRIMARY KEY,
+        target TEXT NOT NULL,
+        start REAL NOT NULL,
+        end REAL NOT NULL,
+        reason TEXT NOT NULL,
+        by TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        ended_by TEXT
+    );
+    CREATE INDEX mutes_end ON mutes(end);
+    """,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One message for one channel: a row of the outbox, and afterwards the record of it."""
+
+    id: int
+    incident: int  # 0 for watchtower's own warnings (a channel failing) and test messages
+    step: str  # dedup key within the incident: "step0", "update:2", "ack", "resolve:0", ...
+    kind: str  # page | escalation | update | ack | reopen | resolve | warning | test
+    channel: str
+    title: str
+    body: str
+    created_at: float
+    state: str  # pending | sent | failed (given up)
+    attempts: int
+    next_attempt_at: float
+    last_attempt_at: float | None
+    sent_at: float | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    notification: int
+    at: float
+    ok: bool
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewNotification:
+    """What the alerting decided to send; the store gives it an id (or drops it as a duplicate)."""
+
+    incident: int
+    step: str
+    kind: str
+    channel: str
+    title: str
+    body: str
+
+
+class StoreError(Exception):
+    """The state directory cannot be used (missing, read-only, full, corrupt)."""
+
+
+def _incident_row(i: Incident) -> tuple[Any, ...]:
+    return (
+        i.id, i.scope.value, i.root, i.cause.value if i.cause else None, i.state.value, i.opened_at,
+        i.first_failure_at, i.acknowledged_at, i.acknowledged_by, i.resolved_at, i.flaps, i.merged_into,
+        json.dumps(i.affected), json.dumps(i.back), json.dumps(i.evidence),
+    )  # fmt: skip
+
+
+_INCIDENT_COLUMNS = (
+    "id, scope, root, cause, state, opened_at, first_failure_at, acknowledged_at, acknowledged_by, "
+    "resolved_at, flaps, merged_into, affected, back, evidence"
+)
+_UPSERT = ", ".join(f"{c} = excluded.{c}" for c in _INCIDENT_COLUMNS.split(", ")[1:])
+_NOTIFICATION_COLUMNS = (
+    "id, incident, step, kind, channel, title, body, created_at, state, attempts, next_attempt_at, "
+    "last_attempt_at, sent_at, error"
+)
+
+
+class Store:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._persisted: dict[int, int] = {}  # incident id -> timeline events already written
+        self._thread: int | None = None
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    @classmethod
+    def in_dir(cls, state_dir: Path) -> Store:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"state_dir {state_dir}: {exc.strerror or exc}") from exc
+        return cls(state_dir / DB_NAME)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ schema
+    @property
+    def version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        current = self.version
+        if current > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path} has schema version {current}, newer than this watchtower knows "
+                f"({len(MIGRATIONS)}): refusing to touch it"
+            )
+        for version in range(current, len(MIGRATIONS)):
+            # One script, one transaction: a migration lands whole or not at all.
+            try:
+                self.db.executescript(
+                    f"BEGIN IMMEDIATE;{MIGRATIONS[version]};PRAGMA user_version = {version + 1};COMMIT;"
+                )
+            except sqlite3.Error:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self.db)
+
+    def integrity_check(self) -> str:
+        return str(self.db.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # ------------------------------------------------------------------ writing
+    def commit(
+        self,
+        incidents: Iterable[Incident] = (),
+        notifications: Sequence[NewNotification] = (),
+        steps: Iterable[tuple[int, str]] = (),
+        now: float = 0.0,
+    ) -> list[Notification]:
+        """One transaction: the incidents as they are now (with their new timeline events), the
+        escalation steps that fired, and the messages they cause. Returns the notifications that
+        were new (a duplicate of (incident, step, channel) is dropped: at-least-once, never twice)."""
+        added: list[Notification] = []
+        persisted = dict(self._persisted)
+        with self._tx():
+            for incident in incidents:
+                # An upsert, not INSERT OR REPLACE: a replace deletes the row first, and the
+                # foreign key's cascade would take the timeline with it.
+                self.db.execute(
+                    f"INSERT INTO incidents ({_INCIDENT_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
+                    f"ON CONFLICT (id) DO UPDATE SET {_UPSERT}",
+                    _incident_row(incident),
+                )
+                start = persisted.get(incident.id, 0)
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO timeline (incident, seq, at, kind, text) VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (incident.id, seq, e.at, e.kind, e.text)
+                        for seq, e in enumerate(incident.timeline[start:], start)
+                    ],
+                )
+                persisted[incident.id] = len(incident.timeline)
+            self.db.executemany(
+                "INSERT OR IGNORE INTO steps (incident, step, at) VALUES (?, ?, ?)",
+                [(i, s, now) for i, s in steps],
+            )
+            for n in notifications:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO notifications (incident, step, kind, channel, title, body, "
+                    "created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (n.incident, n.step, n.kind, n.channel, n.title, n.body, now, now),
+                )
+                if cur.rowcount:
+                    added.append(
+                        Notification(
+                            int(cur.lastrowid or 0), n.incident, n.step, n.kind, n.channel, n.title, n.body,
+                            now, "pending", 0, now, None, None, None,
+                        )
+                    )  # fmt: skip
+        self._persisted = persisted
+        return added
+
+    def adopt(
+        self, rows: Sequence[Notification], steps: Iterable[tuple[int, str]], now: float
+    ) -> dict[tuple[int, str, str], int]:
+        """Write messages (and the steps that caused them) that could only be kept in memory while
+        the store was failing, as they are now (sent or still pending). Returns the stored id of
+        each by (incident, step, channel), so the alerting can go on with durable rows."""
+        ids: dict[tuple[int, str, str], int] = {}
+        with self._tx():
+            self.db.executemany(
+                "INSERT OR IGNORE INTO steps (incident, step, at) VALUES (?, ?, ?)",
+                [(i, s, now) for i, s in steps],
+            )
+            for n in rows:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO notifications (incident, step, kind, channel, title, body, "
+                    "created_at, state, attempts, next_attempt_at, last_attempt_at, sent_at, error) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (n.incident, n.step, n.kind, n.channel, n.title, n.body, n.created_at, n.state,
+                     n.attempts, n.next_attempt_at, n.last_attempt_at, n.sent_at, n.error),
+                )  # fmt: skip
+                (row_id,) = self.db.execute(
+                    "SELECT id FROM notifications WHERE incident = ? AND step = ? AND channel = ?",
+                    (n.incident, n.step, n.channel),
+                ).fetchone()
+                ids[(n.incident, n.step, n.channel)] = int(row_id)
+        return ids
+
+    def record_attempt(
+        self, notification: int, at: float, ok: bool, error: str | None, next_attempt_at: float | None
+    ) -> None:
+        """A delivery attempt's outcome. ``next_attempt_at`` None with ``ok`` False means give up."""
+        state = "sent" if ok else ("pending" if next_attempt_at is not None else "failed")
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO attempts (notification, at, ok, error) VALUES (?, ?, ?, ?)",
+                (notification, at, int(ok), error),
+            )
+            self.db.execute(
+                "UPDATE notifications SET state = ?, attempts = attempts + 1, last_attempt_at = ?, "
+                "sent_at = CASE WHEN ? THEN ? ELSE sent_at END, error = ?, "
+                "next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+                (state, at, int(ok), at, None if ok else error, next_attempt_at, notification),
+            )
+
+    def purge(self, before: float) -> int:
+        """Retention: delete incidents resolved before ``before`` with everything hanging off them."""
+        with self._tx():
+            ids = [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT id FROM incidents WHERE state = 'resolved' AND resolved_at < ?", (before,)
+                )
+            ]
+            for chunk in range(0, len(ids), 500):
+                part = ids[chunk : chunk + 500]
+                marks = ", ".join("?" * len(part))
+                self.db.execute(
+                    f"DELETE FROM attempts WHERE notification IN "
+                    f"(SELECT id FROM notifications WHERE incident IN ({marks}))",
+                    part,
+                )
+                for table, column in (("notifications", "incident"), ("steps", "incident"),
+                                      ("timeline", "incident"), ("incidents", "id")):  # fmt: skip
+                    self.db.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", part)
+            self.db.execute(
+                "DELETE FROM attempts WHERE notification IN (SELECT id FROM notifications "
+                "WHERE incident = 0 AND created_at < ?)",
+                (before,),
+            )
+            self.db.execute("DELETE FROM notifications WHERE incident = 0 AND created_at < ?", (before,))
+        for i in ids:
+            self._persisted.pop(i, None)
+        return len(ids)
+
+    # ------------------------------------------------------------------ reading
+    def _incident(self, row: Sequence[Any]) -> Incident:
+        incident = Incident(
+            id=row[0],
+            scope=Scope(row[1]),
+            root=row[2],
+            opened_at=row[5],
+            cause=Cause(row[3]) if row[3] else None,
+            affected=json.loads(row[12]),
+            state=IncidentState(row[4]),
+            acknowledged_at=row[7],
+            acknowledged_by=row[8],
+            resolved_at=row[9],
+            first_failure_at=row[6],
+            evidence=json.loads(row[14]),
+            flaps=row[10],
+            merged_into=row[11],
+            back=json.loads(row[13]),
+        )
+        incident.timeline = [
+            TimelineEvent(at, kind, text)
+            for at, kind, text in self.db.execute(
+                "SELECT at, kind, text FROM timeline WHERE incident = ? ORDER BY seq", (incident.id,)
+            )
+        ]
+        self._persisted[incident.id] = len(incident.timeline)
+        if incident.is_open:  # "root back, waiting for the rest" is read back from the timeline
+            for event in incident.timeline:
+                if event.kind == "root_back":
+                    incident.root_back_at = event.at
+                elif event.kind in ("root_failed", "reopened"):
+                    incident.root_back_at = None
+        return incident
+
+    def incident(self, incident_id: int) -> Incident | None:
+        row = self.db.execute(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?", (incident_id,)
+        ).fetchone()
+        return None if row is None else self._incident(row)
+
+    def incidents(
+        self, *, open_only: bool = False, since: float | None = None, limit: int = 1000
+    ) -> list[Incident]:
+        """Newest first. ``since``: also resolved ones resolved at or after it (for flap damping)."""
+        where: list[str] = []
+        args: list[float] = []
+        if open_only and since is not None:
+            where.append("(state != 'resolved' OR resolved_at >= ?)")
+            args.append(since)
+        elif open_only:
+            where.append("state != 'resolved'")
+        sql = f"SELECT {_INCIDENT_COLUMNS} FROM incidents"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        return [self._incident(r) for r in self.db.execute(sql, (*args, limit)).fetchall()]
+
+    def max_incident_id(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM incidents").fetchone()[0])
+
+    def _notification(self, row: Sequence[Any]) -> Notification:
+        return Notification(*row)
+
+    def notifications(self, incident: int | None = None) -> list[Notification]:
+        sql = f"SELECT {_NOTIFICATION_COLUMNS} FROM notifications"
+        rows = (
+            self.db.execute(sql + " ORDER BY id")
+            if incident is None
+            else self.db.execute(sql + " WHERE incident = ? ORDER BY id", (incident,))
+        )
+        return [self._notification(r) for r in rows]
+
+    def pending(self) -> list[Notification]:
+        rows = self.db.execute(
+            f"SELECT {_NOTIFICATION_COLUMNS} FROM notifications WHERE state = 'pending' ORDER BY id"
+        )
+        return [self._notification(r) for r in rows]
+
+    def attempts(self, incident: int) -> list[Attempt]:
+        rows = self.db.execute(
+            "SELECT a.notification, a.at, a.ok, a.error FROM attempts a JOIN notifications n "
+            "ON n.id = a.notification WHERE n.incident = ? ORDER BY a.at, a.rowid",
+            (incident,),
+        )
+        return [Attempt(n, at, bool(ok), err) for n, at, ok, err in rows]
+
+    def steps(self, incident: int | None = None) -> set[tuple[int, str]]:
+        rows = (
+            self.db.execute("SELECT incident, step FROM steps")
+            if incident is None
+            else self.db.execute("SELECT incident, step FROM steps WHERE incident = ?", (incident,))
+        )
+        return {(i, s) for i, s in rows}
+
+    def blind_windows(self, start: float, end: float | None) -> list[tuple[float, float | None]]:
+        """Monitor-blind windows (``monitor`` incidents) overlapping [start, end]."""
+        rows = self.db.execute(
+            "SELECT opened_at, resolved_at FROM incidents WHERE scope = 'monitor' "
+            "AND opened_at <= ? AND (resolved_at IS NULL OR resolved_at >= ?) ORDER BY opened_at",
+            (end if end is not None else float("inf"), start),
+        )
+        return [(a, b) for a, b in rows]
+
+    # ------------------------------------------------------------------ mutes
+    def add_mute(self, target: str, start: float, end: float, reason: str, by: str, now: float) -> Mute:
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT INTO mutes (target, start, end, reason, by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (target, start, end, reason, by, now),
+            )
+        assert cur.lastrowid is not None
+        return Mute(cur.lastrowid, target, start, end, reason, by, now)
+
+    def end_mute(self, mute_id: int, by: str, now: float) -> Mute | None:
+        """Ends a mute now (unmute); None when there is no such mute still running."""
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE mutes SET end = ?, ended_by = ? WHERE id = ? AND end > ?", (now, by, mute_id, now)
+            )
+        if cur.rowcount != 1:
+            return None
+        row = self.db.execute(
+            "SELECT id, target, start, end, reason, by, created_at FROM mutes WHERE id = ?", (mute_id,)
+        ).fetchone()
+        return Mute(*row)
+
+    def mutes(self, active_at: float) -> list[Mute]:
+        """Mutes not yet over at ``active_at`` (running or planned)."""
+        rows = self.db.execute(
+            "SELECT id, target, start, end, reason, by, created_at FROM mutes WHERE end > ? ORDER BY id",
+            (active_at,),
+        )
+        return [Mute(*row) for row in rows]
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error; errors of the disk become StoreError."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> None:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.Error as error:
+                exc = error
+        with contextlib.suppress(sqlite3.Error):
+            self.db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(str(exc)) from exc
+
+
+class AsyncStore:
+    """The store behind one worker thread: calls run in order, the loop never touches the disk."""
+
+    def __init__(self, store: Store, executor: ThreadPoolExecutor):
+        self.store = store
+        self._executor = executor
+
+    @classmethod
+    async def open(cls, state_dir: Path) -> AsyncStore:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        store = await asyncio.get_running_loop().run_in_executor(executor, Store.in_dir, state_dir)
+        return cls(store, executor)
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def close(self) -> None:
+        await self.call(self.store.close)
+        self._executor.shutdown(wait=True)

@@ -112,7 +112,7 @@ U, D, X = PathState.UP, PathState.DOWN, PathState.UNKNOWN
         ((D, U), 1, TargetState.DOWN),
         ((X, X), 2, TargetState.UNKNOWN),
         ((X, U), 2, TargetState.UP),
-        ((D, X), 2, TargetState.DEGRADED),
+        ((D, X), 2, TargetState.UNKNOWN),  # down, nothing answering: not "partly back"
     ],
 )
 def test_target_state(states: tuple[PathState, ...], confirm: int, expected: TargetState) -> None:

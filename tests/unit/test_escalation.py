@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from watchtower.config import Config, parse_config
 from watchtower.engine.correlate import Scope
-from watchtower.engine.escalation import DueStep, channels_for, due, rto_clock
+from watchtower.engine.escalation import (
+    ALL_CLEAR_HOLD_MAX,
+    DueStep,
+    all_clear_hold,
+    channels_for,
+    due,
+    rto_clock,
+)
 from watchtower.engine.incidents import Incident, IncidentState
 
 MIN = 60.0
@@ -203,9 +210,21 @@ def test_flapping_root_gets_one_page_and_one_all_clear_once_stable() -> None:
     assert [s.kind for _, s in d.log] == ["page"]  # no all-clear went out, so no "failed again"
     t += 20
     inc.state, inc.resolved_at = IncidentState.RESOLVED, t
-    assert d.at(t + 59) == []
-    (clear,) = d.at(t + 60)
+    # five flaps: the recovery must hold longer before it is believed (60 s doubled per flap, at
+    # most ALL_CLEAR_HOLD_MAX)
+    assert d.at(t + 299) == []
+    (clear,) = d.at(t + 300)
     assert clear.step == "resolve:5" and clear.kind == "resolve"
+
+
+def test_all_clear_hold_grows_with_flaps() -> None:
+    policy = config(all_clear_after="60s").notify
+    inc = incident()
+    holds = []
+    for flaps in range(5):
+        inc.flaps = flaps
+        holds.append(all_clear_hold(inc, policy))
+    assert holds == [60.0, 120.0, 240.0, ALL_CLEAR_HOLD_MAX, ALL_CLEAR_HOLD_MAX]
 
 
 def test_a_failure_after_the_all_clear_is_announced_once() -> None:

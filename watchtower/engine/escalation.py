@@ -90,6 +90,20 @@ def channels_for(policy: Notify, selectors: Iterable[str]) -> tuple[str, ...]:
 _span = exact
 
 
+def owes_all_clear(
+    incident: Incident, policy: Notify, fired: Collection[str], notified: Collection[str]
+) -> bool:
+    """A resolved incident still owes its all-clear: someone was paged and it has not gone out.
+    The one statement of this rule: the alerting asks it too, to know what is finished."""
+    return (
+        incident.state is IncidentState.RESOLVED
+        and incident.merged_into is None
+        and policy.on_resolve
+        and bool(notified)
+        and f"resolve:{incident.flaps}" not in fired
+    )
+
+
 def due(
     incident: Incident,
     config: Config,
@@ -157,10 +171,8 @@ def due(
         out.append(DueStep(f"reopen:{flaps}", "reopen", everyone, f"failed again (flap {flaps})"))
 
     if (
-        policy.on_resolve
-        and incident.state is IncidentState.RESOLVED
+        owes_all_clear(incident, policy, fired, everyone)
         and incident.resolved_at is not None
-        and f"resolve:{flaps}" not in fired
         and now - incident.resolved_at >= all_clear_hold(incident, policy)
     ):
         out.append(DueStep(f"resolve:{flaps}", "resolve", everyone, "all clear"))

@@ -154,6 +154,8 @@ async def test_mute_records_without_paging_survives_restart_and_pages_at_its_end
         assert code == 0, err
         assert "erp1 muted until" in out
         assert await d.muted_metric("erp1") == 1.0
+        code, out, err = await d.cli("status")
+        assert code == 0 and "erp1" in out and "(muted until" in out, (out, err)
 
         await service.down()
         incident = await wait_for(lambda: _with_kind(d.incident(), "maintenance"), 15, "in maintenance")

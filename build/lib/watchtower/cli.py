@@ -560,13 +560,24 @@ async def _notify_test(cfg: Config, channels: list[Any]) -> tuple[list[Any], boo
 # --------------------------------------------------------------------------- parser
 
 
+INVALID = "2 invalid config or arguments"
+UNREACHABLE = "3 daemon not reachable"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="watchtower", description="out-of-band monitor for on-call admins")
+    parser = argparse.ArgumentParser(
+        prog="watchtower",
+        description="out-of-band monitor for on-call admins",
+        epilog="exit codes: 0 ok, 1 something is down or failed, 2 invalid config or arguments, "
+        "3 the daemon is not reachable (each command's --help says which apply)",
+    )
     parser.add_argument("--version", action="version", version=f"watchtower {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Any, help_text: str, config: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def command(
+        name: str, func: Any, help_text: str, exits: str, config: bool = True
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"exit codes: {exits}")
         if config:
             p.add_argument(
                 "-c", "--config", default=default_config(),
@@ -575,21 +586,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("run", cmd_run, "run the daemon in the foreground until SIGTERM/SIGINT")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    command("check", cmd_check, "validate the config")
-    p = command("probe", cmd_probe, "probe every path of one target once")
-    p.add_argument("target")
-    p.add_argument("--json", action="store_true")
-    p = command("status", cmd_status, "ask the running daemon for the state of every target")
-    p.add_argument("--json", action="store_true")
-    p = command("incidents", cmd_incidents, "list incidents of the running daemon (open ones by default)")
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    p = command("run", cmd_run, "run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads)",
+                f"0 clean stop, 1 cannot start (port taken, no ICMP socket), {INVALID}")  # fmt: skip
+    p.add_argument("--log-level", default="INFO", choices=levels, help="least severe log lines shown")
+    command(
+        "check", cmd_check, "validate the config (and try every channel URL with apprise)", f"0 ok, {INVALID}"
+    )
+    p = command(
+        "probe", cmd_probe, "probe every path of one target once", f"0 all up, 1 some down, {INVALID}"
+    )
+    p.add_argument("target", help="a target of the config")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = command("status", cmd_status, "ask the running daemon for the state of every target",
+                f"0, {INVALID}, {UNREACHABLE}")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    p = command("incidents", cmd_incidents,
+                "list incidents of the running daemon (open ones by default; from the store when it is down)",
+                f"0, {INVALID}, 3 the daemon refused")  # fmt: skip
     p.add_argument("--all", action="store_true", help="also resolved incidents")
-    p.add_argument("--json", action="store_true")
-    p = command("ack", cmd_ack, "acknowledge an incident (stops further escalation)")
-    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = command("ack", cmd_ack, "acknowledge an incident (stops further escalation)",
+                f"0, 1 unknown incident, {INVALID}, {UNREACHABLE}")  # fmt: skip
+    p.add_argument("id", type=int, help="the incident's number, as in the alert (#ID)")
     p.add_argument("--by", required=True, help="who takes it")
-    p = command("mute", cmd_mute, "mute a target (or the site) for maintenance: recorded, not paged")
+    p = command("mute", cmd_mute, "mute a target (or the site) for maintenance: recorded, not paged",
+                f"0, 2 refused (unknown target, no or too long an end), {UNREACHABLE}")  # fmt: skip
     p.add_argument("target", nargs="?", metavar="TARGET", help="the target to mute (or give --site)")
     p.add_argument("--site", action="store_true", help="mute every target of the site")
     when = p.add_mutually_exclusive_group(required=True)
@@ -597,22 +619,33 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--until", metavar="TIME", help="HH:MM or ISO 8601 (local time unless zoned)")
     p.add_argument("--reason", required=True, help="why (shown in the incident's timeline)")
     p.add_argument("--by", required=True, help="who mutes")
-    p = command("unmute", cmd_unmute, "end the running mutes of a target (or of the site, or one mute by id)")
+    p = command("unmute", cmd_unmute, "end the running mutes of a target (or of the site, or one mute by id)",
+                f"0, 1 no mute running, {INVALID}, {UNREACHABLE}")  # fmt: skip
     p.add_argument("target", nargs="?", metavar="TARGET|ID", help="the target (or a mute id)")
     p.add_argument("--site", action="store_true", help="end the site-wide mutes")
     p.add_argument("--by", required=True, help="who unmutes")
-    p = command("report", cmd_report, "print the post-mortem of an incident as Markdown")
-    p.add_argument("id", type=int)
-    p = command("notify-test", cmd_notify_test, "send a marked test message through every channel (or one)")
+    p = command("report", cmd_report, "print the post-mortem of an incident as Markdown",
+                f"0, 1 unknown incident, {INVALID}, 3 the daemon refused")  # fmt: skip
+    p.add_argument("id", type=int, help="the incident's number")
+    p = command("notify-test", cmd_notify_test, "send a marked test message through every channel (or one)",
+                f"0 all delivered, 1 some failed, {INVALID}")  # fmt: skip
     p.add_argument("--channel", metavar="NAME", help="only this channel")
-    command("schema", cmd_schema, "print the config's JSON Schema", config=False)
-    lab_help = "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST"
-    p = command("lab", cmd_lab, lab_help,
-                config=False)  # fmt: skip
-    p.add_argument("lab_args", nargs=argparse.REMAINDER)
-    p = command("demo", cmd_demo, "build the simulated site and run watchtower against it (root)")
+    command("schema", cmd_schema, "print the config's JSON Schema", "0", config=False)
+    lab_help = (
+        "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST | "
+        "cut-monitor | restore-monitor"
+    )
+    p = command("lab", cmd_lab, lab_help, "0 ok, 1 failed, 2 bad arguments", config=False)
+    p.add_argument("lab_args", nargs=argparse.REMAINDER, metavar="ARGS", help="what to do, as listed above")
+    from watchtower.sim.cli import add_arguments, cmd_sim
+
+    p = command("sim", cmd_sim, "score the engine against random fault sequences on virtual time",
+                f"0 no run failed, 1 some runs failed, {INVALID}")  # fmt: skip
+    add_arguments(p)
+    p = command("demo", cmd_demo, "build the simulated site and run watchtower against it (root)",
+                f"0 clean stop, {INVALID}")  # fmt: skip
     p.set_defaults(config="config/demo.yaml")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=levels, help="least severe log lines shown")
     return parser
 
 

@@ -320,6 +320,11 @@ class Defaults(Strict):
 class PathBase(Timing):
     kind: str
     name: str | None = Field(None, description="label in metrics and the API; defaults to 'KIND HOST[:PORT]'")
+    critical: bool = Field(
+        False,
+        description="this path alone is the service: when it is down the target is down (and pages), "
+        "even while its other paths answer; otherwise such a target is only degraded",
+    )
 
     def default_name(self) -> str:
         raise NotImplementedError

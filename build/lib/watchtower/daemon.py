@@ -19,6 +19,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from watchtower import __version__, logs
 from watchtower.config import Config, ConfigError, load_config
 from watchtower.engine.correlate import TargetState
+from watchtower.engine.maintenance import incident_muted
 from watchtower.engine.monitor import Monitor, open_shared
 from watchtower.notify.alertmanager import AlertmanagerSink
 from watchtower.notify.outbox import Alerting
@@ -195,10 +196,11 @@ async def run_daemon(
             alerting.store_ok, alerting.store_error = False, store_error
         stack.callback(alerting.close)
         await alerting.restore()  # open incidents keep their ids and are not paged again
-        alerting.mutes = await store.call(store.store.mutes, time.time())  # maintenance survives restarts
+        alerting.mutes = await store.call(store.store.mutes, alerting.now())  # maintenance survives restarts
         alerting.changed = monitor.incidents_changed
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
+        sink.muted = lambda incident: incident_muted(incident, alerting.muted(alerting.now()))
         # The config and the path table live for the whole run: move them out of the garbage
         # collector's view, so a full collection does not stall probing (seen: 100 ms at 10k paths).
         gc.collect()

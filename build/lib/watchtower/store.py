@@ -215,6 +215,8 @@ class Store:
             except sqlite3.Error:
                 if self.db.in_transaction:
                     self.db.execute("ROLLBACK")
+                if self.version > version:
+                    continue  # another connection (the daemon, a CLI reading) migrated it meanwhile
                 raise
 
     def _tx(self) -> _Transaction:

@@ -62,6 +62,7 @@ class PathView:
     state: PathState
     detail: str = ""
     since: float | None = None  # first failure of the current failing streak
+    critical: bool = False  # `critical: true`: down alone takes the target down
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +110,14 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
         return TargetState.UNKNOWN
     down = sum(1 for states in witnesses.values() if all(s is PathState.DOWN for s in states))
     up = sum(1 for states in witnesses.values() if any(s is PathState.UP for s in states))
-    if down >= min(confirm_paths, len(witnesses)):
+    if down >= min(confirm_paths, len(witnesses)) or any(
+        p.critical and p.state is PathState.DOWN for p in paths
+    ):
         return TargetState.DOWN
-    if down:
+    if down and up:
         return TargetState.DEGRADED
+    # Down on some paths with nothing answering (the rest not settled yet, e.g. re-probed after
+    # what it depends on came back) is not "partly back": it is not known yet.
     return TargetState.UP if up else TargetState.UNKNOWN
 
 

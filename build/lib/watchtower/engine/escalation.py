@@ -61,6 +61,18 @@ def rto_clock(incident: Incident, config: Config) -> RtoClock | None:
     return best
 
 
+# A flapping incident's all-clear waits longer each time it failed again (60 s, 120 s, 240 s, ...),
+# up to this: a host bouncing every minute gets one page and one all-clear, not one per bounce.
+ALL_CLEAR_HOLD_MAX = 300.0
+
+
+def all_clear_hold(incident: Incident, policy: Notify) -> float:
+    """How long the recovery must hold before the all-clear goes out."""
+    if not incident.flaps:
+        return policy.all_clear_after
+    return max(policy.all_clear_after, min(policy.all_clear_after * 2**incident.flaps, ALL_CLEAR_HOLD_MAX))
+
+
 @dataclass(frozen=True, slots=True)
 class DueStep:
     step: str
@@ -76,6 +88,20 @@ def channels_for(policy: Notify, selectors: Iterable[str]) -> tuple[str, ...]:
 
 
 _span = exact
+
+
+def owes_all_clear(
+    incident: Incident, policy: Notify, fired: Collection[str], notified: Collection[str]
+) -> bool:
+    """A resolved incident still owes its all-clear: someone was paged and it has not gone out.
+    The one statement of this rule: the alerting asks it too, to know what is finished."""
+    return (
+        incident.state is IncidentState.RESOLVED
+        and incident.merged_into is None
+        and policy.on_resolve
+        and bool(notified)
+        and f"resolve:{incident.flaps}" not in fired
+    )
 
 
 def due(
@@ -145,11 +171,9 @@ def due(
         out.append(DueStep(f"reopen:{flaps}", "reopen", everyone, f"failed again (flap {flaps})"))
 
     if (
-        policy.on_resolve
-        and incident.state is IncidentState.RESOLVED
+        owes_all_clear(incident, policy, fired, everyone)
         and incident.resolved_at is not None
-        and f"resolve:{flaps}" not in fired
-        and now - incident.resolved_at >= policy.all_clear_after
+        and now - incident.resolved_at >= all_clear_hold(incident, policy)
     ):
         out.append(DueStep(f"resolve:{flaps}", "resolve", everyone, "all clear"))
     return out

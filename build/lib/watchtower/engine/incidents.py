@@ -24,15 +24,22 @@ from datetime import UTC, datetime
 
 from watchtower.durations import exact
 from watchtower.engine.correlate import Cause, Correlation, Scope, TargetState, Verdict
+from watchtower.engine.topology import Topology
 
 FLAP_WINDOW = 600.0  # seconds after resolution during which a recurrence reopens the incident
 # After the root is back, what it took down gets this long to come back (VMs boot, services start)
 # within the same incident: a VM still booting is part of the restore, not a new outage to page for.
-RECOVERY_GRACE = 900.0
+RECOVERY_GRACE = 300.0
 # An affected target that answers on some of its paths but not all (``degraded``: the VM pings, its
 # service is still starting) is not back yet; the all-clear waits for it this long. Shorter than
 # RECOVERY_GRACE because a target can be degraded for reasons of its own that predate the outage.
 PARTIAL_GRACE = 120.0
+# Causes the BMC proves on its own (the chassis is off, a critical SEL entry): such a host is its own
+# outage even while what it depends on is coming back.
+OWN_CAUSES = (Cause.POWER_OFF, Cause.HARDWARE_FAULT)
+# An incident opened this long before a verdict's first failed probe is of the same onset (VMs
+# confirmed a moment before their hypervisor): it is folded into the verdict's incident.
+REROOT_WINDOW = 60.0
 
 
 class IncidentState(enum.StrEnum):
@@ -137,7 +144,27 @@ class IncidentTracker:
         event = incident.note(now, "ack", f"acknowledged by {by}")
         return incident, [Change(incident.id, "acknowledged", event.text)]
 
-    def step(self, corr: Correlation, now: float) -> list[Change]:
+    def _coming_back(
+        self, corr: Correlation, roots: set[str], now: float, topology: Topology | None
+    ) -> dict[str, Incident]:
+        """Targets whose failure belongs to an incident that is coming back: its root answers again
+        and what depends on it (what it took down, and what is booting behind it) has
+        ``RECOVERY_GRACE`` to follow. A VM booting after its host, a host behind a switch that
+        answers before its ports forward: part of the restore, not a new outage to page for."""
+        out: dict[str, Incident] = {}
+        for incident in self.open_incidents():
+            if incident.scope is Scope.MONITOR or incident.root in roots:
+                continue
+            if corr.states.get(incident.root) not in (TargetState.UP, TargetState.DEGRADED):
+                continue
+            if incident.root_back_at is not None and now - incident.root_back_at >= RECOVERY_GRACE:
+                continue
+            behind = topology.dependents(incident.root) if topology is not None else ()
+            for target in (*incident.affected, *behind):
+                out.setdefault(target, incident)
+        return out
+
+    def step(self, corr: Correlation, now: float, topology: Topology | None = None) -> list[Change]:
         changes: list[Change] = []
         blind = next((i for i in self.open_incidents() if i.scope is Scope.MONITOR), None)
         if not corr.vantage_up:
@@ -156,21 +183,19 @@ class IncidentTracker:
 
         claimed: set[int] = set()
         roots = {v.root for v in corr.verdicts}
-        # Targets still coming back after their root returned: their own verdicts belong to it.
-        recovering = {
-            target: incident
-            for incident in self.open_incidents()
-            if incident.scope is not Scope.MONITOR and incident.root not in roots
-            and (incident.root_back_at is None or now - incident.root_back_at < RECOVERY_GRACE)
-            for target in incident.affected
-            if target not in incident.back
-        }  # fmt: skip
+        recovering = self._coming_back(corr, roots, now, topology)
+        own_roots = {i.root for i in self.open_incidents()}  # an outage of its own stays its own
         for verdict in corr.verdicts:
             if verdict.scope is Scope.MONITOR:
                 continue
             owner = recovering.get(verdict.root)
-            if owner is not None and corr.states.get(owner.root) in (TargetState.UP, TargetState.DEGRADED):
+            if owner is not None and verdict.cause not in OWN_CAUSES and verdict.root not in own_roots:
                 claimed.add(owner.id)
+                if verdict.root not in owner.affected:
+                    owner.affected.append(verdict.root)
+                    text = f"affected: +{verdict.root} (still coming back after {owner.root})"
+                    owner.note(now, "affected", text)
+                    changes.append(Change(owner.id, "affected", text))
                 continue
             incident = self._apply(verdict, now, changes)
             claimed.add(incident.id)
@@ -213,9 +238,17 @@ class IncidentTracker:
     def _apply(self, verdict: Verdict, now: float, changes: list[Change]) -> Incident:
         open_target = [i for i in self.open_incidents() if i.scope is not Scope.MONITOR]
         incident = next((i for i in open_target if i.root == verdict.root), None)
-        # Earlier incidents whose root this verdict now explains (VMs confirmed before their host).
+        # Earlier incidents whose root this verdict now explains (VMs confirmed before their host):
+        # only those of the same onset. An older one (a VM dead on its own for an hour, already
+        # paged and acknowledged, when its switch dies) is an outage of its own that stays open;
+        # re-rooting it would swallow the switch's page.
+        onset = (verdict.since if verdict.since is not None else now) - REROOT_WINDOW
         absorbed = sorted(
-            (i for i in open_target if i.root in verdict.affected and i is not incident),
+            (
+                i
+                for i in open_target
+                if i.root in verdict.affected and i is not incident and i.opened_at >= onset and i.flaps == 0
+            ),
             key=lambda i: i.opened_at,
         )
         if incident is None and absorbed:
@@ -234,7 +267,13 @@ class IncidentTracker:
                 incident.acknowledged_at = incident.acknowledged_by = None
                 incident.flaps += 1
                 incident.scope = verdict.scope
+                # What it is now is what is seen now: the last outage's cause, evidence and list
+                # of what came back do not carry over.
+                incident.cause = verdict.cause
+                incident.back = []
                 text = f"{verdict.root} failed again: reopened (flap {incident.flaps})"
+                if verdict.cause is not None:
+                    text += f", cause: {verdict.cause}"
                 incident.note(now, "reopened", text)
                 changes.append(Change(incident.id, "reopened", text))
         if incident is None:
@@ -253,6 +292,7 @@ class IncidentTracker:
             text = f"#{other.id} ({other.root}) merged in"
             incident.note(now, "merged", text)
             changes.append(Change(incident.id, "merged", text))
+        incident.back = [b for b in incident.back if b not in verdict.affected]  # down again with it
         joined = [a for a in verdict.affected if a not in incident.affected]
         if joined:
             incident.affected.extend(joined)

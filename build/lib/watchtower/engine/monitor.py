@@ -53,6 +53,12 @@ class BmcState:
     events: deque[tuple[float, SelEntry]] = field(default_factory=lambda: deque(maxlen=50))
     critical_total: int = 0
     last_at: float | None = None
+    cleared_at: float = 0.0  # critical entries seen before this no longer explain anything
+
+    def clear(self, now: float) -> None:
+        """The host answered on every path again: what the SEL said about the last outage does not
+        explain the next one (its cause is what is seen then)."""
+        self.cleared_at = now
 
     def update(self, result: ProbeResult, now: float) -> None:
         self.last_at = now
@@ -74,7 +80,9 @@ class BmcState:
 
     def facts(self, now: float) -> BmcFacts:
         critical = tuple(
-            e.text for at, e in self.events if e.severity == "critical" and now - at <= CRITICAL_WINDOW
+            e.text
+            for at, e in self.events
+            if e.severity == "critical" and now - at <= CRITICAL_WINDOW and at >= self.cleared_at
         )
         return BmcFacts(self.reachable, self.power_on, critical)
 
@@ -82,8 +90,9 @@ class BmcState:
 def path_view(status: PathStatus) -> PathView:
     p = status.path
     return PathView(
-        p.name, p.kind, f"{p.kind} {p.spec.address}", status.state, status.detail, status.failing_since
-    )
+        p.name, p.kind, f"{p.kind} {p.spec.address}", status.state, status.evidence, status.failing_since,
+        p.spec.critical,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +139,15 @@ def _same_probe(a: ResolvedPath, b: ResolvedPath) -> bool:
 class Monitor:
     """Owns the path statuses and the scheduler that feeds them."""
 
-    def __init__(self, config: Config, *, shared: ProbeContext | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        shared: ProbeContext | None = None,
+        probe: Callable[[ResolvedPath, ProbeContext, dict[str, Any]], Awaitable[ProbeResult]] = run_probe,
+    ):
         self.config = config
+        self._probe = probe  # the simulator hands in its ground truth instead of the network
         self.scheduler = Scheduler(config.max_concurrent_probes)
         self.shared = shared or ProbeContext(timeout=0)
         self.statuses: dict[tuple[str, str], PathStatus] = {}
@@ -217,7 +233,7 @@ class Monitor:
             # Confirming a failure of an up path: probes may look harder (icmp sends 3 echoes), so
             # packet loss does not pass for an outage while a dead host still fails as fast.
             status.memory["confirming"] = status.state is PathState.UP and status.failures > 0
-            result = await run_probe(status.path, self.shared, status.memory)
+            result = await self._probe(status.path, self.shared, status.memory)
             self.record(status, result, clock.now())
 
         return run
@@ -342,10 +358,19 @@ class Monitor:
         facts = {name: bmc.facts(now) for name, bmc in self.bmc.items() if bmc.last_at is not None}
         return correlate(self.topology, by_target, facts, by_target.get(VANTAGE, []), now)
 
-    def _suspect(self, target: str) -> bool:
-        """A path of ``target`` is failing but not yet confirmed down."""
+    def _suspect(self, target: str, corr: Correlation, now: float) -> bool:
+        """``target`` may be failing right now but is not confirmed down: a path is failing and not
+        yet confirmed, or one went down a moment ago while the others are still being probed (a
+        slow http path needs its timeout before its first failure even counts)."""
+        if corr.own.get(target) is TargetState.DOWN:
+            return False
+        window = self._confirm_time(target)
         return any(
-            s.state is not PathState.DOWN and s.failures > 0 and not s.path.is_bmc
+            not s.path.is_bmc
+            and (
+                (s.state is not PathState.DOWN and s.failures > 0)
+                or (s.state is PathState.DOWN and s.changed_at is not None and now - s.changed_at < window)
+            )
             for s in self.target_paths(target)
         )
 
@@ -362,14 +387,27 @@ class Monitor:
         for verdict in corr.verdicts:
             if verdict.scope is Scope.MONITOR:
                 continue
-            suspects = [u for u in self.topology.upstream(verdict.root) if self._suspect(u)]
+            suspects = [u for u in self.topology.upstream(verdict.root) if self._suspect(u, corr, now)]
             if not suspects:
                 self._holding.pop(verdict.root, None)
                 continue
             since = self._holding.setdefault(verdict.root, now)
-            if now - since < HOLD_MAX:
+            if now - since < max(HOLD_MAX, *(self._confirm_time(u) for u in suspects)):
                 held.add(verdict.root)
         return held
+
+    def _confirm_time(self, target: str) -> float:
+        """How long ``target``'s slowest path takes to confirm a failure (an http path with a 3 s
+        timeout needs ~8 s): a dependent's verdict waits that long for it, so the page names the
+        hypervisor and not the VM noticed first."""
+        return max(
+            (
+                s.path.fail_after * (s.path.retry_interval + s.path.timeout) + 2.0
+                for s in self.target_paths(target)
+                if not s.path.is_bmc
+            ),
+            default=HOLD_MAX,
+        )
 
     def _vantage_suspect(self) -> bool:
         """A vantage path is failing but not yet confirmed: the monitor may be the one cut off."""
@@ -383,6 +421,32 @@ class Monitor:
                 status.failing_since = None
                 self.scheduler.run_now(status.path.key)
 
+    def _settle_dependents(self, previous: Correlation, corr: Correlation, now: float) -> bool:
+        """Something came back: what depends on it showed its failure while it was down, so that
+        evidence is stale (a VM behind a host that was off, a host behind a switch). Forget it and
+        probe those targets now; they get a verdict of their own only once they fail afresh as
+        ``fail_after`` demands. Without this, the moment between a switch answering and its
+        dependents' next probes pages every one of them as an outage of its own."""
+        back = [
+            name
+            for name, state in corr.own.items()
+            if previous.own.get(name) is TargetState.DOWN and state in (TargetState.UP, TargetState.DEGRADED)
+        ]
+        for name, bmc in self.bmc.items():
+            if corr.own.get(name) is TargetState.UP and previous.own.get(name) is not TargetState.UP:
+                bmc.clear(now)
+        settled = False
+        for name in back:
+            for dependent in self.topology.dependents(name):
+                for status in self.target_paths(dependent):
+                    if status.path.is_bmc or status.state is PathState.UP:
+                        continue
+                    if status.state is PathState.DOWN or status.failures:
+                        status.state, status.successes, status.failures = PathState.UNKNOWN, 0, 0
+                        settled = True
+                    self.scheduler.run_now(status.path.key)
+        return settled
+
     def evaluate(self, now: float) -> list[Change]:
         """One correlation pass: target states, then incident changes. Returns the changes."""
         vantage_paths = self.target_paths(VANTAGE)
@@ -391,6 +455,8 @@ class Monitor:
             self._fresh_look()
         previous = self.correlation
         self.correlation = corr = self._correlate(now)
+        if self._settle_dependents(previous, corr, now):
+            self.correlation = corr = self._correlate(now)
         for name, state in corr.states.items():
             was = previous.states.get(name, TargetState.UNKNOWN)
             if state is not was:
@@ -406,7 +472,7 @@ class Monitor:
         if held:
             self._dirty.set()  # look again once the dependencies have settled
             corr = replace(corr, verdicts=tuple(v for v in corr.verdicts if v.root not in held))
-        changes = self.tracker.step(corr, now)
+        changes = self.tracker.step(corr, now, self.topology)
         if changes:
             self.incidents_changed.set()
         for change in changes:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -76,6 +77,9 @@ class AlertmanagerSink:
         self._resolve: list[dict[str, Any]] = []  # resolutions not yet accepted by Alertmanager
         self._last_post = float("-inf")
         self.posts = self.failures = 0
+        # Incidents in maintenance are not posted (Alertmanager would route them to someone's pager);
+        # set by the daemon from the alerting's mutes and windows.
+        self.muted: Callable[[Incident], bool] = lambda incident: False
         self.reload(config)
 
     def reload(self, config: Config) -> None:
@@ -120,6 +124,8 @@ class AlertmanagerSink:
         out: list[dict[str, Any]] = []
         seen: set[int] = set()
         for incident in self.tracker.open_incidents():
+            if self.muted(incident):
+                continue
             seen.add(incident.id)
             labels = incident_labels(incident, self.site, self.config.labels)
             before = self._posted.get(incident.id)

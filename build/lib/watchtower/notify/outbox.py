@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from watchtower import clock
 from watchtower.config import Config
 from watchtower.engine.correlate import Scope
-from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due
+from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due, owes_all_clear
 from watchtower.engine.incidents import Incident, IncidentTracker
 from watchtower.engine.maintenance import Mute, MutedBy, muted_targets, note_maintenance
 from watchtower.notify.messages import Message, incident_message, is_sms_channel, warning_message
@@ -222,19 +222,15 @@ class Alerting:
     @property
     def _finished(self) -> set[int]:
         """Resolved incidents that owe nothing more (their all-clear fired or was never owed)."""
-        done = set()
-        for incident in self.tracker.incidents.values():
-            if incident.is_open:
-                continue
-            fired = self.fired.get(incident.id, set())
-            if (
-                incident.merged_into is not None
-                or not self.notified.get(incident.id)
-                or not self.config.notify.on_resolve
-                or f"resolve:{incident.flaps}" in fired
-            ):
-                done.add(incident.id)
-        return done
+        policy = self.config.notify
+        return {
+            incident.id
+            for incident in self.tracker.incidents.values()
+            if not incident.is_open
+            and not owes_all_clear(
+                incident, policy, self.fired.get(incident.id, set()), self.notified.get(incident.id, set())
+            )
+        }
 
     async def sync(self) -> None:
         """Decide what is due now and make it durable, then hand it to the channels."""

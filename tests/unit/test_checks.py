@@ -180,3 +180,25 @@ def test_every_command_says_its_exit_codes_and_every_argument_has_help() -> None
             assert action.help, f"{name} {action.dest} has no help text"
     assert "cut-monitor" in sub.choices["lab"].format_help()
     assert "restore-monitor" in sub.choices["lab"].format_help()
+
+
+async def test_a_reload_with_a_url_apprise_refuses_keeps_the_running_config(tmp_path: Path) -> None:
+    from contextlib import AsyncExitStack
+
+    from watchtower.config import load_config
+    from watchtower.daemon import reload_config
+    from watchtower.engine.monitor import Monitor
+
+    good = BASE + (
+        "notify:\n  channels:\n"
+        "    - {name: mail-ok, url: 'mailto://127.0.0.1:25?to=a@acme.test&from=w@acme.test', tags: [t]}\n"
+    )
+    cfg = tmp_path / "wt.yaml"
+    cfg.write_text(good)
+    monitor = Monitor(load_config(cfg))
+    cfg.write_text(good.replace("mailto://", "mail://"))
+    async with AsyncExitStack() as stack:
+        assert not await reload_config(str(cfg), monitor, stack)
+    url = monitor.config.notify.channels[0].secret("url")
+    assert url is not None and url.get_secret_value().startswith("mailto://")
+    assert not monitor.reloaded_ok

@@ -17,7 +17,7 @@ if [[ $(id -u) != 0 ]]; then
   exit 2
 fi
 INSTALLED=(/opt/watchtower /usr/local/bin/watchtower /etc/watchtower /etc/systemd/system/watchtower.service
-           /var/lib/watchtower)
+           /var/lib/watchtower /var/lib/private/watchtower)
 for path in "${INSTALLED[@]}"; do
   if [[ -e $path || -L $path ]]; then
     echo "test-install: $path exists already; this test only runs where watchtower is not installed" >&2
@@ -34,6 +34,7 @@ cleanup() {
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   rm -rf "${INSTALLED[@]}" "$CREDS" "$WORK"
   rmdir /run/credentials 2>/dev/null || true
+  [[ -n ${MADE_PRIVATE:-} ]] && rmdir /var/lib/private 2>/dev/null || true
   if ((code)); then echo "test-install: FAILED" >&2; else echo "test-install: ok" >&2; fi
 }
 trap cleanup EXIT
@@ -137,11 +138,27 @@ while IFS=: read -r id path; do
   install -m 0400 -o "$SERVICE_UID" -g "$SERVICE_UID" "$path" "$CREDS/$id"
 done < <(unit_value LoadCredential)
 chmod 0500 "$CREDS"
-# StateDirectory=watchtower for the service's user; the unit's default state_dir
-install -d -m 0700 -o "$SERVICE_UID" -g "$SERVICE_UID" /var/lib/watchtower
+# StateDirectory= with DynamicUser=: /var/lib/private/watchtower, owned by the service's uid, reached
+# through the link /var/lib/watchtower (the config's state_dir). /var/lib/private stays 0700 root;
+# inside the service's mount namespace systemd makes it passable, and so does as_service below.
+[[ -d /var/lib/private ]] || { install -d -m 0700 /var/lib/private; MADE_PRIVATE=1; }
+install -d -m 0700 -o "$SERVICE_UID" -g "$SERVICE_UID" /var/lib/private/watchtower
+ln -s private/watchtower /var/lib/watchtower
+export WT_MNT=$WORK/state-mnt
+mkdir "$WT_MNT"
 as_service() {  # exec: run in a subshell, whose PID becomes the service's
-  exec unshare --mount --propagation private -- /bin/sh -c '
-    mount -t tmpfs -o mode=0755 tmpfs /home && mount -t tmpfs -o mode=0700 tmpfs /root || exit 97
+  exec unshare --mount --propagation private -- /bin/sh -euc '
+    # StateDirectory=: the state directory through a passable /var/lib/private
+    mount --bind /var/lib/private/watchtower "$WT_MNT"
+    mount -t tmpfs -o mode=0755 tmpfs /var/lib/private
+    mkdir /var/lib/private/watchtower
+    mount --move "$WT_MNT" /var/lib/private/watchtower
+    # ProtectHome=yes, PrivateTmp=yes, ProtectSystem=strict (/ read-only, the state directory not)
+    mount -t tmpfs -o mode=0755 tmpfs /home
+    mount -t tmpfs -o mode=0700 tmpfs /root
+    mount -t tmpfs -o mode=1777 tmpfs /tmp
+    mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+    mount -o remount,bind,ro /
     umask 0077
     exec "$@"' sh \
     env -i PATH=/usr/local/bin:/usr/bin:/bin CREDENTIALS_DIRECTORY="$CREDS" WATCHTOWER_CONFIG="$CONFIG" \
@@ -191,4 +208,6 @@ step "systemctl stop: SIGTERM"
 kill -TERM "$DAEMON"
 wait "$DAEMON" || fail "the daemon did not stop cleanly"
 PIDS=("${PIDS[@]/$DAEMON}")
-[[ -s /var/lib/watchtower/watchtower.sqlite ]] || fail "no store in the state directory"
+[[ -s /var/lib/private/watchtower/watchtower.sqlite ]] || fail "no store in the state directory"
+[[ $(stat -c %u /var/lib/private/watchtower/watchtower.sqlite) == "$SERVICE_UID" ]] || fail "store not the service's"
+cli incidents --all | grep -q "#$ID" || fail "incidents from the store (daemon stopped) does not list #$ID"

@@ -182,6 +182,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, target in doc["targets"].items():
         down = [p["name"] for p in target["paths"] if p["state"] == "down"]
         extra = f"  down: {', '.join(down)}" if down else ""
+        if target.get("muted_until"):
+            extra += f"  (muted until {target['muted_until'][:16].replace('T', ' ')} UTC)"
         print(f"  {target['state']:<11} {name:<20} {target['role']:<10}{extra}")
     return EXIT_OK
 

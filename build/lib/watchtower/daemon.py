@@ -23,6 +23,7 @@ from watchtower.engine.maintenance import incident_muted
 from watchtower.engine.monitor import Monitor, open_shared
 from watchtower.notify.alertmanager import AlertmanagerSink
 from watchtower.notify.outbox import Alerting
+from watchtower.notify.sender import channel_problems
 from watchtower.sdnotify import Notifier, watchdog_interval
 from watchtower.store import AsyncStore, Store, StoreError
 from watchtower.web import app as web_app
@@ -150,6 +151,9 @@ async def reload_config(
     old = monitor.config
     try:
         new = await asyncio.to_thread(load_config, path)
+        refused = await asyncio.to_thread(channel_problems, new.notify.channels)  # as `check` does
+        if refused:
+            raise ConfigError(refused)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload rejected, keeping the running config: %s", problem)

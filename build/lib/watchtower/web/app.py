@@ -456,8 +456,13 @@ async def handle_report(request: web.Request) -> web.Response:
 
 
 async def handle_state(request: web.Request) -> web.Response:
-    monitor = request.app[MONITOR]
-    return web.json_response(state_document(monitor.snapshot(), monitor))
+    monitor, alerting = request.app[MONITOR], request.app[ALERTING]
+    doc = state_document(monitor.snapshot(), monitor)
+    if alerting is not None:
+        for name, why in alerting.muted(clock.now()).items():
+            if name in doc["targets"]:
+                doc["targets"][name]["muted_until"] = iso(why.until)
+    return web.json_response(doc)
 
 
 # --------------------------------------------------------------------------- maintenance mutes

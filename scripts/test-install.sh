@@ -5,8 +5,10 @@
 #
 # Without systemd as PID 1 (CI containers) the unit's sandbox is rebuilt by hand: a throwaway uid
 # stands in for DynamicUser= (setpriv), the LoadCredential= files are copied to a credentials
-# directory owned by it ($CREDENTIALS_DIRECTORY), /home and /root are hidden (ProtectHome=, in a
-# mount namespace), UMask=0077, and ExecStartPre=/ExecStart= are taken from the unit file itself.
+# directory owned by it ($CREDENTIALS_DIRECTORY), and in a mount namespace of its own the state
+# directory is /var/lib/private/watchtower behind the link /var/lib/watchtower (StateDirectory=),
+# /home and /root are hidden (ProtectHome=), /tmp is private (PrivateTmp=) and / is read-only
+# (ProtectSystem=strict); UMask=0077; ExecStartPre=/ExecStart= are taken from the unit file itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD

@@ -233,9 +233,9 @@ async def handle_page(request: web.Request) -> web.Response:
     incidents = [page_incident(incident_document(i), i, config) for i in monitor.tracker.open_incidents()]
     alerting = request.app[ALERTING]
     mutes = None
-    if alerting is not None:
-        mutes = {"active": mutes_document(alerting, clock.now())["muted"], "targets": list(config.targets)}
-        mutes["active"] = [{"target": t, **m} for t, m in mutes["active"].items()]
+    if alerting is not None:  # what is muted now, and the targets the mute form offers
+        muted = mutes_document(alerting, clock.now())["muted"]
+        mutes = {"active": [{"target": t, **m} for t, m in muted.items()], "targets": list(config.targets)}
     html = render_status_page(
         state_document(monitor.snapshot(), monitor),
         incidents,

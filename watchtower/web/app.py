@@ -234,8 +234,14 @@ async def handle_page(request: web.Request) -> web.Response:
     alerting = request.app[ALERTING]
     mutes = None
     if alerting is not None:  # what is muted now, and the targets the mute form offers
-        muted = mutes_document(alerting, clock.now())["muted"]
-        mutes = {"active": [{"target": t, **m} for t, m in muted.items()], "targets": list(config.targets)}
+        rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for name, why in mutes_document(alerting, clock.now())["muted"].items():  # one row per mute
+            key = (why["source"], why["until"], why["reason"], why["id"])
+            rows.setdefault(key, {**why, "names": []})["names"].append(name)
+        every = len(config.targets)
+        active = [{**r, "target": "every target" if len(r["names"]) == every > 1 else ", ".join(r["names"])}
+                  for r in rows.values()]  # fmt: skip
+        mutes = {"active": active, "targets": list(config.targets)}
     html = render_status_page(
         state_document(monitor.snapshot(), monitor),
         incidents,

@@ -64,6 +64,8 @@ def _channel_problems(cfg: Config) -> list[str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from watchtower.config import unplaced_paths
+
     cfg = _load(args.config)
     problems = _channel_problems(cfg)
     for line in problems:
@@ -71,7 +73,46 @@ def cmd_check(args: argparse.Namespace) -> int:
     if problems:
         return EXIT_INVALID
     print(f"ok: {len(cfg.targets)} targets, {len(cfg.paths)} paths")
+    if args.explain:
+        print(explain_networks(cfg))
+    for p in unplaced_paths(cfg):
+        print(
+            f"warning: targets.{p.target} path {p.name!r} ({p.host}) is on no network: no cidr of "
+            f"networks: holds it; set network: on the path",
+            file=sys.stderr,
+        )
     return EXIT_OK
+
+
+def explain_networks(cfg: Config) -> str:
+    """Which network each path landed on, and what it depends on (``check --explain``)."""
+    from watchtower.engine.correlate import inferred_network
+    from watchtower.engine.topology import Topology
+
+    topology = Topology.from_config(cfg)
+    lines = []
+    if cfg.networks:
+        lines.append("networks:")
+        for name, net in cfg.networks.items():
+            cidrs = ", ".join(map(str, net.cidr))
+            lines.append(f"  {name}: {cidrs}" + (f" via {' -> '.join(net.via)}" if net.via else ""))
+    else:
+        lines.append("networks: none configured; inferred from address prefixes (shown in brackets)")
+    for name in cfg.targets:
+        node = topology.nodes[name]
+        needs = f" (depends on {', '.join(node.parents)})" if node.parents else ""
+        lines.append(f"{name}{needs}:")
+        for p in (x for x in (*cfg.paths, *cfg.bmc_paths) if x.target == name):
+            if cfg.networks:
+                placed = cfg.networks.get(p.network or "")
+                where = "NO NETWORK" if placed is None else f"{p.network}"
+                if placed is not None and placed.via:
+                    where += f" via {', '.join(placed.via)}"
+            else:
+                where = f"[{inferred_network(p.host) or 'no address'}]"
+            served = "BMC" if p.by_bmc else "OS"
+            lines.append(f"  {p.name:<40} {served:<3} {where}")
+    return "\n".join(lines)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -592,12 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run", cmd_run, "run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads)",
                 f"0 clean stop, 1 cannot start (port taken, no ICMP socket), {INVALID}")  # fmt: skip
     p.add_argument("--log-level", default="INFO", choices=levels, help="least severe log lines shown")
-    command(
-        "check", cmd_check, "validate the config (and try every channel URL with apprise)", f"0 ok, {INVALID}"
+    p = command("check", cmd_check, "validate the config (and try every channel URL with apprise)",
+                f"0 ok, {INVALID}")  # fmt: skip
+    p.add_argument(
+        "--explain", action="store_true", help="show the network each path is on and what it depends on"
     )
-    p = command(
-        "probe", cmd_probe, "probe every path of one target once", f"0 all up, 1 some down, {INVALID}"
-    )
+    p = command("probe", cmd_probe, "probe every path of one target once",
+                f"0 all up, 1 some down, {INVALID}")  # fmt: skip
     p.add_argument("target", help="a target of the config")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = command("status", cmd_status, "ask the running daemon for the state of every target",

@@ -325,6 +325,11 @@ class PathBase(Timing):
         description="this path alone is the service: when it is down the target is down (and pages), "
         "even while its other paths answer; otherwise such a target is only degraded",
     )
+    network: str | None = Field(
+        None,
+        description="the `networks:` entry this path crosses; by default the one whose cidr holds its "
+        "address (needed for host names, which are not resolved for this)",
+    )
 
     def default_name(self) -> str:
         raise NotImplementedError
@@ -820,6 +825,39 @@ class Service(Strict):
 TargetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 
 
+NetworkName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+
+
+class Network(Strict):
+    """One network of the site (production, management, storage...): its address ranges and the
+    devices that carry it. A path on it depends on those devices; its paths failing together while
+    other networks still reach the same hosts is one network incident, not one per host."""
+
+    cidr: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        min_length=1, description="its address ranges; a path is placed on the most specific match"
+    )
+    via: list[str] = Field(
+        default_factory=list,
+        description="the targets that carry it (core switch first, then what is behind it); the "
+        "first names its incidents",
+    )
+    label: str | None = Field(
+        None, max_length=40, description="how alerts call it, e.g. `production` (default: its name)"
+    )
+
+    @field_validator("cidr", mode="before")
+    @classmethod
+    def _cidr_list(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        out = []
+        for v in values:
+            try:
+                out.append(ipaddress.ip_network(str(v), strict=False))
+            except ValueError:
+                raise ValueError(f"{v!r} is not an address range like 10.0.1.0/24") from None
+        return out
+
+
 class Target(Timing):
     role: Role = Field(description="what it is; decides the incident scope when it fails")
     paths: list[PathItem] = Field(min_length=1, description="independent ways to check it (see Path kinds)")
@@ -1014,6 +1052,9 @@ class ResolvedPath:
     fail_after: int
     recover_after: int
     is_bmc: bool = False  # a bmc: block: consulted to explain an outage, not a witness of it
+    network: str | None = None  # the `networks:` entry it crosses (None: none configured or matched)
+    host: str = ""  # the address or name it talks to
+    by_bmc: bool = False  # answered by the target's BMC, not its own OS (a bmc: block or its address)
 
     @property
     def kind(self) -> str:
@@ -1062,6 +1103,11 @@ class Config(Strict):
         default_factory=list,
         description="recurring maintenance windows: incidents are recorded, pages wait for the window's end",
     )
+    networks: dict[NetworkName, Network] = Field(
+        default_factory=dict,
+        description="the site's networks (e.g. `prod`, `mgmt`): a network failing while another still "
+        "reaches its hosts is one incident named after it (without this, inferred from address prefixes)",
+    )
 
     @field_validator("state_dir", mode="after")
     @classmethod
@@ -1097,15 +1143,36 @@ class Config(Strict):
             for spec in (t.bmc.ipmi, t.bmc.redfish):
                 if spec is not None:
                     (path,) = self._resolve(name, [spec], t)
-                    out.append(replace(path, name=f"bmc {spec.display_name}", is_bmc=True))
+                    out.append(replace(path, name=f"bmc {spec.display_name}", is_bmc=True, by_bmc=True))
         return tuple(out)
 
     def confirm_paths(self, target: str) -> int:
         own = self.targets[target].confirm_paths
         return own if own is not None else self.defaults.confirm_paths
 
+    def network_of(self, spec: PathSpec) -> str | None:
+        """The network a path crosses: its ``network:``, else the most specific cidr holding its
+        address (a host name matches none)."""
+        if spec.network is not None or not self.networks:
+            return spec.network
+        try:
+            address = ipaddress.ip_address(path_host(spec))
+        except ValueError:
+            return None
+        best: tuple[int, str] | None = None
+        for name, net in self.networks.items():
+            for cidr in net.cidr:
+                if address in cidr and (best is None or cidr.prefixlen > best[0]):
+                    best = (cidr.prefixlen, name)
+        return best[1] if best else None
+
     def _resolve(self, target: str, specs: list[PathSpec], owner: Target | None) -> Iterator[ResolvedPath]:
         d = self.defaults
+        bmc_hosts = (
+            {s.host for s in (owner.bmc.ipmi, owner.bmc.redfish) if s is not None}
+            if owner is not None and owner.bmc is not None
+            else set()
+        )
         for spec in specs:
 
             def pick(key: str, spec: PathSpec = spec) -> Any:
@@ -1124,7 +1191,23 @@ class Config(Strict):
                 timeout=pick("timeout"),
                 fail_after=pick("fail_after"),
                 recover_after=pick("recover_after"),
+                network=self.network_of(spec),
+                host=path_host(spec),
+                by_bmc=spec.kind in ("ipmi", "redfish") or path_host(spec) in bmc_hosts,
             )
+
+
+def path_host(spec: PathSpec) -> str:
+    """The address or name a path talks to."""
+    return str(getattr(spec, "host", ""))
+
+
+def unplaced_paths(cfg: Config) -> list[ResolvedPath]:
+    """Target paths on no network while networks are configured: they depend on no device, so a
+    network failure cannot explain them (``watchtower check`` warns)."""
+    if not cfg.networks:
+        return []
+    return [p for p in (*cfg.paths, *cfg.bmc_paths) if p.network is None]
 
 
 # --------------------------------------------------------------------------- checks beyond one key
@@ -1174,6 +1257,18 @@ def _semantic_problems(cfg: Config) -> list[str]:
                 problems.append(
                     f"maintenance[{i}].targets[{j}]: no target named {name!r}{_did_you_mean(name, names)}"
                 )
+    for nname, net in cfg.networks.items():
+        for i, via in enumerate(net.via):
+            if via not in names:
+                problems.append(
+                    f"networks.{nname}.via[{i}]: no target named {via!r}{_did_you_mean(via, names)}"
+                )
+    for tname, target in cfg.targets.items():
+        for i, spec in enumerate(target.paths):
+            if spec.network is not None and spec.network not in cfg.networks:
+                hint = _did_you_mean(spec.network, cfg.networks) if cfg.networks else " (no `networks:` set)"
+                where = f"targets.{tname}.paths[{i}].network"
+                problems.append(f"{where}: no network named {spec.network!r}{hint}")
     problems += _cycle_problems(cfg)
     problems += _path_problems(cfg)
     problems += _notify_problems(cfg)

@@ -195,13 +195,12 @@ async def run_daemon(
         monitor = Monitor(config, shared=shared)
         store, store_error = await open_store(config)
         stack.push_async_callback(store.close)
-        alerting = Alerting(config, store, monitor.tracker)
+        alerting = Alerting(config, store, monitor.tracker, changed=monitor.incidents_changed)
         if store_error is not None:
             alerting.store_ok, alerting.store_error = False, store_error
         stack.callback(alerting.close)
         await alerting.restore()  # open incidents keep their ids and are not paged again
         alerting.mutes = await store.call(store.store.mutes, alerting.now())  # maintenance survives restarts
-        alerting.changed = monitor.incidents_changed
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
         sink.muted = lambda incident: incident_muted(incident, alerting.muted(alerting.now()))

@@ -23,6 +23,13 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("Targets: `targets.NAME`", c.Target, "NAME: letters, digits, `.`, `_`, `-`. `runs_on` must name a "
      "`hypervisor` target, `storage` entries `storage` targets, `depends_on` any target; no cycles."),
     ("`targets.NAME.service`", c.Service, ""),
+    ("Networks: `networks.NAME`", c.Network, "Each path is placed on the network whose `cidr` holds its "
+     "address (the most specific one), or the one its `network:` names. When every path on a network "
+     "fails while some of its hosts answer on another one, that is one `network` incident rooted at "
+     "its first `via` device (cause `partition`), not one incident per host; one host dark on a network "
+     "while its OS answers on another is that host's `link_down`. Without `networks:` this is inferred "
+     "from address prefixes (/24, /64) and the alert says so. `watchtower check --explain` shows where "
+     "each path landed."),
     ("`targets.NAME.bmc`", c.Bmc, "The host's out-of-band controller, consulted to explain an outage."),
     ("Path `icmp`", c.IcmpPath, "Short form: `- icmp: 10.0.0.2`."),
     ("Path `tcp`", c.TcpPath, "Short form: `- tcp: 10.0.0.5:3260` (IPv6: `[2001:db8::5]:3260`)."),

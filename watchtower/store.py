@@ -16,7 +16,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -358,31 +358,32 @@ class Store:
             root=row[2],
             opened_at=row[5],
             cause=Cause(row[3]) if row[3] else None,
-            affected=json.loads(row[12]),
+            affected=tuple(json.loads(row[12])),
             state=IncidentState(row[4]),
             acknowledged_at=row[7],
             acknowledged_by=row[8],
             resolved_at=row[9],
             first_failure_at=row[6],
-            evidence=json.loads(row[14]),
+            evidence=tuple(json.loads(row[14])),
             flaps=row[10],
             merged_into=row[11],
-            back=json.loads(row[13]),
+            back=tuple(json.loads(row[13])),
         )
-        incident.timeline = [
+        timeline = tuple(
             TimelineEvent(at, kind, text)
             for at, kind, text in self.db.execute(
                 "SELECT at, kind, text FROM timeline WHERE incident = ? ORDER BY seq", (incident.id,)
             )
-        ]
-        self._persisted[incident.id] = len(incident.timeline)
+        )
+        self._persisted[incident.id] = len(timeline)
+        root_back_at = None
         if incident.is_open:  # "root back, waiting for the rest" is read back from the timeline
-            for event in incident.timeline:
+            for event in timeline:
                 if event.kind == "root_back":
-                    incident.root_back_at = event.at
+                    root_back_at = event.at
                 elif event.kind in ("root_failed", "reopened"):
-                    incident.root_back_at = None
-        return incident
+                    root_back_at = None
+        return replace(incident, timeline=timeline, root_back_at=root_back_at)
 
     def incident(self, incident_id: int) -> Incident | None:
         row = self.db.execute(

@@ -18,6 +18,7 @@ from watchtower.config import ConfigError, json_schema, load_config, parse_confi
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "watchtower.example.yaml"
 DEMO = REPO / "config" / "demo.yaml"
+PARTITION = REPO / "config" / "partition.yaml"
 
 BASE: dict[str, Any] = {
     "site": "t",
@@ -83,7 +84,7 @@ DELETE = object()
 
 
 def test_example_and_demo_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for file in (EXAMPLE, DEMO):
+    for file in (EXAMPLE, DEMO, PARTITION):
         assert main(["check", "-c", str(file)]) == 0
         out = capsys.readouterr().out
         assert out.startswith("ok: 8 targets, ")
@@ -431,3 +432,103 @@ def test_configuration_reference_is_current() -> None:
 
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == config_reference(), "run: python -m watchtower.docs > docs/configuration.md"
+
+
+# --------------------------------------------------------------------------- networks
+
+NETWORKED = {
+    **copy.deepcopy(BASE),
+    "networks": {
+        "prod": {"cidr": ["10.0.10.0/24", "10.0.20.0/24"], "via": ["sw"], "label": "production"},
+        "core": {"cidr": "10.0.0.0/16"},  # less specific: what no other range holds
+    },
+}
+
+
+def test_paths_are_placed_on_the_most_specific_network() -> None:
+    data = copy.deepcopy(NETWORKED)
+    data["targets"]["vm"]["paths"].append(
+        {"tcp": {"host": "erp.acme.example", "port": 443, "network": "prod"}}
+    )
+    data["targets"]["vm"]["paths"].append({"tcp": "erp.acme.example:8443"})
+    cfg = parse_config(data, Path("."))
+    placed = {(p.target, p.name): p.network for p in cfg.paths}
+    assert placed[("sw", "icmp 10.0.0.2")] == "core"
+    assert placed[("hv", "icmp 10.0.10.11")] == "prod"
+    assert placed[("nas", "icmp 10.0.20.5")] == "prod"
+    assert placed[("vm", "tcp erp.acme.example:443")] == "prod"  # a name: only by `network:`
+    assert placed[("vm", "tcp erp.acme.example:8443")] is None
+    from watchtower.config import unplaced_paths
+    from watchtower.engine.topology import Topology
+
+    assert [p.name for p in unplaced_paths(cfg)] == ["tcp erp.acme.example:8443"]
+    topo = Topology.from_config(cfg)
+    assert topo.networks["prod"].title == "production network via sw"
+    assert topo.nodes["nas"].parents == ("sw",)  # all its paths on prod, carried by sw
+
+
+def test_bmc_paths_are_served_by_the_bmc() -> None:
+    data = copy.deepcopy(NETWORKED)
+    data["targets"]["hv"]["bmc"] = {"ipmi": {"host": "10.0.99.11", "username": "u", "password": "p"}}
+    data["targets"]["hv"]["paths"].append({"icmp": {"host": "10.0.99.11", "name": "bmc ping"}})
+    cfg = parse_config(data, Path("."))
+    served = {p.name: p.by_bmc for p in (*cfg.paths, *cfg.bmc_paths) if p.target == "hv"}
+    assert served == {
+        "icmp 10.0.10.11": False,
+        "tcp 10.0.10.11:8006": False,
+        "bmc ping": True,
+        "bmc ipmi 10.0.99.11": True,
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("networks", {"prod": {"cidr": ["10.0.10.300/24"]}}), "networks.prod.cidr"),
+        (("networks", {"prod": {"cidr": []}}), "networks.prod.cidr: needs at least 1 entry"),
+        (
+            ("networks", {"prod": {"cidr": ["10.0.10.0/24"], "via": ["sw2"]}}),
+            "networks.prod.via[0]: no target named 'sw2' (did you mean 'sw'?)",
+        ),
+        (("networks", {"prod": {"cidr": ["10.0.10.0/24"], "vai": ["sw"]}}), "networks.prod.vai"),
+        (("networks", {"bad name!": {"cidr": ["10.0.10.0/24"]}}), "networks"),
+    ],
+)
+def test_bad_networks_name_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: tuple[str, Any], expected: str
+) -> None:
+    data = copy.deepcopy(BASE)
+    data[change[0]] = change[1]
+    code, _, err = run_check(tmp_path, data, capsys)
+    assert code == 2 and expected in err, err
+
+
+def test_path_network_must_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = copy.deepcopy(NETWORKED)
+    data["targets"]["hv"]["paths"][0] = {"icmp": {"host": "10.0.10.11", "network": "prd"}}
+    code, _, err = run_check(tmp_path, data, capsys)
+    assert code == 2
+    assert "targets.hv.paths[0].network: no network named 'prd' (did you mean 'prod'?)" in err
+
+
+def test_check_explain_shows_networks_and_warns_about_unplaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = copy.deepcopy(NETWORKED)
+    data["networks"].pop("core")
+    cfg = tmp_path / "wt.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["check", "-c", str(cfg), "--explain"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "ok: 4 targets, 6 paths"
+    assert "  prod: 10.0.10.0/24, 10.0.20.0/24 via sw" in out
+    assert any(line.split() == ["icmp", "10.0.10.11", "OS", "prod", "via", "sw"] for line in out.splitlines())
+    assert any(line.split() == ["icmp", "10.0.0.2", "OS", "NO", "NETWORK"] for line in out.splitlines())
+    assert "warning: targets.sw path 'icmp 10.0.0.2' (10.0.0.2) is on no network" in err
+    # without networks: nothing to warn about, the inferred prefixes are shown
+    cfg.write_text(yaml.safe_dump(BASE))
+    assert main(["check", "-c", str(cfg), "--explain"]) == 0
+    out, err = capsys.readouterr()
+    assert "networks: none configured; inferred from address prefixes" in out
+    assert any(line.split() == ["icmp", "10.0.10.11", "OS", "[10.0.10.0/24]"] for line in out.splitlines())
+    assert err == ""

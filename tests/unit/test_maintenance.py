@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,14 @@ import pytest
 from watchtower.config import Config, ConfigError, parse_config
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import DueStep, due
-from watchtower.engine.incidents import Incident
+from watchtower.engine.incidents import Incident, IncidentState
 from watchtower.engine.maintenance import (
     MAX_MUTE,
     SITE,
     Mute,
     check_mute_end,
+    maintenance_note,
     muted_targets,
-    note_maintenance,
     parse_every,
     window_span,
 )
@@ -55,16 +56,18 @@ def config(**extra: Any) -> Config:
 class Pager:
     """What the alerting loop does each tick, with the clock passed in: mark, then ask the policy."""
 
-    def __init__(self, cfg: Config, mutes: list[Mute]):
-        self.cfg, self.mutes = cfg, mutes
+    def __init__(self, cfg: Config, mutes: list[Mute], incident: Incident):
+        self.cfg, self.mutes, self.incident = cfg, mutes, incident
         self.fired: set[str] = set()
         self.notified: set[str] = set()
         self.sent: list[tuple[float, DueStep]] = []
 
-    def tick(self, incident: Incident, now: float) -> list[DueStep]:
+    def tick(self, now: float) -> list[DueStep]:
         muted = muted_targets(self.cfg.targets, self.mutes, self.cfg.maintenance_windows, now)
-        quiet = note_maintenance(incident, muted, now)
-        steps = due(incident, self.cfg, now, self.fired, self.notified, quiet)
+        quiet, mark = maintenance_note(self.incident, muted, now)
+        if mark is not None:
+            self.incident = self.incident.noted(now, *mark)
+        steps = due(self.incident, self.cfg, now, self.fired, self.notified, quiet)
         for s in steps:
             self.fired.add(s.step)
             if s.kind in ("page", "escalation"):
@@ -72,59 +75,57 @@ class Pager:
             self.sent.append((now, s))
         return steps
 
-    def run(self, incident: Incident, start: float, end: float, every: float = 10.0) -> None:
+    def run(self, start: float, end: float, every: float = 10.0) -> None:
         t = start
         while t <= end:
-            self.tick(incident, t)
+            self.tick(t)
             t += every
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.incident.timeline]
 
 
 def test_mute_ten_minutes_records_in_maintenance_and_pages_once_when_it_ends() -> None:
     cfg = config()
     mute = Mute(1, "erp1", T0, T0 + 10 * MIN, "kernel update", "alice", T0)
-    pager = Pager(cfg, [mute])
-    incident = Incident(1, Scope.VM, "erp1", T0 + 2 * MIN)
-    pager.run(incident, T0 + 2 * MIN, T0 + 10 * MIN - 1)
+    pager = Pager(cfg, [mute], Incident(1, Scope.VM, "erp1", T0 + 2 * MIN))
+    pager.run(T0 + 2 * MIN, T0 + 10 * MIN - 1)
     assert pager.sent == []
-    kinds = [e.kind for e in incident.timeline]
-    assert kinds == ["maintenance"]
-    assert "mute #1 by alice: kernel update" in incident.timeline[0].text
+    assert pager.kinds() == ["maintenance"]
+    assert "mute #1 by alice: kernel update" in pager.incident.timeline[0].text
     # still down when the mute ends: one page, at the end
-    pager.run(incident, T0 + 10 * MIN, T0 + 11 * MIN)
+    pager.run(T0 + 10 * MIN, T0 + 11 * MIN)
     assert [(s.step, s.kind) for _, s in pager.sent] == [("step0", "page")]
     assert pager.sent[0][0] == T0 + 10 * MIN
-    assert [e.kind for e in incident.timeline] == ["maintenance", "maintenance_end"]
-    assert "paging as a normal incident" in incident.timeline[-1].text
+    assert pager.kinds() == ["maintenance", "maintenance_end"]
+    assert "paging as a normal incident" in pager.incident.timeline[-1].text
     # the 15-minute escalation counts from the end of the mute, not from the opening
-    pager.run(incident, T0 + 11 * MIN, T0 + 25 * MIN - 1)
+    pager.run(T0 + 11 * MIN, T0 + 25 * MIN - 1)
     assert len(pager.sent) == 1
-    pager.run(incident, T0 + 25 * MIN, T0 + 26 * MIN)
+    pager.run(T0 + 25 * MIN, T0 + 26 * MIN)
     assert [s.step for _, s in pager.sent] == ["step0", "step1"]
 
 
 def test_recovery_inside_the_mute_sends_nothing_at_all() -> None:
     cfg = config()
-    pager = Pager(cfg, [Mute(1, SITE, T0, T0 + 30 * MIN, "patch night", "bob", T0)])
-    incident = Incident(1, Scope.HYPERVISOR, "pve1", T0 + MIN, affected=["erp1"])
-    pager.run(incident, T0 + MIN, T0 + 5 * MIN)
-    incident.resolved_at = T0 + 5 * MIN
-    from watchtower.engine.incidents import IncidentState
-
-    incident.state = IncidentState.RESOLVED
-    pager.run(incident, T0 + 5 * MIN, T0 + 40 * MIN)
+    incident = Incident(1, Scope.HYPERVISOR, "pve1", T0 + MIN, affected=("erp1",))
+    pager = Pager(cfg, [Mute(1, SITE, T0, T0 + 30 * MIN, "patch night", "bob", T0)], incident)
+    pager.run(T0 + MIN, T0 + 5 * MIN)
+    pager.incident = replace(pager.incident, state=IncidentState.RESOLVED, resolved_at=T0 + 5 * MIN)
+    pager.run(T0 + 5 * MIN, T0 + 40 * MIN)
     assert pager.sent == []  # nobody was paged, so nobody is owed an all-clear
 
 
 def test_muted_root_with_unmuted_dependent_still_pages() -> None:
     cfg = config()
-    pager = Pager(cfg, [Mute(1, "pve1", T0, T0 + 60 * MIN, "BIOS update", "alice", T0)])
     incident = Incident(1, Scope.HYPERVISOR, "pve1", T0 + MIN)
-    pager.run(incident, T0 + MIN, T0 + 2 * MIN)
+    pager = Pager(cfg, [Mute(1, "pve1", T0, T0 + 60 * MIN, "BIOS update", "alice", T0)], incident)
+    pager.run(T0 + MIN, T0 + 2 * MIN)
     assert pager.sent == []
-    incident.affected.append("erp1")  # the VM on it goes down too, and it is not muted
-    pager.tick(incident, T0 + 3 * MIN)
+    pager.incident = replace(pager.incident, affected=("erp1",))  # its VM goes down too, not muted
+    pager.tick(T0 + 3 * MIN)
     assert [s.kind for _, s in pager.sent] == ["page"]
-    assert "not in maintenance (erp1)" in incident.timeline[-1].text
+    assert "not in maintenance (erp1)" in pager.incident.timeline[-1].text
 
 
 def test_recurring_window_mutes_at_its_time_and_pages_when_it_ends() -> None:
@@ -139,17 +140,15 @@ def test_recurring_window_mutes_at_its_time_and_pages_when_it_ends() -> None:
     )
     assert window_span(window, sunday_0400) is None
     assert window_span(window, sunday_0230 + 86400) is None  # Monday
-    pager = Pager(cfg, [])
-    incident = Incident(1, Scope.VM, "erp1", sunday_0230)
-    pager.run(incident, sunday_0230, sunday_0400 - 1)
+    pager = Pager(cfg, [], Incident(1, Scope.VM, "erp1", sunday_0230))
+    pager.run(sunday_0230, sunday_0400 - 1)
     assert pager.sent == []
-    assert "window Sun 02:00-04:00 (Europe/Berlin)" in incident.timeline[0].text
-    pager.run(incident, sunday_0400 - 1 + 10, sunday_0400 + 60)
+    assert "window Sun 02:00-04:00 (Europe/Berlin)" in pager.incident.timeline[0].text
+    pager.run(sunday_0400 - 1 + 10, sunday_0400 + 60)
     assert [s.kind for _, s in pager.sent] == ["page"]
     # an outage outside the window pages at once
-    other = Pager(cfg, [])
-    monday = Incident(2, Scope.VM, "erp1", sunday_0230 + 86400)
-    other.tick(monday, monday.opened_at)
+    other = Pager(cfg, [], Incident(2, Scope.VM, "erp1", sunday_0230 + 86400))
+    other.tick(sunday_0230 + 86400)
     assert [s.kind for _, s in other.sent] == ["page"]
 
 

@@ -187,26 +187,27 @@ def _hhmm(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%MZ")
 
 
-def note_maintenance(incident: Incident, muted: Mapping[str, MutedBy], now: float) -> bool:
-    """Record in the incident's timeline when it enters or leaves maintenance; returns whether it
-    is muted now (what the escalation policy needs)."""
+def maintenance_note(
+    incident: Incident, muted: Mapping[str, MutedBy], now: float
+) -> tuple[bool, tuple[str, str] | None]:
+    """Whether the incident is muted now (what the escalation policy needs), and the timeline
+    event (kind, text) to record when it enters or leaves maintenance, else None."""
     is_muted = incident.is_open and incident_muted(incident, muted)
     marks = [e for e in incident.timeline if e.kind in (IN_MAINTENANCE, MAINTENANCE_END)]
     inside = bool(marks) and marks[-1].kind == IN_MAINTENANCE
     if is_muted and not inside:
         why = muted[incident.root]
         reason = f": {why.reason}" if why.reason else ""
-        incident.note(
-            now, IN_MAINTENANCE, f"in maintenance until {_hhmm(why.until)} ({why.source}{reason}); no pages"
-        )
-    elif inside and incident.is_open and not is_muted:
+        text = f"in maintenance until {_hhmm(why.until)} ({why.source}{reason}); no pages"
+        return True, (IN_MAINTENANCE, text)
+    if inside and incident.is_open and not is_muted:
         outside = [n for n in (incident.root, *incident.affected) if n not in muted]
         if incident.root in outside:
             text = "maintenance over, still down: paging as a normal incident"
         else:
             text = f"affects targets not in maintenance ({', '.join(outside)}): paging"
-        incident.note(now, MAINTENANCE_END, text)
-    return is_muted
+        return False, (MAINTENANCE_END, text)
+    return is_muted, None
 
 
 def paging_start(incident: Incident) -> float:

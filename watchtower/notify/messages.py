@@ -61,18 +61,24 @@ _CAUSE_SHORT = {
     Cause.HARDWARE_FAULT: "hardware fault",
     Cause.OS_UNRESPONSIVE: "OS hung",
     Cause.BMC_UNREACHABLE: "BMC unreachable",
+    Cause.PARTITION: "partition",
+    Cause.LINK_DOWN: "link down",
 }
 _CAUSE_SMS = {
     Cause.POWER_OFF: "pwr off",
     Cause.HARDWARE_FAULT: "HW fault",
     Cause.OS_UNRESPONSIVE: "OS hung",
     Cause.BMC_UNREACHABLE: "BMC unreach",
+    Cause.PARTITION: "partition",
+    Cause.LINK_DOWN: "link down",
 }
 _CAUSE_LONG = {
     Cause.POWER_OFF: "BMC: chassis power is OFF",
     Cause.HARDWARE_FAULT: "BMC: hardware fault in the SEL",
     Cause.OS_UNRESPONSIVE: "BMC: chassis on, no hardware fault: OS hung or network stack dead",
     Cause.BMC_UNREACHABLE: "BMC not reachable either (power or management network?)",
+    Cause.PARTITION: "the network failed, not its hosts: they answer on another network",
+    Cause.LINK_DOWN: "its link to one network is down: its OS answers on another, it is not hung",
 }
 
 
@@ -140,11 +146,30 @@ def _cause(incident: Incident) -> Cause | None:
         return None
 
 
+def _explained(incident: Incident) -> tuple[str, str] | None:
+    """(subject, finding) of a ``partition`` or ``link_down`` incident, from the sentence the
+    correlation put first in its evidence: ``production network via core-sw1``, ``9 hosts
+    unreachable on it, all alive on mgmt``."""
+    if _cause(incident) not in (Cause.PARTITION, Cause.LINK_DOWN) or not incident.evidence:
+        return None
+    subject, _, finding = incident.evidence[0].partition(": ")
+    return _line(subject, 80), _line(finding, 160)
+
+
 def _cause_text(incident: Incident) -> str | None:
     cause = _cause(incident)
     if cause is None:
-        return "unknown (no BMC reading)" if incident.scope == Scope.HYPERVISOR else None
+        if incident.scope == Scope.HYPERVISOR:
+            contradiction = next(
+                (e for e in incident.evidence if e.startswith(("contradictory", "not hung"))), None
+            )
+            return f"unknown: {_line(contradiction, 160)}" if contradiction else "unknown (no BMC reading)"
+        return None
     text = _CAUSE_LONG[cause]
+    explained = _explained(incident)
+    if explained is not None:
+        subject, finding = explained
+        text = f"{subject}: {finding}: {text}" if cause is Cause.LINK_DOWN else f"{finding}: {text}"
     if cause is Cause.HARDWARE_FAULT:
         sel = _sel_texts(incident.evidence)
         if sel:
@@ -236,13 +261,24 @@ def _fit_sms(head: str, optional: Sequence[str], tail: str = "", *, sep: str = "
 
 
 def _what(incident: Incident) -> str:
-    """``hypervisor pve1``, the words an incident is named by."""
+    """``hypervisor pve1``, the words an incident is named by (``production network via core-sw1``
+    for a network that failed while its hosts answer on another)."""
+    explained = _explained(incident)
+    if explained is not None and _cause(incident) is Cause.PARTITION:
+        return explained[0]
     return f"{incident.scope} {incident.root}"
 
 
 def _down_title(incident: Incident, behind: Sequence[str], state: str = "DOWN") -> str:
     cause = _cause(incident)
     cause_text = f" ({_CAUSE_SHORT[cause]})" if cause else ""
+    explained = _explained(incident)
+    if explained is not None and cause is Cause.PARTITION:
+        return f"{_what(incident)} {state}: {explained[1]}"
+    if explained is not None and cause is Cause.LINK_DOWN:
+        # not DOWN: it answers on another network
+        state = "UNREACHABLE" if state == "DOWN" else state
+        cause_text = f" ({explained[0]})"
     more = f", {len(incident.affected)} affected" if incident.affected else ""
     if _not_yet(incident, behind):
         more += f" ({len(behind)} depend on it)"
@@ -284,7 +320,8 @@ def _title(
         text = f"{n} FAILED AGAIN (flap {incident.flaps}): {_down_title(incident, behind)}"
     else:  # resolve
         end = incident.resolved_at if incident.resolved_at is not None else now
-        text = f"{n} RESOLVED: {incident.root} back after {_dur(end - outage_start(incident))}"
+        back = _what(incident) if _cause(incident) is Cause.PARTITION else incident.root
+        text = f"{n} RESOLVED: {back} back after {_dur(end - outage_start(incident))}"
         still = _still_down(incident)
         if still:
             text += f"; still down: {_names(still, 3)}"
@@ -346,11 +383,18 @@ def _steps(incident: Incident, config: Config, kind: str, others: Sequence[Incid
             steps.append("OS hung? Capture the console screen (panic, hung task) before any reset")
         elif incident.cause == Cause.BMC_UNREACHABLE:
             steps.append("Check power to the rack and the management network")
-    elif scope == Scope.NETWORK:
+    if incident.cause == Cause.LINK_DOWN:
+        steps.append(
+            f"{name} is alive (its OS answers on another network): do not reset it; check that NIC, "
+            "its cable and switch port, and the network's VLAN"
+        )
+    if scope == Scope.NETWORK and incident.cause == Cause.PARTITION:
+        steps.append("The hosts are alive (they answer on another network): do not reset or power-cycle them")
+    if scope == Scope.NETWORK:
         steps.append(f"Check the switch/uplink {name}: power, link LEDs, which ports are down")
         if incident.affected:
             steps.append("What is behind it is unreachable, not necessarily down: fix the path first")
-    elif scope == Scope.STORAGE:
+    elif scope == Scope.STORAGE and incident.cause != Cause.LINK_DOWN:
         steps.append("RAID: read first, swap no disk before the order is clear")
         if incident.affected:
             steps.append(f"VMs on it ({len(incident.affected)}) may have I/O errors or read-only disks")
@@ -564,6 +608,13 @@ def _sms(
         return _fit_sms(head, [], ack if kind != "ack" and incident.state == IncidentState.OPEN else "")
 
     down = " ".join(p for p in (scope, root, "DOWN", cause) if p)
+    explained = _explained(incident)
+    if explained is not None and found is Cause.PARTITION:
+        scope, root, cause = "", explained[0], ""
+        down = f"{explained[0]} DOWN: {explained[1]}"
+    elif explained is not None and found is Cause.LINK_DOWN:
+        cause = explained[0]
+        down = " ".join((scope, root, "UNREACH", cause))
     not_yet = _not_yet(incident, behind)
     if incident.affected or not_yet:
         of = f" of {len(behind)} behind" if not_yet else ""
@@ -599,7 +650,7 @@ def _sms(
         if rto:
             optional.append(rto)
         tail = ""
-    if kind not in ("ack", "resolve") and incident.evidence:
+    if kind not in ("ack", "resolve") and incident.evidence and found is not Cause.PARTITION:
         optional.append(incident.evidence[0])
     return _fit_sms(head, optional, tail)
 

@@ -27,7 +27,7 @@ from watchtower.config import Config
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due, owes_all_clear
 from watchtower.engine.incidents import Incident, IncidentTracker
-from watchtower.engine.maintenance import Mute, MutedBy, muted_targets, note_maintenance
+from watchtower.engine.maintenance import Mute, MutedBy, maintenance_note, muted_targets
 from watchtower.notify.messages import Message, incident_message, is_sms_channel, warning_message
 from watchtower.notify.sender import ChannelSender, DeliveryResult, make_senders
 from watchtower.store import AsyncStore, NewNotification, Notification, StoreError
@@ -83,6 +83,7 @@ class Alerting:
         senders: dict[str, ChannelSender] | None = None,
         *,
         clock_now: Callable[[], float] = clock.now,
+        changed: asyncio.Event | None = None,
     ):
         self.config = config
         self.store = store
@@ -99,7 +100,8 @@ class Alerting:
         self.notified: dict[int, set[str]] = {}
         self.sent_log: dict[int, list[Notification]] = {}  # per incident, the latest state of each message
         self._saved: dict[int, tuple[object, ...]] = {}
-        self.changed = asyncio.Event()
+        # Set by the incident owner's side (the monitor) when incidents changed: look at once.
+        self.changed = changed if changed is not None else asyncio.Event()
         self.store_ok = True
         self.store_error: str | None = None
         self._memory_ids = -1  # ids of messages that could not be written (disk full): negative
@@ -178,8 +180,7 @@ class Alerting:
     def _plan(
         self, now: float
     ) -> tuple[list[tuple[Incident, tuple[object, ...]]], list[NewNotification], list[tuple[int, str]]]:
-        """What is due, as copies taken on the loop: the store's thread must not read incidents
-        the loop goes on changing."""
+        """What is due now, and the incidents that changed since they were last written."""
         dirty: list[tuple[Incident, tuple[object, ...]]] = []
         new: list[NewNotification] = []
         steps: list[tuple[int, str]] = []
@@ -189,7 +190,9 @@ class Alerting:
             fired = self.fired.get(incident.id, set())
             due_steps: list[DueStep] = []
             if incident.id not in finished:
-                quiet = note_maintenance(incident, muted, now)
+                quiet, mark = maintenance_note(incident, muted, now)
+                if mark is not None:
+                    incident = self.tracker.note(incident.id, *mark, now)
                 due_steps = due(
                     incident, self.config, now, fired, self.notified.get(incident.id, set()), quiet
                 )
@@ -197,9 +200,8 @@ class Alerting:
                 steps.append((incident.id, step.step))
                 if step.kind in NOTIFYING_KINDS:
                     names = ", ".join(step.channels) or "no channel matches"
-                    incident.note(
-                        now, "notify" if step.kind == "page" else "escalated", f"{step.label}: {names}"
-                    )
+                    kind = "notify" if step.kind == "page" else "escalated"
+                    incident = self.tracker.note(incident.id, kind, f"{step.label}: {names}", now)
                 message = self._message(step.kind, incident, step.label, now)
                 for name in step.channels:
                     channel = self.channels.get(name)
@@ -209,14 +211,7 @@ class Alerting:
                     new.append(NewNotification(incident.id, step.step, step.kind, name, title, body))
             print_ = _fingerprint(incident)
             if print_ != self._saved.get(incident.id):
-                copy = replace(
-                    incident,
-                    affected=list(incident.affected),
-                    back=list(incident.back),
-                    evidence=list(incident.evidence),
-                    timeline=list(incident.timeline),
-                )
-                dirty.append((copy, print_))
+                dirty.append((incident, print_))  # a frozen value: the store's thread may read it
         return dirty, new, steps
 
     @property
@@ -314,7 +309,7 @@ class Alerting:
                 and self._saved.get(incident.id) == _fingerprint(incident)
                 and not any(n.state == "pending" for n in self.sent_log.get(incident.id, ()))
             ):
-                del self.tracker.incidents[incident.id]
+                self.tracker.forget((incident.id,))
                 self.fired.pop(incident.id, None)
                 self.notified.pop(incident.id, None)
                 self.sent_log.pop(incident.id, None)

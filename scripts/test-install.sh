@@ -28,6 +28,7 @@ for path in "${INSTALLED[@]}"; do
 done
 
 WORK=$(mktemp -d /tmp/wt-install.XXXXXX)
+[[ -e build ]] || MADE_BUILD=1  # pip install . leaves setuptools' build/ in the checkout
 CREDS=/run/credentials/watchtower.service
 PIDS=()
 cleanup() {
@@ -37,6 +38,7 @@ cleanup() {
   rm -rf "${INSTALLED[@]}" "$CREDS" "$WORK"
   rmdir /run/credentials 2>/dev/null || true
   [[ -n ${MADE_PRIVATE:-} ]] && rmdir /var/lib/private 2>/dev/null || true
+  [[ -n ${MADE_BUILD:-} ]] && rm -rf "$REPO/build" || true
   if ((code)); then echo "test-install: FAILED" >&2; else echo "test-install: ok" >&2; fi
 }
 trap cleanup EXIT

@@ -1,3 +1,0 @@
-from watchtower.cli import main
-
-raise SystemExit(main())

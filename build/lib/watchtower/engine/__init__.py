@@ -1,1 +1,0 @@
-"""The engine: when paths run, what their results mean, and (later) what the site as a whole is doing."""

@@ -1,1 +1,0 @@
-"""Alerting: texts (messages), delivery through apprise (sender), the durable outbox (outbox)."""

@@ -18,6 +18,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchtower import __version__, logs
 from watchtower.config import Config, ConfigError, load_config
+from watchtower.drill import DrillRunner
 from watchtower.engine.correlate import TargetState
 from watchtower.engine.maintenance import incident_muted
 from watchtower.engine.monitor import Monitor, open_shared
@@ -204,6 +205,8 @@ async def run_daemon(
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
         sink.muted = lambda incident: incident_muted(incident, alerting.muted(alerting.now()))
+        drills = DrillRunner(store, alerting, state_dir=None if store_error is not None else config.state_dir)
+        await drills.restore()
         # The config and the path table live for the whole run: move them out of the garbage
         # collector's view, so a full collection does not stall probing (seen: 100 ms at 10k paths).
         gc.collect()
@@ -216,7 +219,7 @@ async def run_daemon(
             await stack.enter_async_context(TrapReceiver.from_config(config.traps, monitor.on_trap))
 
         runner = web.AppRunner(
-            make_app(monitor, store, alerting),
+            make_app(monitor, store, alerting, drills),
             access_log=None,
             shutdown_timeout=1.0,
             keepalive_timeout=web_app.IDLE_TIMEOUT,  # bounds a trickled request head too
@@ -247,6 +250,7 @@ async def run_daemon(
             scheduler_task = tg.create_task(monitor.run(), name="scheduler")
             alerting_task = tg.create_task(alerting.run(), name="alerting")
             sink_task = tg.create_task(sink.run(), name="alertmanager")
+            drill_task = tg.create_task(drills.run(), name="drills")
             reloading = asyncio.Lock()
 
             async def on_hup() -> None:
@@ -277,6 +281,7 @@ async def run_daemon(
             scheduler_task.cancel()
             alerting_task.cancel()
             sink_task.cancel()
+            drill_task.cancel()
             if supervise_task is not None:
                 supervise_task.cancel()
     log.info("stopped")

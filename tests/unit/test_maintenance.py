@@ -67,7 +67,7 @@ class Pager:
         quiet, mark = maintenance_note(self.incident, muted, now)
         if mark is not None:
             self.incident = self.incident.noted(now, *mark)
-        steps = due(self.incident, self.cfg, now, self.fired, self.notified, quiet)
+        steps = due(self.incident, self.cfg, now, self.fired, self.notified, muted=quiet)
         for s in steps:
             self.fired.add(s.step)
             if s.kind in ("page", "escalation"):

@@ -139,3 +139,35 @@ def test_a_read_only_database_is_a_store_error_on_write_not_a_crash(tmp_path: Pa
         store.commit([incident()], [page()], now=1.0)
     store.db.execute("PRAGMA query_only = OFF")
     assert store.commit([incident()], [page()], now=2.0)  # and it recovers when writes work again
+
+
+def test_concurrent_opens_of_a_new_file_migrate_it_once(tmp_path: Path) -> None:
+    """The daemon creating its store while a CLI (or a test) opens it too: nobody fails with
+    "table ... already exists", everyone ends at the current version."""
+    import threading
+
+    from watchtower.store import MIGRATIONS
+
+    for round_ in range(15):
+        path = tmp_path / f"race{round_}.sqlite"
+        errors: list[BaseException] = []
+        versions: list[int] = []
+        go = threading.Barrier(6)
+
+        def open_it(path: Path = path, errors: list[BaseException] = errors, versions: list[int] = versions,
+                    go: threading.Barrier = go) -> None:  # fmt: skip
+            go.wait()
+            try:
+                store = Store(path)
+                versions.append(store.version)
+                store.close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert versions == [len(MIGRATIONS)] * 6

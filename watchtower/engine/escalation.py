@@ -16,9 +16,10 @@ Step ids:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
+from watchtower import people
 from watchtower.config import Config, Notify
 from watchtower.durations import coarse, exact
 from watchtower.engine.correlate import Scope
@@ -110,13 +111,15 @@ def due(
     now: float,
     fired: Collection[str],
     notified: Collection[str],
+    others: Sequence[Incident] = (),
     muted: bool = False,
 ) -> list[DueStep]:
     """The steps owed to ``incident`` at ``now`` that have not fired yet.
 
     ``fired``: step ids already recorded for this incident; ``notified``: channels that got one
-    of its page/escalation messages; ``muted``: the incident is in maintenance now (no pages,
-    escalations or updates; the ``after`` delays count from the end of its maintenance).
+    of its page/escalation messages; ``others``: the other open incidents (a step's
+    ``when.cause: [security]`` looks at them); ``muted``: the incident is in maintenance now (no
+    pages, escalations or updates; the ``after`` delays count from the end of its maintenance).
     Returns steps in the order they should go out.
     """
     policy = config.notify
@@ -129,25 +132,42 @@ def due(
 
     if incident.is_open and not muted:
         clock = rto_clock(incident, config)
+        fall_at: float | None = None  # a step that reached nobody: the next one fires then
         for n, step in enumerate(policy.escalation):
             step_id = f"step{n}"
-            if step_id in fired or (step.unless == "acknowledged" and acked):
+            if not people.step_applies(step, incident, others):
                 continue
             if step.after is not None:
-                if now - start < step.after:
-                    continue
+                at: float | None = start + step.after
+            else:
+                assert step.rto_fraction is not None
+                at = None if clock is None else clock.started_at + step.rto_fraction * clock.rto
+            fell = fall_at is not None and (at is None or fall_at < at)
+            if fell:
+                at = fall_at
+            reach = people.step_reach(config, step, at) if at is not None else None
+            fall_at = at if reach is not None and reach.nobody else None
+            if step_id in fired or (step.unless == "acknowledged" and acked):
+                continue
+            if at is None or reach is None or now < at:
+                continue
+            if fell:
+                label = "nobody reachable at the previous step"
+            elif step.after is not None:
                 label = "first alert" if n == 0 else f"unacknowledged after {_span(step.after)}"
                 if step.unless is None and n:
                     label = f"open for {_span(step.after)}"
             else:
-                assert step.rto_fraction is not None
-                if clock is None or now - clock.started_at < step.rto_fraction * clock.rto:
-                    continue
+                assert clock is not None and step.rto_fraction is not None
                 label = (
                     f"{step.rto_fraction:.0%} of the {clock.service} RTO ({_span(clock.rto)}) used, "
                     f"{coarse(max(0.0, clock.left(now)))} left"
                 )
-            channels = channels_for(policy, step.notify)
+            if reach.contacts:
+                label += f" ({', '.join(reach.contacts)})"
+            elif reach.nobody:
+                label += f" (none of {', '.join(step.contacts)} available: next step at once)"
+            channels = channels_for(policy, reach.selectors)
             kind = "page" if not (set(notified) | set(newly_notified)) else "escalation"
             out.append(DueStep(step_id, kind, channels, label))
             newly_notified.extend(channels)

@@ -175,7 +175,7 @@ class IncidentTracker:
         )
         return incident, [Change(incident.id, "acknowledged", text)]
 
-    def note(self, incident_id: int, kind: str, text: str, now: float) -> Incident:
+    def annotate(self, incident_id: int, kind: str, text: str, now: float) -> Incident:
         """A timeline entry from outside the lifecycle (a trap, a message decided). KeyError for an
         unknown id."""
         return self._put(self.incidents[incident_id].noted(now, kind, text))
@@ -206,6 +206,13 @@ class IncidentTracker:
             if now - since < max(HOLD_MAX, *bounds):
                 held.add(verdict.root)
         return held
+
+    def note(self, incident_id: int, kind: str, text: str, by: str, now: float) -> list[Change]:
+        """A person's note (decision, vendor case, ...) on the timeline as event ``note:KIND``.
+        Raises KeyError for an unknown id."""
+        line = f"{kind.replace('_', ' ')} by {by}: {text}"
+        incident = self.annotate(incident_id, f"note:{kind}", line, now)
+        return [Change(incident.id, "note", line)]
 
     def _coming_back(
         self, corr: Correlation, roots: set[str], now: float, topology: Topology | None

@@ -338,7 +338,7 @@ class Monitor:
         log.info("trap event target=%s: %s", target, text)
         for incident in self.tracker.open_incidents():
             if target == incident.root or target in incident.affected:
-                self.tracker.note(incident.id, "trap", text, now)
+                self.tracker.annotate(incident.id, "trap", text, now)
 
     def _second_witness(self, status: PathStatus) -> None:
         """A path's first failure: probe the target's other paths, and the vantage, now. The
@@ -490,6 +490,13 @@ class Monitor:
         for change in changes:
             log.info("incident id=%d change=%s: %s", incident.id, change.kind, change.text)
         return incident
+
+    def note(self, incident_id: int, kind: str, text: str, by: str) -> Incident:
+        changes = self.tracker.note(incident_id, kind, text, by, clock.now())
+        self.incidents_changed.set()
+        for change in changes:
+            log.info("incident id=%d change=%s kind=%s by=%s", incident_id, change.kind, kind, by)
+        return self.tracker.incidents[incident_id]
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from watchtower import clock
+from watchtower.checklist import checklist
 from watchtower.config import Config
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due, owes_all_clear
@@ -109,6 +110,8 @@ class Alerting:
         self._tg: asyncio.TaskGroup | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # A row's (title, body) as sent: drills put each person's one-time link in at delivery.
+        self.expand: Callable[[Notification], tuple[str, str]] = lambda n: (n.title, n.body)
         self.mutes: list[Mute] = []  # from the store at start, then kept current by the API
 
     def muted(self, now: float) -> dict[str, MutedBy]:
@@ -175,7 +178,11 @@ class Alerting:
     # ------------------------------------------------------------------ deciding
     def _message(self, kind: str, incident: Incident, label: str, now: float) -> Message:
         others = [i for i in self.tracker.open_incidents() if i.id != incident.id]
-        return incident_message(kind, incident, self.config, now, label=label, others=others)
+        lines: list[str] = []
+        if kind == "update":
+            sent = self.sent_log.get(incident.id, [])
+            lines = [c.line() for c in checklist(incident, sent, self.config, now, others)]
+        return incident_message(kind, incident, self.config, now, label=label, others=others, checklist=lines)
 
     def _plan(
         self, now: float
@@ -192,16 +199,23 @@ class Alerting:
             if incident.id not in finished:
                 quiet, mark = maintenance_note(incident, muted, now)
                 if mark is not None:
-                    incident = self.tracker.note(incident.id, *mark, now)
+                    incident = self.tracker.annotate(incident.id, *mark, now)
+                others = [i for i in self.tracker.open_incidents() if i.id != incident.id]
                 due_steps = due(
-                    incident, self.config, now, fired, self.notified.get(incident.id, set()), quiet
+                    incident,
+                    self.config,
+                    now,
+                    fired,
+                    self.notified.get(incident.id, set()),
+                    others,
+                    muted=quiet,
                 )
             for step in due_steps:
                 steps.append((incident.id, step.step))
                 if step.kind in NOTIFYING_KINDS:
                     names = ", ".join(step.channels) or "no channel matches"
                     kind = "notify" if step.kind == "page" else "escalated"
-                    incident = self.tracker.note(incident.id, kind, f"{step.label}: {names}", now)
+                    incident = self.tracker.annotate(incident.id, kind, f"{step.label}: {names}", now)
                 message = self._message(step.kind, incident, step.label, now)
                 for name in step.channels:
                     channel = self.channels.get(name)
@@ -352,6 +366,14 @@ class Alerting:
             self.channels[n.channel].queue.append(n)
             self.channels[n.channel].wake.set()
 
+    def enqueue(self, added: Iterable[Notification]) -> None:
+        """Rows another part wrote to the outbox (drills): delivered like the rest."""
+        for n in added:
+            channel = self.channels.get(n.channel)
+            if channel is not None:
+                channel.queue.append(n)
+                channel.wake.set()
+
     def problem(self) -> str | None:
         """For the heartbeat and /healthz: a channel failing long, or the store unwritable."""
         if not self.store_ok:
@@ -401,7 +423,7 @@ class Alerting:
                 await self._record(head, now, result, None)
                 channel.queue.popleft()
                 continue
-            result = await channel.sender.send(head.title, head.body)
+            result = await channel.sender.send(*self.expand(head))
             now = self.now()
             given_up = not result.ok and now - head.created_at >= self.config.notify.give_up_after
             next_at = None if result.ok or given_up else now + self._backoff(head.attempts + 1)

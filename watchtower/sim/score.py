@@ -139,7 +139,18 @@ def _cause_ok(world: World, m: SentMessage) -> bool:
             return True
         if m.cause == "bmc_unreachable" and not h.bmc_ok:
             return True
-        if m.cause not in ("power_off", "hardware_fault", "os_unresponsive", "bmc_unreachable"):
+        if m.cause == "link_down" and h.nics_down and h.power and h.os_ok:
+            return True
+        if m.cause == "partition" and any(loss >= 1.0 for _, loss in h.ports):
+            return True
+        if m.cause not in (
+            "power_off",
+            "hardware_fault",
+            "os_unresponsive",
+            "bmc_unreachable",
+            "link_down",
+            "partition",
+        ):
             return True  # a cause this scorer does not know: not judged
     return False
 
@@ -156,7 +167,11 @@ def _root_ok(world: World, m: SentMessage) -> bool:
             continue
         h = truth.hosts.get(m.root)
         if h is None:
-            return False
+            # A network named by its key (`networks:` name or inferred prefix): right while a device
+            # does not carry it.
+            if any(net == m.root for d in truth.hosts.values() for net, _ in d.ports):
+                return True
+            continue
         if (h.hard(at) or h.soft()) and world.explained(truth, m.root) is None:
             return True
     return False

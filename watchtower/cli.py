@@ -694,6 +694,36 @@ async def _notify_test(cfg: Config, channels: list[Any]) -> tuple[list[Any], boo
     return list(results), any(s.hung_threads for s in senders.values())
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    """The way out when the state store is broken: look, salvage, or start afresh."""
+    from watchtower.store import DB_NAME, StoreError, StoreLocked, check_file, rebuild
+
+    cfg = _load(args.config)
+    path = cfg.state_dir / DB_NAME
+    if args.action == "check":
+        ok, lines = check_file(path)
+        for line in lines:
+            print(line)
+        if not ok:
+            print("run `watchtower store repair` (keeps a copy of this file) with the daemon stopped")
+        return EXIT_OK if ok else EXIT_DOWN
+    if args.action == "repair" and check_file(path)[0] and not args.force:
+        print(f"{path}: ok, nothing to repair (--force rebuilds it anyway)")
+        return EXIT_OK
+    try:
+        backup, salvage = rebuild(cfg.state_dir, salvage=args.action == "repair")
+    except (StoreLocked, StoreError, OSError) as exc:
+        print(f"watchtower: store {args.action}: {exc}", file=sys.stderr)
+        return EXIT_DOWN
+    if backup is not None:
+        print(f"kept the old database as {backup}")
+    if salvage is not None:
+        print(f"copied into a new {path}: {salvage.summary()}")
+    else:
+        print(f"created a new, empty {path}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -784,6 +814,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("notify-test", cmd_notify_test, "send a marked test message through every channel (or one)",
                 f"0 all delivered, 1 some failed, {INVALID}")  # fmt: skip
     p.add_argument("--channel", metavar="NAME", help="only this channel")
+    p = command("store", cmd_store, "the state store: check it, repair it (salvage), or reset it",
+                f"0 ok, 1 damaged or failed, {INVALID}")  # fmt: skip
+    p.add_argument("action", choices=["check", "repair", "reset"], help="what to do with the store")
+    p.add_argument("--force", action="store_true", help="repair: rebuild even a store that checks ok")
     command("schema", cmd_schema, "print the config's JSON Schema", "0", config=False)
     lab_help = (
         "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST | "

@@ -18,6 +18,7 @@ import ipaddress
 import os
 import re
 import ssl
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -41,6 +42,7 @@ from pydantic import (
 )
 
 from watchtower.engine.maintenance import Window, parse_every, zone
+from watchtower.logs import scrub_query
 
 ROLES = ("network", "hypervisor", "storage", "vm", "service")
 Role = Literal["network", "hypervisor", "storage", "vm", "service"]
@@ -133,10 +135,13 @@ def _check_host(value: Any) -> str:
         return str(ipaddress.ip_address(host))
     except ValueError:
         pass
+    if re.fullmatch(r"[0-9.]+", host):
+        # All digits and dots is no host name anyone has: a typo of an address (10.0.1.333).
+        raise ValueError(f"{_short(value)} is not a valid IPv4 address")
     if len(host) > 253 or not re.fullmatch(
         r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?", host
     ):
-        raise ValueError(f"{value!r} is neither an IP address nor a valid host name")
+        raise ValueError(f"{_short(value)} is neither an IP address nor a valid host name")
     return host
 
 
@@ -150,7 +155,7 @@ def _split_host_port(text: str) -> tuple[str, int | None]:
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         if rest and not rest.startswith(":"):
-            raise ValueError(f"cannot read {text!r} as [IPv6]:PORT")
+            raise ValueError(f"cannot read {_short(text)} as [IPv6]:PORT")
         return host, _parse_port(rest[1:]) if rest else None
     if text.count(":") == 1:
         host, _, port = text.partition(":")
@@ -160,7 +165,7 @@ def _split_host_port(text: str) -> tuple[str, int | None]:
 
 def _parse_port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError(f"port {text!r} must be a number from 1 to 65535")
+        raise ValueError(f"port {_short(text)} must be a number from 1 to 65535")
     return int(text)
 
 
@@ -191,17 +196,42 @@ def credentials_dir() -> str:
     return os.environ.get("WATCHTOWER_CREDENTIALS") or CREDENTIALS_DIR
 
 
-def _read_file(value: Any, info: ValidationInfo) -> tuple[Path, str]:
+SECRET_FILE_MAX = 64 * 1024  # a key, a password, a URL, a list of communities
+CA_FILE_MAX = 4 * 1024 * 1024  # a CA bundle (Debian's is ~220 KB)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a value for an error message, cut: a config error must stay one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def read_regular_file(path: Path, limit: int) -> str:
+    """A regular file's text, at most ``limit`` bytes. Devices (``/dev/zero``), FIFOs (which
+    would block), directories and oversized files are errors (ValueError, OSError)."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat below then rejects it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit // 1024} KiB")
+    return data.decode("utf-8")
+
+
+def _read_file(value: Any, info: ValidationInfo, limit: int = SECRET_FILE_MAX) -> tuple[Path, str]:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a file path")
     path = resolve_file(value.strip(), _context_dir(info))
     try:
-        return path, path.read_text(encoding="utf-8")
+        return path, read_regular_file(path, limit)
     except FileNotFoundError:
         creds = "$CREDENTIALS_DIRECTORY" if os.environ.get("CREDENTIALS_DIRECTORY") else credentials_dir()
         where = f" (looked in {creds} and {path.parent})" if not Path(value).is_absolute() else ""
         raise ValueError(f"file not found: {value}{where}") from None
-    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {path}: {exc.__class__.__name__}") from None
 
 
@@ -216,14 +246,21 @@ class FileSecret:
         return f"FileSecret({self.path!r})"
 
 
-def _load_secret_file(value: Any, info: ValidationInfo) -> FileSecret:
+def _load_secret_file(value: Any, info: ValidationInfo, *, lines: bool = False) -> FileSecret:
     if isinstance(value, FileSecret):
         return value
     path, text = _read_file(value, info)
     secret = text.strip()
     if not secret:
         raise ValueError(f"file {path} is empty")
+    if not lines and ("\n" in secret or "\r" in secret):
+        # A key or password is one line; more is the wrong file (seen: /etc/shadow as a community).
+        raise ValueError(f"file {path} holds more than one line; a secret file holds the secret only")
     return FileSecret(str(path), SecretStr(secret))
+
+
+def _load_secret_lines_file(value: Any, info: ValidationInfo) -> FileSecret:
+    return _load_secret_file(value, info, lines=True)
 
 
 SecretFile = Annotated[
@@ -233,11 +270,18 @@ SecretFile = Annotated[
     WithJsonSchema({"type": "string", "description": "path of a file holding the secret"}),
 ]
 
+SecretLinesFile = Annotated[
+    FileSecret,
+    BeforeValidator(_load_secret_lines_file),
+    PlainSerializer(lambda s: s.path, return_type=str),
+    WithJsonSchema({"type": "string", "description": "path of a file holding one secret a line"}),
+]
+
 
 def _load_ca_file(value: Any, info: ValidationInfo) -> str:
     if isinstance(value, Path):
         value = str(value)
-    path, _ = _read_file(value, info)
+    path, _ = _read_file(value, info, CA_FILE_MAX)
     try:
         ssl.create_default_context(cafile=str(path))
     except (ssl.SSLError, ValueError) as exc:
@@ -251,7 +295,7 @@ CaFile = Annotated[str, BeforeValidator(_load_ca_file)]
 def _check_oid(value: Any) -> str:
     text = str(value).strip().lstrip(".")
     if not re.fullmatch(r"\d+(\.\d+)+", text):
-        raise ValueError(f"{value!r} is not a numeric OID like 1.3.6.1.2.1.1.3.0")
+        raise ValueError(f"{_short(value)} is not a numeric OID like 1.3.6.1.2.1.1.3.0")
     return text
 
 
@@ -419,7 +463,7 @@ class HttpPath(PathBase):
     def _url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} must be an http:// or https:// URL with a host")
+            raise ValueError(f"{_short(value)} must be an http:// or https:// URL with a host")
         if parts.password:
             raise ValueError(
                 "put credentials in username/password_file, not in the URL (it is shown in labels)"
@@ -432,7 +476,7 @@ class HttpPath(PathBase):
         values = value if isinstance(value, list) else [value]
         for code in values:
             if not isinstance(code, int) or isinstance(code, bool) or not 100 <= code <= 599:
-                raise ValueError(f"{code!r} is not an HTTP status code (100-599)")
+                raise ValueError(f"{_short(code)} is not an HTTP status code (100-599)")
         return values
 
     @field_validator("expect_regex")
@@ -452,7 +496,9 @@ class HttpPath(PathBase):
         return self
 
     def default_name(self) -> str:
-        return f"http {self.url}"
+        # The name is a metric label and shows in the API and the log: query values (where
+        # many APIs take a key, ?api_key=...) are masked in it.
+        return f"http {scrub_query(self.url)}"
 
     @property
     def host(self) -> str:
@@ -579,7 +625,7 @@ class SnmpPath(HostPath):
             raise ValueError(f"SNMP v{self.version} needs community or community_file")
         for item in self.interfaces:
             if (isinstance(item, int) and item < 1) or (isinstance(item, str) and not item.strip()):
-                raise ValueError(f"interfaces: {item!r} is neither an ifIndex (1, 2, ...) nor a name")
+                raise ValueError(f"interfaces: {_short(item)} is neither an ifIndex (1, 2, ...) nor a name")
         return self
 
 
@@ -612,7 +658,7 @@ class TrapUser(Strict):
             text = str(item).strip().lower().removeprefix("0x").replace(":", "")
             if not re.fullmatch(r"([0-9a-f]{2}){5,32}", text):
                 raise ValueError(
-                    f"{item!r} is not an snmpEngineID in hex (5 to 32 bytes, e.g. 0x80001f88...)"
+                    f"{_short(item)} is not an snmpEngineID in hex (5 to 32 bytes, e.g. 0x80001f88...)"
                 )
             out.append(text)
         return out
@@ -630,7 +676,9 @@ class TrapListener(Strict):
     _secret_fields = ("communities",)
     listen: str = Field("0.0.0.0:162", description="HOST:PORT; port 162 needs root or CAP_NET_BIND_SERVICE")
     communities: list[SecretStr] = Field(default_factory=list, description="accepted v1/v2c communities")
-    communities_file: SecretFile | None = Field(None, description="file with one accepted community per line")
+    communities_file: SecretLinesFile | None = Field(
+        None, description="file with one accepted community per line"
+    )
     users: list[TrapUser] = Field(default_factory=list, description="accepted SNMPv3 users")
 
     @field_validator("listen")
@@ -765,7 +813,7 @@ def _normalize_path_item(value: Any) -> Any:
         )
     ((kind, spec),) = value.items()
     if kind not in PATH_KINDS:
-        raise ValueError(f"unknown path kind {kind!r}{_did_you_mean(str(kind), PATH_KINDS)}")
+        raise ValueError(f"unknown path kind {_short(kind)}{_did_you_mean(str(kind), PATH_KINDS)}")
     if isinstance(spec, str):
         if kind == "trap":
             return {"kind": kind, "source": spec}
@@ -773,7 +821,7 @@ def _normalize_path_item(value: Any) -> Any:
             return {"kind": kind, _URL_KINDS[kind]: spec}
         host, port = _split_host_port(spec)
         if kind == "tcp" and port is None:
-            raise ValueError(f"tcp short form is HOST:PORT, like 10.0.0.5:443 (got {spec!r})")
+            raise ValueError(f"tcp short form is HOST:PORT, like 10.0.0.5:443 (got {_short(spec)})")
         return {"kind": kind, "host": host} | ({"port": port} if port is not None else {})
     if not isinstance(spec, Mapping):
         raise ValueError(f"{kind} takes an address or a mapping of settings")
@@ -1112,9 +1160,9 @@ class Alertmanager(Strict):
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise ValueError(f"{name!r} is not a label name (letters, digits, _)")
+                raise ValueError(f"{_short(name)} is not a label name (letters, digits, _)")
             if name in ALERT_LABELS:
-                raise ValueError(f"label {name!r} is set by watchtower")
+                raise ValueError(f"label {_short(name)} is set by watchtower")
         return value
 
     @model_validator(mode="after")
@@ -1208,6 +1256,15 @@ class Config(Strict):
         None, description="bearer token for /api/v1 and the page (prefer the _file)"
     )
     api_token_file: SecretFile | None = Field(None, description="file holding api_token")
+    metrics_auth: bool = Field(
+        False,
+        description="`/metrics` needs the API token too (Prometheus: `authorization: credentials_file`)",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="names this daemon is reached by (`Host:` header), besides IP addresses, "
+        "the listen name and localhost; without an api_token other names are refused (DNS rebinding)",
+    )
     max_concurrent_probes: int = Field(4096, ge=1, le=100_000, description="probes in flight at most")
     defaults: Defaults = Field(default_factory=Defaults, description="timings every path inherits")
     vantage: list[PathItem] = Field(
@@ -1244,6 +1301,40 @@ class Config(Strict):
     )
     drills: Drills = Field(default_factory=Drills, description="alert-chain drills")
     playbook: Playbook = Field(default_factory=Playbook, description="the first-hour checklist")
+
+    def secret_values(self) -> list[str]:
+        """Every secret in the config (inline or from a ``*_file``), for the log scrubber."""
+        out: list[str] = []
+        stack: list[Any] = [self]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, SecretStr):
+                out.append(item.get_secret_value())
+            elif isinstance(item, FileSecret):
+                out.append(item.value.get_secret_value())
+                if "\n" in out[-1]:  # a file of communities: each line is one
+                    out.extend(line.strip() for line in out[-1].splitlines() if line.strip())
+            elif isinstance(item, BaseModel):
+                stack.extend(getattr(item, name) for name in type(item).model_fields)
+            elif isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+        return out
+
+    @model_validator(mode="after")
+    def _metrics_auth(self) -> Config:
+        if self.metrics_auth and self.secret("api_token") is None:
+            raise ValueError("metrics_auth: true needs api_token or api_token_file")
+        return self
+
+    @field_validator("api_token", mode="after")
+    @classmethod
+    def _api_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token would compare equal to a missing one: auth silently off.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty; remove the key to run without a token, or set one")
+        return value
 
     @field_validator("state_dir", mode="after")
     @classmethod
@@ -1362,24 +1453,30 @@ def _semantic_problems(cfg: Config) -> list[str]:
         base = f"targets.{tname}"
         for i, dep in enumerate(target.depends_on):
             if dep not in names:
-                problems.append(f"{base}.depends_on[{i}]: no target named {dep!r}{_did_you_mean(dep, names)}")
+                problems.append(
+                    f"{base}.depends_on[{i}]: no target named {_short(dep)}{_did_you_mean(dep, names)}"
+                )
             elif dep == tname:
                 problems.append(f"{base}.depends_on[{i}]: a target cannot depend on itself")
         if target.runs_on is not None:
             hv = cfg.targets.get(target.runs_on)
             if hv is None:
                 problems.append(
-                    f"{base}.runs_on: no target named {target.runs_on!r}"
+                    f"{base}.runs_on: no target named {_short(target.runs_on)}"
                     + _did_you_mean(target.runs_on, names)
                 )
             elif hv.role != "hypervisor":
-                problems.append(f"{base}.runs_on: {target.runs_on!r} has role {hv.role}, not hypervisor")
+                problems.append(
+                    f"{base}.runs_on: {_short(target.runs_on)} has role {hv.role}, not hypervisor"
+                )
         for i, st in enumerate(target.storage):
             store = cfg.targets.get(st)
             if store is None:
-                problems.append(f"{base}.storage[{i}]: no target named {st!r}{_did_you_mean(st, names)}")
+                problems.append(
+                    f"{base}.storage[{i}]: no target named {_short(st)}{_did_you_mean(st, names)}"
+                )
             elif store.role != "storage":
-                problems.append(f"{base}.storage[{i}]: {st!r} has role {store.role}, not storage")
+                problems.append(f"{base}.storage[{i}]: {_short(st)} has role {store.role}, not storage")
     if cfg.traps is None:
         for tname, target in cfg.targets.items():
             for i, spec in enumerate(target.paths):
@@ -1493,7 +1590,7 @@ def _notify_problems(cfg: Config) -> list[str]:
     channel_names = [c.name for c in cfg.notify.channels]
     for i, name in enumerate(channel_names):
         if name in channel_names[:i]:
-            problems.append(f"notify.channels[{i}].name: {name!r} is used by another channel")
+            problems.append(f"notify.channels[{i}].name: {_short(name)} is used by another channel")
     known = set(channel_names) | {tag for c in cfg.notify.channels for tag in c.tags}
     for i, step in enumerate(cfg.notify.escalation):
         for j, tag in enumerate(step.notify):
@@ -1536,8 +1633,58 @@ def _notify_problems(cfg: Config) -> list[str]:
 # --------------------------------------------------------------------------- loading and error messages
 
 
+CONFIG_FILE_MAX = 32 * 1024 * 1024  # 10,000 paths take about 1 MB
+YAML_NODES_MAX = 2_000_000  # nodes after alias expansion: what validation will walk
+YAML_DEPTH_MAX = 100
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML silently keeps the last of two equal keys: a second `pve1:` would hide the first."""
+    """PyYAML silently keeps the last of two equal keys: a second `pve1:` would hide the first.
+
+    Also bounded: a document is refused when its aliases would expand to more than
+    ``YAML_NODES_MAX`` nodes (a 700-byte "billion laughs" of nine levels of ten is 10^9) or it
+    nests deeper than ``YAML_DEPTH_MAX``; validation walks the expanded tree, so either would
+    take the memory and time of the expansion."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Expanded size and depth of a composed document, each distinct node visited once (an
+    alias is the same node object: its size is counted at every place that refers to it)."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    # Iterative post-order walk: the composer has already built the graph, recursion here could
+    # only hit Python's limit.
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if not done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+            continue
+        size[id(node)] = 1 + sum(size.get(id(c), 1) for c in children)
+        depth[id(node)] = 1 + max((depth.get(id(c), 1) for c in children), default=0)
+        mark = node.start_mark
+        if size[id(node)] > YAML_NODES_MAX:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"aliases expand to more than {YAML_NODES_MAX:,} values", mark
+            )
+        if depth[id(node)] > YAML_DEPTH_MAX:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"nested more than {YAML_DEPTH_MAX} levels deep", mark
+            )
 
 
 def _construct_mapping(
@@ -1635,7 +1782,7 @@ def _format_error(err: Mapping[str, Any]) -> str:
         msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     elif kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        msg = f"must be one of {expected.replace(chr(39), '')}, got {err.get('input')!r}"
+        msg = f"must be one of {expected.replace(chr(39), '')}, got {_short(err.get('input'))}"
     elif kind == "union_tag_invalid":
         msg = f"unknown path kind{_did_you_mean(str(err.get('input', '')), PATH_KINDS)}"
     elif kind in ("model_type", "model_attributes_type", "dict_type"):
@@ -1724,13 +1871,18 @@ def load_client_config(path: str | os.PathLike[str]) -> ClientConfig:
 
 def _read_yaml(file: Path) -> Any:
     try:
-        text = file.read_text(encoding="utf-8")
+        text = read_regular_file(file, CONFIG_FILE_MAX)
     except FileNotFoundError:
         raise ConfigError([f"{file}: no such file"]) from None
+    except ValueError as exc:
+        raise ConfigError([_one_line(str(exc))]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{file}: cannot read ({exc.__class__.__name__}: {exc})"]) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        # The composer recurses per level: 50,000 `[` exhaust the stack before our depth check.
+        raise ConfigError([f"{file}: invalid YAML: nested more than {YAML_DEPTH_MAX} levels deep"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)

@@ -23,7 +23,7 @@ from watchtower import people
 from watchtower.config import Config, Notify
 from watchtower.durations import coarse, exact
 from watchtower.engine.correlate import Scope
-from watchtower.engine.incidents import Incident, IncidentState
+from watchtower.engine.incidents import ALL_CLEAR_WATCH, Incident, IncidentState
 from watchtower.engine.maintenance import paging_start
 
 # Kinds a recipient counts as "notified" by: they get updates, acks and the all-clear.
@@ -64,7 +64,7 @@ def rto_clock(incident: Incident, config: Config) -> RtoClock | None:
 
 # A flapping incident's all-clear waits longer each time it failed again (60 s, 120 s, 240 s, ...),
 # up to this: a host bouncing every minute gets one page and one all-clear, not one per bounce.
-ALL_CLEAR_HOLD_MAX = 300.0
+ALL_CLEAR_HOLD_MAX = ALL_CLEAR_WATCH
 
 
 def all_clear_hold(incident: Incident, policy: Notify) -> float:
@@ -193,7 +193,7 @@ def due(
     if (
         owes_all_clear(incident, policy, fired, everyone)
         and incident.resolved_at is not None
-        and now - incident.resolved_at >= all_clear_hold(incident, policy)
+        and now - max(incident.resolved_at, incident.quiet_since or 0.0) >= all_clear_hold(incident, policy)
     ):
         out.append(DueStep(f"resolve:{flaps}", "resolve", everyone, "all clear"))
     return out

@@ -32,7 +32,7 @@ go through :meth:`IncidentTracker.note`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -57,6 +57,9 @@ REROOT_WINDOW = 60.0
 # A dependent's verdict waits at least this long for a suspect dependency to be confirmed or cleared
 # (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
 HOLD_MAX = 10.0
+# How long after resolving an incident a new failure of its root still delays its all-clear (the
+# longest all-clear hold, that of a flapping incident).
+ALL_CLEAR_WATCH = 300.0
 
 
 class IncidentState(enum.StrEnum):
@@ -92,6 +95,9 @@ class Incident:
     merged_into: int | None = None
     back: tuple[str, ...] = ()  # affected targets seen up again
     root_back_at: float | None = None  # the root is up again, affected targets still coming back
+    # Resolved: the last time its root or what it affected showed a failure (not yet confirmed):
+    # the all-clear counts its hold from here, so it does not go out while the host is failing again.
+    quiet_since: float | None = None
     timeline: tuple[TimelineEvent, ...] = ()
 
     @property
@@ -185,8 +191,10 @@ class IncidentTracker:
     ) -> set[str]:
         """Roots of verdicts to hold back for now: something they depend on is failing but not yet
         confirmed (``suspects``: target -> how long its confirmation may take), so this may be its
-        outage (one incident named after it), not theirs. Bounded: a dependency that stays suspect
-        longer than its confirmation time (flapping) no longer holds anyone."""
+        outage (one incident named after it), not theirs; or the root itself is in ``suspects``
+        (its BMC has not answered since the outage began: the page waits for the BMC's word on
+        why). Bounded: a dependency that stays suspect longer than its confirmation time
+        (flapping) no longer holds anyone."""
         held: set[str] = set()
         # A hold belongs to one verdict while it lasts: a root whose verdict is gone (merged into
         # its hypervisor's, or recovered) starts afresh next time. A stale start would make the
@@ -198,7 +206,7 @@ class IncidentTracker:
         for verdict in corr.verdicts:
             if verdict.scope is Scope.MONITOR:
                 continue
-            bounds = [suspects[u] for u in topology.upstream(verdict.root) if u in suspects]
+            bounds = [suspects[u] for u in (verdict.root, *topology.upstream(verdict.root)) if u in suspects]
             if not bounds:
                 self._holding.pop(verdict.root, None)
                 continue
@@ -242,14 +250,25 @@ class IncidentTracker:
         *,
         suspects: Mapping[str, float] | None = None,
         vantage_settling: bool = False,
+        failing: Collection[str] = (),
     ) -> list[Change]:
         """Fold one correlation into the incidents. ``suspects``: targets failing but not yet
         confirmed, with their confirmation time (their dependents' verdicts wait for them);
         ``vantage_settling``: a vantage path is failing unconfirmed (nothing changes until it
         settles: opening a network incident for the monitor's own uplink is the false alarm to
-        avoid)."""
+        avoid); ``failing``: targets with a failing path, confirmed or not (a resolved incident's
+        all-clear waits while its root or what it affected fails again)."""
         self.waiting = False
         changes: list[Change] = []
+        if failing:
+            for incident in list(self.incidents.values()):
+                if (
+                    not incident.is_open
+                    and incident.resolved_at is not None
+                    and now - incident.resolved_at <= ALL_CLEAR_WATCH
+                    and (incident.root in failing or any(a in failing for a in incident.affected))
+                ):
+                    self._put(replace(incident, quiet_since=now))
         if corr.vantage_up and vantage_settling:
             self.waiting = True
             return changes

@@ -251,9 +251,10 @@ class Alerting:
             return
         try:
             added = await self.store.call(self.store.store.commit, [i for i, _ in dirty], new, steps, now)
-            if not self.store_ok:
-                log.warning("state store writable again")
-            self.store_ok, self.store_error = True, None
+            if self.store.durable:  # an in-memory stand-in accepts everything and keeps nothing
+                if not self.store_ok:
+                    log.warning("state store writable again")
+                self.store_ok, self.store_error = True, None
         except StoreError as exc:
             # Disk full or read-only: alerting goes on from memory (and says so loudly); the
             # incident rows are retried on the next sync because their fingerprints stay unsaved.
@@ -365,6 +366,10 @@ class Alerting:
         for n in added:
             self.channels[n.channel].queue.append(n)
             self.channels[n.channel].wake.set()
+
+    async def warn(self, step: str, text: str) -> None:
+        """A warning about watchtower itself to every channel (e.g. its store is unusable)."""
+        await self._queue_warnings(self._warning(step, text, exclude="", now=self.now()))
 
     def enqueue(self, added: Iterable[Notification]) -> None:
         """Rows another part wrote to the outbox (drills): delivered like the rest."""

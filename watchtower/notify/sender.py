@@ -48,6 +48,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
 from watchtower.config import Channel
+from watchtower.logs import mask_encoded
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,9 @@ def secret_parts(url: str) -> list[str]:
 
 
 def scrub(text: str, parts: Sequence[str]) -> str:
-    """``text`` without any of ``parts`` (case-insensitive) and without phone-number-like runs."""
+    """``text`` without any of ``parts`` (case-insensitive), nor base64 that decodes to one of them
+    (a server's reply echoing ``AUTH PLAIN`` data), nor phone-number-like runs."""
+    text = mask_encoded(text, parts)
     for part in parts:
         text = re.sub(re.escape(part), "***", text, flags=re.IGNORECASE)
     text = _PHONE.sub(lambda m: m.group() if len(re.sub(r"\D", "", m.group())) < 7 else "***", text)

@@ -176,12 +176,12 @@ class Site:
                         todo.append(d)
             devices = [d for d in chain if roles[d] == "network"]
             for a in addrs:
-                net = _net24(a)
+                prefix = _net24(a)
                 on_way = []
                 for d in devices:
                     own_nets = {_net24(x) for x in addresses[d]}
                     dependents_nets = {_net24(x) for x in addrs}
-                    if net in own_nets or not (own_nets & dependents_nets):
+                    if prefix in own_nets or not (own_nets & dependents_nets):
                         on_way.append(d)
                 carriers[(name, a)] = tuple(on_way)
         return cls(

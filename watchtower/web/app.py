@@ -7,8 +7,11 @@ import contextlib
 import hashlib
 import hmac
 import html
+import ipaddress
 import re
+import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -98,11 +101,19 @@ def state_document(snap: Snapshot, monitor: Monitor) -> dict[str, Any]:
     }
 
 
-# The login cookie: an HMAC of a fixed string keyed with the token, so a stolen cookie is not
-# the API token (it opens the page and the API of this daemon, until the token changes).
+# The login cookie: a random session id the daemon keeps (in memory) with its expiry and the
+# token it was made under: logout revokes it, a changed token or a restart ends every session,
+# and a stolen cookie is not the API token.
 SESSION_COOKIE = "watchtower_session"
 SESSION_MAX_AGE = 30 * 86400
+SESSIONS_MAX = 1000  # the oldest session goes when a new one would exceed this
 _SESSION_PURPOSE = b"watchtower status page session v1"
+# Guessing the token: a client (by address) with this many wrong tokens (bearer or login form)
+# within the window gets 429 for every token it presents, right or wrong, until the window passes.
+AUTH_FAILURES_MAX = 10
+AUTH_FAILURE_WINDOW = 60.0
+CLIENTS_MAX = 10_000  # addresses remembered at most (the oldest are forgotten first)
+INCIDENT_ID_DIGITS = 18  # an SQLite INTEGER holds 19 digits; longer is no incident of ours
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/login", "/logout"})
 FORM_MAX = 4096  # bytes of a login or acknowledge form at most
 # Slow clients: a connection must send its request head within IDLE_TIMEOUT of opening (or of its
@@ -131,19 +142,113 @@ def api_token(request: web.Request) -> str | None:
     return token.get_secret_value() if token else None
 
 
-def session_value(token: str) -> str:
-    return hmac.new(token.encode(), _SESSION_PURPOSE, hashlib.sha256).hexdigest()
+def _token_mark(token: str) -> bytes:
+    return hmac.new(token.encode(), _SESSION_PURPOSE, hashlib.sha256).digest()
+
+
+class Sessions:
+    """Server-side login sessions: id -> (expiry on the monotonic clock, mark of the token)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, tuple[float, bytes]] = {}
+
+    def create(self, token: str, now: float) -> str:
+        self._by_id = {k: v for k, v in self._by_id.items() if v[0] > now}
+        while len(self._by_id) >= SESSIONS_MAX:
+            del self._by_id[next(iter(self._by_id))]
+        session = secrets.token_urlsafe(32)
+        self._by_id[session] = (now + SESSION_MAX_AGE, _token_mark(token))
+        return session
+
+    def valid(self, session: str, token: str, now: float) -> bool:
+        entry = self._by_id.get(session)
+        return entry is not None and entry[0] > now and hmac.compare_digest(entry[1], _token_mark(token))
+
+    def revoke(self, session: str) -> None:
+        self._by_id.pop(session, None)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+class FailureLimiter:
+    """Wrong tokens per client address within a sliding window."""
+
+    def __init__(self) -> None:
+        self._fails: dict[str, deque[float]] = {}
+
+    def retry_after(self, client: str, now: float) -> float | None:
+        """Seconds until ``client`` may try again, or None when it may now."""
+        times = self._fails.get(client)
+        if times is None:
+            return None
+        while times and times[0] <= now - AUTH_FAILURE_WINDOW:
+            times.popleft()
+        if not times:
+            del self._fails[client]
+            return None
+        return times[0] + AUTH_FAILURE_WINDOW - now if len(times) >= AUTH_FAILURES_MAX else None
+
+    def fail(self, client: str, now: float) -> None:
+        times = self._fails.pop(client, None) or deque(maxlen=AUTH_FAILURES_MAX)
+        times.append(now)
+        self._fails[client] = times  # re-inserted: the dict's order is the order of last failure
+        while len(self._fails) > CLIENTS_MAX:
+            del self._fails[next(iter(self._fails))]
+
+
+SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
+LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+def _bearer_given(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    return header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
 
 
 def _bearer_ok(request: web.Request, token: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    given = _bearer_given(request) or ""
     return hmac.compare_digest(given.encode(), token.encode())
 
 
 def _cookie_ok(request: web.Request, token: str) -> bool:
     given = request.cookies.get(SESSION_COOKIE, "")
-    return hmac.compare_digest(given.encode(), session_value(token).encode())
+    return bool(given) and request.app[SESSIONS].valid(given, token, time.monotonic())
+
+
+def _host_allowed(request: web.Request) -> bool:
+    """Without a token, the Host header must be an IP address, localhost, the name in ``listen``
+    or a name in ``allowed_hosts``: a DNS-rebinding page (Host: rebind.example, resolving to 127.0.0.1)
+    would otherwise be same-origin with us and could read the state and acknowledge incidents."""
+    host = request.host.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    host = host.rstrip(".")
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    config = request.app[MONITOR].config
+    allowed = {h.strip().lower().rstrip(".") for h in config.allowed_hosts}
+    allowed.add(config.listen_host_port[0].strip("[]").lower().rstrip("."))  # listen: by a name
+    return host == "localhost" or host in allowed
+
+
+def _too_many(retry_after: float) -> web.Response:
+    return web.json_response(
+        {"error": "too many wrong tokens from this address; try again later"},
+        status=429,
+        headers={"Retry-After": str(max(1, int(retry_after + 0.999)))},
+    )
 
 
 def _wants_html(request: web.Request) -> bool:
@@ -179,11 +284,33 @@ async def body_timeout_middleware(
 async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    token = api_token(request)
+    if (
+        not token
+        and request.path not in ("/metrics", "/healthz")
+        and not _CONFIRM_PATH.match(request.path)
+        and not _host_allowed(request)
+    ):
+        return web.Response(status=403, text="unknown Host; list the name in allowed_hosts\n")
     if request.method not in ("GET", "HEAD", "OPTIONS") and not _same_origin(request):
         return web.Response(status=403, text="cross-site request refused\n")
-    token = api_token(request)
-    authenticated = not token or _bearer_ok(request, token) or _cookie_ok(request, token)
-    if not authenticated and request.path not in OPEN_PATHS and not _CONFIRM_PATH.match(request.path):
+    confirm = _CONFIRM_PATH.match(request.path) is not None  # carries its own token
+    open_path = (request.path in OPEN_PATHS or confirm) and not (
+        request.path == "/metrics" and request.app[MONITOR].config.metrics_auth
+    )
+    authenticated = not token
+    if token and _bearer_given(request) is not None and not open_path:
+        limiter, client, now = request.app[LIMITER], _client(request), time.monotonic()
+        wait = limiter.retry_after(client, now)
+        if wait is not None:
+            return _too_many(wait)
+        authenticated = _bearer_ok(request, token)
+        if not authenticated:
+            limiter.fail(client, now)  # counted before the wait: parallel guesses count too
+            await asyncio.sleep(LOGIN_FAIL_DELAY)
+    elif token:
+        authenticated = _cookie_ok(request, token)
+    if not authenticated and not open_path:
         if _wants_html(request) and not request.path.startswith("/api/"):
             raise web.HTTPSeeOther("/login")
         return web.json_response(
@@ -314,13 +441,18 @@ async def handle_login(request: web.Request) -> web.Response:
     form = await _read_form(request)
     if form is None:
         return _page(render_login_page(site, "the login form was malformed or too large"), status=400)
+    limiter, client, now = request.app[LIMITER], _client(request), time.monotonic()
+    wait = limiter.retry_after(client, now)
+    if wait is not None:
+        return _page(render_login_page(site, "too many wrong tokens; try again in a minute"), status=429)
     if not hmac.compare_digest(form.get("token", "").strip().encode(), token.encode()):
+        limiter.fail(client, now)
         await asyncio.sleep(LOGIN_FAIL_DELAY)
         return _page(render_login_page(site, "wrong token"), status=401)
     response = web.HTTPSeeOther("/")
     response.set_cookie(
         SESSION_COOKIE,
-        session_value(token),
+        request.app[SESSIONS].create(token, now),
         max_age=SESSION_MAX_AGE,
         path="/",
         httponly=True,
@@ -332,6 +464,9 @@ async def handle_login(request: web.Request) -> web.Response:
 
 async def handle_logout(request: web.Request) -> web.Response:
     response = web.HTTPSeeOther("/login" if api_token(request) else "/")
+    session = request.cookies.get(SESSION_COOKIE)
+    if session:
+        request.app[SESSIONS].revoke(session)  # a copy of the cookie stops working too
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
 
@@ -341,7 +476,7 @@ async def handle_page_ack(request: web.Request) -> web.Response:
     incident = _incident_or_404(request)
     form = await _read_form(request) or {}
     by = (form.get("by") or form.get("name") or "").strip()
-    if not by or len(by) > 100:
+    if not by or len(by) > 100 or not by.isprintable():
         return web.Response(status=400, text="acknowledging needs a name of 1 to 100 characters\n")
     request.app[MONITOR].acknowledge(incident.id, by)
     raise web.HTTPSeeOther("/")
@@ -384,12 +519,16 @@ def incident_document(incident: Incident, notifications: Sequence[Notification] 
     }
 
 
+def _incident_id(request: web.Request) -> int:
+    text = request.match_info["id"]
+    if not (text.isascii() and text.isdigit()) or len(text) > INCIDENT_ID_DIGITS:
+        raise web.HTTPNotFound(text="incident ids are numbers\n")
+    return int(text)
+
+
 def _incident_or_404(request: web.Request) -> Incident:
     """An incident the daemon holds in memory (open or recently resolved)."""
-    try:
-        incident_id = int(request.match_info["id"])
-    except ValueError:
-        raise web.HTTPNotFound(text="incident ids are numbers\n") from None
+    incident_id = _incident_id(request)
     incident = request.app[MONITOR].tracker.get(incident_id)
     if incident is None:
         raise web.HTTPNotFound(text=f"no incident {incident_id}\n")
@@ -439,8 +578,8 @@ async def handle_incident(request: web.Request) -> web.Response:
     except web.HTTPNotFound:
         store = request.app[STORE]
         incident = None
-        if store is not None and request.match_info["id"].isdigit():
-            incident_id = int(request.match_info["id"])
+        if store is not None:
+            incident_id = _incident_id(request)
             try:
                 incident = await store.call(store.store.incident, incident_id)
             except StoreError:
@@ -456,11 +595,14 @@ async def handle_ack(request: web.Request) -> web.Response:
     incident = _incident_or_404(request)
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: [[[[... 40 KB deep
         return web.json_response({"error": 'body must be JSON like {"by": "alice"}'}, status=400)
     by = body.get("by") if isinstance(body, dict) else None
-    if not isinstance(by, str) or not by.strip() or len(by) > 100:
-        return web.json_response({"error": '"by" must be a name of 1 to 100 characters'}, status=400)
+    if not isinstance(by, str) or not by.strip() or len(by) > 100 or not by.strip().isprintable():
+        # control characters (a newline) in a name would forge lines in the log and the report
+        return web.json_response(
+            {"error": '"by" must be a name of 1 to 100 printable characters'}, status=400
+        )
     incident = request.app[MONITOR].acknowledge(incident.id, by.strip())
     (doc,) = await _documents(request, [incident])
     return web.json_response(doc)
@@ -513,10 +655,7 @@ async def handle_report(request: web.Request) -> web.Response:
     """The post-mortem of one incident as Markdown. The live incident where the daemon still
     holds it (the freshest timeline), else the store's; notifications, delivery attempts and blind
     windows from the store (from memory when there is no store)."""
-    try:
-        incident_id = int(request.match_info["id"])
-    except ValueError:
-        raise web.HTTPNotFound(text="incident ids are numbers\n") from None
+    incident_id = _incident_id(request)
     monitor, store, alerting = request.app[MONITOR], request.app[STORE], request.app[ALERTING]
     live = monitor.tracker.get(incident_id)
     incident, notes, attempts, windows = live, None, None, None
@@ -844,6 +983,8 @@ def make_app(
     app[MONITOR] = monitor
     app[STORE] = store
     app[ALERTING] = alerting
+    app[SESSIONS] = Sessions()
+    app[LIMITER] = FailureLimiter()
     app[DRILLS] = drills
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_healthz)

@@ -60,6 +60,9 @@ HOLD_MAX = 10.0
 # How long after resolving an incident a new failure of its root still delays its all-clear (the
 # longest all-clear hold, that of a flapping incident).
 ALL_CLEAR_WATCH = 300.0
+# A resolved incident still claims what boots behind its root this long (shorter than the default
+# all-clear hold, so its all-clear has not gone out yet): one VM slower than the rest is the restore.
+RESTORE_TAIL = 45.0
 
 
 class IncidentState(enum.StrEnum):
@@ -230,9 +233,13 @@ class IncidentTracker:
         ``RECOVERY_GRACE`` to follow. A VM booting after its host, a host behind a switch that
         answers before its ports forward: part of the restore, not a new outage to page for."""
         out: dict[str, int] = {}
-        for incident in self.open_incidents():
-            if incident.scope is Scope.MONITOR or incident.root in roots:
+        for incident in self.incidents.values():
+            if incident.scope is Scope.MONITOR or incident.root in roots or incident.merged_into is not None:
                 continue
+            if not incident.is_open and (
+                incident.resolved_at is None or now - incident.resolved_at > RESTORE_TAIL
+            ):
+                continue  # resolved a moment ago: a VM booting behind what just came back still belongs to it
             if corr.states.get(incident.root) not in (TargetState.UP, TargetState.DEGRADED):
                 continue
             if incident.root_back_at is not None and now - incident.root_back_at >= RECOVERY_GRACE:
@@ -301,6 +308,16 @@ class IncidentTracker:
             if owner_id is not None and verdict.cause not in OWN_CAUSES and verdict.root not in own_roots:
                 claimed.add(owner_id)
                 owner = self.incidents[owner_id]
+                if not owner.is_open:
+                    # Resolved a moment ago (its all-clear not yet out): the restore is not over.
+                    state = IncidentState.ACKNOWLEDGED if owner.acknowledged_at else IncidentState.OPEN
+                    text = f"{verdict.root} still coming back after {owner.root}: the restore is not over"
+                    owner = self._put(
+                        replace(owner, state=state, resolved_at=None, root_back_at=now).noted(
+                            now, "root_back", text
+                        )
+                    )
+                    changes.append(Change(owner_id, "recovering", text))
                 if verdict.root not in owner.affected:
                     text = f"affected: +{verdict.root} (still coming back after {owner.root})"
                     self._put(

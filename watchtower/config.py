@@ -42,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from watchtower.engine.maintenance import Window, parse_every, zone
 from watchtower.hours import WeeklyHours
 from watchtower.logs import scrub_query
 
@@ -72,6 +73,7 @@ class ConfigError(Exception):
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DURATION_HINT = "must be a duration like 2s, 500ms, 15m or 4h"
+DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"
 
 
 def parse_duration(value: Any) -> float:
@@ -110,7 +112,7 @@ Duration = Annotated[
     float,
     BeforeValidator(_positive_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$", "examples": ["5s"]}),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["5s"]}),
 ]
 
 
@@ -118,7 +120,7 @@ NonNegativeDuration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$", "examples": ["0s"]}),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["0s"]}),
 ]
 
 
@@ -180,10 +182,20 @@ def resolve_file(name: str, config_dir: Path) -> Path:
     path = Path(name).expanduser()
     if path.is_absolute():
         return path
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / path).is_file():
+    creds = os.environ.get("CREDENTIALS_DIRECTORY") or credentials_dir()
+    if (Path(creds) / path).is_file():
         return Path(creds) / path
     return config_dir / path
+
+
+CREDENTIALS_DIR = "/etc/watchtower/credentials"
+
+
+def credentials_dir() -> str:
+    """Where the CLI finds secrets outside the unit (where systemd hands them over in
+    $CREDENTIALS_DIRECTORY): the folder the unit's ``LoadCredential=`` lines read from, so
+    ``watchtower ack`` works from a root shell. ``$WATCHTOWER_CREDENTIALS`` overrides it."""
+    return os.environ.get("WATCHTOWER_CREDENTIALS") or CREDENTIALS_DIR
 
 
 SECRET_FILE_MAX = 64 * 1024  # a key, a password, a URL, a list of communities
@@ -218,9 +230,8 @@ def _read_file(value: Any, info: ValidationInfo, limit: int = SECRET_FILE_MAX) -
     try:
         return path, read_regular_file(path, limit)
     except FileNotFoundError:
-        where = (
-            f" (looked in $CREDENTIALS_DIRECTORY and {path.parent})" if not Path(value).is_absolute() else ""
-        )
+        creds = "$CREDENTIALS_DIRECTORY" if os.environ.get("CREDENTIALS_DIRECTORY") else credentials_dir()
+        where = f" (looked in {creds} and {path.parent})" if not Path(value).is_absolute() else ""
         raise ValueError(f"file not found: {value}{where}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {path}: {exc.__class__.__name__}") from None
@@ -355,6 +366,11 @@ class Defaults(Strict):
 class PathBase(Timing):
     kind: str
     name: str | None = Field(None, description="label in metrics and the API; defaults to 'KIND HOST[:PORT]'")
+    critical: bool = Field(
+        False,
+        description="this path alone is the service: when it is down the target is down (and pages), "
+        "even while its other paths answer; otherwise such a target is only degraded",
+    )
     network: str | None = Field(
         None,
         description="the `networks:` entry this path crosses; by default the one whose cidr holds its "
@@ -420,9 +436,17 @@ class HttpPath(PathBase):
     _secret_fields = ("password",)
     url: str
     method: Literal["GET", "HEAD", "POST"] = "GET"
-    expect_status: list[int] = Field(
-        default_factory=lambda: [200], description="status codes that count as up"
-    )
+    expect_status: Annotated[
+        list[int],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "integer", "minimum": 100, "maximum": 599},
+                    {"type": "array", "items": {"type": "integer", "minimum": 100, "maximum": 599}},
+                ]
+            }
+        ),
+    ] = Field(default_factory=lambda: [200], description="status code(s) that count as up")
     expect_body: str | None = Field(None, description="substring the body must contain")
     expect_regex: str | None = Field(None, description="regular expression the body must match")
     headers: dict[str, str] = Field(default_factory=dict)
@@ -1398,6 +1422,33 @@ class Alertmanager(Strict):
         return self
 
 
+class MaintenanceWindow(Strict):
+    """A recurring maintenance window: its targets are probed and recorded, but not paged for."""
+
+    every: str = Field(
+        description='when, in `timezone`: "Sun 02:00-04:00", "Mon-Fri 22:00-02:00" (ends the next '
+        'day), "Sat,Sun 01:00-05:00", "daily 03:00-03:30"'
+    )
+    targets: list[str] = Field(default_factory=list, description="targets muted; empty: every target")
+    timezone: str = Field("UTC", description="IANA time zone of `every`, e.g. Europe/Berlin")
+    reason: str | None = Field(None, description="shown in the incident's timeline")
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: str) -> str:
+        parse_every(value)
+        return value.strip()
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+    def window(self) -> Window:
+        return Window(parse_every(self.every), self.timezone, tuple(self.targets), self.every, self.reason)
+
+
 # --------------------------------------------------------------------------- the whole config
 
 
@@ -1481,6 +1532,10 @@ class Config(Strict):
     retention: Duration = Field(
         400 * 86400.0, description="resolved incidents older than this are deleted from the store"
     )
+    maintenance: list[MaintenanceWindow] = Field(
+        default_factory=list,
+        description="recurring maintenance windows: incidents are recorded, pages wait for the window's end",
+    )
     networks: dict[NetworkName, Network] = Field(
         default_factory=dict,
         description="the site's networks (e.g. `prod`, `mgmt`): a network failing while another still "
@@ -1533,6 +1588,10 @@ class Config(Strict):
     @classmethod
     def _state_dir(cls, value: Path, info: ValidationInfo) -> Path:
         return value if value.is_absolute() else (_context_dir(info) / value)
+
+    @cached_property
+    def maintenance_windows(self) -> tuple[Window, ...]:
+        return tuple(m.window() for m in self.maintenance)
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -1694,6 +1753,12 @@ def _semantic_problems(cfg: Config) -> list[str]:
                 f"(also on {seen_backups[b.name]}); give each a unique `name`"
             )
         seen_backups[b.name] = b.target
+    for i, window in enumerate(cfg.maintenance):
+        for j, name in enumerate(window.targets):
+            if name not in names:
+                problems.append(
+                    f"maintenance[{i}].targets[{j}]: no target named {name!r}{_did_you_mean(name, names)}"
+                )
     for nname, net in cfg.networks.items():
         for i, via in enumerate(net.via):
             if via not in names:
@@ -1750,6 +1815,7 @@ def _cycle_problems(cfg: Config) -> list[str]:
 
 def _path_problems(cfg: Config) -> list[str]:
     problems: list[str] = []
+    inherited: dict[str, tuple[str, str, list[str]]] = {}  # place -> (timeout, interval, paths)
     groups = [(f"targets.{t}", [p for p in cfg.paths if p.target == t]) for t in cfg.targets]
     groups.append(("vantage", list(cfg.vantage_paths)))
     for base, paths in groups:
@@ -1763,10 +1829,28 @@ def _path_problems(cfg: Config) -> list[str]:
                 )
             seen.setdefault(p.name, i)
             if p.timeout > p.interval:
-                problems.append(
-                    f"{where}.timeout: {format_duration(p.timeout)} is longer than its interval "
-                    f"{format_duration(p.interval)}"
+                # Report it where the value was written: one line for a default, not one per path.
+                owner = cfg.targets.get(p.target)
+                if p.spec.timeout is not None:
+                    place = f"{where}.timeout"
+                elif owner is not None and owner.timeout is not None:
+                    place = f"{base}.timeout"
+                elif p.timeout == cfg.defaults.timeout:
+                    place = "defaults.timeout"
+                else:  # the kind's floor (http 3s, ...) is above the interval
+                    place = f"{where}.timeout"
+                    detail = f"the {p.kind} timeout floor {format_duration(p.timeout)}"
+                    inherited.setdefault(place, (detail, format_duration(p.interval), []))
+                    continue
+                timings: tuple[str, str, list[str]] = (
+                    format_duration(p.timeout),
+                    format_duration(p.interval),
+                    [],
                 )
+                inherited.setdefault(place, timings)[2].append(where)
+    for place, (timeout, interval, where_used) in inherited.items():
+        scope = f" (used by {len(where_used)} paths, e.g. {where_used[0]})" if len(where_used) > 1 else ""
+        problems.append(f"{place}: {timeout} is longer than its interval {interval}{scope}")
     return problems
 
 
@@ -1978,6 +2062,12 @@ def _format_error(err: Mapping[str, Any]) -> str:
         msg = f"must be one of {expected.replace(chr(39), '')}, got {_short(err.get('input'))}"
     elif kind == "union_tag_invalid":
         msg = f"unknown path kind{_did_you_mean(str(err.get('input', '')), PATH_KINDS)}"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        # pydantic says "a valid dictionary or instance of Target": the class name means nothing to a user
+        got = err.get("input")
+        names = {str: "a text", list: "a list", int: "a number", float: "a number", bool: "true/false"}
+        what = "nothing" if got is None else names.get(type(got), "something else")
+        msg = f"must be a mapping of settings, got {what} (check the indentation of the lines below it)"
     elif kind == "too_short":
         n = err.get("ctx", {}).get("min_length", 1)
         msg = f"needs at least {n} {'entry' if n == 1 else 'entries'}"
@@ -2000,9 +2090,63 @@ def parse_config(data: Any, config_dir: Path) -> Config:
     return cfg
 
 
+# PyYAML's words for a block that is indented too much, too little, or not at all.
+_INDENT_PROBLEMS = (
+    "mapping values are not allowed",
+    "expected <block end>",
+    "could not find expected ':'",
+    "did not find expected key",
+    "did not find expected '-' indicator",
+    "found character '\\t'",
+)
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate a config file. Raises ConfigError with one line per problem."""
     file = Path(path)
+    return parse_config(_read_yaml(file), file.resolve().parent)
+
+
+class ClientConfig(BaseModel):
+    """What the commands that only talk to the daemon need (where it listens, its token, its
+    store): they work with the API token alone, even where the other secrets are not readable."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    _secret_fields: ClassVar[tuple[str, ...]] = ("api_token",)
+    site: str = ""
+    listen: Annotated[str, BeforeValidator(_check_listen)] = "127.0.0.1:9847"
+    state_dir: Path = Path("/var/lib/watchtower")
+    api_token: SecretStr | None = None
+    api_token_file: SecretFile | None = None
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _state_dir(cls, value: Path, info: ValidationInfo) -> Path:
+        return value if value.is_absolute() else (_context_dir(info) / value)
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, port = _split_host_port(self.listen)
+        assert port is not None
+        return host, port
+
+    def secret(self, name: str) -> SecretStr | None:
+        return _pick_secret(self, name)
+
+
+def load_client_config(path: str | os.PathLike[str]) -> ClientConfig:
+    """The daemon's address, token and store from a config file. Raises ConfigError."""
+    file = Path(path)
+    data = _read_yaml(file)
+    if not isinstance(data, Mapping):
+        raise ConfigError(["(top level): the config must be a mapping of keys like site, targets, notify"])
+    try:
+        return ClientConfig.model_validate(data, context={"config_dir": file.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(list(dict.fromkeys(_format_error(e) for e in exc.errors()))) from None
+
+
+def _read_yaml(file: Path) -> Any:
     try:
         text = read_regular_file(file, CONFIG_FILE_MAX)
     except FileNotFoundError:
@@ -2020,8 +2164,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([_one_line(f"{where}: invalid YAML: {problem}")]) from None
-    return parse_config(data, file.resolve().parent)
+        hint = ""
+        if any(p in problem for p in _INDENT_PROBLEMS):
+            hint = " (check the indentation: settings go 2 spaces deeper than their key, siblings line up)"
+        raise ConfigError([_one_line(f"{where}: invalid YAML: {problem}{hint}")]) from None
+    return data
 
 
 def _yaml_path_schema() -> dict[str, Any]:
@@ -2055,6 +2202,26 @@ def json_schema() -> dict[str, Any]:
         definition.get("properties", {}).pop("kind", None)
         if "kind" in definition.get("required", []):
             definition["required"].remove("kind")
+    schema = _duration_defaults(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "watchtower configuration"
     return schema
+
+
+def _is_duration(node: Mapping[str, Any]) -> bool:
+    if node.get("pattern") == DURATION_PATTERN:
+        return True
+    return any(isinstance(b, Mapping) and _is_duration(b) for b in node.get("anyOf", ()))
+
+
+def _duration_defaults(node: Any) -> Any:
+    """Defaults of duration keys as they are written in YAML (``"5s"``), not pydantic's seconds."""
+    if isinstance(node, dict):
+        out = {k: _duration_defaults(v) for k, v in node.items()}
+        default = out.get("default")
+        if isinstance(default, int | float) and not isinstance(default, bool) and _is_duration(out):
+            out["default"] = format_duration(float(default))
+        return out
+    if isinstance(node, list):
+        return [_duration_defaults(v) for v in node]
+    return node

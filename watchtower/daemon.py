@@ -22,9 +22,11 @@ from watchtower.certificates import CertificateWatch
 from watchtower.config import Config, ConfigError, load_config
 from watchtower.drill import DrillRunner
 from watchtower.engine.correlate import TargetState
+from watchtower.engine.maintenance import incident_muted
 from watchtower.engine.monitor import Monitor, open_shared
 from watchtower.notify.alertmanager import AlertmanagerSink
 from watchtower.notify.outbox import Alerting
+from watchtower.notify.sender import channel_problems
 from watchtower.plan_distribution import PlanDistributor
 from watchtower.sdnotify import Notifier, watchdog_interval
 from watchtower.store import DB_NAME, AsyncStore, Store, StoreError, StoreLock, StoreLocked
@@ -189,6 +191,9 @@ async def reload_config(
     old = monitor.config
     try:
         new = await asyncio.to_thread(load_config, path)
+        refused = await asyncio.to_thread(channel_problems, new.notify.channels)  # as `check` does
+        if refused:
+            raise ConfigError(refused)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload rejected, keeping the running config: %s", problem)
@@ -253,6 +258,10 @@ async def run_daemon(
             await alerting.warn(
                 f"store:{int(time.time())}", f"watchtower's state store is unusable: {store_error}"
             )
+        try:
+            alerting.mutes = await store.call(store.store.mutes, alerting.now())  # they survive restarts
+        except StoreError as exc:
+            log.error("state store: mutes unreadable, none in force: %s", exc)
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
         # Warnings (issue 16): stale backups and expiring certificates open their own incidents
@@ -262,6 +271,7 @@ async def run_daemon(
         certificates = CertificateWatch(monitor, monitor.tracker, monitor.incidents_changed)
         distributor = PlanDistributor(config, backups)  # idle while `plan.distribute` is not set
         stack.callback(distributor.close)
+        sink.muted = lambda incident: incident_muted(incident, alerting.muted(alerting.now()))
         drills = DrillRunner(store, alerting, state_dir=None if store_error is not None else config.state_dir)
         await drills.restore()
         # The config and the path table live for the whole run: move them out of the garbage

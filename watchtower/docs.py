@@ -64,6 +64,9 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("`alertmanager`", c.Alertmanager, "Each open incident is one alert (labels "
      "`alertname=WatchtowerIncident`, `site`, `scope`, `root`, `cause`), re-posted every `every` and "
      "resolved with `endsAt`."),
+    ("`maintenance[]`", c.MaintenanceWindow, "A recurring window: its targets are probed and their "
+     "incidents recorded (\"in maintenance\"), but nobody is paged until it ends; an outage still "
+     "there then pages as a normal incident. One-off mutes: `watchtower mute`."),
 ]  # fmt: skip
 
 PATH_COMMON = ("interval", "retry_interval", "timeout", "fail_after", "recover_after", "name")

@@ -27,6 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from watchtower.engine.correlate import Cause, Scope
 from watchtower.engine.incidents import Incident, IncidentState, TimelineEvent
+from watchtower.engine.maintenance import Mute
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -120,6 +121,20 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (drill, contact)
     );
     CREATE UNIQUE INDEX drill_contacts_token ON drill_contacts(drill, token_hash);
+    """,
+    # issue 19: maintenance mutes (watchtower mute, POST /api/v1/mutes); they survive a restart
+    """
+    CREATE TABLE mutes (
+        id INTEGER PRIMARY KEY,
+        target TEXT NOT NULL,
+        start REAL NOT NULL,
+        end REAL NOT NULL,
+        reason TEXT NOT NULL,
+        by TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        ended_by TEXT
+    );
+    CREATE INDEX mutes_end ON mutes(end);
     """,
 )
 
@@ -712,6 +727,37 @@ class Store:
             (end if end is not None else float("inf"), start),
         )
         return [(a, b) for a, b in rows]
+
+    # ------------------------------------------------------------------ mutes
+    def add_mute(self, target: str, start: float, end: float, reason: str, by: str, now: float) -> Mute:
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT INTO mutes (target, start, end, reason, by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (target, start, end, reason, by, now),
+            )
+        assert cur.lastrowid is not None
+        return Mute(cur.lastrowid, target, start, end, reason, by, now)
+
+    def end_mute(self, mute_id: int, by: str, now: float) -> Mute | None:
+        """Ends a mute now (unmute); None when there is no such mute still running."""
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE mutes SET end = ?, ended_by = ? WHERE id = ? AND end > ?", (now, by, mute_id, now)
+            )
+        if cur.rowcount != 1:
+            return None
+        row = self.db.execute(
+            "SELECT id, target, start, end, reason, by, created_at FROM mutes WHERE id = ?", (mute_id,)
+        ).fetchone()
+        return Mute(*row)
+
+    def mutes(self, active_at: float) -> list[Mute]:
+        """Mutes not yet over at ``active_at`` (running or planned)."""
+        rows = self.db.execute(
+            "SELECT id, target, start, end, reason, by, created_at FROM mutes WHERE end > ? ORDER BY id",
+            (active_at,),
+        )
+        return [Mute(*row) for row in rows]
 
     # ------------------------------------------------------------------ drills (issue 17)
     def start_drill(

@@ -41,7 +41,13 @@ BASE: dict[str, Any] = {
         },
     },
     "notify": {
-        "channels": [{"name": "mail", "url": "mailto://127.0.0.1:2525?to=a@lab.test", "tags": ["tier1"]}],
+        "channels": [
+            {
+                "name": "mail",
+                "url": "mailto://127.0.0.1:2525?to=a@lab.test&from=w@lab.test",
+                "tags": ["tier1"],
+            }
+        ],
         "escalation": [{"after": "0s", "notify": ["tier1"]}],
     },
 }

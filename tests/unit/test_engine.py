@@ -50,6 +50,19 @@ def test_path_state_thresholds() -> None:
     assert s.observe(OK, 10) and s.state is PathState.UP and s.last_ok == 10
 
 
+def test_evidence_of_a_down_path_is_its_failure_while_it_recovers() -> None:
+    s = PathStatus(rpath(fail_after=2, recover_after=2))
+    s.observe(FAIL, 1)
+    s.observe(FAIL, 2)
+    assert s.state is PathState.DOWN
+    s.observe(ProbeResult.success(0.001, "answered in 1 ms"), 3)  # recovering, still down
+    assert s.state is PathState.DOWN
+    assert path_view(s).detail == "no echo reply"  # what the incident quotes: why it failed
+    assert s.detail == "answered in 1 ms"  # what the status page shows: the last probe
+    s.observe(OK, 4)
+    assert s.state is PathState.UP and path_view(s).detail == s.detail
+
+
 def test_internal_failure_is_unknown_never_down() -> None:
     s = PathStatus(rpath(fail_after=1))
     s.observe(OK, 1)

@@ -89,6 +89,7 @@ class PathView:
     by_bmc: bool = False  # answered by the target's BMC, not its own OS: no sign of the OS's life
     changed_at: float | None = None  # its last change of state
     last_ok: float | None = None  # its last success
+    critical: bool = False  # `critical: true`: down alone takes the target down
 
 
 # One host dark on a network waits this long after that network last moved (a path of another
@@ -142,7 +143,9 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
         return TargetState.UNKNOWN
     down = sum(1 for states in witnesses.values() if all(s is PathState.DOWN for s in states))
     up = sum(1 for states in witnesses.values() if any(s is PathState.UP for s in states))
-    if down >= min(confirm_paths, len(witnesses)):
+    if down >= min(confirm_paths, len(witnesses)) or any(
+        p.critical and p.state is PathState.DOWN for p in paths
+    ):
         return TargetState.DOWN
     if down and up:
         return TargetState.DEGRADED

@@ -91,13 +91,14 @@ def path_view(status: PathStatus) -> PathView:
         p.kind,
         f"{p.kind} {p.spec.address}",
         status.state,
-        status.detail,
+        status.evidence,
         status.failing_since,
         network=p.network,
         address=p.host,
         by_bmc=p.by_bmc,
         changed_at=status.changed_at,
         last_ok=status.last_ok,
+        critical=p.spec.critical,
     )
 
 

@@ -24,6 +24,7 @@ import logging
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -81,6 +82,9 @@ class AlertmanagerSink:
         self._resolve: list[dict[str, Any]] = []  # resolutions not yet accepted by Alertmanager
         self._last_post = float("-inf")
         self.posts = self.failures = 0
+        # Incidents in maintenance are not posted (Alertmanager would route them to someone's pager);
+        # set by the daemon from the alerting's mutes and windows.
+        self.muted: Callable[[Incident], bool] = lambda incident: False
         self.down_since: float | None = None  # monotonic: first failed post of the current outage
         self._backoff = 0.0
         self._retry_at = float("-inf")  # monotonic
@@ -128,6 +132,8 @@ class AlertmanagerSink:
         out: list[dict[str, Any]] = []
         seen: set[int] = set()
         for incident in self.tracker.open_incidents():
+            if self.muted(incident):
+                continue
             seen.add(incident.id)
             labels = incident_labels(incident, self.site, self.config.labels)
             before = self._posted.get(incident.id)

@@ -28,6 +28,7 @@ from watchtower.config import Config
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due, owes_all_clear
 from watchtower.engine.incidents import Incident, IncidentTracker
+from watchtower.engine.maintenance import Mute, MutedBy, maintenance_note, muted_targets
 from watchtower.notify.messages import Message, incident_message, is_sms_channel, warning_message
 from watchtower.notify.sender import ChannelSender, DeliveryResult, make_senders
 from watchtower.store import AsyncStore, NewNotification, Notification, StoreError
@@ -113,6 +114,11 @@ class Alerting:
         self._background: set[asyncio.Task[None]] = set()
         # A row's (title, body) as sent: drills put each person's one-time link in at delivery.
         self.expand: Callable[[Notification], tuple[str, str]] = lambda n: (n.title, n.body)
+        self.mutes: list[Mute] = []  # from the store at start, then kept current by the API
+
+    def muted(self, now: float) -> dict[str, MutedBy]:
+        """Targets in maintenance at ``now`` (ad-hoc mutes and the config's windows)."""
+        return muted_targets(self.config.targets, self.mutes, self.config.maintenance_windows, now)
 
     def reload(self, config: Config) -> None:
         """A new config: new channels start, removed ones stop (their pending rows stay in the
@@ -191,13 +197,23 @@ class Alerting:
         new: list[NewNotification] = []
         steps: list[tuple[int, str]] = []
         finished = self._finished
+        muted = self.muted(now)
         for incident in list(self.tracker.incidents.values()):
             fired = self.fired.get(incident.id, set())
             due_steps: list[DueStep] = []
             if incident.id not in finished:
+                quiet, mark = maintenance_note(incident, muted, now)
+                if mark is not None:
+                    incident = self.tracker.annotate(incident.id, *mark, now)
                 others = [i for i in self.tracker.open_incidents() if i.id != incident.id]
                 due_steps = due(
-                    incident, self.config, now, fired, self.notified.get(incident.id, set()), others
+                    incident,
+                    self.config,
+                    now,
+                    fired,
+                    self.notified.get(incident.id, set()),
+                    others,
+                    muted=quiet,
                 )
             for step in due_steps:
                 steps.append((incident.id, step.step))

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import difflib
+import functools
 import logging
 import re
 import time
@@ -236,6 +238,43 @@ def _prepare_apprise_logger() -> None:
         _logger_ready = True
 
 
+class _Said(logging.Handler):
+    """apprise's warnings while it parses a URL: why it refuses one (scrubbed before use)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@functools.cache
+def known_schemes() -> frozenset[str]:
+    """Every URL scheme apprise has a plugin for."""
+    import apprise
+
+    out: set[str] = set()
+    for schema in apprise.Apprise().details().get("schemas", []):
+        for key in ("protocols", "secure_protocols"):
+            out.update(p.lower() for p in schema.get(key) or [])
+    return frozenset(out)
+
+
+def channel_problems(channels: Sequence[Channel]) -> list[str]:
+    """Channels whose URL apprise refuses, one ``place: problem`` line each; never shows the URL."""
+    problems = []
+    for i, channel in enumerate(channels):
+        sender = ChannelSender(channel)
+        try:
+            if sender.problem is not None:
+                key = "url_file" if channel.url_file is not None else "url"
+                problems.append(f"notify.channels[{i}].{key}: channel {channel.name!r}: {sender.problem}")
+        finally:
+            sender.close()
+    return problems
+
+
 class _Worker:
     """One thread and the apprise object it uses; replaced as a whole when its thread hangs."""
 
@@ -264,12 +303,25 @@ class ChannelSender:
         self._abandoned: list[cf.Future[None]] = []
         self._closed = False
         self.problem: str | None = None  # why apprise will not take the URL, when it won't
-        client = self._build()
+        said = _Said()
+        apprise_log = logging.getLogger("apprise")
+        apprise_log.addHandler(said)
+        try:
+            client = self._build()
+        finally:
+            apprise_log.removeHandler(said)
         self._worker = _Worker(self.name, client)
         if client is None:
             scheme = _split_url(raw)[0]
             shown = scheme if re.fullmatch(r"[a-z0-9+.-]{1,20}", scheme) else "?"
-            self.problem = f"apprise does not accept this URL (scheme {shown}://)"
+            told = [m.rstrip(".") for m in said.messages if "://" not in m]  # not its masked copy of the URL
+            why = _one_line(scrub("; ".join(told[:2]), self._secrets))[:MAX_REASON]
+            if shown not in known_schemes():
+                close = difflib.get_close_matches(shown, sorted(known_schemes()), n=1)
+                why = f"apprise knows no {shown}:// service" + (
+                    f"; did you mean {close[0]}://?" if close else ""
+                )
+            self.problem = f"apprise does not accept this URL (scheme {shown}://{': ' + why if why else ''})"
             self.display_url = f"{shown}://(invalid)"
         else:
             self.display_url = _mask_numbers(next(iter(client)).url(privacy=True))

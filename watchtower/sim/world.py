@@ -155,8 +155,8 @@ class Site:
             # Configured networks: a path depends on the devices that carry its network.
             for name, addrs in addresses.items():
                 for a in addrs:
-                    net = config.networks.get(net_of.get(a) or "")
-                    carriers[(name, a)] = tuple(d for d in (net.via if net else ()) if d != name)
+                    entry = config.networks.get(net_of.get(a) or "")
+                    carriers[(name, a)] = tuple(d for d in (entry.via if entry else ()) if d != name)
         # What a target needs: its runs_on/depends_on/storage chain and the devices on its paths.
         upstream = {
             n: tuple(dict.fromkeys((*up(n), *(d for a in addresses[n] for d in carriers.get((n, a), ())))))

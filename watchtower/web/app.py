@@ -24,11 +24,12 @@ from watchtower import __version__, clock
 from watchtower.backups.watch import BackupWatch
 from watchtower.checklist import checklist, staff_sentence
 from watchtower.checklist import notes as notes_of
-from watchtower.config import NOTE_KINDS
+from watchtower.config import NOTE_KINDS, parse_duration
 from watchtower.drill import DrillError, DrillRunner
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import outage_start
 from watchtower.engine.incidents import Incident
+from watchtower.engine.maintenance import SITE, Mute, check_mute_end, window_span
 from watchtower.engine.monitor import Monitor, Snapshot
 from watchtower.notify.outbox import Alerting
 from watchtower.report import render_report
@@ -325,13 +326,15 @@ async def auth_middleware(
 async def handle_metrics(request: web.Request) -> web.Response:
     snap = request.app[MONITOR].snapshot()
     gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
+    alerting = request.app[ALERTING]
+    muted = set(alerting.muted(snap.taken_at)) if alerting is not None else set()
     runner = request.app[DRILLS]
     verified = {v.contact: v.last_verified for v in runner.verification()} if runner is not None else None
     watch = request.app.get(backups_api.WATCH)
     statuses = dict(request.app[MONITOR].statuses)
     verify = request.app.get(backups_api.VERIFY)
     extra = _Extra(lambda: backups_api.collectors(watch, statuses, verify))
-    body = await asyncio.to_thread(metrics.render, snap, gzip_ok, verified, extra)
+    body = await asyncio.to_thread(metrics.render, snap, gzip_ok, verified, muted, extra)
     headers = {"Content-Type": metrics.CONTENT_TYPE}
     if gzip_ok:
         headers["Content-Encoding"] = "gzip"
@@ -413,12 +416,23 @@ async def handle_page(request: web.Request) -> web.Response:
             latest = await runner.drills(limit=1)
             drill = drill_document(latest[0], config) if latest else None
         people = people_rows(config, runner.verification(), drill)
+    mutes = None
+    if alerting is not None:  # what is muted now, and the targets the mute form offers
+        rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for name, why in mutes_document(alerting, clock.now())["muted"].items():  # one row per mute
+            key = (why["source"], why["until"], why["reason"], why["id"])
+            rows.setdefault(key, {**why, "names": []})["names"].append(name)
+        every = len(config.targets)
+        active = [{**r, "target": "every target" if len(r["names"]) == every > 1 else ", ".join(r["names"])}
+                  for r in rows.values()]  # fmt: skip
+        mutes = {"active": active, "targets": list(config.targets)}
     text = render_status_page(
         state_document(monitor.snapshot(), monitor),
         incidents,
         config=config,
         logout=bool(api_token(request)) and SESSION_COOKIE in request.cookies,
         **backups_api.page_sections(request.app.get(backups_api.WATCH), request.app.get(backups_api.VERIFY)),
+        mutes=mutes,
         people=people,
         drill=drill,
     )
@@ -692,8 +706,174 @@ async def handle_report(request: web.Request) -> web.Response:
 
 
 async def handle_state(request: web.Request) -> web.Response:
-    monitor = request.app[MONITOR]
-    return web.json_response(state_document(monitor.snapshot(), monitor))
+    monitor, alerting = request.app[MONITOR], request.app[ALERTING]
+    doc = state_document(monitor.snapshot(), monitor)
+    if alerting is not None:
+        for name, why in alerting.muted(clock.now()).items():
+            if name in doc["targets"]:
+                doc["targets"][name]["muted_until"] = iso(why.until)
+    return web.json_response(doc)
+
+
+# --------------------------------------------------------------------------- maintenance mutes
+
+
+def mute_document(m: Mute) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "target": None if m.target == SITE else m.target,
+        "site": m.target == SITE,
+        "start": iso(m.start),
+        "end": iso(m.end),
+        "reason": m.reason,
+        "by": m.by,
+        "created_at": iso(m.created_at),
+    }
+
+
+def mutes_document(alerting: Alerting, now: float) -> dict[str, Any]:
+    """Mutes still to come or running, the config's windows, and who is muted now (and why)."""
+    muted = alerting.muted(now)
+    windows = []
+    for w in alerting.config.maintenance_windows:
+        span = window_span(w, now)
+        windows.append({
+            "every": w.text, "timezone": w.timezone, "targets": list(w.targets) or None,
+            "reason": w.reason, "active_until": iso(span[1]) if span else None,
+        })  # fmt: skip
+    by_source = {f"mute #{m.id} by {m.by}": m.id for m in alerting.mutes}
+    return {
+        "mutes": [mute_document(m) for m in alerting.mutes if m.end > now],
+        "windows": windows,
+        "muted": {
+            name: {
+                "until": (iso(why.until) or "")[:16].replace("T", " "),
+                "source": why.source,
+                "reason": why.reason,
+                "id": by_source.get(why.source),
+            }
+            for name, why in muted.items()
+        },
+    }
+
+
+def _alerting_or_503(request: web.Request) -> Alerting:
+    alerting = request.app[ALERTING]
+    if alerting is None:
+        raise web.HTTPServiceUnavailable(text="no alerting in this daemon\n")
+    return alerting
+
+
+async def _new_mute(request: web.Request, fields: dict[str, Any]) -> Mute | str:
+    """A mute from API or form fields (target or site, for or until, reason, by); an error text
+    when they do not make one."""
+    alerting = _alerting_or_503(request)
+    config = alerting.config
+    now = clock.now()
+    target = fields.get("target")
+    if fields.get("site") is True or target in (SITE, "--site"):
+        target = SITE
+    if not isinstance(target, str) or (target != SITE and target not in config.targets):
+        return f"no target named {target!r} (give a target of the config, or site: true)"
+    for key in ("reason", "by"):
+        value = fields.get(key)
+        if not isinstance(value, str) or not value.strip() or len(value) > 200:
+            return f'"{key}" must be a text of 1 to 200 characters'
+    length, until = fields.get("for"), fields.get("until")
+    if (length is None) == (until is None):
+        return 'give exactly one of "for" (a duration like 2h) or "until" (ISO 8601 with a time zone)'
+    try:
+        if length is not None:
+            end = now + parse_duration(length)
+        else:
+            when = datetime.fromisoformat(str(until).replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                return '"until" needs a time zone, like 2026-12-08T04:00:00Z or +01:00'
+            end = when.timestamp()
+        check_mute_end(now, end)
+    except ValueError as exc:
+        return f"{'for' if length is not None else 'until'}: {exc}"
+    store = request.app[STORE]
+    reason, by = str(fields["reason"]).strip(), str(fields["by"]).strip()
+    if store is not None:
+        try:
+            mute = await store.call(store.store.add_mute, target, now, end, reason, by, now)
+        except StoreError as exc:
+            return f"cannot record the mute: {exc}"
+    else:
+        mute = Mute(max((m.id for m in alerting.mutes), default=0) + 1, target, now, end, reason, by, now)
+    alerting.mutes = [m for m in alerting.mutes if m.end > now] + [mute]
+    alerting.changed.set()
+    return mute
+
+
+async def _end_mute(request: web.Request, by: str) -> Mute | None:
+    alerting = _alerting_or_503(request)
+    try:
+        mute_id = int(request.match_info["id"])
+    except ValueError:
+        return None
+    now = clock.now()
+    store = request.app[STORE]
+    ended: Mute | None = None
+    if store is not None:
+        try:
+            ended = await store.call(store.store.end_mute, mute_id, by, now)
+        except StoreError:
+            ended = None
+    for k, m in enumerate(alerting.mutes):
+        if m.id == mute_id and m.end > now:
+            ended = Mute(m.id, m.target, m.start, now, m.reason, m.by, m.created_at)
+            alerting.mutes[k] = ended
+    alerting.changed.set()
+    return ended
+
+
+async def handle_mutes(request: web.Request) -> web.Response:
+    return web.json_response(mutes_document(_alerting_or_503(request), clock.now()))
+
+
+async def handle_add_mute(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return web.json_response(
+            {"error": 'body must be JSON like {"target": "pve1", "for": "2h", "reason": "..", "by": "bo"}'},
+            status=400,
+        )
+    mute = await _new_mute(request, body)
+    if isinstance(mute, str):
+        return web.json_response({"error": mute}, status=400)
+    return web.json_response(mute_document(mute), status=201)
+
+
+async def handle_delete_mute(request: web.Request) -> web.Response:
+    by = request.query.get("by", "api").strip()[:100] or "api"
+    ended = await _end_mute(request, by)
+    if ended is None:
+        return web.json_response({"error": "no such mute running"}, status=404)
+    return web.json_response(mute_document(ended))
+
+
+async def handle_page_mute(request: web.Request) -> web.Response:
+    """POST /mutes from the page's form (target, for, reason, by), then back to /."""
+    form = await _read_form(request) or {}
+    mute = await _new_mute(request, {k: form.get(k) for k in ("target", "for", "reason", "by")})
+    if isinstance(mute, str):
+        return web.Response(status=400, text=f"cannot mute: {mute}\n")
+    raise web.HTTPSeeOther("/#maintenance")
+
+
+async def handle_page_unmute(request: web.Request) -> web.Response:
+    form = await _read_form(request) or {}
+    by = (form.get("by") or "").strip()
+    if not by or len(by) > 100:
+        return web.Response(status=400, text="unmuting needs a name of 1 to 100 characters\n")
+    if await _end_mute(request, by) is None:
+        return web.Response(status=404, text="no such mute running\n")
+    raise web.HTTPSeeOther("/#maintenance")
 
 
 def drill_document(drill: Drill, config: Any) -> dict[str, Any]:
@@ -837,6 +1017,11 @@ def make_app(
     app.router.add_get("/api/v1/incidents/{id}/report", handle_report)
     if backups is not None:
         backups_api.register(app, backups, drills.verification if drills is not None else None)
+    app.router.add_get("/api/v1/mutes", handle_mutes)
+    app.router.add_post("/api/v1/mutes", handle_add_mute)
+    app.router.add_delete("/api/v1/mutes/{id}", handle_delete_mute)
+    app.router.add_post("/mutes", handle_page_mute)
+    app.router.add_post("/mutes/{id}/end", handle_page_unmute)
     app.router.add_get("/api/v1/drills", handle_drills)
     app.router.add_post("/api/v1/drills", handle_drill_start)
     app.router.add_get(r"/api/v1/drills/{id:\d+}/confirm/{token:[0-9a-f]{1,64}}", handle_drill_confirm_form)

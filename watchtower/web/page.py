@@ -345,6 +345,7 @@ def render_status_page(
     logout: bool = False,
     restore_points: Mapping[str, str] | None = None,
     readiness: Mapping[str, Any] | None = None,
+    mutes: dict[str, Any] | None = None,
     people: list[dict[str, Any]] | None = None,
     drill: dict[str, Any] | None = None,
 ) -> str:
@@ -402,6 +403,7 @@ def render_status_page(
             details=details,
             logout=logout,
             readiness=readiness,
+            mutes=mutes,
             people=people or [],
             note_kinds=NOTE_KINDS,
             drill=drill,

@@ -29,9 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from watchtower.checklist import checklist, provider_lines, staff_sentence
 from watchtower.config import Config
 from watchtower.durations import exact
-from watchtower.engine.correlate import Scope
+from watchtower.engine.correlate import WARNING_SCOPES, Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, outage_start
 from watchtower.engine.incidents import Incident
 from watchtower.store import Attempt, Notification
@@ -73,6 +74,14 @@ def _inline(text: object) -> str:
 def _cell(text: object) -> str:
     """A table cell: one line, ``|`` escaped so the row keeps its columns."""
     return _inline(text).replace("|", "\\|")
+
+
+_MARKUP = re.compile(r"([\\`*_\[\]<>#!])")
+
+
+def _untrusted(text: str) -> str:
+    """What a person typed (a note): Markdown and HTML in it shown as typed, never rendered."""
+    return _MARKUP.sub(r"\\\1", text).replace("&", "&amp;")
 
 
 def _row(*cells: object) -> str:
@@ -272,7 +281,10 @@ def _timeline_rows(
     attempts: Sequence[Attempt],
     windows: Sequence[tuple[float, float | None]],
 ) -> list[_Row]:
-    rows = [_Row(e.at, 0, i, e.text) for i, e in enumerate(incident.timeline)]
+    rows = [
+        _Row(e.at, 0, i, _untrusted(e.text) if e.kind.startswith("note:") else e.text)
+        for i, e in enumerate(incident.timeline)
+    ]
     for i, n in enumerate(notifications):
         rows.extend(_notification_rows(n, attempts, i))
     if incident.scope is not Scope.MONITOR:  # a monitor incident's own timeline already says it
@@ -289,7 +301,7 @@ def _timeline_rows(
 
 
 def _title(incident: Incident) -> str:
-    if incident.scope is Scope.MONITOR:
+    if incident.scope is Scope.MONITOR or incident.scope in WARNING_SCOPES:
         return incident.headline()
     cause = f" ({incident.cause})" if incident.cause else ""
     return f"{incident.scope} {incident.root} down{cause}"
@@ -372,8 +384,12 @@ def render_report(
             for s in services
         ]
         out += ["", "Recovery points (RPO): verify what the restore actually brought back.", ""]
+        points = [e.text for e in incident.timeline if e.kind == "restore_point"]
         for s in services:
-            if s.rpo is None:
+            known = [p for p in points if p.startswith(f"{s.service}:")]
+            if known:
+                out += [f"- {_inline(p)}" for p in known]  # the backup watch's reading at T+0
+            elif s.rpo is None:
                 out.append(f"- {_inline(s.service)} ({s.target}): no RPO set; record the restore point used.")
             else:
                 out.append(
@@ -381,6 +397,19 @@ def render_report(
                     f"from {iso(start - s.rpo)} or later ({span(s.rpo)} before the first failed probe); "
                     f"record the one actually used."
                 )
+
+    # ---- first hour
+    if not monitor:
+        others: list[Incident] = []
+        out += ["", "## First hour", ""]
+        out += [
+            f"- {_untrusted(item.line())}" for item in checklist(incident, notifications, config, now, others)
+        ]
+        for line in provider_lines(incident, config):
+            out.append(f"- {_untrusted(line)}")
+        staff = staff_sentence(incident, config)
+        if staff:
+            out += ["", f"For the staff: {_untrusted(staff)}"]
 
     # ---- timeline
     zero = "first failed probe" if incident.first_failure_at is not None else "confirmation"

@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,10 @@ def tracker_with_outage(first_id: int) -> tuple[IncidentTracker, Incident]:
     """The same hypervisor outage as a watchtower sees it (ids differ between instances)."""
     tracker = IncidentTracker(next_id=first_id)
     now = clock.now()
-    incident = Incident(first_id, Scope.HYPERVISOR, "pve1", now - 5, cause=Cause.POWER_OFF)
-    incident.affected, incident.first_failure_at = ["dc1", "erp1"], now - 8
+    incident = Incident(
+        first_id, Scope.HYPERVISOR, "pve1", now - 5, cause=Cause.POWER_OFF, affected=("dc1", "erp1"),
+        first_failure_at=now - 8,
+    )  # fmt: skip
     tracker.incidents[incident.id] = incident
     return tracker, incident
 
@@ -163,7 +166,7 @@ async def test_incident_is_one_alert_with_the_contract_labels_and_resolves(
     await sink.tick(force=True)
     assert sink.posts == posts + 1
 
-    incident.state, incident.resolved_at = IncidentState.RESOLVED, clock.now()
+    tracker.incidents[incident.id] = replace(incident, state=IncidentState.RESOLVED, resolved_at=clock.now())
     await sink.tick()
 
     async def resolved() -> list[dict[str, Any]]:
@@ -195,7 +198,9 @@ async def test_two_vantage_points_give_one_notification(alertmanager: dict[str, 
     for sink, tracker in sinks:  # both keep posting while open, then both resolve
         await sink.tick(force=True)
         for incident in tracker.open_incidents():
-            incident.state, incident.resolved_at = IncidentState.RESOLVED, clock.now()
+            tracker.incidents[incident.id] = replace(
+                incident, state=IncidentState.RESOLVED, resolved_at=clock.now()
+            )
     for sink, _ in sinks:
         await sink.tick()
 
@@ -262,3 +267,40 @@ async def test_two_daemons_one_notification_end_to_end(alertmanager: dict[str, A
 
 async def _none_active(session: aiohttp.ClientSession) -> bool:
     return await active_alerts(session) == []
+
+
+async def test_alertmanager_down_backs_off_and_logs_state_changes_only(
+    alertmanager: dict[str, Any],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alertmanager unreachable: posts back off (were: one a second, a WARNING each); one WARNING
+    when it goes, one INFO when it is back, and the alert arrives then."""
+    from watchtower.notify import alertmanager as am_module
+
+    monkeypatch.setattr(am_module, "BACKOFF_MAX", 2.0, raising=False)
+    dead = load_config(config(tmp_path, f"http://127.0.0.1:{free_port()}", "vp1"))
+    tracker, _ = tracker_with_outage(3)
+    sink = AlertmanagerSink(dead, tracker)
+    caplog.set_level("DEBUG", logger="watchtower.alertmanager")
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 5.0
+    ticks = 0
+    while loop.time() < until:  # the daemon's loop, LOOK_EVERY shortened to 50 ms: 100 rounds
+        await sink.tick()
+        ticks += 1
+        await asyncio.sleep(0.05)
+    assert ticks >= 50 and 2 <= sink.posts <= 5 and sink.failures == sink.posts, (ticks, sink.posts)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "retrying with backoff" in warnings[0].getMessage()
+
+    sink.reload(load_config(config(tmp_path, alertmanager["url"], "vp1")))  # it is reachable now
+
+    async def delivered() -> list[dict[str, Any]]:
+        await sink.tick()
+        return await active_alerts(alertmanager["session"])
+
+    await wait_for(delivered, 10, "the alert once alertmanager is back", every=0.05)
+    back = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
+    assert len(back) == 1 and [r.levelname for r in caplog.records].count("WARNING") == 1, back

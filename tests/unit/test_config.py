@@ -18,6 +18,7 @@ from watchtower.config import ConfigError, json_schema, load_config, parse_confi
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "watchtower.example.yaml"
 DEMO = REPO / "config" / "demo.yaml"
+PARTITION = REPO / "config" / "partition.yaml"
 
 BASE: dict[str, Any] = {
     "site": "t",
@@ -40,7 +41,13 @@ BASE: dict[str, Any] = {
         },
     },
     "notify": {
-        "channels": [{"name": "mail", "url": "mailto://127.0.0.1:2525?to=a@lab.test", "tags": ["tier1"]}],
+        "channels": [
+            {
+                "name": "mail",
+                "url": "mailto://127.0.0.1:2525?to=a@lab.test&from=w@lab.test",
+                "tags": ["tier1"],
+            }
+        ],
         "escalation": [{"after": "0s", "notify": ["tier1"]}],
     },
 }
@@ -77,7 +84,7 @@ DELETE = object()
 
 
 def test_example_and_demo_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for file in (EXAMPLE, DEMO):
+    for file in (EXAMPLE, DEMO, PARTITION):
         assert main(["check", "-c", str(file)]) == 0
         out = capsys.readouterr().out
         assert out.startswith("ok: 8 targets, ")
@@ -425,3 +432,239 @@ def test_configuration_reference_is_current() -> None:
 
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == config_reference(), "run: python -m watchtower.docs > docs/configuration.md"
+
+
+# --------------------------------------------------------------------------- networks
+
+NETWORKED = {
+    **copy.deepcopy(BASE),
+    "networks": {
+        "prod": {"cidr": ["10.0.10.0/24", "10.0.20.0/24"], "via": ["sw"], "label": "production"},
+        "core": {"cidr": "10.0.0.0/16"},  # less specific: what no other range holds
+    },
+}
+
+
+def test_paths_are_placed_on_the_most_specific_network() -> None:
+    data = copy.deepcopy(NETWORKED)
+    data["targets"]["vm"]["paths"].append(
+        {"tcp": {"host": "erp.acme.example", "port": 443, "network": "prod"}}
+    )
+    data["targets"]["vm"]["paths"].append({"tcp": "erp.acme.example:8443"})
+    cfg = parse_config(data, Path("."))
+    placed = {(p.target, p.name): p.network for p in cfg.paths}
+    assert placed[("sw", "icmp 10.0.0.2")] == "core"
+    assert placed[("hv", "icmp 10.0.10.11")] == "prod"
+    assert placed[("nas", "icmp 10.0.20.5")] == "prod"
+    assert placed[("vm", "tcp erp.acme.example:443")] == "prod"  # a name: only by `network:`
+    assert placed[("vm", "tcp erp.acme.example:8443")] is None
+    from watchtower.config import unplaced_paths
+    from watchtower.engine.topology import Topology
+
+    assert [p.name for p in unplaced_paths(cfg)] == ["tcp erp.acme.example:8443"]
+    topo = Topology.from_config(cfg)
+    assert topo.networks["prod"].title == "production network via sw"
+    assert topo.nodes["nas"].parents == ("sw",)  # all its paths on prod, carried by sw
+
+
+def test_bmc_paths_are_served_by_the_bmc() -> None:
+    data = copy.deepcopy(NETWORKED)
+    data["targets"]["hv"]["bmc"] = {"ipmi": {"host": "10.0.99.11", "username": "u", "password": "p"}}
+    data["targets"]["hv"]["paths"].append({"icmp": {"host": "10.0.99.11", "name": "bmc ping"}})
+    cfg = parse_config(data, Path("."))
+    served = {p.name: p.by_bmc for p in (*cfg.paths, *cfg.bmc_paths) if p.target == "hv"}
+    assert served == {
+        "icmp 10.0.10.11": False,
+        "tcp 10.0.10.11:8006": False,
+        "bmc ping": True,
+        "bmc ipmi 10.0.99.11": True,
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("networks", {"prod": {"cidr": ["10.0.10.300/24"]}}), "networks.prod.cidr"),
+        (("networks", {"prod": {"cidr": []}}), "networks.prod.cidr: needs at least 1 entry"),
+        (
+            ("networks", {"prod": {"cidr": ["10.0.10.0/24"], "via": ["sw2"]}}),
+            "networks.prod.via[0]: no target named 'sw2' (did you mean 'sw'?)",
+        ),
+        (("networks", {"prod": {"cidr": ["10.0.10.0/24"], "vai": ["sw"]}}), "networks.prod.vai"),
+        (("networks", {"bad name!": {"cidr": ["10.0.10.0/24"]}}), "networks"),
+    ],
+)
+def test_bad_networks_name_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: tuple[str, Any], expected: str
+) -> None:
+    data = copy.deepcopy(BASE)
+    data[change[0]] = change[1]
+    code, _, err = run_check(tmp_path, data, capsys)
+    assert code == 2 and expected in err, err
+
+
+def test_path_network_must_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = copy.deepcopy(NETWORKED)
+    data["targets"]["hv"]["paths"][0] = {"icmp": {"host": "10.0.10.11", "network": "prd"}}
+    code, _, err = run_check(tmp_path, data, capsys)
+    assert code == 2
+    assert "targets.hv.paths[0].network: no network named 'prd' (did you mean 'prod'?)" in err
+
+
+def test_check_explain_shows_networks_and_warns_about_unplaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = copy.deepcopy(NETWORKED)
+    data["networks"].pop("core")
+    cfg = tmp_path / "wt.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["check", "-c", str(cfg), "--explain"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "ok: 4 targets, 6 paths"
+    assert "  prod: 10.0.10.0/24, 10.0.20.0/24 via sw" in out
+    assert any(line.split() == ["icmp", "10.0.10.11", "OS", "prod", "via", "sw"] for line in out.splitlines())
+    assert any(line.split() == ["icmp", "10.0.0.2", "OS", "NO", "NETWORK"] for line in out.splitlines())
+    assert "warning: targets.sw path 'icmp 10.0.0.2' (10.0.0.2) is on no network" in err
+    # without networks: nothing to warn about, the inferred prefixes are shown
+    cfg.write_text(yaml.safe_dump(BASE))
+    assert main(["check", "-c", str(cfg), "--explain"]) == 0
+    out, err = capsys.readouterr()
+    assert "networks: none configured; inferred from address prefixes" in out
+    assert any(line.split() == ["icmp", "10.0.10.11", "OS", "[10.0.10.0/24]"] for line in out.splitlines())
+    assert err == ""
+
+
+# --------------------------------------------------------------------------- issue 15: hostile configs
+
+BOMB = "\n".join(
+    [
+        "a0: &a0 [x,x,x,x,x,x,x,x,x,x]",
+        *(f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)),
+        "site: s",
+        "targets:",
+        "  h: {role: *a8, paths: [icmp: 10.0.0.1]}",
+    ]
+)
+
+
+def test_alias_bomb_is_refused_fast_in_a_process(tmp_path: Path) -> None:
+    """A 700-byte "billion laughs" (10^9 values once expanded) used to grow `check` to 2.2 GB."""
+    assert len(BOMB) < 800
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(BOMB)
+    proc = subprocess.run(
+        [sys.executable, "-m", "watchtower", "check", "-c", str(cfg)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "aliases expand to more than" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr) < 300
+
+
+def test_moderate_aliases_still_work(tmp_path: Path) -> None:
+    text = (
+        "x: &p [{icmp: 10.0.0.1}]\nsite: s\ntargets:\n"
+        "  a: {role: hypervisor, paths: *p}\n  b: {role: hypervisor, paths: *p}\n"
+    )
+    cfg = tmp_path / "wt.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:  # `x` is an unknown key: the aliases themselves are fine
+        load_config(cfg)
+    assert err.value.problems == ["x: unknown key"]
+
+
+@pytest.mark.parametrize("text", ["[" * 50_000, "a:\n" + "".join(" " * i + "b:\n" for i in range(1, 200))])
+def test_deep_nesting_is_a_clean_line_and_exit_2(tmp_path: Path, text: str) -> None:
+    cfg = tmp_path / "deep.yaml"
+    cfg.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "watchtower", "check", "-c", str(cfg)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "nested more than 100 levels deep" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_huge_values_are_cut_in_messages(tmp_path: Path) -> None:
+    data = mutate("log_format", "x" * 100_000)
+    data["targets"]["sw"]["paths"] = [{"icmp": "y" * 100_000}]
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, tmp_path)
+    assert err.value.problems and all(len(p) < 300 for p in err.value.problems)
+
+
+def test_config_file_size_cap(tmp_path: Path) -> None:
+    cfg = tmp_path / "big.yaml"
+    with cfg.open("wb") as f:
+        f.truncate(33 * 1024 * 1024)  # sparse: no disk used
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert err.value.problems == [f"{cfg} is larger than 32768 KiB"]
+
+
+def test_empty_api_token_is_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(mutate("api_token", ""), Path("."))
+    assert err.value.problems == ["api_token: is empty; remove the key to run without a token, or set one"]
+    with pytest.raises(ConfigError):
+        parse_config(mutate("api_token", "   "), Path("."))
+
+
+@pytest.mark.parametrize("host", ["10.0.1.333", "10.0.1", "1.2.3.4.5", "256.1.1.1"])
+def test_ipv4_lookalikes_are_not_host_names(host: str) -> None:
+    data = copy.deepcopy(BASE)
+    data["targets"]["sw"]["paths"] = [{"icmp": host}]
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, Path("."))
+    assert err.value.problems == [f"targets.sw.paths[0].host: {host!r} is not a valid IPv4 address"]
+
+
+def test_secret_files_are_regular_bounded_single_line(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big"
+    big.write_text("x" * (65 * 1024))
+    two = tmp_path / "two"
+    two.write_text("root:$6$abc:19000:0:99999:7:::\nuser:$6$def:19000:0:99999:7:::\n")
+    one = tmp_path / "one"
+    one.write_text("s3cret\n")
+    link = tmp_path / "link"
+    link.symlink_to(one)
+    cases = {
+        "/dev/zero": "is not a regular file",
+        str(fifo): "is not a regular file",
+        str(tmp_path): "IsADirectoryError",
+        str(big): "is larger than 64 KiB",
+        str(two): "holds more than one line",
+    }
+    for path, problem in cases.items():
+        data = copy.deepcopy(BASE)
+        data["notify"]["channels"][0] = {"name": "mail", "url_file": path, "tags": ["tier1"]}
+        done: list[ConfigError] = []
+
+        def parse(data: Any = data, done: list[ConfigError] = done) -> None:
+            try:
+                parse_config(data, tmp_path)
+            except ConfigError as exc:
+                done.append(exc)
+
+        worker = threading.Thread(target=parse, daemon=True)
+        worker.start()
+        worker.join(30)  # a FIFO used to block here for ever
+        assert done, f"{path}: no answer"
+        assert problem in done[0].problems[0], done[0].problems
+    data = copy.deepcopy(BASE)
+    data["notify"]["channels"][0] = {"name": "mail", "url_file": str(link), "tags": ["tier1"]}
+    cfg = parse_config(data, tmp_path)
+    secret = cfg.notify.channels[0].secret("url")
+    assert secret is not None and secret.get_secret_value() == "s3cret"
+    # A file of communities is a list: many lines are its point.
+    data = copy.deepcopy(BASE)
+    communities = tmp_path / "communities"
+    communities.write_text("public1\npublic2\n")
+    data["traps"] = {"listen": "127.0.0.1:1162", "communities_file": str(communities)}
+    assert len(parse_config(data, tmp_path).traps.community_list()) == 2  # type: ignore[union-attr]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from watchtower.engine.correlate import (
+    SETTLE,
     BmcFacts,
     Cause,
     PathView,
@@ -19,7 +21,7 @@ from watchtower.engine.correlate import (
     own_state,
 )
 from watchtower.engine.paths import PathState
-from watchtower.engine.topology import Node, Topology
+from watchtower.engine.topology import NetworkInfo, Node, Topology
 
 UP, DOWN, UNK = PathState.UP, PathState.DOWN, PathState.UNKNOWN
 
@@ -257,3 +259,246 @@ def test_a_single_vm_failure_never_yields_a_hypervisor_verdict(site: tuple[Topol
         if node.role == "vm":
             c = correlate_site(topo, {name}, True)
             assert [(v.scope, v.root) for v in c.verdicts] == [(Scope.VM, name)]
+
+
+def test_a_critical_path_down_takes_the_target_down_alone() -> None:
+    up = PathView("tcp 10.0.0.5:443", "tcp", "tcp 10.0.0.5:443", PathState.UP)
+    icmp = PathView("icmp 10.0.0.5", "icmp", "icmp 10.0.0.5", PathState.UP)
+    login = PathView("http https://erp1/login", "http", "http erp1", PathState.DOWN)
+    assert own_state([up, icmp, login], 2) is TargetState.DEGRADED
+    critical = PathView("http https://erp1/login", "http", "http erp1", PathState.DOWN, critical=True)
+    assert own_state([up, icmp, critical], 2) is TargetState.DOWN
+    assert own_state([up, icmp, replace(critical, state=PathState.UP)], 2) is TargetState.UP
+
+
+# --------------------------------------------------------------------------- networks and partitions
+
+NETS = (NetworkInfo("prod", ("sw",), "production"), NetworkInfo("mgmt", (), "management"))
+PNODES = [
+    Node("sw", "network"),
+    Node("pve1", "hypervisor", parents=("sw",), has_bmc=True),
+    Node("pve2", "hypervisor", parents=("sw",), has_bmc=True),
+    Node("nas", "storage", parents=("sw",)),
+    Node("dc1", "vm", parents=("pve1",), storage=("nas",)),
+    Node("erp1", "vm", parents=("pve2",), storage=("nas",)),
+]
+PSITE = Topology.build("acme", PNODES, NETS)
+INFERRED = Topology.build("acme", PNODES)  # no networks: configured; the prefixes say the same
+# Each target's paths: (name, kind, network, address); the last octet is the host's.
+HOSTS = {"sw": 2, "pve1": 11, "pve2": 12, "nas": 5, "dc1": 21, "erp1": 23}
+PATHS = {
+    "sw": [("prod", "icmp", "prod"), ("mgmt", "icmp", "mgmt")],
+    "pve1": [("prod", "icmp", "prod"), ("mgmt", "icmp", "mgmt"), ("http", "http", "prod")],
+    "pve2": [("prod", "icmp", "prod"), ("mgmt", "icmp", "mgmt"), ("http", "http", "prod")],
+    "nas": [("prod", "icmp", "prod"), ("mgmt", "icmp", "mgmt"), ("iscsi", "tcp", "prod")],
+    "dc1": [("icmp", "icmp", "prod"), ("ldap", "tcp", "prod")],
+    "erp1": [("icmp", "icmp", "prod"), ("http", "http", "prod")],
+}
+PREFIX = {"prod": "10.0.1", "mgmt": "10.0.2"}
+ON = BmcFacts(True, power_on=True)
+
+
+def pview(dark: dict[str, set[str]], configured: bool = True) -> dict[str, list[PathView]]:
+    """Every path up but those of a target on a network listed for it in ``dark``."""
+    out: dict[str, list[PathView]] = {}
+    for target, specs in PATHS.items():
+        out[target] = []
+        for name, kind, net in specs:
+            address = f"{PREFIX[net]}.{HOSTS[target]}"
+            state = DOWN if net in dark.get(target, set()) else UP
+            out[target].append(
+                PathView(name, kind, f"{kind} {address}", state, "no answer" if state is DOWN else "",
+                         since=5.0 if state is DOWN else None, network=net if configured else None,
+                         address=address)
+            )  # fmt: skip
+    return out
+
+
+def prc(dark: dict[str, set[str]], bmc: dict[str, BmcFacts] | None = None, configured: bool = True):
+    topo = PSITE if configured else INFERRED
+    return correlate(topo, pview(dark, configured), bmc or {}, [], now=10.0)
+
+
+EVERYTHING_PROD = {t: {"prod"} for t in PATHS}
+
+
+@pytest.mark.parametrize("configured", [True, False])
+def test_production_dark_management_alive_is_one_network_verdict(configured: bool) -> None:
+    c = prc(EVERYTHING_PROD, {"pve1": ON, "pve2": ON}, configured)
+    v = only(c.verdicts)
+    assert (v.scope, v.root, v.cause) == (Scope.NETWORK, "sw", Cause.PARTITION)
+    assert v.affected == ("pve1", "pve2", "nas", "dc1", "erp1")
+    assert v.since == 5.0
+    if configured:
+        assert v.evidence[0] == (
+            "production network via sw: 5 hosts unreachable on it, 3 alive on management (pve1, pve2, nas)"
+        )
+    else:
+        assert v.evidence[0] == (
+            "network 10.0.1.0/24 via sw: 5 hosts unreachable on it, 3 alive on 10.0.2.0/24 (pve1, pve2, "
+            "nas) (inferred from addresses)"
+        )
+        assert "networks: {NAME: {cidr: [10.0.1.0/24], via: [sw]}}" in v.evidence[1]
+    assert "pve1: no answer on prod, http; answers on " in " ".join(v.evidence)
+    assert c.states["sw"] is TargetState.DEGRADED  # its management address answers
+    assert {c.states[t] for t in v.affected} == {TargetState.UNREACHABLE}
+    assert not any(x.cause is Cause.OS_UNRESPONSIVE for x in c.verdicts)
+
+
+def test_switch_dead_on_every_network_is_its_own_cause_not_a_partition() -> None:
+    dark = {**EVERYTHING_PROD, "sw": {"prod", "mgmt"}}
+    v = only(prc(dark).verdicts)
+    assert (v.scope, v.root, v.cause) == (Scope.NETWORK, "sw", None)
+    assert v.evidence[0].startswith("production network via sw: 5 hosts unreachable on it")
+
+
+@pytest.mark.parametrize(
+    ("configured", "link"), [(True, "production link down"), (False, "10.0.1.0/24 link down")]
+)
+def test_production_nic_of_one_hypervisor(configured: bool, link: str) -> None:
+    c = prc({"pve1": {"prod"}, "dc1": {"prod"}}, {"pve1": ON}, configured)
+    v = only(c.verdicts)
+    assert (v.scope, v.root, v.cause, v.affected) == (Scope.HYPERVISOR, "pve1", Cause.LINK_DOWN, ("dc1",))
+    assert v.evidence[0].startswith(f"{link}: pve1 silent on it (prod, http), its OS answers on ")
+    assert "BMC: chassis on" in v.evidence
+    assert c.states["pve1"] is TargetState.DEGRADED  # alive: not down
+    assert c.states["dc1"] is TargetState.UNREACHABLE
+
+
+def test_real_os_hang_stays_os_unresponsive() -> None:
+    c = prc({"pve1": {"prod", "mgmt"}, "dc1": {"prod"}}, {"pve1": ON})
+    v = only(c.verdicts)
+    assert (v.scope, v.root, v.cause, v.affected) == (
+        Scope.HYPERVISOR, "pve1", Cause.OS_UNRESPONSIVE, ("dc1",)
+    )  # fmt: skip
+    assert c.states["pve1"] is TargetState.DOWN
+
+
+@pytest.mark.parametrize(
+    ("facts", "cause", "note"),
+    [
+        (
+            BmcFacts(True, power_on=False),
+            None,
+            "contradictory: BMC says chassis off, but mgmt answers: no cause",
+        ),
+        (BmcFacts(False), Cause.LINK_DOWN, None),  # the BMC being away says nothing against the link
+        (None, Cause.LINK_DOWN, None),
+        (BmcFacts(True, True, ("PS1 failure",)), Cause.LINK_DOWN, None),
+    ],
+)
+def test_link_down_cause_against_the_bmc(
+    facts: BmcFacts | None, cause: Cause | None, note: str | None
+) -> None:
+    v = only(prc({"pve1": {"prod"}, "dc1": {"prod"}}, {"pve1": facts} if facts else {}).verdicts)
+    assert v.cause is cause
+    assert (note in v.evidence) if note else not any(e.startswith("contradictory") for e in v.evidence)
+
+
+def test_service_down_on_an_answering_host_is_never_os_unresponsive() -> None:
+    # pve1 answers ping on prod and mgmt, its web UI and ssh do not: its services, not its link.
+    view = pview({})
+    view["pve1"][2] = PathView(
+        "http", "http", "http 10.0.1.11", DOWN, "503", network="prod", address="10.0.1.11"
+    )
+    view["pve1"].append(
+        PathView("ssh", "tcp", "tcp 10.0.1.11:22", DOWN, "refused", network="prod", address="10.0.1.11")
+    )
+    c = correlate(PSITE, view, {"pve1": ON}, [], 0.0)
+    v = only(c.verdicts)  # two witnesses down on prod, its prod ping answers: not a link, not hung
+    assert (v.root, v.cause) == ("pve1", None)
+    assert "not hung: BMC says chassis on and prod, mgmt answers" in v.evidence
+
+
+def test_partition_and_a_dead_hypervisor_at_once_are_two_verdicts() -> None:
+    dark = {**EVERYTHING_PROD, "pve2": {"prod", "mgmt"}}
+    c = prc(dark, {"pve2": BmcFacts(True, power_on=False)})
+    got = {(v.scope, v.root, v.cause) for v in c.verdicts}
+    assert got == {(Scope.NETWORK, "sw", Cause.PARTITION), (Scope.HYPERVISOR, "pve2", Cause.POWER_OFF)}
+
+
+def test_management_network_down_alone_is_one_network_verdict() -> None:
+    c = prc({t: {"mgmt"} for t in ("sw", "pve1", "pve2", "nas")})
+    v = only(c.verdicts)
+    assert (v.scope, v.root, v.cause) == (Scope.NETWORK, "mgmt", Cause.PARTITION)
+    assert v.evidence[0] == "management network: 4 hosts unreachable on it, all alive on production"
+    assert c.states["pve1"] is TargetState.DEGRADED
+
+
+def test_one_network_with_a_host_still_answering_is_not_down() -> None:
+    dark = {t: {"prod"} for t in PATHS if t != "nas"}
+    c = prc(dark)
+    assert all(v.cause is not Cause.PARTITION for v in c.verdicts)
+
+
+# Properties over random per-path failures and BMC readings on the partition site.
+path_keys = [(t, i) for t, specs in PATHS.items() for i in range(len(specs))]
+facts_st = st.one_of(
+    st.none(),
+    st.builds(BmcFacts, st.booleans(), st.sampled_from([None, True, False]), st.sampled_from([(), ("PSU",)])),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sets(st.sampled_from(path_keys)),
+    st.fixed_dictionaries({"pve1": facts_st, "pve2": facts_st}),
+    st.booleans(),
+)
+def test_properties_of_path_level_correlation(
+    down: set[tuple[str, int]], facts: dict[str, BmcFacts | None], configured: bool
+) -> None:
+    view = pview({}, configured)
+    for t, i in down:
+        view[t][i] = replace(view[t][i], state=DOWN)
+    bmc = {k: f for k, f in facts.items() if f is not None}
+    c = correlate(PSITE if configured else INFERRED, view, bmc, [], 1000.0)  # nothing settling
+    own_down = {t for t, s in c.own.items() if s is TargetState.DOWN}
+    members = [m for v in c.verdicts for m in (v.root, *v.affected)]
+    assert len(members) == len(set(members))  # nobody in two verdicts
+    assert own_down <= set(members)  # every down target is explained by one
+    for v in c.verdicts:
+        up_os = [p for p in view.get(v.root, []) if p.state is UP and not p.by_bmc]
+        if up_os:  # answers on a path its OS serves: never hung, never off
+            assert v.cause not in (Cause.OS_UNRESPONSIVE, Cause.POWER_OFF), v
+        if v.cause is Cause.PARTITION:
+            assert v.scope is Scope.NETWORK and " unreachable on it, " in v.evidence[0]
+    for t in PATHS:
+        nets_up = {p.network or p.address for p in view[t] if p.state is UP}
+        nets_down = {p.network or p.address for p in view[t] if p.state is DOWN}
+        if configured and nets_up - nets_down and t != "sw":
+            assert c.states[t] is not TargetState.DOWN, (t, c)
+
+
+def test_one_host_dark_on_a_moving_network_waits_for_it_to_settle() -> None:
+    # pve1 is confirmed dark on prod first; pve2's prod ping has failed once (not down yet): this
+    # may be the switch going, not pve1's link. Bounded: SETTLE after that first failure, it is.
+    view = pview({"pve1": {"prod"}, "dc1": {"prod"}})
+    view["pve2"][0] = replace(view["pve2"][0], since=100.0)  # failing, still up
+    c = correlate(PSITE, view, {}, [], now=101.0)
+    assert c.verdicts == ()
+    assert c.states["pve1"] is TargetState.DEGRADED and c.states["dc1"] is TargetState.UNREACHABLE
+    later = correlate(PSITE, view, {}, [], now=100.0 + SETTLE)
+    assert [(v.root, v.cause) for v in later.verdicts] == [("pve1", Cause.LINK_DOWN)]
+    # a neighbour's path that changed state recently counts the same (a network coming back)
+    view["pve2"][0] = replace(view["pve2"][0], since=None, changed_at=100.0)
+    assert correlate(PSITE, view, {}, [], now=105.0).verdicts == ()
+    # the management network moving says nothing about the production link
+    view["pve2"][0] = replace(view["pve2"][0], changed_at=None)
+    view["pve2"][1] = replace(view["pve2"][1], changed_at=100.0)
+    assert [v.root for v in correlate(PSITE, view, {}, [], now=105.0).verdicts] == ["pve1"]
+
+
+def test_a_vm_waits_while_its_hypervisor_goes_dark_on_its_network() -> None:
+    # dc1 confirmed dark on prod; pve1's prod ping went down 2 s ago, its web UI not yet: pve1 is
+    # not down, but it may be its link. No page for dc1 before that is settled (bounded).
+    view = pview({"pve1": {"prod"}, "dc1": {"prod"}})
+    view["pve1"][2] = replace(view["pve1"][2], state=UP, since=None)  # http: still answering
+    view["pve1"][0] = replace(view["pve1"][0], since=100.0)
+    assert correlate(PSITE, view, {}, [], now=102.0).verdicts == ()
+    late = correlate(PSITE, view, {}, [], now=100.0 + SETTLE)
+    assert [(v.scope, v.root) for v in late.verdicts] == [(Scope.VM, "dc1")]
+    # a parent failing on another network explains nothing
+    view["pve1"][0] = replace(view["pve1"][0], state=UP, since=None)
+    view["pve1"][1] = replace(view["pve1"][1], state=DOWN, since=100.0)
+    assert [v.root for v in correlate(PSITE, view, {}, [], now=102.0).verdicts] == ["dc1"]

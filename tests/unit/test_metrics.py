@@ -93,10 +93,10 @@ async def test_cache_renders_once_for_scrapes_close_together() -> None:
     cache = metrics.MetricsCache()
     taken = 0
 
-    def snap() -> Snapshot:
+    def snap() -> metrics.RenderArgs:
         nonlocal taken
         taken += 1
-        return snapshot(n=20000)
+        return snapshot(n=20000), None, (), None
 
     bodies = await asyncio.gather(*(cache.body(snap, False) for _ in range(5)))
     assert taken == 1 and cache.renders == 1 and len(set(bodies)) == 1

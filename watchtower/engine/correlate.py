@@ -14,13 +14,26 @@ The rules, in the order an admin reasons:
   ancestor's verdict (a VM behind a dead hypervisor behind a dead switch: the switch's).
 - **storage**: a down target whose storage target is down belongs to the storage verdict (it is
   ``down``, not ``unreachable``: its disks, not its network, failed).
+- **networks** (:func:`network_outages`): when every target on one network is dark there while
+  some of them still answer on another, the network failed, not the hosts: one ``network``
+  verdict named after the network and its device (``partition``), the hosts ``unreachable``.
+  Networks come from ``networks:``; without it they are inferred from address prefixes (/24,
+  /64) and the verdict says so.
+- **alive elsewhere**: a down target whose own OS still answers on another network is not dead:
+  its link to the silent network is (``link_down``, state ``degraded``), whatever the BMC says.
+  A host that answers on any path its OS serves is never ``os_unresponsive``; a BMC that says the
+  chassis is off while the OS answers contradicts itself, and gets no cause at all.
 - every remaining down target is a **root**; the verdict's scope is the root's role
   (network, hypervisor, storage, vm, service) and its cause comes from the root's BMC.
+
+Every cause comes with the evidence that makes it: the first evidence line of a ``partition`` or
+``link_down`` verdict is the sentence an alert shows.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +56,13 @@ class Scope(enum.StrEnum):
     VM = "vm"
     SERVICE = "service"
     MONITOR = "monitor"
+    # Warnings, not outages (issue 16): raised and cleared by their source through
+    # IncidentTracker.raise_warning/clear_warning, never by correlation; routed by notify.warnings.
+    BACKUP = "backup"
+    CERTIFICATE = "certificate"
+
+
+WARNING_SCOPES = frozenset({Scope.BACKUP, Scope.CERTIFICATE})
 
 
 class Cause(enum.StrEnum):
@@ -50,6 +70,8 @@ class Cause(enum.StrEnum):
     HARDWARE_FAULT = "hardware_fault"
     OS_UNRESPONSIVE = "os_unresponsive"
     BMC_UNREACHABLE = "bmc_unreachable"
+    PARTITION = "partition"  # a network is dark while another still reaches its hosts
+    LINK_DOWN = "link_down"  # one host is dark on a network, its OS answers on another
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +84,18 @@ class PathView:
     state: PathState
     detail: str = ""
     since: float | None = None  # first failure of the current failing streak
+    network: str | None = None  # the configured network it crosses
+    address: str = ""  # what it talks to: where a network is inferred from when none is configured
+    by_bmc: bool = False  # answered by the target's BMC, not its own OS: no sign of the OS's life
+    changed_at: float | None = None  # its last change of state
+    last_ok: float | None = None  # its last success
+    critical: bool = False  # `critical: true`: down alone takes the target down
+
+
+# One host dark on a network waits this long after that network last moved (a path of another
+# host on it failing, going down or coming back): a switch dying, or coming back, takes its
+# hosts one probe at a time, and the first one confirmed is not a link of its own.
+SETTLE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +143,9 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
         return TargetState.UNKNOWN
     down = sum(1 for states in witnesses.values() if all(s is PathState.DOWN for s in states))
     up = sum(1 for states in witnesses.values() if any(s is PathState.UP for s in states))
-    if down >= min(confirm_paths, len(witnesses)):
+    if down >= min(confirm_paths, len(witnesses)) or any(
+        p.critical and p.state is PathState.DOWN for p in paths
+    ):
         return TargetState.DOWN
     if down and up:
         return TargetState.DEGRADED
@@ -134,6 +170,172 @@ def bmc_cause(facts: BmcFacts | None) -> Cause | None:
     return None
 
 
+def inferred_network(address: str) -> str | None:
+    """The prefix an address is assumed to share with its network neighbours when no
+    ``networks:`` are configured: /24 for IPv4, /64 for IPv6; None for a host name."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    return str(ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 64}", strict=False))
+
+
+def network_key(topology: Topology, path: PathView) -> str | None:
+    """The network a path crosses: configured, or inferred from its address when none is."""
+    return path.network if topology.networks else inferred_network(path.address)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkOutage:
+    """One network dark while other networks still reach some of its hosts."""
+
+    network: str  # configured name, or the inferred prefix
+    root: str  # the device named after it (first ``via``, or the inferred switch), else ``network``
+    dark: tuple[str, ...]  # targets dark on it, in topology order (root included when it is one)
+    alive: Mapping[str, tuple[str, ...]]  # dark target -> networks its OS still answers on
+    inferred: bool
+    title: str  # "production network via core-sw1"
+    since: float | None
+
+    def summary(self, label: Mapping[str, str]) -> str:
+        """``production network via core-sw1: 9 hosts unreachable on it, all alive on mgmt``."""
+        hosts = [t for t in self.dark if t != self.root]
+        alive = [t for t in hosts if t in self.alive]
+        where = sorted({label.get(n, n) for t in alive for n in self.alive[t]})
+        text = f"{self.title}: {len(hosts)} host{'s' if len(hosts) != 1 else ''} unreachable on it, "
+        if len(alive) == len(hosts):
+            text += f"all alive on {'+'.join(where)}"
+        else:
+            shown = ", ".join(alive[:4]) + (f", +{len(alive) - 4}" if len(alive) > 4 else "")
+            text += f"{len(alive)} alive on {'+'.join(where)} ({shown})"
+        if self.inferred:
+            text += " (inferred from addresses)"
+        return text
+
+
+def _paths_by_network(
+    topology: Topology, paths: Mapping[str, Sequence[PathView]]
+) -> dict[str, dict[str, list[PathView]]]:
+    out: dict[str, dict[str, list[PathView]]] = {}
+    for target in topology.order:
+        for p in paths.get(target, ()):
+            key = network_key(topology, p)
+            if key is not None:
+                out.setdefault(key, {}).setdefault(target, []).append(p)
+    return out
+
+
+def os_answering(paths: Sequence[PathView]) -> list[PathView]:
+    """The target's paths its own OS answers on *since this outage began*: a slow path still "up"
+    from before, its probe in flight, is no sign of life (a host whose chassis just went off)."""
+    onset = min((p.since for p in paths if p.state is PathState.DOWN and p.since is not None), default=None)
+    return [
+        p
+        for p in paths
+        if p.state is PathState.UP
+        and not p.by_bmc
+        and (onset is None or p.last_ok is None or p.last_ok >= onset)
+    ]
+
+
+def _alive_on(topology: Topology, paths: Sequence[PathView], besides: set[str | None]) -> tuple[str, ...]:
+    """Networks (other than ``besides``) on which the target's own OS answers."""
+    nets = {network_key(topology, p) for p in os_answering(paths)}
+    return tuple(sorted(n for n in nets - besides if n is not None))
+
+
+def _dark(p: PathView) -> bool:
+    """Down and still failing: a down path that answered again (coming back, ``since`` cleared) is
+    no evidence that its network is dark now."""
+    return p.state is PathState.DOWN and p.since is not None
+
+
+def network_outages(
+    topology: Topology,
+    paths: Mapping[str, Sequence[PathView]],
+    own: Mapping[str, TargetState],
+    bmc: Mapping[str, BmcFacts] | None = None,
+) -> tuple[NetworkOutage, ...]:
+    """Networks whose every target is dark on them (at least two) while at least one of those
+    still answers on another network. A network with one target up on it is not down; a host
+    whose BMC says its chassis is off is dark for its own reason, not the network's."""
+    off = {t for t, f in (bmc or {}).items() if f.reachable and (f.power_on is False or f.critical_events)}
+    outages: list[NetworkOutage] = []
+    for key, members in _paths_by_network(topology, paths).items():
+        dark = [t for t, ps in members.items() if t not in off and all(_dark(p) for p in ps)]
+        if len(dark) < 2 or any(any(p.state is PathState.UP for p in ps) for ps in members.values()):
+            continue
+        alive = {t: nets for t in dark if (nets := _alive_on(topology, paths.get(t, ()), {key}))}
+        if not alive:
+            continue  # nothing answers anywhere: the targets (or their switch) are down, not a network
+        since = min((p.since for t in dark for p in members[t] if p.since is not None), default=None)
+        net = topology.networks.get(key)
+        if net is not None:
+            root = net.via[0] if net.via else key
+            outages.append(NetworkOutage(key, root, tuple(dark), alive, False, net.title, since))
+            continue
+        # Inferred: name it after the network device every dark target depends on (the nearest
+        # one), when that device is dark or down too.
+        common = [
+            t
+            for t in topology.order
+            if topology.nodes[t].role == "network"
+            and (t in dark or own.get(t) is TargetState.DOWN)
+            and all(t == d or t in topology.upstream(d) for d in dark)
+        ]
+        root = common[-1] if common else key
+        title = f"network {key}" + (f" via {root}" if common else "")
+        outages.append(NetworkOutage(key, root, tuple(dark), alive, True, title, since))
+    return tuple(outages)
+
+
+def _settling(
+    topology: Topology, paths: Mapping[str, Sequence[PathView]], host: str, nets: set[str | None], now: float
+) -> bool:
+    """Another host's path on ``nets`` failing but not yet down, or changed state within SETTLE."""
+    for target, views in paths.items():
+        if target == host:
+            continue
+        for p in views:
+            if network_key(topology, p) not in nets:
+                continue
+            if p.state is not PathState.DOWN and p.since is not None and now - p.since < SETTLE:
+                return True
+            if p.changed_at is not None and now - p.changed_at < SETTLE:
+                return True
+    return False
+
+
+def _parent_going_dark(
+    topology: Topology,
+    paths: Mapping[str, Sequence[PathView]],
+    parents: Sequence[str],
+    down: Sequence[PathView],
+    now: float,
+) -> bool:
+    """A parent (not down itself) has a path down, failing since less than SETTLE, on every
+    network ``down`` is on: a VM dark on production while its hypervisor's production ping has
+    just gone down (its web UI's probe still in flight) may be that hypervisor's link, confirmed a
+    probe later; a page for the VM first would name the wrong root. (A parent only failing, not
+    yet down, is the monitor's hold.)"""
+    nets = {network_key(topology, p) for p in down}
+    if not nets or None in nets:
+        return False
+    for parent in parents:
+        failing = {
+            network_key(topology, p)
+            for p in paths.get(parent, ())
+            if p.state is PathState.DOWN and p.since is not None and now - p.since < SETTLE and not p.by_bmc
+        }
+        if nets <= failing:
+            return True
+    return False
+
+
+def _labels(topology: Topology) -> dict[str, str]:
+    return {name: net.label or name for name, net in topology.networks.items()}
+
+
 def correlate(
     topology: Topology,
     paths: Mapping[str, Sequence[PathView]],
@@ -141,9 +343,8 @@ def correlate(
     vantage: Sequence[PathView],
     now: float,
 ) -> Correlation:
-    """The site's target states and one verdict per independent outage. ``now`` is accepted so
-    that time-dependent rules stay inside this pure function; none needs it yet."""
-    del now
+    """The site's target states and one verdict per independent outage. ``now`` bounds how long
+    a host dark on a moving network waits (:data:`SETTLE`)."""
     own = {name: own_state(paths.get(name, ()), node.confirm_paths) for name, node in topology.nodes.items()}
     vantage_up = not vantage or any(p.state is not PathState.DOWN for p in vantage)
     if not vantage_up:
@@ -155,9 +356,28 @@ def correlate(
             own=own,
         )
 
-    failed = {name for name, state in own.items() if state is TargetState.DOWN}
+    labels = _labels(topology)
     states: dict[str, TargetState] = dict(own)
-    root_of: dict[str, str] = {}
+    # Network outages first: what they explain is no target's own failure.
+    outages: dict[str, NetworkOutage] = {}
+    for outage in network_outages(topology, paths, own, bmc):
+        outages.setdefault(outage.root, outage)  # two prefixes behind one switch: one verdict
+    dark_on: dict[str | None, str] = {o.network: o.root for o in outages.values()}
+    explained: dict[str, str] = {}  # target -> outage root
+    for name in topology.order:
+        if own[name] is not TargetState.DOWN or name in outages:
+            continue
+        down = {network_key(topology, p) for p in paths.get(name, ()) if p.state is PathState.DOWN}
+        if down and down <= dark_on.keys():
+            explained[name] = next(root for key, root in dark_on.items() if key in down)
+            states[name] = TargetState.UNREACHABLE
+
+    failed = {
+        name
+        for name, state in own.items()
+        if state is TargetState.DOWN and name not in explained and name not in outages
+    }
+    root_of: dict[str, str] = dict(explained)
 
     def find_root(name: str, trail: frozenset[str] = frozenset()) -> str:
         if name in root_of:
@@ -167,39 +387,110 @@ def correlate(
         # Parents first (network path), then storage; cycles are config errors, the trail is a
         # belt-and-braces guard so a bad topology can never hang the daemon.
         for parent in (*node.parents, *node.storage):
+            if parent in explained:
+                root = explained[parent]
+                break
+            if parent in outages and own[parent] is TargetState.DOWN:
+                root = parent  # the network's device is dead, not only dark on one network
+                break
             if parent in failed and parent not in trail:
                 root = find_root(parent, trail | {name})
                 break
         root_of[name] = root
         return root
 
-    affected: dict[str, list[str]] = {}
+    affected: dict[str, list[str]] = {root: [] for root in outages}
     for name in topology.order:
+        if name in explained:
+            affected[explained[name]].append(name)
+            continue
         if name not in failed:
+            # Dark on a failed network but answering enough elsewhere not to be down: listed
+            # with that network's outage (it is unreachable there), and no verdict of its own.
+            dark_in = next((o.root for o in outages.values() if name in o.dark and name != o.root), None)
+            if dark_in is not None and name not in outages:
+                affected[dark_in].append(name)
             continue
         root = find_root(name)
         if root == name:
             affected.setdefault(name, [])
             continue
         affected.setdefault(root, []).append(name)
-        if any(p in failed for p in topology.nodes[name].parents):
+        if any(p in failed or p in explained or p in outages for p in topology.nodes[name].parents):
             states[name] = TargetState.UNREACHABLE
 
     verdicts = []
+    for outage in outages.values():
+        node = topology.nodes.get(outage.root)
+        facts = bmc.get(outage.root)
+        if node is not None and own.get(outage.root) is TargetState.DOWN:
+            cause = bmc_cause(facts) if node.has_bmc else None  # the device itself is dead
+        else:
+            cause = Cause.PARTITION
+        evidence = [outage.summary(labels)]
+        if outage.inferred:
+            evidence.append(
+                f"inferred: no `networks:` configured; to name it, add networks: {{NAME: {{cidr: "
+                f"[{outage.network}]{', via: [' + outage.root + ']' if node is not None else ''}}}}}"
+            )
+        listed = sorted(outage.dark, key=lambda t: (t != outage.root, t not in outage.alive))
+        for t in listed[:8]:
+            silent = [p.name for p in paths.get(t, ()) if network_key(topology, p) == outage.network]
+            alive = outage.alive.get(t)
+            evidence.append(
+                f"{t}: no answer on {', '.join(silent)}"
+                + (f"; answers on {'+'.join(labels.get(n, n) for n in alive)}" if alive else "")
+            )
+        if facts is not None:
+            evidence.append(facts.summary())
+        ordered = [t for t in topology.order if t in affected[outage.root]]
+        verdicts.append(
+            Verdict(Scope.NETWORK, outage.root, cause, tuple(ordered), tuple(evidence), outage.since)
+        )
     for root in topology.order:
-        if root not in affected:
+        if root not in affected or root in outages:
             continue
         node = topology.nodes[root]
         facts = bmc.get(root)
-        down_paths = [p for p in paths.get(root, ()) if p.state is PathState.DOWN]
+        root_paths = paths.get(root, ())
+        down_paths = [p for p in root_paths if p.state is PathState.DOWN]
+        if _parent_going_dark(topology, paths, node.parents, down_paths, now):
+            continue  # its hypervisor or switch is going dark on the same network: wait for it
         evidence = [f"{p.name}: {p.detail}" for p in down_paths]
+        cause = bmc_cause(facts) if node.has_bmc else None
+        os_up = os_answering(root_paths)
+        if os_up:
+            down_nets = {network_key(topology, p) for p in down_paths}
+            alive = _alive_on(topology, root_paths, down_nets)
+            answering = ", ".join(p.name for p in os_up)
+            # Dark on a whole network, alive on another: a service down on an address that still
+            # pings is the service's failure, not the link's.
+            dark_there = not any(network_key(topology, p) in down_nets for p in os_up)
+            if alive and dark_there and None not in down_nets:
+                # Its OS answers on another network: the link to this one is what failed.
+                states[root] = TargetState.DEGRADED
+                if _settling(topology, paths, root, down_nets, now):
+                    continue  # the network is moving: maybe its outage, not this host's link
+                dark_nets = "+".join(sorted(labels.get(n, n) for n in down_nets if n is not None))
+                evidence.insert(
+                    0,
+                    f"{dark_nets} link down: {root} silent on it ({', '.join(p.name for p in down_paths)}), "
+                    f"its OS answers on {'+'.join(labels.get(n, n) for n in alive)} ({answering})",
+                )
+                cause = Cause.LINK_DOWN
+            if facts is not None and facts.reachable and facts.power_on is False:
+                evidence.append(f"contradictory: BMC says chassis off, but {answering} answers: no cause")
+                cause = None
+            elif cause is Cause.OS_UNRESPONSIVE:
+                evidence.append(f"not hung: BMC says chassis on and {answering} answers")
+                cause = None
         if facts is not None:
             evidence.append(facts.summary())
         verdicts.append(
             Verdict(
                 scope=Scope(node.role),
                 root=root,
-                cause=bmc_cause(facts) if node.has_bmc else None,
+                cause=cause,
                 affected=tuple(affected[root]),
                 evidence=tuple(evidence),
                 since=min((p.since for p in down_paths if p.since is not None), default=None),

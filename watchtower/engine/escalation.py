@@ -16,13 +16,15 @@ Step ids:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
+from watchtower import people
 from watchtower.config import Config, Notify
 from watchtower.durations import coarse, exact
-from watchtower.engine.correlate import Scope
-from watchtower.engine.incidents import Incident, IncidentState
+from watchtower.engine.correlate import WARNING_SCOPES, Scope
+from watchtower.engine.incidents import ALL_CLEAR_WATCH, Incident, IncidentState
+from watchtower.engine.maintenance import paging_start
 
 # Kinds a recipient counts as "notified" by: they get updates, acks and the all-clear.
 NOTIFYING_KINDS = ("page", "escalation")
@@ -62,7 +64,7 @@ def rto_clock(incident: Incident, config: Config) -> RtoClock | None:
 
 # A flapping incident's all-clear waits longer each time it failed again (60 s, 120 s, 240 s, ...),
 # up to this: a host bouncing every minute gets one page and one all-clear, not one per bounce.
-ALL_CLEAR_HOLD_MAX = 300.0
+ALL_CLEAR_HOLD_MAX = ALL_CLEAR_WATCH
 
 
 def all_clear_hold(incident: Incident, policy: Notify) -> float:
@@ -109,40 +111,67 @@ def due(
     now: float,
     fired: Collection[str],
     notified: Collection[str],
+    others: Sequence[Incident] = (),
+    muted: bool = False,
 ) -> list[DueStep]:
     """The steps owed to ``incident`` at ``now`` that have not fired yet.
 
     ``fired``: step ids already recorded for this incident; ``notified``: channels that got one
-    of its page/escalation messages. Returns steps in the order they should go out.
+    of its page/escalation messages; ``others``: the other open incidents (a step's
+    ``when.cause: [security]`` looks at them); ``muted``: the incident is in maintenance now (no
+    pages, escalations or updates; the ``after`` delays count from the end of its maintenance).
+    Returns steps in the order they should go out.
     """
     policy = config.notify
     out: list[DueStep] = []
     if incident.merged_into is not None:
         return out  # its story continues in the incident it was folded into
+    if incident.scope in WARNING_SCOPES:
+        from watchtower.engine.warning_steps import warning_due
+
+        return warning_due(incident, config, now, fired)
     acked = incident.state is IncidentState.ACKNOWLEDGED or incident.acknowledged_at is not None
     newly_notified: list[str] = []
+    start = paging_start(incident)
 
-    if incident.is_open:
+    if incident.is_open and not muted:
         clock = rto_clock(incident, config)
+        fall_at: float | None = None  # a step that reached nobody: the next one fires then
         for n, step in enumerate(policy.escalation):
             step_id = f"step{n}"
-            if step_id in fired or (step.unless == "acknowledged" and acked):
+            if not people.step_applies(step, incident, others):
                 continue
             if step.after is not None:
-                if now - incident.opened_at < step.after:
-                    continue
+                at: float | None = start + step.after
+            else:
+                assert step.rto_fraction is not None
+                at = None if clock is None else clock.started_at + step.rto_fraction * clock.rto
+            fell = fall_at is not None and (at is None or fall_at < at)
+            if fell:
+                at = fall_at
+            reach = people.step_reach(config, step, at) if at is not None else None
+            fall_at = at if reach is not None and reach.nobody else None
+            if step_id in fired or (step.unless == "acknowledged" and acked):
+                continue
+            if at is None or reach is None or now < at:
+                continue
+            if fell:
+                label = "nobody reachable at the previous step"
+            elif step.after is not None:
                 label = "first alert" if n == 0 else f"unacknowledged after {_span(step.after)}"
                 if step.unless is None and n:
                     label = f"open for {_span(step.after)}"
             else:
-                assert step.rto_fraction is not None
-                if clock is None or now - clock.started_at < step.rto_fraction * clock.rto:
-                    continue
+                assert clock is not None and step.rto_fraction is not None
                 label = (
                     f"{step.rto_fraction:.0%} of the {clock.service} RTO ({_span(clock.rto)}) used, "
                     f"{coarse(max(0.0, clock.left(now)))} left"
                 )
-            channels = channels_for(policy, step.notify)
+            if reach.contacts:
+                label += f" ({', '.join(reach.contacts)})"
+            elif reach.nobody:
+                label += f" (none of {', '.join(step.contacts)} available: next step at once)"
+            channels = channels_for(policy, reach.selectors)
             kind = "page" if not (set(notified) | set(newly_notified)) else "escalation"
             out.append(DueStep(step_id, kind, channels, label))
             newly_notified.extend(channels)
@@ -151,8 +180,8 @@ def due(
     if not everyone:
         return out
 
-    if incident.is_open and policy.update_every and incident.scope is not Scope.MONITOR:
-        k = int((now - incident.opened_at) // policy.update_every)
+    if incident.is_open and not muted and policy.update_every and incident.scope is not Scope.MONITOR:
+        k = int((now - start) // policy.update_every)
         if k >= 1 and f"update:{k}" not in fired:
             label = f"status after {_span(now - incident.opened_at)}"
             out.append(DueStep(f"update:{k}", "update", everyone, label))
@@ -168,7 +197,7 @@ def due(
     if (
         owes_all_clear(incident, policy, fired, everyone)
         and incident.resolved_at is not None
-        and now - incident.resolved_at >= all_clear_hold(incident, policy)
+        and now - max(incident.resolved_at, incident.quiet_since or 0.0) >= all_clear_hold(incident, policy)
     ):
         out.append(DueStep(f"resolve:{flaps}", "resolve", everyone, "all clear"))
     return out

@@ -25,7 +25,7 @@ from watchtower.engine.correlate import (
     TargetState,
     correlate,
 )
-from watchtower.engine.incidents import Change, Incident, IncidentTracker
+from watchtower.engine.incidents import HOLD_MAX, Change, Incident, IncidentTracker
 from watchtower.engine.paths import PathState, PathStatus
 from watchtower.engine.runner import run_probe
 from watchtower.engine.scheduler import BatchHook, BatchStart, Scheduler
@@ -45,9 +45,6 @@ from watchtower.probes.traps import TrapEvent, is_link_down, is_link_up
 log = logging.getLogger("watchtower.monitor")
 
 
-# A dependent's verdict waits at most this long for a suspect dependency to be confirmed or cleared
-# (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
-HOLD_MAX = 10.0
 CRITICAL_WINDOW = 3600.0  # a critical SEL entry explains an outage for this long after it is seen
 
 
@@ -99,7 +96,18 @@ class BmcState:
 def path_view(status: PathStatus) -> PathView:
     p = status.path
     return PathView(
-        p.name, p.kind, f"{p.kind} {p.spec.address}", status.state, status.detail, status.failing_since
+        p.name,
+        p.kind,
+        f"{p.kind} {p.spec.address}",
+        status.state,
+        status.evidence,
+        status.failing_since,
+        network=p.network,
+        address=p.host,
+        by_bmc=p.by_bmc,
+        changed_at=status.changed_at,
+        last_ok=status.last_ok,
+        critical=p.spec.critical,
     )
 
 
@@ -165,7 +173,6 @@ class Monitor:
         self.bmc: dict[str, BmcState] = {}
         self.topology = Topology.from_config(config)
         self._dirty = asyncio.Event()
-        self._holding: dict[str, float] = {}  # verdict root -> since when it is held back
         self._batch_starts: dict[tuple[BatchProbe, float], BatchStart] = {}
         # Set when incidents changed (opened, grew, acknowledged, resolved): the alerting looks then.
         self.incidents_changed = asyncio.Event()
@@ -391,7 +398,7 @@ class Monitor:
         log.info("trap event target=%s: %s", target, text)
         for incident in self.tracker.open_incidents():
             if target == incident.root or target in incident.affected:
-                incident.note(now, "trap", text)
+                self.tracker.annotate(incident.id, "trap", text, now)
 
     def _second_witness(self, status: PathStatus) -> None:
         """A path's first failure: probe the target's other paths, and the vantage, now. The
@@ -433,27 +440,19 @@ class Monitor:
             for s in self.target_paths(target)
         )
 
-    def _held(self, corr: Correlation, now: float) -> set[str]:
-        """Roots of verdicts to hold back for now: something they depend on is failing but not yet
-        confirmed, so this may be its outage (one incident named after it), not theirs. Bounded:
-        a dependency that stays suspect longer than HOLD_MAX (flapping) no longer holds anyone."""
-        held: set[str] = set()
-        # A hold belongs to one verdict while it lasts: a root whose verdict is gone (merged into
-        # its hypervisor's, or recovered) starts afresh next time. A stale start would make the
-        # next outage's hold look expired, and the page would name the VM again.
-        for stale in self._holding.keys() - {v.root for v in corr.verdicts}:
-            del self._holding[stale]
-        for verdict in corr.verdicts:
-            if verdict.scope is Scope.MONITOR:
-                continue
-            suspects = [u for u in self.topology.upstream(verdict.root) if self._suspect(u, corr, now)]
-            if not suspects:
-                self._holding.pop(verdict.root, None)
-                continue
-            since = self._holding.setdefault(verdict.root, now)
-            if now - since < max(HOLD_MAX, *(self._confirm_time(u) for u in suspects)):
-                held.add(verdict.root)
-        return held
+    def _awaiting_bmc(self, target: str, since: float | None) -> float | None:
+        """How long ``target``'s verdict may wait for its BMC, when the BMC has not answered (or
+        failed to) since the outage began: a reading from before says "chassis on" about a host
+        that has just lost power, and the page would call it hung."""
+        if since is None:
+            return None
+        bmc_paths = [s for s in self.target_paths(target) if s.path.is_bmc]
+        if not bmc_paths:
+            return None
+        bmc = self.bmc.get(target)
+        if bmc is not None and bmc.last_at is not None and bmc.last_at >= since:
+            return None
+        return max(s.path.timeout for s in bmc_paths) + 2.0
 
     def _confirm_time(self, target: str) -> float:
         """How long ``target``'s slowest path takes to confirm a failure (an http path with a 3 s
@@ -523,15 +522,32 @@ class Monitor:
                 log.info(
                     "target state target=%s state=%s was=%s paths_down=%r", name, state, was, down or "none"
                 )
-        if corr.vantage_up and self._vantage_suspect():
-            # Hold incident changes until the vantage settles: opening a network incident for a
-            # failure of the monitor's own uplink is exactly the false alarm to avoid.
-            return []
-        held = self._held(corr, now)
-        if held:
-            self._dirty.set()  # look again once the dependencies have settled
-            corr = replace(corr, verdicts=tuple(v for v in corr.verdicts if v.root not in held))
-        changes = self.tracker.step(corr, now, self.topology)
+        suspects = {
+            up: self._confirm_time(up)
+            for verdict in corr.verdicts
+            if verdict.scope is not Scope.MONITOR
+            for up in self.topology.upstream(verdict.root)
+            if self._suspect(up, corr, now)
+        }
+        for verdict in corr.verdicts:
+            wait = self._awaiting_bmc(verdict.root, verdict.since)
+            if wait is not None:
+                suspects[verdict.root] = wait
+        failing = {
+            target
+            for target, statuses in self._by_target.items()
+            if any(s.failures and not s.path.is_bmc for s in statuses)
+        }
+        changes = self.tracker.step(
+            corr,
+            now,
+            self.topology,
+            suspects=suspects,
+            vantage_settling=self._vantage_suspect(),
+            failing=failing,
+        )
+        if self.tracker.waiting:
+            self._dirty.set()  # look again once the dependencies (or the vantage) have settled
         if changes:
             self.incidents_changed.set()
         for change in changes:
@@ -562,6 +578,13 @@ class Monitor:
         for change in changes:
             log.info("incident id=%d change=%s: %s", incident.id, change.kind, change.text)
         return incident
+
+    def note(self, incident_id: int, kind: str, text: str, by: str) -> Incident:
+        changes = self.tracker.note(incident_id, kind, text, by, clock.now())
+        self.incidents_changed.set()
+        for change in changes:
+            log.info("incident id=%d change=%s kind=%s by=%s", incident_id, change.kind, kind, by)
+        return self.tracker.incidents[incident_id]
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -4,12 +4,17 @@
 target cannot be judged and is ``unreachable``. ``storage`` is where its disks live: when that is
 down, the target's failure belongs to the storage incident. Unknown names and cycles are
 rejected by the config loader, so a Topology is always a DAG.
+
+``networks`` (from ``networks:``) say which devices carry which network. A path depends on the
+devices of the network it crosses; a target whose paths all cross one network depends on that
+network's ``via`` devices, as if it named them in ``depends_on`` (a via device only on the ones
+before it in the chain). Correlation uses them to name a network incident after its device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from watchtower.config import Config
 
@@ -25,13 +30,29 @@ class Node:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkInfo:
+    """One configured network: what correlation needs of it."""
+
+    name: str
+    via: tuple[str, ...] = ()
+    label: str | None = None
+
+    @property
+    def title(self) -> str:
+        """How a message names it: ``production network via core-sw1``."""
+        named = f"{self.label} network" if self.label else f"network {self.name}"
+        return named + (f" via {', '.join(self.via)}" if self.via else "")
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     site: str
     nodes: Mapping[str, Node]
     order: tuple[str, ...]  # dependencies before dependents, then config order
+    networks: Mapping[str, NetworkInfo] = field(default_factory=dict)  # empty: inferred from addresses
 
     @classmethod
-    def build(cls, site: str, nodes: list[Node]) -> Topology:
+    def build(cls, site: str, nodes: list[Node], networks: Sequence[NetworkInfo] = ()) -> Topology:
         by_name = {n.name: n for n in nodes}
         order: list[str] = []
         seen: set[str] = set()
@@ -47,7 +68,7 @@ class Topology:
 
         for node in nodes:
             visit(node.name, frozenset())
-        return cls(site, by_name, tuple(order))
+        return cls(site, by_name, tuple(order), {n.name: n for n in networks})
 
     def upstream(self, name: str) -> tuple[str, ...]:
         """Everything ``name`` needs, transitively (parents and storage), nearest first."""
@@ -79,15 +100,28 @@ class Topology:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Topology:
-        nodes = [
-            Node(
-                name=name,
-                role=t.role,
-                parents=tuple(dict.fromkeys([*([t.runs_on] if t.runs_on else []), *t.depends_on])),
-                storage=tuple(t.storage),
-                confirm_paths=cfg.confirm_paths(name),
-                has_bmc=t.bmc is not None or any(p.kind in ("ipmi", "redfish") for p in t.paths),
+        networks = [NetworkInfo(name, tuple(net.via), net.label) for name, net in cfg.networks.items()]
+        on: dict[str, set[str | None]] = {}
+        for p in cfg.paths:
+            if not p.by_bmc:
+                on.setdefault(p.target, set()).add(p.network)
+        nodes = []
+        for name, t in cfg.targets.items():
+            carriers: list[str] = []
+            (only, *more) = on.get(name) or {None}
+            if only is not None and not more:
+                via = cfg.networks[only].via
+                carriers = via[: via.index(name)] if name in via else list(via)
+            nodes.append(
+                Node(
+                    name=name,
+                    role=t.role,
+                    parents=tuple(
+                        dict.fromkeys([*([t.runs_on] if t.runs_on else []), *t.depends_on, *carriers])
+                    ),
+                    storage=tuple(t.storage),
+                    confirm_paths=cfg.confirm_paths(name),
+                    has_bmc=t.bmc is not None or any(p.kind in ("ipmi", "redfish") for p in t.paths),
+                )
             )
-            for name, t in cfg.targets.items()
-        ]
-        return cls.build(cfg.site, nodes)
+        return cls.build(cfg.site, nodes, networks)

@@ -35,6 +35,7 @@ MODE_HELP = {
     "hang": "OS hung: every NIC drops all it receives, chassis stays ON, nothing in the SEL",
     "psufail": "BMC hosts: critical SEL record (PS1 failure detected), chassis OFF, links down",
     "bmcdown": "BMC hosts: the BMC's NIC down (BMC unreachable, host unaffected)",
+    "prodloss": "production side drops all it receives, the mgmt NIC (eth1) keeps answering",
 }
 """One line per break mode, for the epilogs of ``--help`` and ``break --help``."""
 

@@ -102,12 +102,13 @@ BREAK_MODES = (
     "hang",
     "psufail",
     "bmcdown",
+    "prodloss",
 )
 """Fault kinds :meth:`Lab.break_host` understands; :meth:`Lab.repair` undoes all of them."""
 
 BMC_MODES = ("psufail", "bmcdown")
 """Modes that only make sense for a host with a BMC (``bmc_address``)."""
-_NO_ARG_MODES = ("poweroff", "linkdown", "mgmtdown", "icmpdrop", "hang", "psufail", "bmcdown")
+_NO_ARG_MODES = ("poweroff", "linkdown", "mgmtdown", "icmpdrop", "hang", "psufail", "bmcdown", "prodloss")
 BMC_TOOLS = ("ipmi_sim", "sdrcomp", "ipmitool")  # Debian: openipmi (first two), ipmitool
 
 NFQUEUE_NUM = 7  # NFQUEUE numbers are per network namespace, so one fixed number is enough
@@ -652,6 +653,9 @@ class Lab:
         * ``psufail`` - BMC only: a critical SEL record "Power Supply PS1 Status: Failure detected"
           (and the PS1 sensor's failure bit), then chassis OFF and every link down;
         * ``bmcdown`` - BMC only: the BMC's NIC goes down (BMC unreachable, host unaffected).
+        * ``prodloss`` - the production side drops everything it receives (every NIC but the
+          management NIC ``eth1``, ARP too): a core switch that stops forwarding production while
+          its management address, and every host's management NIC, keep answering.
 
         For a host with a BMC, ``poweroff`` also switches the simulated chassis OFF (before the
         links go down, so a monitor never sees "down, chassis on" for a power loss).
@@ -678,6 +682,8 @@ class Lab:
                         run(["ip", "-n", ns, "link", "set", "dev", link["ifname"], "down"])
             elif mode == "hang":
                 self._hang(ns)
+            elif mode == "prodloss":
+                self._hang(ns, spare=("eth1",), table="wtprod")
             elif mode == "bmcdown":
                 run(["ip", "-n", self.spec.bmc_ns_name(h.name), "link", "set", "dev", "eth0", "down"])
             elif mode == "linkdown":
@@ -750,23 +756,29 @@ class Lab:
                     self._psu_failed(h, False)
                 self.bmc_files(h.name).set_power(True)
             tables = run(["ip", "netns", "exec", ns, "nft", "list", "tables"]).stdout
-            for fam, name in (("netdev", "wtloss"), ("inet", "wtfilter"), ("netdev", "wthang")):
+            for fam, name in (
+                ("netdev", "wtloss"),
+                ("inet", "wtfilter"),
+                ("netdev", "wthang"),
+                ("netdev", "wtprod"),
+            ):
                 if f"table {fam} {name}" in tables:
                     run(["ip", "netns", "exec", ns, "nft", "delete", "table", fam, name])
             for link in _ns_links(ns):
                 if "UP" not in link.get("flags", []):
                     run(["ip", "-n", ns, "link", "set", "dev", link["ifname"], "up"])
 
-    def _hang(self, ns: str) -> None:
-        """Every NIC of the namespace drops all it receives.  Ingress (netdev) rather than INPUT, so
-        ARP dies too and bridged VM traffic with it: a hung hypervisor forwards nothing.  ``br0``
-        is left out: its ports (eth0, the VMs' veths) already see every frame first."""
-        devices = [li["ifname"] for li in _ns_links(ns) if li["ifname"] not in ("lo", "br0")]
+    def _hang(self, ns: str, spare: tuple[str, ...] = (), table: str = "wthang") -> None:
+        """Every NIC of the namespace (but ``spare``) drops all it receives.  Ingress (netdev)
+        rather than INPUT, so ARP dies too and bridged VM traffic with it: a hung hypervisor
+        forwards nothing.  ``br0`` is left out: its ports (eth0, the VMs' veths) already see every
+        frame first."""
+        devices = [li["ifname"] for li in _ns_links(ns) if li["ifname"] not in ("lo", "br0", *spare)]
         chains = "".join(
             f'  chain in{i} {{ type filter hook ingress device "{dev}" priority 0; policy drop; }}\n'
             for i, dev in enumerate(devices)
         )
-        script = f"table netdev wthang\ndelete table netdev wthang\ntable netdev wthang {{\n{chains}}}\n"
+        script = f"table netdev {table}\ndelete table netdev {table}\ntable netdev {table} {{\n{chains}}}\n"
         run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script)
 
     def _psu_failed(self, h: LabHost, failed: bool) -> None:
@@ -901,6 +913,8 @@ class Lab:
             out.append("icmpdrop")
         if "table netdev wthang" in ruleset:
             out.append("hang")
+        if "table netdev wtprod" in ruleset:
+            out.append("prodloss")
         pid = _read_pid(self.run_dir / f"nfq-{h.name}.pid")
         if pid and _pid_alive(pid):
             args = _cmdline(pid).split("\0")

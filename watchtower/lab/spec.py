@@ -438,6 +438,50 @@ DEMO = LabSpec(
 """The demo site a shipped config file monitors.  Names and addresses are a contract."""
 
 
+PARTITION = LabSpec(
+    prefix="wtn",
+    prod_net="10.213.112.0/24",
+    mgmt_net="10.213.113.0/24",
+    hosts=(
+        # The core switch has a management address of its own (eth1 on the mgmt network), so it
+        # keeps answering there while its production side drops everything (`break core-sw1 prodloss`).
+        LabHost("core-sw1", ROLE_NETWORK, ("10.213.112.2",), mgmt_address="10.213.113.2"),
+        LabHost(
+            "pve1",
+            ROLE_HYPERVISOR,
+            ("10.213.112.11",),
+            mgmt_address="10.213.113.11",
+            http_ports=(8006,),
+            bmc_address="10.213.113.111",
+        ),
+        LabHost(
+            "pve2",
+            ROLE_HYPERVISOR,
+            ("10.213.112.12",),
+            mgmt_address="10.213.113.12",
+            http_ports=(8006,),
+            bmc_address="10.213.113.112",
+        ),
+        LabHost(
+            "nas1",
+            ROLE_STORAGE,
+            ("10.213.112.5",),
+            mgmt_address="10.213.113.5",
+            tcp_ports=(3260,),
+            http_ports=(5000,),
+        ),
+        LabHost("dc1", ROLE_VM, ("10.213.112.21",), parent="pve1", tcp_ports=(389,)),
+        LabHost("mail1", ROLE_VM, ("10.213.112.22",), parent="pve1", tcp_ports=(25,)),
+        LabHost("erp1", ROLE_VM, ("10.213.112.23",), parent="pve2", http_ports=(8080,)),
+        LabHost("files1", ROLE_VM, ("10.213.112.24",), parent="pve2", tcp_ports=(445,)),
+        LabHost("isp", ROLE_BULK, ("10.213.114.2/30",), tcp_ports=(53,), bulk_prefix="10.213.115.0/28"),
+    ),
+)
+"""The demo's shape with a management network every physical host (and the core switch) is on:
+for partitions, where production fails while management answers. Clear of the demo's and the
+tests' nets (10.213.112.0/22)."""
+
+
 def bulk_site(
     prefix: str = "wtb",
     n: int = 1,
@@ -475,5 +519,5 @@ def bulk_site(
     return LabSpec(prefix=prefix, prod_net=None, mgmt_net=None, hosts=hosts)
 
 
-SITES: dict[str, LabSpec] = {"demo": DEMO, "bulk": bulk_site()}
+SITES: dict[str, LabSpec] = {"demo": DEMO, "bulk": bulk_site(), "partition": PARTITION}
 """Named sites the CLI (``watchtower lab --site NAME``) knows."""

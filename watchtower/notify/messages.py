@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from watchtower.config import Channel, Config, Target
 from watchtower.durations import coarse
-from watchtower.engine.correlate import Cause, Scope
+from watchtower.engine.correlate import WARNING_SCOPES, Cause, Scope
 from watchtower.engine.escalation import outage_start, rto_clock
 from watchtower.engine.incidents import Incident, IncidentState
 from watchtower.engine.topology import Topology
@@ -61,18 +61,24 @@ _CAUSE_SHORT = {
     Cause.HARDWARE_FAULT: "hardware fault",
     Cause.OS_UNRESPONSIVE: "OS hung",
     Cause.BMC_UNREACHABLE: "BMC unreachable",
+    Cause.PARTITION: "partition",
+    Cause.LINK_DOWN: "link down",
 }
 _CAUSE_SMS = {
     Cause.POWER_OFF: "pwr off",
     Cause.HARDWARE_FAULT: "HW fault",
     Cause.OS_UNRESPONSIVE: "OS hung",
     Cause.BMC_UNREACHABLE: "BMC unreach",
+    Cause.PARTITION: "partition",
+    Cause.LINK_DOWN: "link down",
 }
 _CAUSE_LONG = {
     Cause.POWER_OFF: "BMC: chassis power is OFF",
     Cause.HARDWARE_FAULT: "BMC: hardware fault in the SEL",
     Cause.OS_UNRESPONSIVE: "BMC: chassis on, no hardware fault: OS hung or network stack dead",
     Cause.BMC_UNREACHABLE: "BMC not reachable either (power or management network?)",
+    Cause.PARTITION: "the network failed, not its hosts: they answer on another network",
+    Cause.LINK_DOWN: "its link to one network is down: its OS answers on another, it is not hung",
 }
 
 
@@ -140,11 +146,30 @@ def _cause(incident: Incident) -> Cause | None:
         return None
 
 
+def _explained(incident: Incident) -> tuple[str, str] | None:
+    """(subject, finding) of a ``partition`` or ``link_down`` incident, from the sentence the
+    correlation put first in its evidence: ``production network via core-sw1``, ``9 hosts
+    unreachable on it, all alive on mgmt``."""
+    if _cause(incident) not in (Cause.PARTITION, Cause.LINK_DOWN) or not incident.evidence:
+        return None
+    subject, _, finding = incident.evidence[0].partition(": ")
+    return _line(subject, 80), _line(finding, 160)
+
+
 def _cause_text(incident: Incident) -> str | None:
     cause = _cause(incident)
     if cause is None:
-        return "unknown (no BMC reading)" if incident.scope == Scope.HYPERVISOR else None
+        if incident.scope == Scope.HYPERVISOR:
+            contradiction = next(
+                (e for e in incident.evidence if e.startswith(("contradictory", "not hung"))), None
+            )
+            return f"unknown: {_line(contradiction, 160)}" if contradiction else "unknown (no BMC reading)"
+        return None
     text = _CAUSE_LONG[cause]
+    explained = _explained(incident)
+    if explained is not None:
+        subject, finding = explained
+        text = f"{subject}: {finding}: {text}" if cause is Cause.LINK_DOWN else f"{finding}: {text}"
     if cause is Cause.HARDWARE_FAULT:
         sel = _sel_texts(incident.evidence)
         if sel:
@@ -156,7 +181,7 @@ def _still_down(incident: Incident) -> list[str]:
     return [a for a in incident.affected if a not in incident.back]
 
 
-def _security_suspected(incident: Incident, others: Sequence[Incident]) -> bool:
+def security_suspected(incident: Incident, others: Sequence[Incident]) -> bool:
     """Several unrelated services (different roots) failing at once while their hosts answer."""
     roots = {
         i.root
@@ -166,7 +191,7 @@ def _security_suspected(incident: Incident, others: Sequence[Incident]) -> bool:
     return len(roots) >= 3
 
 
-def _hardware_suspected(incident: Incident) -> bool:
+def hardware_suspected(incident: Incident) -> bool:
     return incident.scope == Scope.STORAGE or incident.cause in (Cause.HARDWARE_FAULT, Cause.POWER_OFF)
 
 
@@ -236,13 +261,24 @@ def _fit_sms(head: str, optional: Sequence[str], tail: str = "", *, sep: str = "
 
 
 def _what(incident: Incident) -> str:
-    """``hypervisor pve1``, the words an incident is named by."""
+    """``hypervisor pve1``, the words an incident is named by (``production network via core-sw1``
+    for a network that failed while its hosts answer on another)."""
+    explained = _explained(incident)
+    if explained is not None and _cause(incident) is Cause.PARTITION:
+        return explained[0]
     return f"{incident.scope} {incident.root}"
 
 
 def _down_title(incident: Incident, behind: Sequence[str], state: str = "DOWN") -> str:
     cause = _cause(incident)
     cause_text = f" ({_CAUSE_SHORT[cause]})" if cause else ""
+    explained = _explained(incident)
+    if explained is not None and cause is Cause.PARTITION:
+        return f"{_what(incident)} {state}: {explained[1]}"
+    if explained is not None and cause is Cause.LINK_DOWN:
+        # not DOWN: it answers on another network
+        state = "UNREACHABLE" if state == "DOWN" else state
+        cause_text = f" ({explained[0]})"
     more = f", {len(incident.affected)} affected" if incident.affected else ""
     if _not_yet(incident, behind):
         more += f" ({len(behind)} depend on it)"
@@ -284,7 +320,8 @@ def _title(
         text = f"{n} FAILED AGAIN (flap {incident.flaps}): {_down_title(incident, behind)}"
     else:  # resolve
         end = incident.resolved_at if incident.resolved_at is not None else now
-        text = f"{n} RESOLVED: {incident.root} back after {_dur(end - outage_start(incident))}"
+        back = _what(incident) if _cause(incident) is Cause.PARTITION else incident.root
+        text = f"{n} RESOLVED: {back} back after {_dur(end - outage_start(incident))}"
         still = _still_down(incident)
         if still:
             text += f"; still down: {_names(still, 3)}"
@@ -331,7 +368,7 @@ def _steps(incident: Incident, config: Config, kind: str, others: Sequence[Incid
             "Alerts may not get out while it is blind: confirm over a second path (VPN, phone)",
         ]
     steps.append("No repair attempts before diagnosis")
-    if _security_suspected(incident, others):
+    if security_suspected(incident, others):
         steps.append(
             "Several unrelated services failing at once: consider a security incident (ransomware?): "
             "isolate, do not restore from backups yet"
@@ -346,11 +383,18 @@ def _steps(incident: Incident, config: Config, kind: str, others: Sequence[Incid
             steps.append("OS hung? Capture the console screen (panic, hung task) before any reset")
         elif incident.cause == Cause.BMC_UNREACHABLE:
             steps.append("Check power to the rack and the management network")
-    elif scope == Scope.NETWORK:
+    if incident.cause == Cause.LINK_DOWN:
+        steps.append(
+            f"{name} is alive (its OS answers on another network): do not reset it; check that NIC, "
+            "its cable and switch port, and the network's VLAN"
+        )
+    if scope == Scope.NETWORK and incident.cause == Cause.PARTITION:
+        steps.append("The hosts are alive (they answer on another network): do not reset or power-cycle them")
+    if scope == Scope.NETWORK:
         steps.append(f"Check the switch/uplink {name}: power, link LEDs, which ports are down")
         if incident.affected:
             steps.append("What is behind it is unreachable, not necessarily down: fix the path first")
-    elif scope == Scope.STORAGE:
+    elif scope == Scope.STORAGE and incident.cause != Cause.LINK_DOWN:
         steps.append("RAID: read first, swap no disk before the order is clear")
         if incident.affected:
             steps.append(f"VMs on it ({len(incident.affected)}) may have I/O errors or read-only disks")
@@ -360,18 +404,33 @@ def _steps(incident: Incident, config: Config, kind: str, others: Sequence[Incid
         steps.append(f"Check the VM {name} {where}: running, hung, disk full? Use the console")
     elif scope == Scope.SERVICE:
         steps.append(f"Check the service on {name}: process, logs, disk space; use the console")
-    if _hardware_suspected(incident):
-        vendor = []
-        if root is not None and root.service_tag:
-            vendor.append(f"service tag {_line(root.service_tag, 60)}")
-        if root is not None and root.vendor_contact:
-            vendor.append(f"vendor contact {_line(root.vendor_contact, 120)}")
+    vendor = []
+    if root is not None and root.service_tag:
+        vendor.append(f"service tag {_line(root.service_tag, 60)}")
+    if root is not None and root.vendor_contact:
+        vendor.append(f"vendor contact {_line(root.vendor_contact, 120)}")
+    if hardware_suspected(incident):
         case = (
             "open a vendor case: " + ", ".join(vendor)
             if vendor
             else f"open a vendor case (no service_tag set for {name})"
         )
         steps.append(f"Collect SEL and storage logs (SMART, RAID) before any swap; {case}")
+    elif scope in (Scope.HYPERVISOR, Scope.STORAGE):
+        # The number is needed at 3 a.m. whatever the cause turns out to be.
+        steps.append(
+            "Vendor: " + (", ".join(vendor) if vendor else f"no service_tag or vendor_contact set for {name}")
+        )
+    provider = config.providers.get(root.provider) if root is not None and root.provider else None
+    if provider is not None and root is not None and root.provider is not None:
+        fields = (("phone", provider.phone), ("contract", provider.contract), ("circuit", provider.circuit))
+        parts = [f"{k} {_line(v, 80)}" for k, v in fields if v]
+        if provider.response_sla is not None:
+            parts.append(f"response SLA {coarse(provider.response_sla)}")
+        who = _line(provider.name or root.provider, 60)
+        steps.append(
+            f"Call {who}" + (f": {', '.join(parts)}" if parts else "") + "; record their answer as a note"
+        )
     return steps
 
 
@@ -383,11 +442,16 @@ def incident_message(
     *,
     label: str = "",
     others: Sequence[Incident] = (),
+    checklist: Sequence[str] = (),
+    restore: Sequence[str] = (),
 ) -> Message:
     """The alert for one incident. ``kind``: page, escalation, update, ack, reopen, resolve;
-    ``label`` says why (escalation) or who (ack); ``others``: the site's other open incidents."""
+    ``label`` says why (escalation) or who (ack); ``others``: the site's other open incidents;
+    ``checklist``: the first-hour lines a status update carries."""
     if kind not in KINDS:
         raise ValueError(f"unknown message kind {kind!r}; one of {', '.join(KINDS)}")
+    if incident.scope in WARNING_SCOPES:
+        return warning_incident_message(kind, incident, config, now)
     # What needs the root: the first page goes out before all of it is confirmed down, so the texts
     # say how big the outage is from the topology too.
     behind = (
@@ -397,6 +461,11 @@ def incident_message(
     )
     title = _title(kind, incident, config, now, label, behind)
     body = _body(kind, incident, config, now, label, others, behind)
+    if kind == "update" and checklist:
+        body += "\nFirst hour:\n" + "\n".join(_line(c, 300) for c in checklist)
+    if restore and kind in ("page", "escalation", "update"):
+        # what a restore of each hit service loses now: the newest restore point against its RPO
+        body += "\n\nRestore points:\n" + "\n".join(f"- {_line(r, 300)}" for r in restore)
     sms = _sms(kind, incident, config, now, label, others, behind)
     return Message(title, body, sms)
 
@@ -564,13 +633,20 @@ def _sms(
         return _fit_sms(head, [], ack if kind != "ack" and incident.state == IncidentState.OPEN else "")
 
     down = " ".join(p for p in (scope, root, "DOWN", cause) if p)
+    explained = _explained(incident)
+    if explained is not None and found is Cause.PARTITION:
+        scope, root, cause = "", explained[0], ""
+        down = f"{explained[0]} DOWN: {explained[1]}"
+    elif explained is not None and found is Cause.LINK_DOWN:
+        cause = explained[0]
+        down = " ".join((scope, root, "UNREACH", cause))
     not_yet = _not_yet(incident, behind)
     if incident.affected or not_yet:
         of = f" of {len(behind)} behind" if not_yet else ""
         optional.append(f"{len(incident.affected)} aff{of}")
     if rto and kind != "resolve":
         optional.append(rto)
-    if kind in ("page", "escalation", "reopen", "update") and _security_suspected(incident, others):
+    if kind in ("page", "escalation", "reopen", "update") and security_suspected(incident, others):
         optional.append("SECURITY? isolate, no restore yet")
     tail = ack if incident.state == IncidentState.OPEN else ""
     if kind == "page":
@@ -599,7 +675,7 @@ def _sms(
         if rto:
             optional.append(rto)
         tail = ""
-    if kind not in ("ack", "resolve") and incident.evidence:
+    if kind not in ("ack", "resolve") and incident.evidence and found is not Cause.PARTITION:
         optional.append(incident.evidence[0])
     return _fit_sms(head, optional, tail)
 
@@ -621,6 +697,57 @@ def warning_message(text: str, config: Config, now: float) -> Message:
     title = _line(f"[watchtower {site}] WARNING: {text}", TITLE_MAX)
     sms = _fit_sms(f"WT {_cut(sms_text(config.site), 16)} WARN", [text], sep=": ")
     return Message(title, body, sms)
+
+
+def warning_incident_message(kind: str, incident: Incident, config: Config, now: float) -> Message:
+    """A ``backup`` or ``certificate`` warning: what is wrong and since when, no outage words."""
+    site = _line(config.site, 80)
+    what = _line(incident.evidence[0] if incident.evidence else incident.root, 300)
+    n = f"#{incident.id}"
+    if kind == "resolve":
+        last = incident.timeline[-1].text if incident.timeline else "cleared"
+        title = f"[watchtower {site}] {n} CLEARED {incident.scope} {incident.root}: {_line(last, 200)}"
+        body = [f"Cleared: {_line(last, 1000)}", f"Was: {what}"]
+        sms = _fit_sms(f"WT {_cut(sms_text(config.site), 16)} {n} OK {incident.scope}", [_line(last, 200)])
+    else:
+        title = f"[watchtower {site}] {n} WARNING {incident.scope}: {what}"
+        body = [f"Warning ({incident.scope}): {what}", *(f"- {_line(e, 300)}" for e in incident.evidence[1:])]
+        body.append("Not an outage: nothing is down. Sent within notify.warnings.hours only.")
+        sms = _fit_sms(f"WT {_cut(sms_text(config.site), 16)} {n} WARN {incident.scope}", [what], sep=": ")
+    body.append(f"Since {_hhmm(incident.opened_at, now)} UTC.")
+    if config.notify.status_url:
+        body.append(f"Status: {_line(config.notify.status_url, 300)}")
+    return Message(_line(title, TITLE_MAX), "\n".join(body), sms)
+
+
+def one_line(text: object, limit: int = _LINE_MAX) -> str:
+    """Text from outside (a config, a gateway's error) as one line of at most ``limit``."""
+    return _line(text, limit)
+
+
+def drill_message(
+    config: Config, contact: str, drill: int, url: str, token: str, *, sms: bool
+) -> tuple[str, str]:
+    """(title, body) of a contact's DRILL message; ``url`` and ``token`` are what the drill puts
+    in (placeholders: the link is filled in at delivery, never stored)."""
+    person = config.contacts[contact]
+    who = _line(person.name or contact, 80)
+    site = _line(config.site, 80)
+    if sms:
+        return "", _fit_sms(
+            f"DRILL {sms_text(config.site)[:16]}: alert-chain test, nothing is down.", [], f" Confirm: {url}"
+        )
+    role = f" ({_line(person.role, 60)})" if person.role else ""
+    body = "\n".join(
+        [
+            "DRILL - this is a test of the alert chain. Nothing is down; no incident is open.",
+            f"It checks that an alert reaches {who}{role} on this channel.",
+            f"Please confirm you got it (the link works once): {url}",
+            "(open it and press the button, or: curl -X POST that link)",
+            f"or on the watchtower box: watchtower drill confirm {drill} {token}",
+        ]
+    )
+    return f"[watchtower {site}] DRILL: alert-chain test for {who} (nothing is down)", body
 
 
 def test_message(config: Config, channel: str, now: float) -> Message:

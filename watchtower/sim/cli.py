@@ -38,6 +38,19 @@ def _one_seed(source: str, seed: int) -> tuple[int, Score]:
     return seed, run_script(config, random_script(config, seed), seed)
 
 
+def run_seeds(source: str, seeds: range, jobs: int) -> tuple[Totals, dict[int, Score], float]:
+    """Score every seed's random fault sequence on ``source`` (a config file, or ``@topology``)
+    in ``jobs`` processes. Returns the totals, each seed's score and the wall time."""
+    started = time.monotonic()
+    totals = Totals()
+    scores: dict[int, Score] = {}
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for seed, s in pool.map(_one_seed, [source] * len(seeds), seeds, chunksize=4):
+            totals.add(seed, s)
+            scores[seed] = s
+    return totals, scores, time.monotonic() - started
+
+
 def minimise(config: Config, events: list[FaultEvent], seed: int) -> list[FaultEvent]:
     """Drop whole faults (with their repairs and acks) while the run still fails."""
     groups = sorted({e.group for e in events})
@@ -71,15 +84,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
         return 2
     if args.script or args.seed is not None:
         return _single(config, args)
-    started = time.monotonic()
-    totals = Totals()
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    scores: dict[int, Score] = {}
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for seed, s in pool.map(_one_seed, [source] * len(seeds), seeds, chunksize=4):
-            totals.add(seed, s)
-            scores[seed] = s
-    elapsed = time.monotonic() - started
+    totals, scores, elapsed = run_seeds(
+        source, range(args.first_seed, args.first_seed + args.seeds), args.jobs
+    )
     if args.json:
         print(json.dumps({k: v for k, v in totals.rows()} | {"failing_seeds": totals.failing}, indent=2))
     else:

@@ -13,7 +13,9 @@ A script is a list of events, each at a time (seconds from the start of the run)
 Faults: ``power_off`` (the BMC says chassis off), ``psu_fail`` (power off and a critical SEL
 entry), ``hang`` (power on, OS dead), ``nic_down`` (one link; ``address`` or the target's first),
 ``loss`` (``pct``), ``icmp_drop`` (pings dropped, services answer: no outage), ``bmc_down``,
-``monitor_cut`` / ``monitor_restore``. ``repair`` undoes every
+``net_down`` / ``net_loss`` (``pct``) of a network device: it stops carrying one network
+(``network``: a ``networks:`` name, else the /24 of its first address) while it answers on the
+others, ``monitor_cut`` / ``monitor_restore``. ``repair`` undoes every
 fault of a target; ``forward_delay`` (a switch answering before its ports forward) and
 ``vm_delays`` / ``vm_delay`` (VMs booting after their hypervisor or NAS) stage the recovery.
 """
@@ -28,7 +30,7 @@ from typing import Any
 from watchtower.config import Config
 
 FAULTS = (
-    "power_off", "psu_fail", "hang", "nic_down", "loss", "icmp_drop", "bmc_down",
+    "power_off", "psu_fail", "hang", "nic_down", "loss", "icmp_drop", "bmc_down", "net_down", "net_loss",
     "monitor_cut", "monitor_restore",
 )  # fmt: skip
 
@@ -128,14 +130,20 @@ def random_script(config: Config, seed: int, *, span: float = 1500.0) -> list[Fa
                 ["power_off", "psu_fail", "hang", "nic_down", "bmc_down"], [30, 20, 25, 15, 10]
             )[0]
         elif role == "network":
-            fault = rng.choices(["hang", "loss"], [50, 50])[0]
+            fault = rng.choices(["hang", "loss", "net_down", "net_loss"], [35, 30, 25, 10])[0]
         else:
             fault = rng.choices(["power_off", "hang", "loss", "nic_down", "icmp_drop"], [30, 40, 15, 12, 3])[
                 0
             ]
         args: dict[str, Any] = {}
-        if fault == "loss":
+        if fault in ("loss", "net_loss"):
             args["pct"] = rng.choice([30, 60, 100, 100, 100])
+        if fault in ("net_down", "net_loss"):
+            carried = sorted(n for n, net in config.networks.items() if target in net.via)
+            if carried:
+                args["network"] = rng.choice(carried)
+            elif config.networks:
+                fault = "hang"  # it carries no configured network: a device failure instead
         bursts = 1
         if rng.random() < 0.12:  # flapping: short outages in a row
             bursts, length = rng.randint(2, 5), rng.uniform(4.0, 25.0)

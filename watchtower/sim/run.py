@@ -96,9 +96,15 @@ async def _run(config: Config, events: list[FaultEvent], world: World, rec: Reco
     monitor = Monitor(config, shared=ProbeContext(timeout=0), probe=world.probe_runner())
     store = AsyncStore(Store(":memory:"), InlineExecutor())  # type: ignore[arg-type]
     senders = {c.name: RecordingSender(c.name, world) for c in config.notify.channels}
-    alerting = Alerting(config, store, monitor.tracker, senders, clock_now=clock.now)  # type: ignore[arg-type]
+    alerting = Alerting(
+        config,
+        store,
+        monitor.tracker,
+        senders,  # type: ignore[arg-type]
+        clock_now=clock.now,
+        changed=monitor.incidents_changed,
+    )
     await alerting.restore()
-    alerting.changed = monitor.incidents_changed
     seen: set[tuple[int, str, str]] = set()
     sync = alerting.sync
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 from watchtower.config import Config
 from watchtower.engine.escalation import ALL_CLEAR_HOLD_MAX
-from watchtower.engine.incidents import RECOVERY_GRACE
-from watchtower.engine.monitor import HOLD_MAX
+from watchtower.engine.incidents import HOLD_MAX, RECOVERY_GRACE
 from watchtower.sim.run import Recording, SentMessage
 from watchtower.sim.world import JUDGE_WINDOW, World
 
@@ -38,6 +37,7 @@ class Outage:
     start: float
     end: float
     what: str
+    soft: bool = False  # packet loss short of an outage: a page is not wrong, no page is no miss
 
     @property
     def length(self) -> float:
@@ -88,12 +88,17 @@ def outages(world: World, names: Iterable[str], end: float) -> list[Outage]:
         truth = world.truth(at)
         for name in names:
             own = truth.own(name) if k < steps else None
+            if own is None and k < steps and truth.hosts[name].soft():
+                own = f"~loss {truth.hosts[name].loss:.0%}"
             broken = own is not None and world.explained(truth, name) is None
+            if broken and name in open_ and open_[name][1].startswith("~") != (own or "").startswith("~"):
+                start, what = open_.pop(name)  # loss turned into an outage (or back): a new stretch
+                out.append(Outage(name, start, at, what.lstrip("~"), what.startswith("~")))
             if broken and name not in open_:
                 open_[name] = (at, own or "")
             elif not broken and name in open_:
                 start, what = open_.pop(name)
-                out.append(Outage(name, start, at, what))
+                out.append(Outage(name, start, at, what.lstrip("~"), what.startswith("~")))
     return sorted(out, key=lambda o: o.start)
 
 
@@ -134,7 +139,18 @@ def _cause_ok(world: World, m: SentMessage) -> bool:
             return True
         if m.cause == "bmc_unreachable" and not h.bmc_ok:
             return True
-        if m.cause not in ("power_off", "hardware_fault", "os_unresponsive", "bmc_unreachable"):
+        if m.cause == "link_down" and h.nics_down and h.power and h.os_ok:
+            return True
+        if m.cause == "partition" and any(loss >= 1.0 for _, loss in h.ports):
+            return True
+        if m.cause not in (
+            "power_off",
+            "hardware_fault",
+            "os_unresponsive",
+            "bmc_unreachable",
+            "link_down",
+            "partition",
+        ):
             return True  # a cause this scorer does not know: not judged
     return False
 
@@ -151,7 +167,11 @@ def _root_ok(world: World, m: SentMessage) -> bool:
             continue
         h = truth.hosts.get(m.root)
         if h is None:
-            return False
+            # A network named by its key (`networks:` name or inferred prefix): right while a device
+            # does not carry it.
+            if any(net == m.root for d in truth.hosts.values() for net, _ in d.ports):
+                return True
+            continue
         if (h.hard(at) or h.soft()) and world.explained(truth, m.root) is None:
             return True
     return False
@@ -160,7 +180,7 @@ def _root_ok(world: World, m: SentMessage) -> bool:
 def score(config: Config, world: World, rec: Recording) -> Score:
     s = Score(problems=list(rec.problems))
     found = outages(world, config.targets, rec.duration)
-    s.outages = len(found)
+    s.outages = sum(1 for o in found if not o.soft)
     by_target: dict[str, list[Outage]] = {}
     for o in found:
         by_target.setdefault(o.target, []).append(o)
@@ -170,6 +190,14 @@ def score(config: Config, world: World, rec: Recording) -> Score:
         best: Outage | None = None
         for o in by_target.get(root, ()):
             if o.start <= at:
+                best = o
+        return best
+
+    def ended_before(root: str, at: float) -> Outage | None:
+        """The outage an all-clear at ``at`` reports: the latest one over by then."""
+        best: Outage | None = None
+        for o in by_target.get(root, ()):
+            if o.end <= at:
                 best = o
         return best
 
@@ -200,7 +228,7 @@ def score(config: Config, world: World, rec: Recording) -> Score:
                 paged_channels.setdefault(found_o, set()).add(m.channel)
         elif m.kind == "resolve" and m.scope != "monitor":
             s.all_clears += 1
-            cleared_o = outage_for(m.root, m.at)
+            cleared_o = ended_before(m.root, m.at)
             key = cleared_o if cleared_o is not None else (m.root, m.incident)
             clear_count[(key, m.channel)] += 1
             if clear_count[(key, m.channel)] == 2:
@@ -208,7 +236,7 @@ def score(config: Config, world: World, rec: Recording) -> Score:
             if cleared_o is not None:
                 cleared.setdefault(cleared_o, set()).add(m.channel)
     for o in found:
-        if o.length < confirm_time(config, o.target):
+        if o.soft or o.length < confirm_time(config, o.target):
             continue
         if o.length < RECOVERY_GRACE + confirm_time(config, o.target) and _behind_recovery(world, o):
             # It showed only when what it depends on came back: from outside, indistinguishable from

@@ -51,6 +51,9 @@ class HostTruth:
     booting_until: float = 0.0  # answers again from this time (after a repair)
     booting_own: bool = False  # the boot ends its own outage (True) or follows an upstream one
     forward_from: float = 0.0  # network device: forwards dependents' traffic from this time
+    # network device: networks it no longer carries (its production side dark while its management
+    # side answers), with the loss on each (1.0: nothing passes)
+    ports: tuple[tuple[str, float], ...] = ()
 
     def hard(self, now: float) -> str | None:
         """The target's own outage at ``now``, in words, or None."""
@@ -62,12 +65,20 @@ class HostTruth:
             return "link down " + ",".join(sorted(self.nics_down))
         if self.loss >= HARD_LOSS:
             return f"loss {self.loss:.0%}"
+        dark = [net for net, loss in self.ports if loss >= HARD_LOSS]
+        if dark:
+            return "network " + ",".join(dark) + " dark"
         if now < self.booting_until and self.booting_own:
             return "booting"
         return None
 
     def soft(self) -> bool:
-        return self.loss >= SOFT_LOSS
+        return SOFT_LOSS <= self.loss < HARD_LOSS or any(
+            SOFT_LOSS <= loss < HARD_LOSS for _, loss in self.ports
+        )
+
+    def port_loss(self, net: str | None) -> float:
+        return next((loss for n, loss in self.ports if n == net), 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +120,7 @@ class Site:
     addresses: dict[str, tuple[str, ...]]  # target -> addresses of its (non-BMC) paths
     carriers: dict[tuple[str, str], tuple[str, ...]]  # (target, address) -> network devices on the way
     upstream: dict[str, tuple[str, ...]]  # everything a target needs, transitively
+    net_of: dict[str, str | None]  # address -> its network (a `networks:` name, else its /24)
 
     @classmethod
     def from_config(cls, config: Config) -> Site:
@@ -134,9 +146,25 @@ class Site:
                         todo.append(d)
             return out
 
-        upstream = {n: tuple(up(n)) for n in config.targets}
+        net_of: dict[str, str | None] = {}
+        for p in config.paths:
+            a = path_address(p)
+            net_of[a] = config.network_of(p.spec) if config.networks else _net24(a)
         carriers: dict[tuple[str, str], tuple[str, ...]] = {}
+        if config.networks:
+            # Configured networks: a path depends on the devices that carry its network.
+            for name, addrs in addresses.items():
+                for a in addrs:
+                    entry = config.networks.get(net_of.get(a) or "")
+                    carriers[(name, a)] = tuple(d for d in (entry.via if entry else ()) if d != name)
+        # What a target needs: its runs_on/depends_on/storage chain and the devices on its paths.
+        upstream = {
+            n: tuple(dict.fromkeys((*up(n), *(d for a in addresses[n] for d in carriers.get((n, a), ())))))
+            for n in config.targets
+        }
         for name, addrs in addresses.items():
+            if config.networks:
+                break
             # The network path: the devices above it along runs_on/depends_on (not storage).
             chain: list[str] = []
             todo = [name]
@@ -148,12 +176,12 @@ class Site:
                         todo.append(d)
             devices = [d for d in chain if roles[d] == "network"]
             for a in addrs:
-                net = _net24(a)
+                prefix = _net24(a)
                 on_way = []
                 for d in devices:
                     own_nets = {_net24(x) for x in addresses[d]}
                     dependents_nets = {_net24(x) for x in addrs}
-                    if net in own_nets or not (own_nets & dependents_nets):
+                    if prefix in own_nets or not (own_nets & dependents_nets):
                         on_way.append(d)
                 carriers[(name, a)] = tuple(on_way)
         return cls(
@@ -164,6 +192,7 @@ class Site:
             {n: tuple(a) for n, a in addresses.items()},
             carriers,
             upstream,
+            net_of,
         )
 
 
@@ -208,12 +237,49 @@ class World:
         h = truth.hosts[name]
         if truth.at < h.booting_until and not h.booting_own:
             return "booting after an upstream outage"
+        why = None
         for up in self.site.upstream[name]:
             u = truth.hosts[up]
-            if u.hard(truth.at) or u.soft():
-                return f"{up} broken"
-            if self.site.roles[up] == "network" and truth.at < u.forward_from:
-                return f"{up} not forwarding yet"
+            if u.soft():
+                return f"{up} losing packets"
+            if u.hard(truth.at):
+                why = f"{up} broken"
+            elif self.site.roles[up] == "network" and truth.at < u.forward_from:
+                why = f"{up} not forwarding yet"
+        if why is None:
+            return None
+        # Something above it is broken, but that explains its silence only where it blocks the way:
+        # a host dark on a network its switch cut, but also dark on the management network the
+        # switch does not carry (its chassis off), is an outage of its own.
+        for address in self.site.addresses[name]:
+            if self._upstream_blocks(truth, name, address) is None:
+                return None
+        return why
+
+    def _upstream_blocks(self, truth: Truth, target: str, address: str) -> str | None:
+        """What above ``target`` stops a packet to ``address`` at that moment, or None."""
+        net = self.site.net_of.get(address)
+        for d in self.site.carriers.get((target, address), ()):
+            dev = truth.hosts[d]
+            if dev.hard(truth.at) and (not dev.power or not dev.os_ok or dev.loss >= HARD_LOSS):
+                return f"{d} down"
+            if truth.at < dev.forward_from:
+                return f"{d} not forwarding"
+            if dev.port_loss(net) >= HARD_LOSS:
+                return f"{d}: {net} dark"
+        host = self.site.runs_on.get(target)
+        if host is not None:
+            hv = truth.hosts[host]
+            if hv.hard(truth.at) or any(_net24(a) == _net24(address) for a in hv.nics_down):
+                return f"{host} down"
+            if self._upstream_blocks(truth, host, next(iter(self.site.addresses[host]), address)) is not None:
+                return f"{host} unreachable"
+        for st in self.site.storage.get(target, ()):
+            if truth.hosts[st].hard(truth.at):
+                return f"storage {st} down"
+        for dep in self.site.depends_on.get(target, ()):
+            if truth.hosts[dep].hard(truth.at) and self.site.roles[dep] != "network":
+                return f"{dep} down"
         return None
 
     # ------------------------------------------------------------------ faults
@@ -240,6 +306,10 @@ class World:
                 h = replace(h, loss=float(args.get("pct", 100)) / 100)
             elif action == "bmc_down":
                 h = replace(h, bmc_ok=False)
+            elif action in ("net_down", "net_loss"):
+                net = args.get("network") or self.site.net_of.get(self.site.addresses[target][0])
+                loss = 1.0 if action == "net_down" else float(args.get("pct", 100)) / 100
+                h = replace(h, ports=(*((n, x) for n, x in h.ports if n != net), (str(net), loss)))
             elif action == "icmp_drop":
                 h = replace(h, icmp_drop=True)
             elif action == "repair":
@@ -258,6 +328,7 @@ class World:
             nics_down=frozenset(),
             loss=0.0,
             icmp_drop=False,
+            ports=(),
             bmc_ok=True,
             booting_until=0.0,
             booting_own=False,
@@ -285,14 +356,20 @@ class World:
         if self.monitor_cut:
             return False, "monitor cut off", 0.0
         loss = 0.0
+        net = self.site.net_of.get(address)
         for d in self.site.carriers.get((target, address), ()):
             dev = self.hosts[d]
             if not dev.power or not dev.os_ok:
                 return False, f"{d} down", 0.0
             if now < dev.forward_from:
                 return False, f"{d} not forwarding yet", 0.0
-            loss = 1 - (1 - loss) * (1 - dev.loss)
+            if dev.port_loss(net) >= 1.0:
+                return False, f"{d}: network {net} dark", 0.0
+            loss = 1 - (1 - loss) * (1 - dev.loss) * (1 - dev.port_loss(net))
         h = self.hosts[target]
+        if h.port_loss(net) >= 1.0:
+            return False, f"network {net} dark", 0.0
+        loss = 1 - (1 - loss) * (1 - h.port_loss(net))
         if not h.power:
             return False, "power off", 0.0
         if not h.os_ok:
@@ -311,8 +388,7 @@ class World:
                 return False, f"{host} link down", 0.0
             loss = 1 - (1 - loss) * (1 - hv.loss)
         for s in self.site.storage.get(target, ()):
-            st = self.hosts[s]
-            if not st.power or not st.os_ok or now < st.booting_until:
+            if self.hosts[s].hard(now) is not None:  # off, hung, its link down: the VM's I/O hangs
                 return False, f"storage {s} gone: I/O hung", 0.0
         loss = 1 - (1 - loss) * (1 - h.loss)
         return True, "", loss

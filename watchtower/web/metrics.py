@@ -18,7 +18,8 @@ import asyncio
 import functools
 import gzip
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -87,13 +88,30 @@ def render_paths(snap: Snapshot) -> str:
 
 
 class SnapshotCollector:
-    """The site-wide families (a few dozen series), through prometheus_client."""
+    """The site-wide and per-target families, through prometheus_client (the per-path ones:
+    :func:`render_paths`)."""
 
-    def __init__(self, snapshot: Snapshot):
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        verified: Mapping[str, float | None] | None = None,
+        muted: Collection[str] = (),
+    ):
         self.snapshot = snapshot
+        self.verified = verified or {}
+        self.muted = muted
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot
+        muted = GaugeMetricFamily(
+            "watchtower_muted",
+            "1 while the target is in maintenance (muted or in a window): recorded, not paged",
+            labels=["target"],
+        )
+        for name, _, _ in snap.targets:
+            muted.add_metric([name], 1.0 if name in self.muted else 0.0)
+        yield muted
+
         yield GaugeMetricFamily(
             "watchtower_vantage_up",
             "1 while the monitor itself can reach the outside",
@@ -163,6 +181,15 @@ class SnapshotCollector:
             "when the config was last (re)loaded or a reload was rejected",
             value=snap.reload_at,
         )
+        if self.verified:
+            last = GaugeMetricFamily(
+                "watchtower_contact_last_verified_timestamp_seconds",
+                "when an alert-chain drill last reached the contact (0: never)",
+                labels=["contact"],
+            )
+            for contact, at in self.verified.items():
+                last.add_metric([contact], at or 0.0)
+            yield last
         info = GaugeMetricFamily("watchtower_build_info", "watchtower version", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info
@@ -170,10 +197,33 @@ class SnapshotCollector:
         yield from PLATFORM_COLLECTOR.collect()
 
 
-def render(snapshot: Snapshot, compress: bool = False) -> bytes:
-    """The exposition text for one snapshot (blocking: call it in a thread)."""
-    body = render_paths(snapshot).encode() + generate_latest(SnapshotCollector(snapshot))  # type: ignore[arg-type,unused-ignore]
+class _Chained:
+    def __init__(self, *collectors: Any):
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for c in self.collectors:
+            yield from c.collect()
+
+
+def render(
+    snapshot: Snapshot,
+    compress: bool = False,
+    verified: Mapping[str, float | None] | None = None,
+    muted: Collection[str] = (),
+    extra: Any = None,
+) -> bytes:
+    """The exposition text for one snapshot (blocking: call it in a thread); ``verified``: contact
+    -> last drill confirmation; ``muted``: targets in maintenance; ``extra``: another collector (an
+    object with ``collect()``), e.g. backups and readiness."""
+    collector: Any = SnapshotCollector(snapshot, verified, muted)
+    if extra is not None:
+        collector = _Chained(collector, extra)
+    body = render_paths(snapshot).encode() + generate_latest(collector)  # type: ignore[arg-type,unused-ignore]
     return gzip.compress(body, compresslevel=5) if compress else body
+
+
+RenderArgs = tuple[Snapshot, Mapping[str, float | None] | None, Collection[str], Any]
 
 
 class MetricsCache:
@@ -194,20 +244,23 @@ class MetricsCache:
         self._rendering: dict[bool, asyncio.Future[bytes]] = {}
         self.renders = 0
 
-    async def body(self, snapshot: Callable[[], Snapshot], compress: bool) -> bytes:
+    async def body(self, take: Callable[[], RenderArgs], compress: bool) -> bytes:
+        """The body; ``take()`` (on the loop, only when a render is due) gives what :func:`render`
+        needs besides ``compress``: the snapshot, drill verifications, muted targets, extra."""
         cached = self._bodies.get(compress)
         if cached is not None and time.monotonic() < cached[0]:
             return cached[1]
         pending = self._rendering.get(compress)
         if pending is None:
-            pending = asyncio.ensure_future(self._render(snapshot(), compress))
+            pending = asyncio.ensure_future(self._render(take(), compress))
             self._rendering[compress] = pending
             pending.add_done_callback(lambda _: self._rendering.pop(compress, None))
         return await asyncio.shield(pending)
 
-    async def _render(self, snap: Snapshot, compress: bool) -> bytes:
+    async def _render(self, args: RenderArgs, compress: bool) -> bytes:
+        snap, verified, muted, extra = args
         start = time.monotonic()
-        body = await asyncio.to_thread(render, snap, compress)
+        body = await asyncio.to_thread(render, snap, compress, verified, muted, extra)
         took = time.monotonic() - start
         self.renders += 1
         self._bodies[compress] = (time.monotonic() + min(self.MAX_AGE, took * self.FRESH_FACTOR), body)

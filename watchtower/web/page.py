@@ -20,21 +20,23 @@ from __future__ import annotations
 import functools
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, get_args
 
 import jinja2
 
-from watchtower.config import Config, RestoreCategory, Target
+from watchtower.config import NOTE_KINDS, Config, RestoreCategory, Target
 from watchtower.durations import coarse
+from watchtower.engine.correlate import WARNING_SCOPES
 from watchtower.engine.escalation import channels_for, outage_start, rto_clock
 from watchtower.engine.incidents import Incident
 
 ROLE_ORDER = ("network", "hypervisor", "storage", "vm", "service")
 ROLE_TITLES = {"network": "Network", "hypervisor": "Hypervisors", "storage": "Storage", "vm": "VMs",
                "service": "Services"}  # fmt: skip
-SCOPE_ORDER = ("monitor", "network", "hypervisor", "storage", "vm", "service")
+SCOPE_ORDER = ("monitor", "network", "hypervisor", "storage", "vm", "service", "backup", "certificate")
+WARNING_SCOPE_NAMES = frozenset(str(s) for s in WARNING_SCOPES)
 _SEVERITY = {"down": 0, "unreachable": 1, "degraded": 2, "unknown": 3, "up": 4}
 
 CAUSE_WORDS = {
@@ -166,6 +168,8 @@ def banner_for(doc: dict[str, Any], incidents: list[dict[str, Any]], now: float)
             f"watchtower is cut off{since}: its own uplink is down, target states are not trustworthy",
             "#5f6368",
         )
+    warnings = [i for i in incidents if i["scope"] in WARNING_SCOPE_NAMES]
+    incidents = [i for i in incidents if i["scope"] not in WARNING_SCOPE_NAMES]
     if incidents:
         first = incidents[0]
         start = first.get("outage_start") or _parse_iso(first.get("first_failure_at") or first["opened_at"])
@@ -191,16 +195,25 @@ def banner_for(doc: dict[str, Any], incidents: list[dict[str, Any]], now: float)
             f"{worst['role']} {worst['name']} {worst['state']}{others}",
             "#b3261e" if worst["state"] != "degraded" else "#b06000",
         )
+    if warnings:  # a stale backup or an expiring certificate: not an outage, not red
+        first_text = (warnings[0].get("evidence") or [warnings[0]["root"]])[0]
+        extra = f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else ""
+        return f"all targets up; warning: {first_text}{extra}", "#b06000"
     return "all targets up", "#137333"
 
 
 def restore_board(
-    doc: dict[str, Any], incidents: list[dict[str, Any]], config: Config, now: float
+    doc: dict[str, Any],
+    incidents: list[dict[str, Any]],
+    config: Config,
+    now: float,
+    restore_points: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """The services the open incidents took down, in the order they should come back."""
+    """The services the open incidents took down, in the order they should come back.
+    ``restore_points``: target -> what a restore loses now (the backup watch's newest points)."""
     rows: dict[str, dict[str, Any]] = {}
     for incident in incidents:
-        if incident["scope"] == "monitor":
+        if incident["scope"] == "monitor" or incident["scope"] in WARNING_SCOPE_NAMES:
             continue
         start = incident.get("outage_start") or _parse_iso(
             incident.get("first_failure_at") or incident["opened_at"]
@@ -232,6 +245,7 @@ def restore_board(
                 "rpo": span(service.rpo) if service.rpo is not None else None,
                 "runbook": target.runbook,
                 "runbook_link": is_link(target.runbook),
+                "restore_point": (restore_points or {}).get(name),
             }
             if state == "up":
                 row["state_text"] = "back, smoke probes pass" + (
@@ -274,12 +288,21 @@ def contacts(
             when = f"at {step.rto_fraction:.0%} of the smallest RTO"
         if step.unless:
             when += f", unless {step.unless}"
+        if step.when is not None:
+            only = [*step.when.scope, *step.when.cause]
+            when += f", only for {' / '.join(only)}"
+        people = [f"{c} (on call)" if c in config.contacts and config.contacts[c].on_call else c
+                  for c in step.contacts]  # fmt: skip
+        reach = [*step.notify, *step.contacts]
+        for c in step.contacts:
+            if c in config.contacts:
+                reach += config.contacts[c].channels
         steps.append(
             {
                 "n": n,
                 "when": when,
-                "tags": list(step.notify),
-                "channels": list(channels_for(policy, step.notify)),
+                "tags": [*step.notify, *people],
+                "channels": list(channels_for(policy, reach)),
             }
         )
     seen: list[str] = []
@@ -320,12 +343,18 @@ def render_status_page(
     config: Config | None = None,
     now: float | None = None,
     logout: bool = False,
+    restore_points: Mapping[str, str] | None = None,
+    readiness: Mapping[str, Any] | None = None,
+    mutes: dict[str, Any] | None = None,
+    people: list[dict[str, Any]] | None = None,
+    drill: dict[str, Any] | None = None,
 ) -> str:
     """The server-rendered status page: works without JavaScript, refreshes itself.
 
     ``incidents`` are open incident documents, best passed through :func:`page_incident` (RTO
     clock, restore times); ``config`` adds the restore board and contacts; ``logout`` a
-    logout button (the page was opened with a login cookie).
+    logout button (the page was opened with a login cookie); ``people`` the contacts with their
+    drill results (:func:`people_rows`), ``drill`` the latest drill's document.
     """
     now = time.time() if now is None else now
     targets = [{"name": name, **t} for name, t in doc["targets"].items()]
@@ -340,6 +369,8 @@ def render_status_page(
     groups = [(role, [t for t in targets if t["role"] == role]) for role in ROLE_ORDER]
     for i in incidents:
         i.setdefault("evidence", [])
+        for key, empty in (("staff", None), ("checklist", []), ("notes", [])):
+            i.setdefault(key, empty)
         i["since_text"] = clock(i.get("outage_start") or _parse_iso(i.get("opened_at")), now)
         acked_at = clock(_parse_iso(i.get("acknowledged_at")), now)
         i["ack_text"] = (
@@ -348,7 +379,7 @@ def render_status_page(
             else ""
         )
         i["rto_text"] = _rto_words(i.get("rto"), now)
-    board = restore_board(doc, incidents, config, now) if config is not None else []
+    board = restore_board(doc, incidents, config, now, restore_points) if config is not None else []
     steps, details = contacts(config, incidents) if config is not None else ([], [])
     return (
         templates()
@@ -371,9 +402,51 @@ def render_status_page(
             steps=steps,
             details=details,
             logout=logout,
+            readiness=readiness,
+            mutes=mutes,
+            people=people or [],
+            note_kinds=NOTE_KINDS,
+            drill=drill,
         )
     )
 
 
 def render_login_page(site: str, error: str | None = None) -> str:
     return templates().get_template("login.html").render(site=site, error=error)
+
+
+def people_rows(
+    config: Config, verification: Sequence[Any], drill: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Contacts as the page shows them: how to reach them, and what the last drill said."""
+    latest = {c["contact"]: c for c in drill["contacts"]} if drill else {}
+    rows = []
+    for v in verification:
+        contact = config.contacts.get(v.contact)
+        if contact is None:
+            continue
+        in_drill = latest.get(v.contact)
+        result = v.last_result
+        if in_drill is not None and drill is not None and drill["state"] == "running":
+            result = "drill running: " + (
+                "confirmed" if in_drill["confirmed_at"] else "waiting for confirmation"
+            )
+        rows.append(
+            {
+                "name": contact.name or v.contact,
+                "role": contact.role or "",
+                "phone": contact.phone,
+                "available": contact.available,
+                "timezone": contact.timezone,
+                "on_call": contact.on_call,
+                "channels": contact.channels,
+                "drill_result": result,
+                "last_verified": _stamp(v.last_verified),
+                "overdue": v.overdue,
+            }
+        )
+    return rows
+
+
+def _stamp(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")

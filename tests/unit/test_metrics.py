@@ -91,6 +91,7 @@ def test_hand_written_families_match_prometheus_client_byte_for_byte() -> None:
 
 async def test_cache_renders_once_for_scrapes_close_together() -> None:
     cache = metrics.MetricsCache()
+    cache.CACHE_FROM = 0.0  # keep even a fast render (this machine may render 20k paths quickly)
     taken = 0
 
     def snap() -> metrics.RenderArgs:
@@ -106,3 +107,18 @@ async def test_cache_renders_once_for_scrapes_close_together() -> None:
     cache._bodies.clear()  # as if it aged out
     await cache.body(snap, False)
     assert cache.renders == 3 and taken == 3
+
+
+async def test_a_cheap_render_is_not_kept() -> None:
+    """A small site's metrics follow every change: nothing is served from the cache."""
+    cache = metrics.MetricsCache()
+    taken = 0
+
+    def snap() -> metrics.RenderArgs:
+        nonlocal taken
+        taken += 1
+        return snapshot(), None, (), None
+
+    await cache.body(snap, False)
+    await cache.body(snap, False)
+    assert taken == 2 and cache.renders == 2

@@ -230,14 +230,17 @@ class MetricsCache:
     """The ``/metrics`` body, rendered in a thread from a snapshot and served again while fresh.
 
     A body stays fresh ``FRESH_FACTOR`` times as long as it took to render, at most ``MAX_AGE``
-    seconds: at 10,000 paths (~0.1 s to render) two scrapers inside ~2 s share one render, so
-    rendering never takes more than ~5 % of a core however often it is scraped, while a small site
-    (a few ms) is rendered afresh on nearly every scrape. Concurrent scrapes of a stale body wait
-    for the one render in progress.
+    seconds, and only when it took at least ``CACHE_FROM``: at 10,000 paths (~0.1 s to render with
+    the loop busy) scrapes inside ~2 s share one render, so rendering never takes more than ~5 % of
+    a core however often it is scraped, while a small site is rendered afresh on every scrape.
+    Concurrent scrapes of a stale body wait for the one render in progress.
     """
 
     MAX_AGE = 5.0
     FRESH_FACTOR = 20.0
+    # A render cheaper than this is not kept: a small site's metrics follow every change at once
+    # (a mute ended, a message sent), and re-rendering costs next to nothing there.
+    CACHE_FROM = 0.05
 
     def __init__(self) -> None:
         self._bodies: dict[bool, tuple[float, bytes]] = {}  # gzip? -> (fresh until, body)
@@ -263,5 +266,6 @@ class MetricsCache:
         body = await asyncio.to_thread(render, snap, compress, verified, muted, extra)
         took = time.monotonic() - start
         self.renders += 1
-        self._bodies[compress] = (time.monotonic() + min(self.MAX_AGE, took * self.FRESH_FACTOR), body)
+        fresh = min(self.MAX_AGE, took * self.FRESH_FACTOR) if took >= self.CACHE_FROM else 0.0
+        self._bodies[compress] = (time.monotonic() + fresh, body)
         return body

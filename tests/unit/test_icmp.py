@@ -922,6 +922,7 @@ async def test_batch_reply_error_and_silence_in_order(
         pinger._dispatch(fam, data, (src, 0), time.perf_counter())
 
     start = time.monotonic()
+
     def on_done(replies: list[PingReply]) -> None:
         got.append(replies)
         done.set()

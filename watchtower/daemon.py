@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from watchtower import __version__, logs
+from watchtower import __version__, gcpolicy, logs
 from watchtower.backups.watch import BackupWatch
 from watchtower.certificates import CertificateWatch
 from watchtower.config import Config, ConfigError, load_config
@@ -317,6 +317,7 @@ async def run_daemon(
             scheduler_task = tg.create_task(monitor.run(), name="scheduler")
             alerting_task = tg.create_task(alerting.run(), name="alerting")
             sink_task = tg.create_task(sink.run(), name="alertmanager")
+            gc_task = tg.create_task(gcpolicy.settle(), name="gc")
             warning_tasks = [
                 tg.create_task(backups.run(), name="backups"),
                 tg.create_task(certificates.run(), name="certificates"),
@@ -353,6 +354,7 @@ async def run_daemon(
             scheduler_task.cancel()
             alerting_task.cancel()
             sink_task.cancel()
+            gc_task.cancel()
             for task in warning_tasks:
                 task.cancel()
             drill_task.cancel()

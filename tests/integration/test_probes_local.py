@@ -16,7 +16,7 @@ from aiohttp import web
 from support import free_port, make_cert
 
 from watchtower.config import DnsPath, HttpPath, TcpPath
-from watchtower.probes import Failure, ProbeContext
+from watchtower.probes import Failure, ProbeContext, ProbeResult
 from watchtower.probes import dns as dns_probe
 from watchtower.probes import http as http_probe
 from watchtower.probes import tcp as tcp_probe
@@ -254,3 +254,61 @@ async def test_dns_garbage_and_silence() -> None:
         DnsPath(server="127.0.0.1", port=free_port(), query="x.local"), ProbeContext(timeout=1.0)
     )
     assert not r.ok and time.perf_counter() - start < 1.6
+
+
+async def run_tcp_batch(items: list[Any], timeout: float = 1.0) -> list[ProbeResult]:
+    done: asyncio.Future[list[ProbeResult]] = asyncio.get_running_loop().create_future()
+    tcp_probe.start_batch(ProbeContext(timeout=timeout), items, timeout, done.set_result)
+    return await asyncio.wait_for(done, timeout + 5)
+
+
+async def test_tcp_batch_matches_the_probe() -> None:
+    """The batch extension gives what probe() gives for the runs it takes: accepted, refused; a
+    name or a confirmation is not taken (it goes through probe())."""
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    closed = free_port()
+    state: dict[str, Any] = {}
+    up = tcp_probe.batch_item(TcpPath(host="127.0.0.1", port=port), state)
+    assert up is not None and state["tcp_literal"] == up
+    down = tcp_probe.batch_item(TcpPath(host="127.0.0.1", port=closed), {})
+    assert tcp_probe.batch_item(TcpPath(host="localhost", port=port), {}) is None
+    assert tcp_probe.batch_item(TcpPath(host="127.0.0.1", port=port), {"confirming": True}) is None
+    results = await run_tcp_batch([up, down, up] * 50)
+    assert len(results) == 150
+    for i, r in enumerate(results):
+        if i % 3 == 1:
+            assert not r.ok and r.failure is Failure.REFUSED and r.detail == "connection refused", r
+        else:
+            assert r.ok and r.latency is not None and r.detail.startswith("connected in "), r
+    assert await run_tcp_batch([]) == []
+    server.close()
+    await server.wait_closed()
+    [gone] = await run_tcp_batch([up])
+    assert not gone.ok and gone.failure is Failure.REFUSED
+
+
+async def test_tcp_batch_silent_peer_times_out_at_the_deadline() -> None:
+    """A listener whose accept queue is full drops SYNs: the batch ends at its one deadline."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(2):  # backlog 0 holds one; the next handshakes stall
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(listener.getsockname())
+            fillers.append(s)
+        await asyncio.sleep(0.1)
+        item = (socket.AF_INET, listener.getsockname())
+        start = time.monotonic()
+        [r] = await run_tcp_batch([item], timeout=0.3)
+        assert 0.25 < time.monotonic() - start < 2.0
+        assert not r.ok and r.failure is Failure.TIMEOUT and r.detail == "no TCP handshake within 0.3s", r
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

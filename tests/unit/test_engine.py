@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -426,3 +429,112 @@ def test_the_page_waits_for_a_fresh_bmc_reading() -> None:
     changes = monitor.evaluate(3.3)
     (incident,) = monitor.tracker.open_incidents()
     assert [c.kind for c in changes] == ["opened"] and incident.cause == "power_off"
+
+
+async def test_monitor_runs_co_due_icmp_and_tcp_paths_in_batches() -> None:
+    """The scheduler hands co-due icmp/tcp runs to their batch extension; the results land in the
+    same path states as one-by-one runs would, a dead port goes down, and the cadence goes on."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+    from watchtower.probes import ProbeContext
+    from watchtower.probes.icmp import Pinger
+
+    servers = [await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0) for _ in range(10)]
+    ports = [server.sockets[0].getsockname()[1] for server in servers]
+    port = ports[0]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    dead = closed.getsockname()[1]
+    pinger = Pinger()
+    try:
+        await pinger.open()
+        icmp_paths = [{"icmp": f"127.0.1.{i}"} for i in range(1, 21)]
+    except OSError:
+        icmp_paths = []
+    fast = {"interval": "1s", "retry_interval": "0.2s", "timeout": "0.5s"}
+    cfg = parse_config(
+        {
+            "site": "s",
+            "defaults": fast,
+            "targets": {
+                "up": {
+                    "role": "service",
+                    "paths": [*icmp_paths, {"tcp": f"127.0.0.1:{port}"}],
+                },
+                "many": {"role": "service", "paths": [{"tcp": f"127.0.0.1:{p}"} for p in ports]},
+                "dead": {"role": "service", "paths": [{"tcp": f"127.0.0.1:{dead}"}]},
+            },
+        },
+        Path("."),
+    )
+    shared = ProbeContext(timeout=0, pinger=pinger if icmp_paths else None)
+    # the same first phase for every path: all co-due, so they must go out as batches
+    monitor = Monitor(cfg, shared=shared)
+    for job in monitor.scheduler._jobs.values():
+        job.first_in = 0.05
+    task = asyncio.create_task(monitor.run())
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = {k: s.state for k, s in monitor.statuses.items()}
+            if all(
+                st is (PathState.DOWN if k[0] == "dead" else PathState.UP) for k, st in states.items()
+            ) and monitor.scheduler.runs > 3 * len(states):
+                break
+            await asyncio.sleep(0.05)
+        assert all(s.state is PathState.UP for k, s in monitor.statuses.items() if k[0] != "dead"), states
+        dead_status = monitor.statuses[("dead", f"tcp 127.0.0.1:{dead}")]
+        assert dead_status.state is PathState.DOWN and dead_status.detail == "connection refused"
+        sched = monitor.scheduler
+        assert sched.batched > 0.5 * sched.runs, (sched.batched, sched.runs)
+        assert sched.in_flight <= len(monitor.statuses)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        pinger.close()
+        closed.close()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+
+
+async def test_scheduler_batch_hook_that_raises_runs_the_job_alone() -> None:
+    """A bug in one job's batch hook costs that job its batch, not its run, and not the other
+    co-due jobs' runs."""
+    sched = Scheduler()
+    alone: list[str] = []
+    batched: list[list[str]] = []
+
+    def start(items: list[str], done: Callable[[], None]) -> None:
+        batched.append(items)
+        done()
+
+    def broken() -> tuple[Any, str] | None:
+        raise RuntimeError("bug")
+
+    async def run_alone() -> None:
+        alone.append("broken")
+
+    async def never() -> None:
+        raise AssertionError("a batched job must not run alone")
+
+    sched.add("broken", 60.0, lambda: 60.0, run_alone, first_in=0, batch=broken)
+
+    def hook(i: int) -> Callable[[], tuple[Any, str]]:
+        return lambda: (start, f"item{i}")
+
+    for i in range(3):
+        sched.add(i, 60.0, lambda: 60.0, never, first_in=0, batch=hook(i))
+    task = asyncio.create_task(sched.run())
+    try:
+        deadline = time.monotonic() + 5
+        while (not alone or not batched) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert alone == ["broken"]
+        assert sorted(x for b in batched for x in b) == ["item0", "item1", "item2"]
+        assert sched.runs == 4 and sched.batched == 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -866,3 +866,130 @@ async def test_probe_unreachable(pinger: Pinger, monkeypatch: pytest.MonkeyPatch
 async def test_probe_without_pinger_is_a_bug() -> None:
     with pytest.raises(RuntimeError):
         await probe(IcmpPath(host="127.0.0.1"), ProbeContext(timeout=1.0))
+
+
+# --------------------------------------------------------------------------- batches (ping_batch)
+
+
+async def run_batch(p: Pinger, addresses: list[str], timeout: float) -> tuple[list[PingReply], int]:
+    """ping_batch, awaited for the test: the replies and how often the callback was called."""
+    done = asyncio.Event()
+    calls: list[list[PingReply]] = []
+
+    def on_done(replies: list[PingReply]) -> None:
+        calls.append(replies)
+        done.set()
+
+    p.ping_batch([icmp._parse_literal(a) for a in addresses], timeout, on_done)
+    await asyncio.wait_for(done.wait(), timeout + 5)
+    await asyncio.sleep(0.05)  # a second callback would come now
+    return calls[0], len(calls)
+
+
+@needs_ping
+async def test_batch_of_2000_loopback_echoes_reports_once(pinger: Pinger) -> None:
+    replies, calls = await run_batch(pinger, loopback_addresses(2000), 2.0)
+    assert calls == 1 and len(replies) == 2000
+    assert all(r.ok and r.rtt is not None and r.rtt < 1.0 for r in replies)
+    assert pinger.in_flight == 0 and pinger.sent == 2000 and pinger.received == 2000
+    # an empty batch still reports (once)
+    assert await run_batch(pinger, [], 1.0) == ([], 1)
+
+
+def drop_batch_sends(monkeypatch: pytest.MonkeyPatch, p: Pinger) -> list[bytes]:
+    captured: list[bytes] = []
+    monkeypatch.setattr(p, "_send_now", lambda sock, packet, sockaddr: captured.append(packet))
+    return captured
+
+
+@needs_ping
+async def test_batch_reply_error_and_silence_in_order(
+    pinger: Pinger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One echo answered, one failed by an ICMP error, one silent: each in its place, the batch ends
+    at its deadline, and nothing stays in flight (a late reply is stray)."""
+    captured = drop_batch_sends(monkeypatch, pinger)
+    fam = pinger._v4
+    assert fam is not None
+    done = asyncio.Event()
+    got: list[list[PingReply]] = []
+    # the error below quotes an echo to 10.213.250.1: the second one
+    targets = [icmp._parse_literal(a) for a in ("10.213.250.2", "10.213.250.1", "10.213.250.3")]
+
+    def feed_reply(request: bytes, src: str) -> None:
+        reply = as_reply(request, v6=False)
+        data = ipv4_header(src, "127.0.0.1", len(reply)) + reply if fam.ip_header else reply
+        pinger._dispatch(fam, data, (src, 0), time.perf_counter())
+
+    start = time.monotonic()
+
+    def on_done(replies: list[PingReply]) -> None:
+        got.append(replies)
+        done.set()
+
+    pinger.ping_batch(targets, 0.3, on_done)
+    assert len(captured) == 3 and pinger.in_flight == 3
+    feed_reply(captured[0], "10.213.250.2")
+    error = _v4_unreachable(1, captured[1])
+    pinger._dispatch(fam, error if fam.ip_header else error[20:], ("10.0.0.1", 0), time.perf_counter())
+    assert pinger.in_flight == 1 and not done.is_set()
+    await asyncio.wait_for(done.wait(), 2)
+    assert 0.25 < time.monotonic() - start < 1.5
+    [(first, second, third)] = got
+    assert first.ok and first.rtt is not None
+    assert second == PingReply(False, None, "host unreachable (from 10.0.0.1)", True)
+    assert third == PingReply(False, None, "no echo reply within 0.3s", False)
+    assert pinger.in_flight == 0 and fam.pending == {}
+    stray = pinger.stray
+    feed_reply(captured[2], "10.213.250.3")
+    assert pinger.stray == stray + 1 and len(got) == 1
+
+
+@needs_ping
+async def test_batch_full_send_buffer_resumes(pinger: Pinger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EAGAIN and ENOBUFS postpone the rest of the batch; every echo still goes out and is answered."""
+    real = pinger._send_now
+    refusals = [BlockingIOError(errno.EAGAIN, "again"), OSError(errno.ENOBUFS, "no buffers")]
+
+    def flaky(sock: socket.socket, packet: bytes, sockaddr: Any) -> None:
+        if refusals:
+            raise refusals.pop(0)
+        real(sock, packet, sockaddr)
+
+    monkeypatch.setattr(pinger, "_send_now", flaky)
+    replies, calls = await run_batch(pinger, loopback_addresses(50), 2.0)
+    assert calls == 1 and all(r.ok for r in replies) and not refusals
+
+
+@needs_ping
+async def test_batch_hard_send_error_is_unreachable(pinger: Pinger, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_route(sock: socket.socket, packet: bytes, sockaddr: Any) -> None:
+        raise OSError(errno.EHOSTUNREACH, os.strerror(errno.EHOSTUNREACH))
+
+    monkeypatch.setattr(pinger, "_send_now", no_route)
+    start = time.monotonic()
+    replies, calls = await run_batch(pinger, ["127.0.0.1", "127.0.0.2"], 5.0)
+    assert calls == 1
+    assert replies == [PingReply(False, None, "No route to host (local send error)", True)] * 2
+    assert time.monotonic() - start < 1.0  # nothing in flight: reported at once, not at the deadline
+    assert pinger.in_flight == 0 and pinger.sent == 0
+
+
+@needs_ping
+async def test_close_settles_a_batch_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with Pinger() as p:
+        drop_batch_sends(monkeypatch, p)
+        got: list[list[PingReply]] = []
+        p.ping_batch([icmp._parse_literal("10.213.250.1")], 10.0, got.append)
+        p.close()
+        assert got == [[PingReply(False, None, "pinger closed", False)]]
+
+
+def test_batch_item_takes_only_single_echoes_to_literals() -> None:
+    state: dict[str, Any] = {}
+    assert icmp.batch_item(IcmpPath(host="10.0.0.1"), state) == (False, ("10.0.0.1", 0), bytes([10, 0, 0, 1]))
+    assert state["icmp_literal"]  # parsed once per path
+    assert icmp.batch_item(IcmpPath(host="[::1]"), {})[0] is True  # type: ignore[index]
+    assert icmp.batch_item(IcmpPath(host="gw.example"), {}) is None  # a name: resolved by probe()
+    assert icmp.batch_item(IcmpPath(host="10.0.0.1", count=3), {}) is None
+    assert icmp.batch_item(IcmpPath(host="10.0.0.1"), {"confirming": True}) is None

@@ -28,9 +28,18 @@ from watchtower.engine.correlate import (
 from watchtower.engine.incidents import HOLD_MAX, Change, Incident, IncidentTracker
 from watchtower.engine.paths import PathState, PathStatus
 from watchtower.engine.runner import run_probe
-from watchtower.engine.scheduler import Scheduler
+from watchtower.engine.scheduler import BatchHook, BatchStart, Scheduler
 from watchtower.engine.topology import Topology
-from watchtower.probes import Failure, ProbeContext, ProbeResult, SelEntry, SensorReading, get_probe
+from watchtower.probes import (
+    BatchProbe,
+    Failure,
+    ProbeContext,
+    ProbeResult,
+    SelEntry,
+    SensorReading,
+    get_batch_probe,
+    get_probe,
+)
 from watchtower.probes.traps import TrapEvent, is_link_down, is_link_up
 
 log = logging.getLogger("watchtower.monitor")
@@ -164,6 +173,7 @@ class Monitor:
         self.bmc: dict[str, BmcState] = {}
         self.topology = Topology.from_config(config)
         self._dirty = asyncio.Event()
+        self._batch_starts: dict[tuple[BatchProbe, float], BatchStart] = {}
         # Set when incidents changed (opened, grew, acknowledged, resolved): the alerting looks then.
         self.incidents_changed = asyncio.Event()
         # Filled in by the daemon when alerting runs: channel statistics and store health for metrics.
@@ -204,7 +214,13 @@ class Monitor:
                 log.warning("no prober target=%s path=%r kind=%s", path.target, path.name, path.kind)
                 self.scheduler.remove(path.key)
                 continue
-            self.scheduler.add(path.key, path.interval, self._cadence(status), self._runner(status))
+            self.scheduler.add(
+                path.key,
+                path.interval,
+                self._cadence(status),
+                self._runner(status),
+                batch=self._batch_hook(status),
+            )
         for key in old:
             self.scheduler.remove(key)
             counts["removed"] += 1
@@ -243,6 +259,50 @@ class Monitor:
             self.record(status, result, clock.now())
 
         return run
+
+    def _batch_hook(self, status: PathStatus) -> BatchHook | None:
+        """For a kind with a batch extension: this run's ticket into the slot's batch, or None
+        when it must run alone (see probes.BatchProbe)."""
+        batch = get_batch_probe(status.path.kind)
+        if batch is None:
+            return None
+
+        def take() -> tuple[BatchStart, Any] | None:
+            status.memory["confirming"] = status.state is PathState.UP and status.failures > 0
+            item = batch.item(status.path.spec, status.memory)
+            if item is None:
+                return None
+            return self._batch_start(batch, status.path.timeout), (status, item)
+
+        return take
+
+    def _batch_start(self, batch: BatchProbe, timeout: float) -> BatchStart:
+        """One start function per (kind, timeout), so the scheduler groups co-due runs by it."""
+        key = (batch, timeout)
+        start = self._batch_starts.get(key)
+        if start is not None:
+            return start
+
+        def start_batch(entries: list[tuple[PathStatus, Any]], done: Callable[[], None]) -> None:
+            def recorded(results: list[ProbeResult]) -> None:
+                try:
+                    now = clock.now()
+                    for (status, _), result in zip(entries, results, strict=True):
+                        self.record(status, result, now)
+                finally:
+                    done()
+
+            try:
+                batch.start(self.shared, [item for _, item in entries], timeout, recorded)
+            except Exception as exc:  # a bug in watchtower, not a failure of the targets
+                log.exception("batch probe crashed size=%d", len(entries))
+                recorded(
+                    [ProbeResult.fail(Failure.INTERNAL, f"probe crashed: {exc.__class__.__name__}: {exc}")]
+                    * len(entries)
+                )
+
+        self._batch_starts[key] = start_batch
+        return start_batch
 
     def record(self, status: PathStatus, result: ProbeResult, now: float) -> bool:
         """Fold one probe result into the picture. True when a correlation pass is needed."""

@@ -27,6 +27,7 @@ import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger("watchtower.scheduler")
 
@@ -67,6 +68,14 @@ class LagStats:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+# A batch-capable job's hook, asked each time the job is due: ``(start, item)`` to run this time
+# in a batch with every other co-due job that returned the same ``start``, or None to run alone
+# through ``run``. ``start(items, done)`` begins the batch without awaiting and calls ``done()``
+# once, when every item's result has been recorded.
+BatchStart = Callable[[list[Any], Callable[[], None]], None]
+BatchHook = Callable[[], tuple[BatchStart, Any] | None]
+
+
 @dataclass(slots=True)
 class _Job:
     key: Hashable
@@ -74,8 +83,9 @@ class _Job:
     cadence: Callable[[], float]  # seconds until the next run, asked after each run
     run: Callable[[], Awaitable[None]]
     first_in: float
+    batch: BatchHook | None = None
     due: float = 0.0
-    handle: asyncio.TimerHandle | None = None
+    slot: int | None = None  # the grid slot whose bucket holds this job while it is armed
     running: bool = False
     removed: bool = False
     rerun: bool = False  # run_now() while running: run again as soon as this run ends
@@ -92,6 +102,10 @@ class Scheduler:
 
     def __init__(self, max_concurrency: int = 4096):
         self._jobs: dict[Hashable, _Job] = {}
+        # Armed jobs by grid slot, one loop timer per slot (not per job): at 10,000 paths a slot
+        # holds ~20 runs, and the timer heap stays small.
+        self._buckets: dict[int, list[_Job]] = {}
+        self._slot_timers: dict[int, asyncio.TimerHandle] = {}
         self._limit = asyncio.Semaphore(max_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -100,6 +114,7 @@ class Scheduler:
         # Set once run() has armed every job: the first round of probes is scheduled (READY=1).
         self.armed = asyncio.Event()
         self.runs = 0
+        self.batched = 0  # runs that went out in a batch (of self.runs)
         self.in_flight = 0
 
     def __len__(self) -> int:
@@ -113,12 +128,14 @@ class Scheduler:
         cadence: Callable[[], float],
         run: Callable[[], Awaitable[None]],
         first_in: float | None = None,
+        batch: BatchHook | None = None,
     ) -> None:
-        """Schedule ``run`` for ``key``; first run after ``first_in`` s (default: a stable phase)."""
+        """Schedule ``run`` for ``key``; first run after ``first_in`` s (default: a stable phase).
+        With ``batch``, a due run may instead join a batch (see :data:`BatchHook`)."""
         previous = self._jobs.get(key)
         self.remove(key)
         delay = stable_phase(key) * interval if first_in is None else first_in
-        job = _Job(key, interval, cadence, run, delay)
+        job = _Job(key, interval, cadence, run, delay, batch)
         self._jobs[key] = job
         if self._loop is not None:
             if previous is not None and first_in is None:
@@ -133,8 +150,7 @@ class Scheduler:
         job = self._jobs.pop(key, None)
         if job is not None:
             job.removed = True
-            if job.handle is not None:
-                job.handle.cancel()
+            job.slot = None
 
     def run_now(self, key: Hashable) -> bool:
         """Run ``key`` now, or right after its current run ends. False for an unknown key."""
@@ -149,22 +165,76 @@ class Scheduler:
 
     def _arm(self, job: _Job, due: float) -> None:
         assert self._loop is not None
-        if job.handle is not None:
-            job.handle.cancel()
         job.due = due
         # Fire on a 10 ms grid: runs due within the same slot share one loop wakeup, which at
-        # thousands of paths halves the CPU per probe (the wakeup, not the probe, dominates).
-        slot = math.ceil(due / self.GRID) * self.GRID
-        job.handle = self._loop.call_at(slot, self._fire, job)
+        # thousands of paths halves the CPU per probe (the wakeup, not the probe, dominates), and
+        # co-due batch-capable runs (icmp, tcp) go out as one batch.
+        slot = math.ceil(due / self.GRID)
+        job.slot = slot  # a job re-armed elsewhere keeps a stale entry here; _fire_slot skips it
+        bucket = self._buckets.get(slot)
+        if bucket is None:
+            self._buckets[slot] = [job]
+            self._slot_timers[slot] = self._loop.call_at(slot * self.GRID, self._fire_slot, slot)
+        else:
+            bucket.append(job)
+
+    def _fire_slot(self, slot: int) -> None:
+        self._slot_timers.pop(slot, None)
+        if self._loop is None:  # stopped: run() cancels the timers, this guards a late one
+            self._buckets.pop(slot, None)
+            return
+        batches: dict[BatchStart, list[tuple[_Job, Any]]] = {}
+        for job in self._buckets.pop(slot, ()):
+            if job.slot != slot or job.removed:
+                continue  # moved to another slot (run_now, reload) or removed since
+            job.slot = None
+            try:
+                ticket = job.batch() if job.batch is not None else None
+            except Exception:  # a bug in a batch hook must not lose the slot's other runs
+                log.exception("batch hook failed key=%s", job.key)
+                ticket = None
+            if ticket is None:
+                self._fire(job)
+            else:
+                batches.setdefault(ticket[0], []).append((job, ticket[1]))
+        for start, members in batches.items():
+            self._start_batch(start, members)
 
     def _fire(self, job: _Job) -> None:
-        job.handle = None
-        if job.removed:
-            return
         job.running = True
         task = asyncio.create_task(self._run_job(job, job.due))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _start_batch(self, start: BatchStart, members: list[tuple[_Job, Any]]) -> None:
+        """One batch: no task, no semaphore slot (a batch is one send loop and one timer; its
+        size is bounded by what is due in one 10 ms slot), lag recorded per run."""
+        assert self._loop is not None
+        now = self._loop.time()
+        jobs = [job for job, _ in members]
+        for job in jobs:
+            job.running = True
+            self.lag.observe(max(0.0, now - job.due))
+        self.in_flight += len(jobs)
+        finished = False
+
+        def done() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            self.in_flight -= len(jobs)
+            self.runs += len(jobs)
+            self.batched += len(jobs)
+            for job in jobs:
+                job.running = False
+                self._rearm(job, job.due)
+
+        try:
+            start([item for _, item in members], done)
+        except Exception:  # the monitor's batch start never raises; this guards the scheduler
+            log.exception("batch failed size=%d", len(jobs))
+            done()
 
     async def _run_job(self, job: _Job, due: float) -> None:
         assert self._loop is not None
@@ -181,11 +251,15 @@ class Scheduler:
                     self.runs += 1
         finally:
             job.running = False
-        if not job.removed:
-            now = self._loop.time()
-            nxt = now if job.rerun else due + job.cadence()
-            job.rerun = False
-            self._arm(job, nxt if nxt > now else now)
+        self._rearm(job, due)
+
+    def _rearm(self, job: _Job, due: float) -> None:
+        if job.removed or self._loop is None:
+            return
+        now = self._loop.time()
+        nxt = now if job.rerun else due + job.cadence()
+        job.rerun = False
+        self._arm(job, nxt if nxt > now else now)
 
     # ------------------------------------------------------------------ life cycle
     async def run(self) -> None:
@@ -201,9 +275,12 @@ class Scheduler:
                 self.last_tick = time.monotonic()
                 await asyncio.sleep(self.TICK)
         finally:
+            for timer in self._slot_timers.values():
+                timer.cancel()
+            self._slot_timers.clear()
+            self._buckets.clear()
             for job in self._jobs.values():
-                if job.handle is not None:
-                    job.handle.cancel()
+                job.slot = None
             self._loop = None
             for task in list(self._tasks):
                 task.cancel()

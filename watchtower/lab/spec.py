@@ -490,6 +490,7 @@ def bulk_site(
     link_net: str = "10.213.191.0/24",
     tcp_ports: tuple[int, ...] = (),
     http_ports: tuple[int, ...] = (),
+    dns_names: dict[str, str] | None = None,
 ) -> LabSpec:
     """A benchmark site: ``n`` bulk hosts (``bulk1``..``bulkN``) that split ``bulk_net`` between
     them (the default /18 gives 16382 answering addresses), each on its own /30 veth carved from
@@ -510,6 +511,7 @@ def bulk_site(
             (f"{links[i].network_address + 2}/30",),
             tcp_ports=tcp_ports,
             http_ports=http_ports,
+            dns_names=dict(dns_names or {}),
             bulk_prefix=str(parts[i]),
         )
         for i in range(n)

@@ -1,5 +1,10 @@
 """Probe kinds: one module each, one ``async def probe(spec, ctx) -> ProbeResult``, one registry line.
 
+A kind whose probe is one packet or one handshake may also offer a :class:`BatchProbe` (icmp,
+tcp): runs of many paths that fall due together then start in one call, without a coroutine per
+run, and report in one callback. It extends the protocol; ``probe`` stays the reference (names to
+resolve, confirmations, the CLI) and the batch must give the same results for the runs it takes.
+
 A failing *target* is data: a probe reports it as ``ProbeResult(ok=False, failure=..., detail=...)``
 and never raises for anything the network or the peer does. The runner
 (:mod:`watchtower.engine.runner`) is the one place where an unexpected exception inside a probe
@@ -101,6 +106,22 @@ class ProbeContext:
 ProbeFunc = Callable[[Any, ProbeContext], Awaitable[ProbeResult]]
 
 
+@dataclass(frozen=True, slots=True)
+class BatchProbe:
+    """The batch extension of a probe kind.
+
+    ``item(spec, state)``: what a batch needs of this run (e.g. the parsed address), or None when
+    this run must go alone through ``probe`` (``state`` is the path's memory, as in
+    :class:`ProbeContext`; ``state["confirming"]`` is set by the monitor).
+    ``start(ctx, items, timeout, on_done)``: begin every item's run without awaiting and call
+    ``on_done(results)`` exactly once, on the event loop, with one result per item in order,
+    within ``timeout`` (plus scheduling). Never raises for what the network does.
+    """
+
+    item: Callable[[Any, dict[str, Any]], Any | None]
+    start: Callable[[ProbeContext, list[Any], float, Callable[[list[ProbeResult]], None]], None]
+
+
 def _registry() -> dict[str, ProbeFunc]:
     # Imported lazily so that `watchtower check` does not pay for aiohttp/dnspython imports.
     from watchtower.probes import dns, http, icmp, ipmi, nut, redfish, snmp, tcp
@@ -118,6 +139,19 @@ def _registry() -> dict[str, ProbeFunc]:
 
 
 _PROBES: dict[str, ProbeFunc] | None = None
+
+
+def get_batch_probe(kind: str) -> BatchProbe | None:
+    """The batch extension of a kind, or None when its runs always go one by one."""
+    global _BATCH
+    if _BATCH is None:
+        from watchtower.probes import icmp, tcp
+
+        _BATCH = {"icmp": icmp.BATCH, "tcp": tcp.BATCH}
+    return _BATCH.get(kind)
+
+
+_BATCH: dict[str, BatchProbe] | None = None
 
 
 def get_probe(kind: str) -> ProbeFunc | None:

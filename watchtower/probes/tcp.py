@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 import time
+from collections.abc import Callable
 from contextlib import suppress
+from typing import Any
 
 from watchtower.config import TcpPath
-from watchtower.probes import Failure, ProbeContext, ProbeResult
+from watchtower.probes import BatchProbe, Failure, ProbeContext, ProbeResult
 
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
 
@@ -72,3 +75,101 @@ async def probe(spec: TcpPath, ctx: ProbeContext) -> ProbeResult:
         return ProbeResult.fail(failure, detail, time.perf_counter() - start)
     latency = time.perf_counter() - start
     return ProbeResult.success(latency, f"connected in {latency * 1000:.1f} ms")
+
+
+# --------------------------------------------------------------------------- the batch extension
+
+Literal = tuple[socket.AddressFamily, tuple[str, int]]
+
+
+def batch_item(spec: TcpPath, state: dict[str, Any]) -> Literal | None:
+    """(family, sockaddr) when this run can join a batch: an IP literal, not confirming a failure
+    (a confirmation races three tries, see engine/runner.py). A name goes through :func:`probe`."""
+    if state.get("confirming"):
+        return None
+    parsed: Literal | bool | None = state.get("tcp_literal")
+    if parsed is None:
+        parsed = _literal(spec.host, spec.port) or False
+        state["tcp_literal"] = parsed
+    return parsed if isinstance(parsed, tuple) else None
+
+
+def _failed(code: int) -> ProbeResult:
+    failure, detail = classify_os_error(OSError(code, os.strerror(code)))
+    return ProbeResult.fail(failure, detail)
+
+
+def start_batch(
+    ctx: ProbeContext, items: list[Literal], timeout: float, on_done: Callable[[list[ProbeResult]], None]
+) -> None:
+    """A non-blocking connect per item, the loop's writer readiness as the handshake's end, one
+    timer for the batch's deadline: no task, future or ``asyncio.timeout`` per connection."""
+    loop = asyncio.get_running_loop()
+    results: list[ProbeResult | None] = [None] * len(items)
+    waiting: dict[int, tuple[socket.socket, float]] = {}
+    timer: asyncio.TimerHandle | None = None
+
+    def settle(i: int, result: ProbeResult) -> None:
+        results[i] = result
+        if not waiting and timer is not None:
+            finish()
+
+    def ready(i: int) -> None:
+        entry = waiting.pop(i, None)
+        if entry is None:
+            return
+        sock, started = entry
+        latency = time.perf_counter() - started
+        loop.remove_writer(sock.fileno())
+        try:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+        sock.close()
+        if code == 0:
+            settle(i, ProbeResult(True, latency, None, f"connected in {latency * 1000:.1f} ms"))
+        else:
+            failed = _failed(code)
+            settle(i, ProbeResult(False, latency, failed.failure, failed.detail))
+
+    def finish() -> None:
+        nonlocal timer
+        if timer is None:
+            return
+        timer.cancel()
+        timer = None
+        if waiting:
+            silence = ProbeResult.fail(Failure.TIMEOUT, f"no TCP handshake within {timeout:g}s")
+            for i, (sock, _) in waiting.items():
+                loop.remove_writer(sock.fileno())
+                sock.close()
+                results[i] = silence
+            waiting.clear()
+        on_done([r if r is not None else ProbeResult.fail(Failure.INTERNAL, "no result") for r in results])
+
+    for i, (family, sockaddr) in enumerate(items):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            failure, detail = classify_os_error(exc)
+            results[i] = ProbeResult.fail(failure, detail)
+            continue
+        sock.setblocking(False)
+        started = time.perf_counter()
+        code = sock.connect_ex(sockaddr)
+        if code in (errno.EINPROGRESS, errno.EAGAIN):
+            waiting[i] = (sock, started)
+            loop.add_writer(sock.fileno(), ready, i)
+            continue
+        sock.close()
+        if code == 0:  # loopback can complete at once
+            latency = time.perf_counter() - started
+            results[i] = ProbeResult(True, latency, None, f"connected in {latency * 1000:.1f} ms")
+        else:
+            results[i] = _failed(code)
+    timer = loop.call_later(timeout, finish)
+    if not waiting:
+        loop.call_soon(finish)
+
+
+BATCH = BatchProbe(batch_item, start_batch)

@@ -43,6 +43,7 @@ MONITOR: web.AppKey[Monitor] = web.AppKey("monitor", Monitor)
 # The incident store (history, notifications); None when the daemon runs without one (unit tests).
 STORE: web.AppKey[AsyncStore | None] = web.AppKey("store")
 ALERTING: web.AppKey[Alerting | None] = web.AppKey("alerting")
+METRICS: web.AppKey[metrics.MetricsCache] = web.AppKey("metrics", metrics.MetricsCache)
 DRILLS: web.AppKey[DrillRunner | None] = web.AppKey("drills")
 # A drill's confirmation link: its token is its authentication (one contact, once, until it expires).
 _CONFIRM_PATH = re.compile(r"^/api/v1/drills/\d+/confirm/[0-9a-f]{1,64}$")
@@ -324,17 +325,23 @@ async def auth_middleware(
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    snap = request.app[MONITOR].snapshot()
     gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
-    alerting = request.app[ALERTING]
-    muted = set(alerting.muted(snap.taken_at)) if alerting is not None else set()
-    runner = request.app[DRILLS]
-    verified = {v.contact: v.last_verified for v in runner.verification()} if runner is not None else None
-    watch = request.app.get(backups_api.WATCH)
-    statuses = dict(request.app[MONITOR].statuses)
-    verify = request.app.get(backups_api.VERIFY)
-    extra = _Extra(lambda: backups_api.collectors(watch, statuses, verify))
-    body = await asyncio.to_thread(metrics.render, snap, gzip_ok, verified, muted, extra)
+    app = request.app
+
+    def take() -> metrics.RenderArgs:
+        # on the loop, and only when the cached body is stale: what the render thread needs, copied
+        snap = app[MONITOR].snapshot()
+        alerting = app[ALERTING]
+        muted = set(alerting.muted(snap.taken_at)) if alerting is not None else set()
+        runner = app[DRILLS]
+        verified = {v.contact: v.last_verified for v in runner.verification()} if runner is not None else None
+        watch = app.get(backups_api.WATCH)
+        statuses = dict(app[MONITOR].statuses)
+        verify = app.get(backups_api.VERIFY)
+        extra = _Extra(lambda: backups_api.collectors(watch, statuses, verify))
+        return snap, verified, muted, extra
+
+    body = await app[METRICS].body(take, gzip_ok)
     headers = {"Content-Type": metrics.CONTENT_TYPE}
     if gzip_ok:
         headers["Content-Encoding"] = "gzip"
@@ -998,6 +1005,7 @@ def make_app(
     app[MONITOR] = monitor
     app[STORE] = store
     app[ALERTING] = alerting
+    app[METRICS] = metrics.MetricsCache()
     app[SESSIONS] = Sessions()
     app[LIMITER] = FailureLimiter()
     app[DRILLS] = drills

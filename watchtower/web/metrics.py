@@ -2,18 +2,28 @@
 
 A custom collector instead of labelled Gauges: the daemon already holds the state, so mirroring
 it into 20,000 locked ``.labels()`` children would cost ~30x more per update and ~12 MB of RSS
-(measured: see ../shared/notes). Rendering 20k series takes 100-250 ms, so the web handler runs
-:func:`render` in a thread on a snapshot copied on the loop.
+(measured: see ../shared/notes).
+
+The per-path families (four series per path: 40,000 at 10,000 paths) are written as text here,
+byte for byte what ``generate_latest`` writes for them (label names sorted, values through
+``floatToGoString``), because prometheus_client's sample objects and per-sample formatting cost
+575 ms for 40k series (bench/RESULTS.md); the few site-wide families still go through the
+collector. :class:`MetricsCache` renders in a thread from an immutable snapshot and serves the
+body again for a while, so scrapers never make the daemon render back to back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gzip
-from collections.abc import Collection, Iterator, Mapping
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from watchtower import __version__
 from watchtower.engine.monitor import Snapshot, TargetState
@@ -22,7 +32,65 @@ from watchtower.engine.paths import PathState
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _path_labels(target: str, path: str, kind: str) -> tuple[str, str]:
+    """``kind=..,path=..,target=..`` and ``path=..,target=..``: sorted by label name, as
+    prometheus_client writes them; kept across scrapes (a path's labels do not change)."""
+    t, p = _escape(target), _escape(path)
+    return f'kind="{_escape(kind)}",path="{p}",target="{t}"', f'path="{p}",target="{t}"'
+
+
+def _family(out: list[str], name: str, help_text: str) -> None:
+    out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n")
+
+
+def render_paths(snap: Snapshot) -> str:
+    """The per-path and per-target families as exposition text."""
+    success: list[str] = []
+    duration: list[str] = []
+    path_up: list[str] = []
+    values: list[str] = []
+    _family(success, "watchtower_probe_success", "1 if the last probe of the path succeeded")
+    _family(duration, "watchtower_probe_duration_seconds", "round trip / time to answer of the last probe")
+    _family(
+        path_up, "watchtower_path_up", "1 up, 0 down after fail_after/recover_after (absent while unknown)"
+    )
+    _family(
+        values, "watchtower_probe_value", "numeric readings of the last probe (UPS charge, disk used %, ...)"
+    )
+    fmt = floatToGoString
+    up, unknown = PathState.UP, PathState.UNKNOWN
+    for row in snap.paths:
+        with_kind, plain = _path_labels(row.target, row.name, row.kind)
+        if row.ok is not None:
+            success.append(f"watchtower_probe_success{{{with_kind}}} {'1.0' if row.ok else '0.0'}\n")
+        if row.latency is not None:
+            duration.append(f"watchtower_probe_duration_seconds{{{with_kind}}} {fmt(row.latency)}\n")
+        if row.state is not unknown:
+            path_up.append(f"watchtower_path_up{{{plain}}} {'1.0' if row.state is up else '0.0'}\n")
+        for name, value in row.values:
+            values.append(f'watchtower_probe_value{{name="{_escape(name)}",{plain}}} {fmt(value)}\n')
+    target_state: list[str] = []
+    _family(target_state, "watchtower_target_state", "1 for the target's current state (one-hot)")
+    for name, role, state in snap.targets:
+        role_label, target_label = _escape(role), _escape(name)
+        for candidate in TargetState:
+            one = "1.0" if candidate is state else "0.0"
+            target_state.append(
+                f'watchtower_target_state{{role="{role_label}",state="{candidate.value}",'
+                f'target="{target_label}"}} {one}\n'
+            )
+    return "".join(success + duration + path_up + target_state + values)
+
+
 class SnapshotCollector:
+    """The site-wide and per-target families, through prometheus_client (the per-path ones:
+    :func:`render_paths`)."""
+
     def __init__(
         self,
         snapshot: Snapshot,
@@ -35,41 +103,6 @@ class SnapshotCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot
-        success = GaugeMetricFamily(
-            "watchtower_probe_success",
-            "1 if the last probe of the path succeeded",
-            labels=["target", "path", "kind"],
-        )
-        duration = GaugeMetricFamily(
-            "watchtower_probe_duration_seconds",
-            "round trip / time to answer of the last probe",
-            labels=["target", "path", "kind"],
-        )
-        path_up = GaugeMetricFamily(
-            "watchtower_path_up",
-            "1 up, 0 down after fail_after/recover_after (absent while unknown)",
-            labels=["target", "path"],
-        )
-        for row in snap.paths:
-            if row.ok is not None:
-                success.add_metric([row.target, row.name, row.kind], 1.0 if row.ok else 0.0)
-            if row.latency is not None:
-                duration.add_metric([row.target, row.name, row.kind], row.latency)
-            if row.state is not PathState.UNKNOWN:
-                path_up.add_metric([row.target, row.name], 1.0 if row.state is PathState.UP else 0.0)
-        yield success
-        yield duration
-        yield path_up
-
-        target_state = GaugeMetricFamily(
-            "watchtower_target_state",
-            "1 for the target's current state (one-hot)",
-            labels=["target", "role", "state"],
-        )
-        for name, role, state in snap.targets:
-            for candidate in TargetState:
-                target_state.add_metric([name, role, candidate.value], 1.0 if candidate is state else 0.0)
-        yield target_state
         muted = GaugeMetricFamily(
             "watchtower_muted",
             "1 while the target is in maintenance (muted or in a window): recorded, not paged",
@@ -105,15 +138,6 @@ class SnapshotCollector:
         yield power
         yield sel
         yield sensors
-        values = GaugeMetricFamily(
-            "watchtower_probe_value",
-            "numeric readings of the last probe (UPS charge, disk used %, ...)",
-            labels=["target", "path", "name"],
-        )
-        for row in snap.paths:
-            for name, value in row.values:
-                values.add_metric([row.target, row.name, name], value)
-        yield values
         incidents = GaugeMetricFamily(
             "watchtower_incidents_open", "open incidents by scope", labels=["scope"]
         )
@@ -195,5 +219,53 @@ def render(
     collector: Any = SnapshotCollector(snapshot, verified, muted)
     if extra is not None:
         collector = _Chained(collector, extra)
-    body = generate_latest(collector)  # type: ignore[arg-type,unused-ignore]
+    body = render_paths(snapshot).encode() + generate_latest(collector)  # type: ignore[arg-type,unused-ignore]
     return gzip.compress(body, compresslevel=5) if compress else body
+
+
+RenderArgs = tuple[Snapshot, Mapping[str, float | None] | None, Collection[str], Any]
+
+
+class MetricsCache:
+    """The ``/metrics`` body, rendered in a thread from a snapshot and served again while fresh.
+
+    A body stays fresh ``FRESH_FACTOR`` times as long as it took to render, at most ``MAX_AGE``
+    seconds, and only when it took at least ``CACHE_FROM``: at 10,000 paths (~0.1 s to render with
+    the loop busy) scrapes inside ~2 s share one render, so rendering never takes more than ~5 % of
+    a core however often it is scraped, while a small site is rendered afresh on every scrape.
+    Concurrent scrapes of a stale body wait for the one render in progress.
+    """
+
+    MAX_AGE = 5.0
+    FRESH_FACTOR = 20.0
+    # A render cheaper than this is not kept: a small site's metrics follow every change at once
+    # (a mute ended, a message sent), and re-rendering costs next to nothing there.
+    CACHE_FROM = 0.05
+
+    def __init__(self) -> None:
+        self._bodies: dict[bool, tuple[float, bytes]] = {}  # gzip? -> (fresh until, body)
+        self._rendering: dict[bool, asyncio.Future[bytes]] = {}
+        self.renders = 0
+
+    async def body(self, take: Callable[[], RenderArgs], compress: bool) -> bytes:
+        """The body; ``take()`` (on the loop, only when a render is due) gives what :func:`render`
+        needs besides ``compress``: the snapshot, drill verifications, muted targets, extra."""
+        cached = self._bodies.get(compress)
+        if cached is not None and time.monotonic() < cached[0]:
+            return cached[1]
+        pending = self._rendering.get(compress)
+        if pending is None:
+            pending = asyncio.ensure_future(self._render(take(), compress))
+            self._rendering[compress] = pending
+            pending.add_done_callback(lambda _: self._rendering.pop(compress, None))
+        return await asyncio.shield(pending)
+
+    async def _render(self, args: RenderArgs, compress: bool) -> bytes:
+        snap, verified, muted, extra = args
+        start = time.monotonic()
+        body = await asyncio.to_thread(render, snap, compress, verified, muted, extra)
+        took = time.monotonic() - start
+        self.renders += 1
+        fresh = min(self.MAX_AGE, took * self.FRESH_FACTOR) if took >= self.CACHE_FROM else 0.0
+        self._bodies[compress] = (time.monotonic() + fresh, body)
+        return body

@@ -264,8 +264,8 @@ class Monitor:
         """For a kind with a batch extension: this run's ticket into the slot's batch, or None
         when it must run alone (see probes.BatchProbe)."""
         batch = get_batch_probe(status.path.kind)
-        if batch is None:
-            return None
+        if batch is None or self._probe is not run_probe:
+            return None  # no batch extension, or a stand-in for the network (the simulator) probes alone
 
         def take() -> tuple[BatchStart, Any] | None:
             status.memory["confirming"] = status.state is PathState.UP and status.failures > 0

@@ -418,7 +418,11 @@ class IncidentTracker:
             (
                 i
                 for i in open_target
-                if i.root in verdict.affected and i is not incident and i.opened_at >= onset and i.flaps == 0
+                if i.root in verdict.affected
+                and i is not incident
+                and i.opened_at >= onset
+                and i.flaps == 0
+                and i.cause not in OWN_CAUSES  # the BMC proves it is its own outage
             ),
             key=lambda i: i.opened_at,
         )

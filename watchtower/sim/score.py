@@ -111,9 +111,18 @@ def confirm_time(config: Config, target: str) -> float:
 
 
 def _behind_recovery(world: World, o: Outage) -> bool:
-    """The outage began the moment something above its target stopped explaining it."""
+    """The outage began the moment something above its target stopped explaining it, or while
+    something above it was broken (hidden behind that outage, it shows only when that comes back)."""
+    if o.start <= 0:
+        return False
     before = world.truth(max(0.0, o.start - RESOLUTION))
-    return o.start > 0 and world.explained(before, o.target) is not None
+    if world.explained(before, o.target) is not None:
+        return True
+    at = world.truth(o.start)
+    return any(
+        at.hosts[up].hard(o.start) is not None or o.start < at.hosts[up].forward_from
+        for up in world.site.upstream[o.target]
+    )
 
 
 def _cause_ok(world: World, m: SentMessage) -> bool:

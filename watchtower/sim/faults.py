@@ -144,6 +144,9 @@ def random_script(config: Config, seed: int, *, span: float = 1500.0) -> list[Fa
                 args["network"] = rng.choice(carried)
             elif config.networks:
                 fault = "hang"  # it carries no configured network: a device failure instead
+        if fault in ("power_off", "psu_fail", "hang") and role in ("hypervisor", "storage"):
+            # A host that lost power or hung answers again only after it has booted: a minute at least.
+            length = max(length, rng.uniform(45.0, 90.0))
         bursts = 1
         if rng.random() < 0.12:  # flapping: short outages in a row
             bursts, length = rng.randint(2, 5), rng.uniform(4.0, 25.0)

@@ -321,6 +321,9 @@ class World:
 
     def _repair(self, now: float, target: str, h: HostTruth, args: dict[str, Any]) -> HostTruth:
         was_down = h.hard(now) is not None
+        # What runs on it reboots after a power loss or a hang (and a NAS's VMs after any outage of
+        # their disks); a link that flapped does not reboot the VMs behind it.
+        reboots = (not h.power or not h.os_ok) or (was_down and self.site.roles[target] == "storage")
         h = replace(
             h,
             power=True,
@@ -336,7 +339,7 @@ class World:
             # packets never stopped forwarding.
             forward_from=now + float(args.get("forward_delay", 0.0)) if was_down else 0.0,
         )
-        if was_down:
+        if reboots:
             # What ran on it (or on its disks) boots again, each after its own delay.
             delays = args.get("vm_delays", {})
             for name in self.site.roles:

@@ -178,7 +178,7 @@ class NetworkOutage:
 
     network: str  # configured name, or the inferred prefix
     root: str  # the device named after it (first ``via``, or the inferred switch), else ``network``
-    dark: tuple[str, ...]  # targets dark on it, in topology order (root included when it is one)
+    dark: tuple[str, ...]  # targets dark on it, in config order (root included when it is one)
     alive: Mapping[str, tuple[str, ...]]  # dark target -> networks its OS still answers on
     inferred: bool
     title: str  # "production network via core-sw1"
@@ -204,7 +204,7 @@ def _paths_by_network(
     topology: Topology, paths: Mapping[str, Sequence[PathView]]
 ) -> dict[str, dict[str, list[PathView]]]:
     out: dict[str, dict[str, list[PathView]]] = {}
-    for target in topology.order:
+    for target in topology.nodes:  # config order: how the admin lists them
         for p in paths.get(target, ()):
             key = network_key(topology, p)
             if key is not None:

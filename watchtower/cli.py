@@ -17,7 +17,7 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 from watchtower import __version__
-from watchtower.config import Config, ConfigError, load_config
+from watchtower.config import NOTE_KINDS, Config, ConfigError, load_config
 
 if TYPE_CHECKING:
     from watchtower.store import Store
@@ -44,8 +44,11 @@ def _load(path: str) -> Config:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from watchtower.config import unplaced_paths
+    from watchtower.people import coverage_warnings
 
     cfg = _load(args.config)
+    for line in coverage_warnings(cfg):
+        print(f"warning: {line}", file=sys.stderr)
     print(f"ok: {len(cfg.targets)} targets, {len(cfg.paths)} paths")
     if args.explain:
         print(explain_networks(cfg))
@@ -134,8 +137,29 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 print(f"      sensors: {len(bmc['sensors'])} read, {len(bad)} not ok")
                 for s in bad:
                     print(f"      sensor {s['state']:<8} {s['name']} = {s['value']} {s['unit']}")
+    _record_manual_check(cfg, args.target, rows)
     # The BMC is consulted, not a witness: only the target's own paths decide the exit code.
     return EXIT_OK if all(r["ok"] for r in rows if not r["bmc_block"]) else EXIT_DOWN
+
+
+def _record_manual_check(cfg: Config, target: str, rows: list[dict[str, Any]]) -> None:
+    """During an open incident involving ``target``, a probe run is the playbook's manual check:
+    it goes on that incident's timeline (best effort: no daemon, no record)."""
+    own = [r for r in rows if not r["bmc_block"]]
+    up = [r["path"] for r in own if r["ok"]]
+    text = f"watchtower probe {target}: {len(up)} of {len(own)} paths up" + (
+        f" ({', '.join(up)})" if up else ""
+    )
+    by = os.environ.get("SUDO_USER") or os.environ.get("USER") or "cli"
+    try:
+        incidents = asyncio.run(_api(cfg, "GET", "/api/v1/incidents"))
+        for incident in incidents:
+            if target == incident["root"] or target in incident["affected"]:
+                body = {"kind": "manual_check", "text": text, "by": by}
+                asyncio.run(_api(cfg, "POST", f"/api/v1/incidents/{incident['id']}/notes", body))
+                print(f"recorded on incident #{incident['id']} as the manual check", file=sys.stderr)
+    except Exception:  # no daemon running (or it refused): the probe's own output is what counts
+        return
 
 
 async def _probe_target(cfg: Config, target: str) -> list[dict[str, Any]]:
@@ -374,6 +398,76 @@ def cmd_ack(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_note(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    body = {"kind": args.kind, "text": " ".join(args.text), "by": args.by}
+    try:
+        incident = _call_daemon(cfg, "POST", f"/api/v1/incidents/{args.id}/notes", body, api_errors=True)
+    except ApiError as exc:
+        print(f"cannot add a note to #{args.id}: {exc}", file=sys.stderr)
+        return EXIT_DOWN if exc.status == 404 else EXIT_INVALID
+    print(f"#{incident['id']} noted ({args.kind}) by {args.by}")
+    return EXIT_OK
+
+
+def _drill_lines(drill: dict[str, Any]) -> list[str]:
+    head = f"drill #{drill['id']} {drill['state']} started {drill['started_at']} by {drill['requested_by']}"
+    lines = [head + (f", compress {drill['compress']:g}" if drill["compress"] != 1 else "")]
+    for c in drill["contacts"]:
+        if c["result"]:
+            state = c["result"]
+        elif c["confirmed_at"]:
+            state = f"confirmed at {c['confirmed_at']}"
+        else:
+            state = f"waiting (link expires {c['expires_at']})"
+        lines.append(f"  {c['contact']:<12} {state}")
+    return lines
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    try:
+        if args.action == "run":
+            body: dict[str, Any] = {"by": args.by}
+            if args.compress is not None:
+                body["compress"] = args.compress
+            drill = _call_daemon(cfg, "POST", "/api/v1/drills", body, api_errors=True)
+            print("\n".join(_drill_lines(drill)))
+            print(f"every contact gets a DRILL message; follow it with: watchtower drills -c {args.config}")
+            return EXIT_OK
+        if args.drill is None or args.token is None:
+            print("usage: watchtower drill confirm DRILL_ID TOKEN", file=sys.stderr)
+            return EXIT_INVALID
+        answer = _call_daemon(
+            cfg, "POST", f"/api/v1/drills/{args.drill}/confirm/{args.token}?via=cli", {}, api_errors=True
+        )
+    except ApiError as exc:
+        print(f"drill {args.action}: {exc}", file=sys.stderr)
+        return EXIT_INVALID if exc.status in (400, 404, 409, 410) else EXIT_DOWN
+    print(f"drill #{answer['drill']}: {answer['contact']} confirmed")
+    return EXIT_OK
+
+
+def cmd_drills(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    doc = _call_daemon(cfg, "GET", "/api/v1/drills")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    for v in doc["contacts"]:
+        when = v["last_verified"] or "never"
+        flag = "  OVERDUE" if v["overdue"] else ""
+        print(
+            f"{v['contact']:<12} last verified {when}{flag}"
+            + (f": {v['last_result']}" if v["last_result"] else "")
+        )
+    for drill in doc["drills"]:
+        print("\n".join(_drill_lines(drill)))
+    if not doc["drills"]:
+        print("no drills yet: watchtower drill run")
+    return EXIT_OK
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from watchtower.lab import lab_main
 
@@ -529,6 +623,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ack", cmd_ack, "acknowledge an incident (stops further escalation)")
     p.add_argument("id", type=int)
     p.add_argument("--by", required=True, help="who takes it")
+    p = command("note", cmd_note, "add a note to an incident's timeline (first-hour checklist items)")
+    p.add_argument("id", type=int)
+    p.add_argument("--kind", required=True, choices=NOTE_KINDS)
+    p.add_argument("--by", required=True, help="who writes it")
+    p.add_argument("text", nargs="+")
+    p = command("drill", cmd_drill, "alert-chain drill: run one now, or confirm a drill message")
+    p.add_argument("action", choices=["run", "confirm"])
+    p.add_argument("drill", nargs="?", type=int, help="confirm: the drill id")
+    p.add_argument("token", nargs="?", help="confirm: the token from the message")
+    p.add_argument("--compress", type=float, help="run: multiply the escalation delays by this (0.1)")
+    p.add_argument("--by", default=os.environ.get("USER") or "cli", help="run: who starts it")
+    p = command("drills", cmd_drills, "drills and when each contact was last verified")
+    p.add_argument("--json", action="store_true")
     p = command("report", cmd_report, "print the post-mortem of an incident as Markdown")
     p.add_argument("id", type=int)
     p = command("notify-test", cmd_notify_test, "send a marked test message through every channel (or one)")
@@ -538,6 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("lab", cmd_lab, lab_help,
                 config=False)  # fmt: skip
     p.add_argument("lab_args", nargs=argparse.REMAINDER)
+    from watchtower.sim.cli import add_arguments, cmd_sim
+
+    p = command("sim", cmd_sim, "score the engine against random fault sequences on virtual time")
+    add_arguments(p)
     p = command("demo", cmd_demo, "build the simulated site and run watchtower against it (root)")
     p.set_defaults(config="config/demo.yaml")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -849,6 +849,9 @@ class Target(Timing):
         None, description="vendor service tag / serial, quoted in hardware alerts"
     )
     vendor_contact: str | None = Field(None, description="how to open a vendor case")
+    provider: str | None = Field(
+        None, description="the `providers:` entry to call when it fails (its ISP line, its vendor)"
+    )
     runbook: str | None = Field(None, description="link or text shown with incidents of this target")
 
 
@@ -874,6 +877,65 @@ class Channel(Strict):
         return self
 
 
+def _check_windows(value: Any) -> Any:
+    if isinstance(value, str):
+        from watchtower.availability import parse_windows
+
+        parse_windows(value)
+    return value
+
+
+def _check_zone(value: Any) -> Any:
+    if isinstance(value, str):
+        from watchtower.availability import zone
+
+        zone(value)
+    return value
+
+
+Availability = Annotated[str, BeforeValidator(_check_windows)]
+TimeZone = Annotated[str, BeforeValidator(_check_zone)]
+# What a step's ``when.cause`` can name: the BMC's causes, and the two the playbook reasons about.
+STEP_CAUSES = ("security", "hardware", "power_off", "hardware_fault", "os_unresponsive", "bmc_unreachable")
+
+
+class Contact(Strict):
+    """A person in the escalation chain: how to reach them and when."""
+
+    name: str | None = Field(None, description="as people call them (defaults to the key)")
+    role: str | None = Field(None, description="e.g. admin, on-call, management, insurer")
+    phone: str | None = Field(None, description="shown on the page and in drills: who to call by hand")
+    channels: list[str] = Field(
+        min_length=1, description="names (or tags) of notify.channels that reach this person"
+    )
+    available: Availability = Field(
+        "always",
+        description="weekly windows in `timezone`, like `Mon-Fri 07:00-19:00; Sat 09:00-12:00` "
+        "(an end before the start runs past midnight), `always`, or `never` (on leave)",
+    )
+    timezone: TimeZone = Field("UTC", description="IANA zone of `available` (Europe/Berlin)")
+    on_call: bool = Field(
+        False,
+        description="reached out of hours: when none of the other contacts a step names is available",
+    )
+    verify_every: Duration = Field(
+        90 * 86400.0, description="a drill should have reached this person at least this often"
+    )
+
+
+class StepWhen(Strict):
+    """A step that fires only for some incidents (both lists, when given, must match)."""
+
+    scope: list[Literal["network", "hypervisor", "storage", "vm", "service"]] = Field(
+        default_factory=list, description="incident scopes this step is for"
+    )
+    cause: list[Literal[STEP_CAUSES]] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="`security` (several unrelated services at once), `hardware` (storage, or the "
+        "BMC reports a fault or power off), or a BMC cause",
+    )
+
+
 class EscalationStep(Strict):
     after: NonNegativeDuration | None = Field(
         None, description="delay after the incident opened; 0s = at once"
@@ -881,13 +943,21 @@ class EscalationStep(Strict):
     rto_fraction: float | None = Field(
         None, gt=0, le=1, description="fires at this fraction of the smallest RTO"
     )
-    notify: list[str] = Field(min_length=1, description="channel tags (or names) to notify")
+    notify: list[str] = Field(default_factory=list, description="channel tags (or names) to notify")
+    contacts: list[str] = Field(
+        default_factory=list,
+        description="contacts to reach: those available at that moment (else the on-call ones); "
+        "nobody available -> the next step fires at once",
+    )
+    when: StepWhen | None = Field(None, description="only for incidents of these scopes/causes")
     unless: Literal["acknowledged"] | None = None
 
     @model_validator(mode="after")
     def _trigger(self) -> EscalationStep:
         if (self.after is None) == (self.rto_fraction is None):
             raise ValueError("each step needs exactly one of after or rto_fraction")
+        if not self.notify and not self.contacts:
+            raise ValueError("each step needs notify (channel tags) or contacts")
         return self
 
 
@@ -912,6 +982,64 @@ class Notify(Strict):
     retry_max: Duration = Field(300.0, description="longest pause between two delivery attempts")
     give_up_after: Duration = Field(
         86400.0, description="an undeliverable message is dropped (and counted failed) after this"
+    )
+
+
+class Provider(Strict):
+    """An outside party an incident may need: the ISP, a hardware vendor, the insurer."""
+
+    name: str | None = Field(None, description="as written in messages (defaults to the key)")
+    phone: str | None = Field(None, description="their support line")
+    contract: str | None = Field(None, description="contract or customer number to quote")
+    circuit: str | None = Field(None, description="circuit id of the line (ISPs)")
+    response_sla: Duration | None = Field(None, description="agreed time to respond; the report compares")
+
+
+class Drills(Strict):
+    """Alert-chain drills: every contact gets a DRILL message and confirms it."""
+
+    every: Duration | None = Field(None, description="start a drill when the last one is this old (e.g. 90d)")
+    window: Availability | None = Field(
+        None, description="when scheduled drills may start, like `Tue-Thu 10:00-11:00` (in `timezone`)"
+    )
+    timezone: TimeZone = Field("UTC", description="IANA zone of `window`")
+    confirm_within: Duration = Field(
+        900.0, description="a person not confirming this long after their message counts as not reached"
+    )
+    compress: float = Field(
+        1.0, gt=0, le=1, description="scheduled drills run the escalation delays times this factor"
+    )
+
+
+class FirstHourItem(Strict):
+    label: str | None = Field(None, description="what the checklist calls it")
+    at: NonNegativeDuration | None = Field(None, description="due this long after the first failure")
+
+
+FIRST_HOUR_KEYS = (
+    "symptom", "manual_check", "scope", "on_call", "decision", "logs", "management", "vendor_case",
+    "restore",
+)  # fmt: skip
+
+
+# What `watchtower note --kind` records; the checklist ticks items from them.
+NOTE_KINDS = (
+    "decision",
+    "vendor_case",
+    "restore",
+    "user_report",
+    "logs",
+    "management",
+    "provider",
+    "manual_check",
+)
+
+
+class Playbook(Strict):
+    first_hour: dict[Literal[FIRST_HOUR_KEYS], FirstHourItem] = Field(  # type: ignore[valid-type]
+        default_factory=dict,
+        description="rename or re-time first-hour checklist items (symptom, manual_check, scope, "
+        "on_call, decision, logs, management, vendor_case, restore)",
     )
 
 
@@ -1052,6 +1180,14 @@ class Config(Strict):
         description="the site's networks (e.g. `prod`, `mgmt`): a network failing while another still "
         "reaches its hosts is one incident named after it (without this, inferred from address prefixes)",
     )
+    contacts: dict[str, Contact] = Field(
+        default_factory=dict, description="people escalation steps reach (by `contacts:`), with availability"
+    )
+    providers: dict[str, Provider] = Field(
+        default_factory=dict, description="ISP, vendors, insurer: named by targets' `provider`"
+    )
+    drills: Drills = Field(default_factory=Drills, description="alert-chain drills")
+    playbook: Playbook = Field(default_factory=Playbook, description="the first-hour checklist")
 
     @field_validator("state_dir", mode="after")
     @classmethod
@@ -1281,11 +1417,33 @@ def _notify_problems(cfg: Config) -> list[str]:
                     f"notify.escalation[{i}].notify[{j}]: no channel has tag or name {tag!r}"
                     + _did_you_mean(tag, known)
                 )
+        for j, name in enumerate(step.contacts):
+            if name not in cfg.contacts:
+                problems.append(
+                    f"notify.escalation[{i}].contacts[{j}]: no contact named {name!r}"
+                    + _did_you_mean(name, cfg.contacts)
+                )
         if step.rto_fraction is not None and not any(
             t.service and t.service.rto for t in cfg.targets.values()
         ):
             problems.append(
                 f"notify.escalation[{i}].rto_fraction: no target has a service.rto to take a fraction of"
+            )
+    for cname, contact in cfg.contacts.items():
+        for j, ref in enumerate(contact.channels):
+            if ref not in known:
+                problems.append(
+                    f"contacts.{cname}.channels[{j}]: no channel has tag or name {ref!r}"
+                    + _did_you_mean(ref, known)
+                )
+    from watchtower.people import unreachable_steps
+
+    problems += unreachable_steps(cfg)
+    for tname, target in cfg.targets.items():
+        if target.provider is not None and target.provider not in cfg.providers:
+            problems.append(
+                f"targets.{tname}.provider: no provider named {target.provider!r}"
+                + _did_you_mean(target.provider, cfg.providers)
             )
     return problems
 

@@ -18,6 +18,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchtower import __version__, logs
 from watchtower.config import Config, ConfigError, load_config
+from watchtower.drill import DrillRunner
 from watchtower.engine.correlate import TargetState
 from watchtower.engine.monitor import Monitor, open_shared
 from watchtower.notify.alertmanager import AlertmanagerSink
@@ -190,14 +191,15 @@ async def run_daemon(
         monitor = Monitor(config, shared=shared)
         store, store_error = await open_store(config)
         stack.push_async_callback(store.close)
-        alerting = Alerting(config, store, monitor.tracker)
+        alerting = Alerting(config, store, monitor.tracker, changed=monitor.incidents_changed)
         if store_error is not None:
             alerting.store_ok, alerting.store_error = False, store_error
         stack.callback(alerting.close)
         await alerting.restore()  # open incidents keep their ids and are not paged again
-        alerting.changed = monitor.incidents_changed
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
+        drills = DrillRunner(store, alerting, state_dir=None if store_error is not None else config.state_dir)
+        await drills.restore()
         # The config and the path table live for the whole run: move them out of the garbage
         # collector's view, so a full collection does not stall probing (seen: 100 ms at 10k paths).
         gc.collect()
@@ -210,7 +212,7 @@ async def run_daemon(
             await stack.enter_async_context(TrapReceiver.from_config(config.traps, monitor.on_trap))
 
         runner = web.AppRunner(
-            make_app(monitor, store, alerting),
+            make_app(monitor, store, alerting, drills),
             access_log=None,
             shutdown_timeout=1.0,
             keepalive_timeout=web_app.IDLE_TIMEOUT,  # bounds a trickled request head too
@@ -241,6 +243,7 @@ async def run_daemon(
             scheduler_task = tg.create_task(monitor.run(), name="scheduler")
             alerting_task = tg.create_task(alerting.run(), name="alerting")
             sink_task = tg.create_task(sink.run(), name="alertmanager")
+            drill_task = tg.create_task(drills.run(), name="drills")
             reloading = asyncio.Lock()
 
             async def on_hup() -> None:
@@ -271,6 +274,7 @@ async def run_daemon(
             scheduler_task.cancel()
             alerting_task.cancel()
             sink_task.cancel()
+            drill_task.cancel()
             if supervise_task is not None:
                 supervise_task.cancel()
     log.info("stopped")

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from watchtower.checklist import checklist, provider_lines, staff_sentence
 from watchtower.config import Config
 from watchtower.durations import exact
 from watchtower.engine.correlate import Scope
@@ -73,6 +74,14 @@ def _inline(text: object) -> str:
 def _cell(text: object) -> str:
     """A table cell: one line, ``|`` escaped so the row keeps its columns."""
     return _inline(text).replace("|", "\\|")
+
+
+_MARKUP = re.compile(r"([\\`*_\[\]<>#!])")
+
+
+def _untrusted(text: str) -> str:
+    """What a person typed (a note): Markdown and HTML in it shown as typed, never rendered."""
+    return _MARKUP.sub(r"\\\1", text).replace("&", "&amp;")
 
 
 def _row(*cells: object) -> str:
@@ -272,7 +281,10 @@ def _timeline_rows(
     attempts: Sequence[Attempt],
     windows: Sequence[tuple[float, float | None]],
 ) -> list[_Row]:
-    rows = [_Row(e.at, 0, i, e.text) for i, e in enumerate(incident.timeline)]
+    rows = [
+        _Row(e.at, 0, i, _untrusted(e.text) if e.kind.startswith("note:") else e.text)
+        for i, e in enumerate(incident.timeline)
+    ]
     for i, n in enumerate(notifications):
         rows.extend(_notification_rows(n, attempts, i))
     if incident.scope is not Scope.MONITOR:  # a monitor incident's own timeline already says it
@@ -381,6 +393,19 @@ def render_report(
                     f"from {iso(start - s.rpo)} or later ({span(s.rpo)} before the first failed probe); "
                     f"record the one actually used."
                 )
+
+    # ---- first hour
+    if not monitor:
+        others: list[Incident] = []
+        out += ["", "## First hour", ""]
+        out += [
+            f"- {_untrusted(item.line())}" for item in checklist(incident, notifications, config, now, others)
+        ]
+        for line in provider_lines(incident, config):
+            out.append(f"- {_untrusted(line)}")
+        staff = staff_sentence(incident, config)
+        if staff:
+            out += ["", f"For the staff: {_untrusted(staff)}"]
 
     # ---- timeline
     zero = "first failed probe" if incident.first_failure_at is not None else "confirmation"

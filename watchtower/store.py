@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,6 +89,31 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (incident, step)
     );
     """,
+    # issue 17: alert-chain drills, one row per drill and per contact drilled (tokens hashed)
+    """
+    CREATE TABLE drills (
+        id INTEGER PRIMARY KEY,
+        started_at REAL NOT NULL,
+        compress REAL NOT NULL,
+        confirm_within REAL NOT NULL,
+        requested_by TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'running',
+        finished_at REAL
+    );
+    CREATE TABLE drill_contacts (
+        drill INTEGER NOT NULL REFERENCES drills(id) ON DELETE CASCADE,
+        contact TEXT NOT NULL,
+        step INTEGER,
+        token_hash TEXT NOT NULL,
+        due_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        confirmed_at REAL,
+        confirmed_via TEXT,
+        result TEXT,
+        PRIMARY KEY (drill, contact)
+    );
+    CREATE UNIQUE INDEX drill_contacts_token ON drill_contacts(drill, token_hash);
+    """,
 )
 
 
@@ -131,6 +157,30 @@ class NewNotification:
     body: str
 
 
+@dataclass(frozen=True, slots=True)
+class DrillContact:
+    contact: str
+    step: int | None  # the escalation step that first names them (None: in no step)
+    token_hash: str
+    due_at: float  # when their DRILL message is due (compressed)
+    expires_at: float  # their link stops working; unconfirmed by then = not reached
+    confirmed_at: float | None = None
+    confirmed_via: str | None = None
+    result: str | None = None  # the sentence, once the drill is over
+
+
+@dataclass(frozen=True, slots=True)
+class Drill:
+    id: int
+    started_at: float
+    compress: float
+    confirm_within: float
+    requested_by: str
+    state: str  # running | passed | failed
+    finished_at: float | None
+    contacts: tuple[DrillContact, ...]
+
+
 class StoreError(Exception):
     """The state directory cannot be used (missing, read-only, full, corrupt)."""
 
@@ -161,10 +211,20 @@ class Store:
         self._thread: int | None = None
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            # Switching a new file to WAL needs it to itself: a second opener at that moment gets
+            # "database is locked" at once (SQLite's busy timeout does not cover it), so try again.
+            deadline = time.monotonic() + 5.0
+            while True:
+                try:
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                    self.db.execute("PRAGMA synchronous=FULL")
+                    self.db.execute("PRAGMA foreign_keys=ON")
+                    self._migrate()
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
@@ -185,19 +245,28 @@ class Store:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def _migrate(self) -> None:
-        current = self.version
-        if current > len(MIGRATIONS):
-            raise StoreError(
-                f"{self.path} has schema version {current}, newer than this watchtower knows "
-                f"({len(MIGRATIONS)}): refusing to touch it"
-            )
-        for version in range(current, len(MIGRATIONS)):
-            # One script, one transaction: a migration lands whole or not at all.
+        """Each migration in its own transaction, the version read under the write lock: two
+        processes opening a new file at once (the daemon starting, a CLI reading) must not both
+        run the same migration (seen: "table incidents already exists")."""
+        while True:
+            self.db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.executescript(
-                    f"BEGIN IMMEDIATE;{MIGRATIONS[version]};PRAGMA user_version = {version + 1};COMMIT;"
-                )
-            except sqlite3.Error:
+                current = self.version
+                if current > len(MIGRATIONS):
+                    raise StoreError(
+                        f"{self.path} has schema version {current}, newer than this watchtower knows "
+                        f"({len(MIGRATIONS)}): refusing to touch it"
+                    )
+                if current == len(MIGRATIONS):
+                    self.db.execute("COMMIT")
+                    return
+                # One migration, one transaction: it lands whole or not at all.
+                for statement in MIGRATIONS[current].split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {current + 1}")
+                self.db.execute("COMMIT")
+            except BaseException:
                 if self.db.in_transaction:
                     self.db.execute("ROLLBACK")
                 raise
@@ -341,31 +410,32 @@ class Store:
             root=row[2],
             opened_at=row[5],
             cause=Cause(row[3]) if row[3] else None,
-            affected=json.loads(row[12]),
+            affected=tuple(json.loads(row[12])),
             state=IncidentState(row[4]),
             acknowledged_at=row[7],
             acknowledged_by=row[8],
             resolved_at=row[9],
             first_failure_at=row[6],
-            evidence=json.loads(row[14]),
+            evidence=tuple(json.loads(row[14])),
             flaps=row[10],
             merged_into=row[11],
-            back=json.loads(row[13]),
+            back=tuple(json.loads(row[13])),
         )
-        incident.timeline = [
+        timeline = tuple(
             TimelineEvent(at, kind, text)
             for at, kind, text in self.db.execute(
                 "SELECT at, kind, text FROM timeline WHERE incident = ? ORDER BY seq", (incident.id,)
             )
-        ]
-        self._persisted[incident.id] = len(incident.timeline)
+        )
+        self._persisted[incident.id] = len(timeline)
+        root_back_at = None
         if incident.is_open:  # "root back, waiting for the rest" is read back from the timeline
-            for event in incident.timeline:
+            for event in timeline:
                 if event.kind == "root_back":
-                    incident.root_back_at = event.at
+                    root_back_at = event.at
                 elif event.kind in ("root_failed", "reopened"):
-                    incident.root_back_at = None
-        return incident
+                    root_back_at = None
+        return replace(incident, timeline=timeline, root_back_at=root_back_at)
 
     def incident(self, incident_id: int) -> Incident | None:
         row = self.db.execute(
@@ -435,6 +505,121 @@ class Store:
             (end if end is not None else float("inf"), start),
         )
         return [(a, b) for a, b in rows]
+
+    # ------------------------------------------------------------------ drills (issue 17)
+    def start_drill(
+        self, started_at: float, compress: float, confirm_within: float, by: str,
+        contacts: Sequence[DrillContact], token_hash: Callable[[int, str], str],
+    ) -> int:  # fmt: skip
+        """A new drill and its contacts in one transaction; ``token_hash(drill, contact)`` gives
+        each contact's link hash (it depends on the drill's id, known only in here)."""
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT INTO drills (started_at, compress, confirm_within, requested_by) VALUES (?, ?, ?, ?)",
+                (started_at, compress, confirm_within, by),
+            )
+            drill = int(cur.lastrowid or 0)
+            self.db.executemany(
+                "INSERT INTO drill_contacts (drill, contact, step, token_hash, due_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (drill, c.contact, c.step, token_hash(drill, c.contact), c.due_at, c.expires_at)
+                    for c in contacts
+                ],
+            )
+        return drill
+
+    def drills(self, *, running_only: bool = False, limit: int = 50) -> list[Drill]:
+        """Newest first."""
+        where = "WHERE state = 'running' " if running_only else ""
+        rows = self.db.execute(
+            "SELECT id, started_at, compress, confirm_within, requested_by, state, finished_at "
+            f"FROM drills {where}ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        out = []
+        for row in rows:
+            contacts = tuple(
+                DrillContact(*c)
+                for c in self.db.execute(
+                    "SELECT contact, step, token_hash, due_at, expires_at, confirmed_at, confirmed_via, "
+                    "result FROM drill_contacts WHERE drill = ? ORDER BY due_at, rowid",
+                    (row[0],),
+                )
+            )
+            drill_id, started, compress, within, by, state, finished = row
+            out.append(Drill(drill_id, started, compress, within, by, state, finished, contacts))
+        return out
+
+    def confirm_drill(self, drill: int, token_hash: str, at: float, via: str) -> tuple[str | None, str]:
+        """A confirmation link used: (contact, "confirmed") once; afterwards (contact, "used"),
+        past its expiry (contact, "expired"), an unknown token (None, "unknown")."""
+        with self._tx():
+            row = self.db.execute(
+                "SELECT contact, expires_at, confirmed_at FROM drill_contacts "
+                "WHERE drill = ? AND token_hash = ?",
+                (drill, token_hash),
+            ).fetchone()
+            if row is None:
+                return None, "unknown"
+            contact, expires_at, confirmed_at = row
+            if confirmed_at is not None:
+                return contact, "used"
+            if at >= expires_at:
+                return contact, "expired"
+            self.db.execute(
+                "UPDATE drill_contacts SET confirmed_at = ?, confirmed_via = ? "
+                "WHERE drill = ? AND contact = ? AND confirmed_at IS NULL",
+                (at, via, drill, contact),
+            )
+        return contact, "confirmed"
+
+    def finish_drill(
+        self, drill: int, state: str, results: Mapping[str, str], warnings: Sequence[NewNotification],
+        at: float,
+    ) -> list[Notification]:  # fmt: skip
+        """The drill's outcome and the warning it causes, in one transaction (a crash in between
+        neither loses the warning nor sends it twice: its step key is unique)."""
+        with self._tx():
+            self.db.execute(
+                "UPDATE drills SET state = ?, finished_at = ? WHERE id = ? AND state = 'running'",
+                (state, at, drill),
+            )
+            self.db.executemany(
+                "UPDATE drill_contacts SET result = ? WHERE drill = ? AND contact = ?",
+                [(text, drill, contact) for contact, text in results.items()],
+            )
+            added = []
+            for n in warnings:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO notifications (incident, step, kind, channel, title, body, "
+                    "created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (n.incident, n.step, n.kind, n.channel, n.title, n.body, at, at),
+                )
+                if cur.rowcount:
+                    added.append(
+                        Notification(
+                            int(cur.lastrowid or 0), n.incident, n.step, n.kind, n.channel, n.title, n.body,
+                            at, "pending", 0, at, None, None, None,
+                        )
+                    )  # fmt: skip
+        return added
+
+    def drill_notifications(self, drill: int) -> list[Notification]:
+        rows = self.db.execute(
+            f"SELECT {_NOTIFICATION_COLUMNS} FROM notifications "
+            "WHERE incident = 0 AND step LIKE ? ORDER BY id",
+            (f"drill:{drill}:%",),
+        )
+        return [self._notification(r) for r in rows]
+
+    def last_verified(self) -> dict[str, float]:
+        """contact -> the last time a drill confirmation reached them."""
+        rows = self.db.execute(
+            "SELECT contact, MAX(confirmed_at) FROM drill_contacts WHERE confirmed_at IS NOT NULL "
+            "GROUP BY contact"
+        )
+        return {c: float(at) for c, at in rows}
 
 
 class _Transaction:

@@ -390,6 +390,8 @@ def test_mail_accepted_while_smtp_is_down_arrives_exactly_once_across_kill_9(tmp
 async def test_blind_alarm_not_delivered_while_blind_is_replaced_by_the_window_report(tmp_path: Path) -> None:
     """The monitor's own uplink is down, so its "blind" page cannot get out; when the vantage
     returns, one message reports the blind window and the stale alarm is dropped."""
+    from dataclasses import replace
+
     from watchtower.engine.correlate import Scope
     from watchtower.engine.incidents import Incident, IncidentState, IncidentTracker
     from watchtower.notify.outbox import Alerting
@@ -409,8 +411,8 @@ async def test_blind_alarm_not_delivered_while_blind_is_replaced_by_the_window_r
     alerting = Alerting(cfg, store, tracker)
     runner = asyncio.create_task(alerting.run())
     try:
-        blind = Incident(1, Scope.MONITOR, "loop", alerting.now())
-        blind.note(blind.opened_at, "opened", "blind")
+        opened_at = alerting.now()
+        blind = Incident(1, Scope.MONITOR, "loop", opened_at).noted(opened_at, "opened", "blind")
         tracker.load([blind], 2)
         alerting.changed.set()
 
@@ -419,8 +421,10 @@ async def test_blind_alarm_not_delivered_while_blind_is_replaced_by_the_window_r
             return bool(rows and rows[0].attempts >= 1)
 
         await wait_for(page_failed, 10, "the blind page to fail")
-        blind.state, blind.resolved_at = IncidentState.RESOLVED, alerting.now()
-        blind.note(blind.resolved_at, "resolved", "blind from .. to ..")
+        resolved_at = alerting.now()
+        tracker.incidents[blind.id] = replace(
+            blind, state=IncidentState.RESOLVED, resolved_at=resolved_at
+        ).noted(resolved_at, "resolved", "blind from .. to ..")
         alerting.changed.set()
         gateway.start()
         [request] = await gateway.wait_requests(1, timeout=20)

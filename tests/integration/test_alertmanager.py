@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,10 @@ def tracker_with_outage(first_id: int) -> tuple[IncidentTracker, Incident]:
     """The same hypervisor outage as a watchtower sees it (ids differ between instances)."""
     tracker = IncidentTracker(next_id=first_id)
     now = clock.now()
-    incident = Incident(first_id, Scope.HYPERVISOR, "pve1", now - 5, cause=Cause.POWER_OFF)
-    incident.affected, incident.first_failure_at = ["dc1", "erp1"], now - 8
+    incident = Incident(
+        first_id, Scope.HYPERVISOR, "pve1", now - 5, cause=Cause.POWER_OFF, affected=("dc1", "erp1"),
+        first_failure_at=now - 8,
+    )  # fmt: skip
     tracker.incidents[incident.id] = incident
     return tracker, incident
 
@@ -163,7 +166,7 @@ async def test_incident_is_one_alert_with_the_contract_labels_and_resolves(
     await sink.tick(force=True)
     assert sink.posts == posts + 1
 
-    incident.state, incident.resolved_at = IncidentState.RESOLVED, clock.now()
+    tracker.incidents[incident.id] = replace(incident, state=IncidentState.RESOLVED, resolved_at=clock.now())
     await sink.tick()
 
     async def resolved() -> list[dict[str, Any]]:
@@ -195,7 +198,9 @@ async def test_two_vantage_points_give_one_notification(alertmanager: dict[str, 
     for sink, tracker in sinks:  # both keep posting while open, then both resolve
         await sink.tick(force=True)
         for incident in tracker.open_incidents():
-            incident.state, incident.resolved_at = IncidentState.RESOLVED, clock.now()
+            tracker.incidents[incident.id] = replace(
+                incident, state=IncidentState.RESOLVED, resolved_at=clock.now()
+            )
     for sink, _ in sinks:
         await sink.tick()
 

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,10 @@ def write_config(tmp_path: Path, port: int, targets: dict[str, Any] | None = Non
 
 
 def recorded_incident() -> Incident:
-    incident = Incident(12, Scope.HYPERVISOR, "pve1", T0 + 14, cause=Cause.POWER_OFF, affected=["erp1"],
+    incident = Incident(12, Scope.HYPERVISOR, "pve1", T0 + 14, cause=Cause.POWER_OFF, affected=("erp1",),
                         first_failure_at=T0)  # fmt: skip
-    incident.note(T0, "first_failure", "first failed probe of pve1")
-    incident.note(T0 + 14, "opened", "confirmed: hypervisor pve1 down (power_off), 1 affected")
-    return incident
+    incident = incident.noted(T0, "first_failure", "first failed probe of pve1")
+    return incident.noted(T0 + 14, "opened", "confirmed: hypervisor pve1 down (power_off), 1 affected")
 
 
 def fill(store: Store) -> None:
@@ -75,20 +75,16 @@ def fill(store: Store) -> None:
     store.record_attempt(page.id, T0 + 16, True, None, None)
     store.record_attempt(sms.id, T0 + 15, False, "HTTP 503", T0 + 40)
     store.record_attempt(sms.id, T0 + 40, True, None, None)
-    incident.state, incident.acknowledged_at, incident.acknowledged_by = (
-        IncidentState.ACKNOWLEDGED,
-        T0 + 1339,
-        "alice",
+    incident = replace(
+        incident, state=IncidentState.ACKNOWLEDGED, acknowledged_at=T0 + 1339, acknowledged_by="alice"
+    ).noted(T0 + 1339, "ack", "acknowledged by alice")
+    incident = replace(incident, back=(*incident.back, "erp1")).noted(T0 + 4000, "back", "erp1 is back")
+    incident = replace(incident, state=IncidentState.RESOLVED, resolved_at=T0 + 4200).noted(
+        T0 + 4200, "resolved", "pve1 is back after 1h09m"
     )
-    incident.note(T0 + 1339, "ack", "acknowledged by alice")
-    incident.back.append("erp1")
-    incident.note(T0 + 4000, "back", "erp1 is back")
-    incident.state, incident.resolved_at = IncidentState.RESOLVED, T0 + 4200
-    incident.note(T0 + 4200, "resolved", "pve1 is back after 1h09m")
     blind = Incident(
         13, Scope.MONITOR, "acme-hq", T0 + 1800, state=IncidentState.RESOLVED, resolved_at=T0 + 1930
-    )
-    blind.note(T0 + 1800, "opened", "blind since 02:43:53Z: every vantage path is down")
+    ).noted(T0 + 1800, "opened", "blind since 02:43:53Z: every vantage path is down")
     store.commit([incident, blind], now=T0 + 4200)
 
 

@@ -82,8 +82,8 @@ async def test_alerting_escalates_on_time_while_the_wall_clock_jumps(
     real_time = time.time
     try:
         opened_mono = time.monotonic()
-        incident = Incident(1, Scope.SERVICE, "erp1", alerting.now())
-        incident.note(incident.opened_at, "opened", "erp1 down")
+        opened_at = alerting.now()
+        incident = Incident(1, Scope.SERVICE, "erp1", opened_at).noted(opened_at, "opened", "erp1 down")
         tracker.load([incident], 2)
         alerting.changed.set()
         await gateway.wait_requests(1, timeout=10)

@@ -169,7 +169,7 @@ def test_vantage_down_is_monitor_only() -> None:
         ((DOWN, DOWN, UP), 3, TargetState.DEGRADED),
         ((DOWN,), 2, TargetState.DOWN),
         ((UNK, UNK), 2, TargetState.UNKNOWN),
-        ((DOWN, UNK), 2, TargetState.DEGRADED),
+        ((DOWN, UNK), 2, TargetState.UNKNOWN),  # down, nothing answering: not "partly back"
     ],
 )
 def test_own_state(states: tuple[PathState, ...], confirm: int, expected: TargetState) -> None:

@@ -99,7 +99,7 @@ U, D, X = PathState.UP, PathState.DOWN, PathState.UNKNOWN
         ((D, U), 1, TargetState.DOWN),
         ((X, X), 2, TargetState.UNKNOWN),
         ((X, U), 2, TargetState.UP),
-        ((D, X), 2, TargetState.DEGRADED),
+        ((D, X), 2, TargetState.UNKNOWN),  # down, nothing answering: not "partly back"
     ],
 )
 def test_target_state(states: tuple[PathState, ...], confirm: int, expected: TargetState) -> None:
@@ -272,18 +272,22 @@ def test_bmc_facts_give_the_hypervisor_incident_its_cause() -> None:
                 monitor.record(status, FAIL, t)
     changes = monitor.evaluate(3.0)
     (incident,) = monitor.tracker.open_incidents()
-    assert [c.kind for c in changes] == ["opened"] and incident.cause is None and incident.affected == ["vm1"]
+    assert (
+        [c.kind for c in changes] == ["opened"] and incident.cause is None and incident.affected == ("vm1",)
+    )
 
     # the BMC answers: chassis off -> power_off; then a PSU failure in the SEL -> hardware_fault
     off = ProbeResult.fail(Failure.CONTENT, "chassis power is off", bmc=BmcReading(power_on=False))
     assert monitor.record(bmc, off, 4.0)
     monitor.evaluate(4.0)
+    incident = monitor.tracker.incidents[incident.id]  # a frozen value: the tracker holds the new one
     assert incident.cause == "power_off"
     psu = SelEntry("0x0042", "Power Supply PS1: Failure detected", "critical")
     monitor.record(
         bmc, ProbeResult.fail(Failure.CONTENT, "off", bmc=BmcReading(False, new_events=(psu,))), 5.0
     )
     changes = monitor.evaluate(5.0)
+    incident = monitor.tracker.incidents[incident.id]
     assert incident.cause == "hardware_fault" and [c.kind for c in changes] == ["cause"]
     assert "BMC: chassis off, SEL: Power Supply PS1: Failure detected" in incident.evidence
     assert monitor.bmc["pve1"].critical_total == 1
@@ -334,7 +338,7 @@ def test_a_vm_confirmed_before_its_hypervisor_waits_so_the_incident_names_the_hy
     changes = monitor.evaluate(3.2)
     (incident,) = monitor.tracker.open_incidents()
     assert [c.kind for c in changes] == ["opened"]
-    assert (incident.scope, incident.root, incident.affected) == ("hypervisor", "pve1", ["vm1"])
+    assert (incident.scope, incident.root, incident.affected) == ("hypervisor", "pve1", ("vm1",))
 
     # Everything comes back, the incident ends; hours later the same race: the VM waits again (the
     # first hold's start must not count against the second).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -9,7 +10,14 @@ from hypothesis import strategies as st
 
 from watchtower.config import Config, parse_config
 from watchtower.engine.correlate import Scope
-from watchtower.engine.escalation import DueStep, channels_for, due, rto_clock
+from watchtower.engine.escalation import (
+    ALL_CLEAR_HOLD_MAX,
+    DueStep,
+    all_clear_hold,
+    channels_for,
+    due,
+    rto_clock,
+)
 from watchtower.engine.incidents import Incident, IncidentState
 
 MIN = 60.0
@@ -64,10 +72,11 @@ def config(**notify: object) -> Config:
 
 
 def incident(affected: tuple[str, ...] = ("erp1", "files1")) -> Incident:
-    inc = Incident(7, Scope.HYPERVISOR, "pve1", T0, affected=list(affected), first_failure_at=FAIL)
-    inc.note(FAIL, "first_failure", "first failed probe of pve1")
-    inc.note(T0, "opened", "confirmed")
-    return inc
+    return (
+        Incident(7, Scope.HYPERVISOR, "pve1", T0, affected=affected, first_failure_at=FAIL)
+        .noted(FAIL, "first_failure", "first failed probe of pve1")
+        .noted(T0, "opened", "confirmed")
+    )
 
 
 class Driver:
@@ -119,11 +128,11 @@ def test_tier2_at_15_minutes_unless_acknowledged() -> None:
 
 
 def test_ack_before_15_minutes_stops_tier2_but_not_the_rto_step() -> None:
-    inc = incident()
-    d = Driver(config(), inc)
+    d = Driver(config(), incident())
     d.run(T0, T0 + 10 * MIN, every=10.0)
-    inc.state, inc.acknowledged_at, inc.acknowledged_by = IncidentState.ACKNOWLEDGED, T0 + 10 * MIN, "alice"
-    inc.note(T0 + 10 * MIN, "ack", "acknowledged by alice")
+    d.inc = replace(
+        d.inc, state=IncidentState.ACKNOWLEDGED, acknowledged_at=T0 + 10 * MIN, acknowledged_by="alice"
+    ).noted(T0 + 10 * MIN, "ack", "acknowledged by alice")
     d.run(T0 + 10 * MIN + 1, T0 + 4 * 3600, every=30.0)
     assert d.times("step1") == []
     # the ack is announced once to everyone notified so far
@@ -166,10 +175,9 @@ def test_after_a_long_pause_only_the_latest_update_goes_out() -> None:
 
 
 def test_all_clear_once_to_everyone_notified() -> None:
-    inc = incident()
-    d = Driver(config(), inc)
+    d = Driver(config(), incident())
     d.run(T0, T0 + 20 * MIN, every=60.0)
-    inc.state, inc.resolved_at = IncidentState.RESOLVED, T0 + 20 * MIN + 30
+    d.inc = replace(d.inc, state=IncidentState.RESOLVED, resolved_at=T0 + 20 * MIN + 30)
     steps = d.at(T0 + 20 * MIN + 30)
     assert [(s.step, s.kind) for s in steps] == [("resolve:0", "resolve")]
     assert steps[0].channels == ("signal-oncall", "sms-oncall", "mail-provider")
@@ -178,50 +186,57 @@ def test_all_clear_once_to_everyone_notified() -> None:
 
 
 def test_no_all_clear_when_switched_off_or_nobody_was_told() -> None:
-    inc = incident()
-    d = Driver(config(on_resolve=False), inc)
+    d = Driver(config(on_resolve=False), incident())
     d.at(T0)
-    inc.state, inc.resolved_at = IncidentState.RESOLVED, T0 + 60
+    d.inc = replace(d.inc, state=IncidentState.RESOLVED, resolved_at=T0 + 60)
     assert d.at(T0 + 60) == []
-    inc2 = incident()
-    inc2.state, inc2.resolved_at = IncidentState.RESOLVED, T0 + 1
+    inc2 = replace(incident(), state=IncidentState.RESOLVED, resolved_at=T0 + 1)
     assert due(inc2, config(escalation=[]), T0 + 1, set(), set()) == []
 
 
 def test_flapping_root_gets_one_page_and_one_all_clear_once_stable() -> None:
-    inc = incident()
-    d = Driver(config(all_clear_after="60s"), inc)
+    d = Driver(config(all_clear_after="60s"), incident())
     d.at(T0)
     t = T0
     for flap in range(1, 6):  # down 20 s / up 20 s
         t += 20
-        inc.state, inc.resolved_at = IncidentState.RESOLVED, t
+        d.inc = replace(d.inc, state=IncidentState.RESOLVED, resolved_at=t)
         d.run(t, t + 19)
         t += 20
-        inc.state, inc.resolved_at, inc.flaps = IncidentState.OPEN, None, flap
+        d.inc = replace(d.inc, state=IncidentState.OPEN, resolved_at=None, flaps=flap)
         d.at(t)
     assert [s.kind for _, s in d.log] == ["page"]  # no all-clear went out, so no "failed again"
     t += 20
-    inc.state, inc.resolved_at = IncidentState.RESOLVED, t
-    assert d.at(t + 59) == []
-    (clear,) = d.at(t + 60)
+    d.inc = replace(d.inc, state=IncidentState.RESOLVED, resolved_at=t)
+    # five flaps: the recovery must hold longer before it is believed (60 s doubled per flap, at
+    # most ALL_CLEAR_HOLD_MAX)
+    assert d.at(t + 299) == []
+    (clear,) = d.at(t + 300)
     assert clear.step == "resolve:5" and clear.kind == "resolve"
 
 
-def test_a_failure_after_the_all_clear_is_announced_once() -> None:
+def test_all_clear_hold_grows_with_flaps() -> None:
+    policy = config(all_clear_after="60s").notify
     inc = incident()
-    d = Driver(config(), inc)
+    holds = []
+    for flaps in range(5):
+        inc = replace(inc, flaps=flaps)
+        holds.append(all_clear_hold(inc, policy))
+    assert holds == [60.0, 120.0, 240.0, ALL_CLEAR_HOLD_MAX, ALL_CLEAR_HOLD_MAX]
+
+
+def test_a_failure_after_the_all_clear_is_announced_once() -> None:
+    d = Driver(config(), incident())
     d.at(T0)
-    inc.state, inc.resolved_at = IncidentState.RESOLVED, T0 + 100
+    d.inc = replace(d.inc, state=IncidentState.RESOLVED, resolved_at=T0 + 100)
     assert [s.kind for s in d.at(T0 + 100)] == ["resolve"]
-    inc.state, inc.resolved_at, inc.flaps = IncidentState.OPEN, None, 1
+    d.inc = replace(d.inc, state=IncidentState.OPEN, resolved_at=None, flaps=1)
     assert [s.step for s in d.at(T0 + 200)] == ["reopen:1"]
     assert d.at(T0 + 201) == []
 
 
 def test_merged_incident_owes_nothing() -> None:
-    inc = incident()
-    inc.merged_into, inc.state, inc.resolved_at = 3, IncidentState.RESOLVED, T0
+    inc = replace(incident(), merged_into=3, state=IncidentState.RESOLVED, resolved_at=T0)
     assert due(inc, config(), T0 + 3600, set(), {"signal-oncall"}) == []
 
 
@@ -240,18 +255,19 @@ def test_channels_by_tag_or_name_in_config_order() -> None:
 def test_nothing_fires_twice_and_nothing_after_the_all_clear(
     ack_at: float | None, resolve_at: float | None, every: float
 ) -> None:
-    inc = incident()
-    d = Driver(config(), inc)
+    d = Driver(config(), incident())
     t = T0
     while t <= T0 + 6 * 3600:
-        if ack_at is not None and inc.acknowledged_at is None and t >= T0 + ack_at and inc.is_open:
-            inc.state, inc.acknowledged_at, inc.acknowledged_by = IncidentState.ACKNOWLEDGED, t, "bob"
-            inc.note(t, "ack", "acknowledged by bob")
-        if resolve_at is not None and inc.is_open and t >= T0 + resolve_at:
-            inc.state, inc.resolved_at = IncidentState.RESOLVED, t
+        if ack_at is not None and d.inc.acknowledged_at is None and t >= T0 + ack_at and d.inc.is_open:
+            d.inc = replace(
+                d.inc, state=IncidentState.ACKNOWLEDGED, acknowledged_at=t, acknowledged_by="bob"
+            ).noted(t, "ack", "acknowledged by bob")
+        if resolve_at is not None and d.inc.is_open and t >= T0 + resolve_at:
+            d.inc = replace(d.inc, state=IncidentState.RESOLVED, resolved_at=t)
         d.at(t)  # Driver asserts no step id comes twice
         t += every * 13  # coarse, to keep the example count fast
     steps = [s for _, s in d.log]
+    inc = d.inc
     if inc.resolved_at is not None:
         after = [s for t_, s in d.log if t_ > inc.resolved_at]
         assert all(s.kind == "resolve" for s in after)

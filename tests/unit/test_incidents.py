@@ -39,16 +39,18 @@ def test_open_grow_cause_resolve() -> None:
     changes = t.step(corr(down=["pve1"], since=95.0), 100.0)
     assert [c.kind for c in changes] == ["opened"]
     (inc,) = t.open_incidents()
-    assert (inc.scope, inc.root, inc.affected, inc.first_failure_at) == ("hypervisor", "pve1", [], 95.0)
+    assert (inc.scope, inc.root, inc.affected, inc.first_failure_at) == ("hypervisor", "pve1", (), 95.0)
     assert [e.kind for e in inc.timeline] == ["first_failure", "opened"]
 
     changes = t.step(corr(down=["pve1", "dc1", "mail1"], bmc={"pve1": BmcFacts(True, power_on=False)}), 102.0)
     assert {c.kind for c in changes} == {"affected", "cause"}
-    assert inc.affected == ["dc1", "mail1"] and inc.cause == "power_off"
+    inc = t.incidents[inc.id]  # a frozen value: the tracker holds the new one
+    assert inc.affected == ("dc1", "mail1") and inc.cause == "power_off"
     assert "BMC: chassis off" in inc.evidence
     assert t.step(corr(down=["pve1", "dc1", "mail1"]), 103.0) == []  # nothing new: nothing to say
 
     changes = t.step(corr(), 200.0)
+    inc = t.incidents[inc.id]
     assert [c.kind for c in changes] == ["resolved"] and inc.state is IncidentState.RESOLVED
     assert inc.resolved_at == 200.0 and "pve1 is back after 1m40s" in changes[0].text
 
@@ -89,7 +91,7 @@ def test_recovered_root_waits_for_its_children_then_leaves_stragglers_as_their_o
     assert [c.kind for c in changes] == ["recovering"]
     assert "pve1 is back; waiting for dc1" in changes[0].text
     (inc,) = t.open_incidents()
-    assert inc.root == "pve1" and inc.root_back_at == 50.0 and inc.back == ["mail1"]
+    assert inc.root == "pve1" and inc.root_back_at == 50.0 and inc.back == ("mail1",)
     assert t.step(corr(down=["dc1"]), 60.0) == []  # dc1's own verdict belongs to the recovering incident
 
     changes = t.step(corr(down=["dc1"]), 50.0 + RECOVERY_GRACE)  # dc1 never came back
@@ -108,7 +110,7 @@ def test_children_back_within_the_grace_resolve_the_one_incident() -> None:
     changes = t.step(corr(), 120.0)
     assert [c.kind for c in changes] == ["resolved"] and len(t.incidents) == 1
     assert "pve1 and what it took down are back after 2m" in changes[0].text
-    assert t.incidents[1].back == ["dc1", "mail1"]
+    assert t.incidents[1].back == ("dc1", "mail1")
 
 
 def test_a_child_answering_on_some_paths_is_not_back_yet() -> None:
@@ -120,7 +122,7 @@ def test_a_child_answering_on_some_paths_is_not_back_yet() -> None:
     assert [c.kind for c in changes] == ["recovering"] and "waiting for dc1" in changes[0].text
     assert t.step(corr(half=["dc1"]), 60.0) == []
     changes = t.step(corr(), 62.0)
-    assert [c.kind for c in changes] == ["resolved"] and t.incidents[1].back == ["mail1", "dc1"]
+    assert [c.kind for c in changes] == ["resolved"] and t.incidents[1].back == ("mail1", "dc1")
 
 
 def test_a_child_degraded_for_long_does_not_hold_the_all_clear_for_the_full_grace() -> None:
@@ -167,7 +169,7 @@ def test_acknowledge() -> None:
     inc, changes = t.acknowledge(1, "alice", 5.0)
     assert inc.state is IncidentState.ACKNOWLEDGED and inc.acknowledged_by == "alice"
     assert [c.kind for c in changes] == ["acknowledged"]
-    assert t.acknowledge(1, "bob", 6.0)[1] == [] and inc.acknowledged_by == "alice"
+    assert t.acknowledge(1, "bob", 6.0)[1] == [] and t.incidents[1].acknowledged_by == "alice"
     assert t.open_incidents() == [inc]
     assert corr(down=["mail1"]).states["mail1"] is TargetState.DOWN
 

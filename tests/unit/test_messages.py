@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +106,13 @@ def hv_incident(cause: Cause | None = Cause.POWER_OFF, **kw: Any) -> Incident:
         "pve1",
         opened_at=T0 + 60,
         cause=cause,
-        affected=list(VMS),
+        affected=tuple(VMS),
         first_failure_at=T0,
-        evidence=["icmp 10.0.10.11: no echo reply", "icmp 10.0.99.11: no echo reply", "BMC: chassis off"],
+        evidence=("icmp 10.0.10.11: no echo reply", "icmp 10.0.99.11: no echo reply", "BMC: chassis off"),
     )
-    inc.note(T0, "first_failure", "first failed probe of pve1")
-    inc.note(T0 + 60, "opened", "confirmed: hypervisor pve1 down")
-    for key, value in kw.items():
-        setattr(inc, key, value)
-    return inc
+    inc = inc.noted(T0, "first_failure", "first failed probe of pve1")
+    inc = inc.noted(T0 + 60, "opened", "confirmed: hypervisor pve1 down")
+    return replace(inc, **kw)
 
 
 def lines(msg: Message) -> list[str]:
@@ -178,7 +177,7 @@ def test_rto_exceeded() -> None:
 
 
 def test_no_rto_line_without_a_service_rto() -> None:
-    inc = hv_incident(affected=["mail1", "vm04"])
+    inc = hv_incident(affected=("mail1", "vm04"))
     assert not any(line.startswith("RTO") for line in lines(incident_message("page", inc, CFG, T0)))
 
 
@@ -215,7 +214,7 @@ def test_hardware_hint_without_service_tag() -> None:
 
 
 def test_network_scope() -> None:
-    inc = Incident(3, Scope.NETWORK, "core-sw1", T0, affected=["pve1", "pve2", "nas1"])
+    inc = Incident(3, Scope.NETWORK, "core-sw1", T0, affected=("pve1", "pve2", "nas1"))
     msg = incident_message("page", inc, CFG, T0 + 300)
     body = lines(msg)
     # The first page often goes out before everything behind the switch is confirmed: the count of
@@ -228,7 +227,7 @@ def test_network_scope() -> None:
     )
     assert " 3 aff of 16 behind" in msg.sms
     behind = [t for t in CFG.targets if t != "core-sw1"]
-    everything = Incident(3, Scope.NETWORK, "core-sw1", T0, affected=behind)
+    everything = Incident(3, Scope.NETWORK, "core-sw1", T0, affected=tuple(behind))
     full = incident_message("page", everything, CFG, T0 + 300)
     assert full.title == "[watchtower acme-hq] #3 network core-sw1 DOWN, 16 affected"
     assert not any(line.startswith("Depend on it") for line in lines(full))
@@ -239,7 +238,7 @@ def test_network_scope() -> None:
 
 
 def test_storage_scope_raid_and_vendor_case() -> None:
-    inc = Incident(4, Scope.STORAGE, "nas1", T0, affected=["dc1"])
+    inc = Incident(4, Scope.STORAGE, "nas1", T0, affected=("dc1",))
     body = lines(incident_message("page", inc, CFG, T0 + 60))
     assert "- RAID: read first, swap no disk before the order is clear" in body
     assert "- VMs on it (1) may have I/O errors or read-only disks" in body
@@ -282,7 +281,7 @@ def test_security_hint_with_three_unrelated_services_not_two() -> None:
 
 
 def test_monitor_blind_and_window() -> None:
-    inc = Incident(3, Scope.MONITOR, "acme-hq", T0, evidence=["vantage icmp 192.0.2.1: timeout"])
+    inc = Incident(3, Scope.MONITOR, "acme-hq", T0, evidence=("vantage icmp 192.0.2.1: timeout",))
     page = incident_message("page", inc, CFG, T0 + 60)
     assert (
         page.title == "[watchtower acme-hq] #3 monitor acme-hq BLIND: own uplink down, target states unknown"
@@ -294,7 +293,7 @@ def test_monitor_blind_and_window() -> None:
     assert "- Check the monitoring box's own uplink (gateway, cable, ISP); targets may be fine" in body
     assert "No repair attempts before diagnosis" not in page.body
     check_sms(page.sms)
-    inc.state, inc.resolved_at = IncidentState.RESOLVED, T0 + 7 * 60 + 30
+    inc = replace(inc, state=IncidentState.RESOLVED, resolved_at=T0 + 7 * 60 + 30)
     done = incident_message("resolve", inc, CFG, T0 + 500)
     assert done.title == (
         "[watchtower acme-hq] #3 RESOLVED: watchtower at acme-hq sees again, "
@@ -331,7 +330,7 @@ def test_update_unacknowledged_and_acknowledged() -> None:
     assert lines(msg)[0] == "What: hypervisor pve1 is still down after 45m"
     assert "Incident #12. Acknowledge: watchtower ack 12 --by NAME" in lines(msg)
     assert "Timeline:" in lines(msg) and "- 22:13 first failed probe of pve1" in lines(msg)
-    inc.state, inc.acknowledged_by, inc.acknowledged_at = IncidentState.ACKNOWLEDGED, "alice", T0 + 600
+    inc = replace(inc, state=IncidentState.ACKNOWLEDGED, acknowledged_by="alice", acknowledged_at=T0 + 600)
     msg = incident_message("update", inc, CFG, T0 + 45 * 60)
     assert msg.title == (
         "[watchtower acme-hq] #12 hypervisor pve1 still down after 45m (power off), 10 affected, "
@@ -384,10 +383,10 @@ def test_resolve_with_targets_still_down() -> None:
 
 
 def test_resolve_rto_missed_and_still_running() -> None:
-    late = hv_incident(state=IncidentState.RESOLVED, resolved_at=T0 + 5 * 3600, back=list(VMS))
+    late = hv_incident(state=IncidentState.RESOLVED, resolved_at=T0 + 5 * 3600, back=tuple(VMS))
     assert "RTO clock: ERP (erp1) 4h: RTO MISSED by 1h" in lines(incident_message("resolve", late, CFG, T0))
     # erp1 itself is still down: its clock keeps running, nothing was "met"
-    early = hv_incident(state=IncidentState.RESOLVED, resolved_at=T0 + 3600, back=["dc1"])
+    early = hv_incident(state=IncidentState.RESOLVED, resolved_at=T0 + 3600, back=("dc1",))
     body = lines(incident_message("resolve", early, CFG, T0 + 3600))
     assert "RTO clock: ERP (erp1) 4h, 3h left" in body
 
@@ -502,7 +501,7 @@ def cases(draw: st.DrawFn) -> tuple[str, Incident, Config, float, str, list[Inci
     scope = draw(st.sampled_from(list(Scope)))
     names = [n for n, _ in services]
     root = draw(NAME | st.sampled_from(["h", *names]))
-    affected = draw(st.lists(NAME | st.sampled_from(["h", *names]), max_size=120, unique=True))
+    affected = tuple(draw(st.lists(NAME | st.sampled_from(["h", *names]), max_size=120, unique=True)))
     t0 = draw(st.floats(0, 4e9))
     state = draw(st.sampled_from(list(IncidentState)))
     inc = Incident(
@@ -517,12 +516,12 @@ def cases(draw: st.DrawFn) -> tuple[str, Incident, Config, float, str, list[Inci
         acknowledged_at=draw(st.none() | st.just(t0 + 5)),
         resolved_at=draw(st.none() | st.floats(t0, t0 + 1e7)),
         first_failure_at=draw(st.none() | st.just(t0)),
-        evidence=draw(st.lists(ANY_TEXT, max_size=20)),
+        evidence=tuple(draw(st.lists(ANY_TEXT, max_size=20))),
         flaps=draw(st.integers(0, 10**6)),
-        back=draw(st.lists(st.sampled_from(affected), unique=True)) if affected else [],
+        back=tuple(draw(st.lists(st.sampled_from(affected), unique=True))) if affected else (),
     )
     for event_text in draw(st.lists(ANY_TEXT, max_size=8)):
-        inc.note(t0, "x", event_text)
+        inc = inc.noted(t0, "x", event_text)
     others = [
         Incident(i + 10**13, draw(st.sampled_from([Scope.SERVICE, Scope.VM])), draw(NAME), t0)
         for i in range(draw(st.integers(0, 4)))
@@ -562,13 +561,11 @@ def partition_incident(**kw: Any) -> Incident:
         "core-sw1",
         opened_at=T0 + 60,
         cause=Cause.PARTITION,
-        affected=["pve1", "pve2", "nas1", "dc1", "erp1", "mail1", "vm04", "vm05", "vm06"],
+        affected=("pve1", "pve2", "nas1", "dc1", "erp1", "mail1", "vm04", "vm05", "vm06"),
         first_failure_at=T0,
-        evidence=list(PARTITION_EVIDENCE),
+        evidence=tuple(PARTITION_EVIDENCE),
     )
-    for key, value in kw.items():
-        setattr(inc, key, value)
-    return inc
+    return replace(inc, **kw)
 
 
 def test_partition_page_names_the_network_and_says_the_hosts_are_alive() -> None:

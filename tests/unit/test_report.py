@@ -3,6 +3,7 @@ for a recorded incident with injected timestamps; an open one; a monitor one; ho
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,23 +53,23 @@ def note(at: float, kind: str, text: str) -> TimelineEvent:
 
 def recorded() -> Incident:
     """pve1 lost power; dc1, erp1 and web1 came back with it, mail1 did not."""
-    incident = Incident(
+    return Incident(
         12, Scope.HYPERVISOR, "pve1", OPENED, cause=Cause.POWER_OFF,
-        affected=["dc1", "erp1", "mail1", "web1"], state=IncidentState.RESOLVED,
+        affected=("dc1", "erp1", "mail1", "web1"), state=IncidentState.RESOLVED,
         acknowledged_at=ACKED, acknowledged_by="alice", resolved_at=RESOLVED, first_failure_at=T0,
-        evidence=["icmp 10.0.10.11: no echo reply", "BMC: chassis power off"],
-        back=["dc1", "web1", "erp1"],
+        evidence=("icmp 10.0.10.11: no echo reply", "BMC: chassis power off"),
+        back=("dc1", "web1", "erp1"),
+        timeline=(
+            note(T0, "first_failure", "first failed probe of pve1"),
+            note(OPENED, "opened", "confirmed: hypervisor pve1 down (power_off), 4 affected"),
+            note(ACKED, "ack", "acknowledged by alice"),
+            note(T0 + 50 * 60, "back", "dc1 is back"),
+            note(T0 + 55 * 60, "back", "web1 is back"),
+            note(RESOLVED, "back", "erp1 is back"),
+            note(RESOLVED, "resolved",
+                 "pve1 is back after 1h09m; still down, now incidents of their own: mail1"),
+        ),
     )  # fmt: skip
-    incident.timeline = [
-        note(T0, "first_failure", "first failed probe of pve1"),
-        note(OPENED, "opened", "confirmed: hypervisor pve1 down (power_off), 4 affected"),
-        note(ACKED, "ack", "acknowledged by alice"),
-        note(T0 + 50 * 60, "back", "dc1 is back"),
-        note(T0 + 55 * 60, "back", "web1 is back"),
-        note(RESOLVED, "back", "erp1 is back"),
-        note(RESOLVED, "resolved", "pve1 is back after 1h09m; still down, now incidents of their own: mail1"),
-    ]
-    return incident
 
 
 def sent(
@@ -249,16 +250,16 @@ def test_questions_are_prefilled() -> None:
 
 
 def test_restore_order_puts_network_before_hypervisor_among_unordered() -> None:
-    incident = Incident(1, Scope.NETWORK, "core-sw1", OPENED, affected=["web1", "pve1", "erp1"])
+    incident = Incident(1, Scope.NETWORK, "core-sw1", OPENED, affected=("web1", "pve1", "erp1"))
     assert restore_order(incident, config()) == ["erp1", "core-sw1", "pve1", "web1"]
 
 
 def test_open_incident() -> None:
     incident = recorded()
-    incident.state, incident.resolved_at = IncidentState.OPEN, None
-    incident.acknowledged_at = incident.acknowledged_by = None
-    incident.back = []
-    incident.timeline = incident.timeline[:2]
+    incident = replace(
+        incident, state=IncidentState.OPEN, resolved_at=None, acknowledged_at=None, acknowledged_by=None,
+        back=(), timeline=incident.timeline[:2],
+    )  # fmt: skip
     now = T0 + 40 * 60  # 02:53:53
     text = render_report(incident, recorded_notifications()[:2], recorded_attempts()[:4],
                          [(T0 + 30 * 60, None)], config(), now)  # fmt: skip
@@ -279,8 +280,9 @@ def test_open_incident() -> None:
 
 
 def test_open_incident_with_a_pending_page_and_no_first_failure() -> None:
-    incident = Incident(4, Scope.SERVICE, "web1", OPENED)
-    incident.note(OPENED, "opened", "confirmed: service web1 down")
+    incident = Incident(4, Scope.SERVICE, "web1", OPENED).noted(
+        OPENED, "opened", "confirmed: service web1 down"
+    )
     pending = Notification(9, 4, "step0", "page", "sms-oncall", "t", "b", OPENED, "pending", 1,
                            OPENED + 30, OPENED + 1, None, "HTTP 502")  # fmt: skip
     text = render_report(
@@ -300,9 +302,9 @@ def test_open_incident_with_a_pending_page_and_no_first_failure() -> None:
 
 def test_monitor_incident() -> None:
     blind = Incident(3, Scope.MONITOR, "acme-hq", T0, state=IncidentState.RESOLVED, resolved_at=T0 + 130,
-                     evidence=["icmp 192.0.2.1: timeout"])  # fmt: skip
-    blind.note(T0, "opened", "blind since 02:13:53Z: every vantage path is down")
-    blind.note(T0 + 130, "resolved", "blind from 02:13:53Z to 02:16:03Z (2m10s)")
+                     evidence=("icmp 192.0.2.1: timeout",))  # fmt: skip
+    blind = blind.noted(T0, "opened", "blind since 02:13:53Z: every vantage path is down")
+    blind = blind.noted(T0 + 130, "resolved", "blind from 02:13:53Z to 02:16:03Z (2m10s)")
     text = render_report(blind, [], [], [(T0, T0 + 130)], config(), LATER)
     assert text.startswith("# Incident #3: monitor acme-hq is blind (its own uplink is down)\n")
     assert "- **state:** resolved at 2026-11-22T02:16:03Z: blind for 2m10s\n" in text
@@ -335,9 +337,9 @@ def test_hostile_names_stay_literal_and_tables_stay_intact(who: str) -> None:
                               "service": {"name": f"Pay|roll <script>{who}", "rto": "1h"}}})  # fmt: skip
     incident = Incident(7, Scope.SERVICE, "svc-1", OPENED, first_failure_at=T0, acknowledged_by=who,
                         acknowledged_at=ACKED, state=IncidentState.ACKNOWLEDGED,
-                        evidence=[f"http: {who}"])  # fmt: skip
-    incident.note(T0, "first_failure", "first failed probe of svc-1")
-    incident.note(ACKED, "ack", f"acknowledged by {who}")
+                        evidence=(f"http: {who}",))  # fmt: skip
+    incident = incident.noted(T0, "first_failure", "first failed probe of svc-1")
+    incident = incident.noted(ACKED, "ack", f"acknowledged by {who}")
     failed = Notification(1, 7, "step0", "page", "sms|x", "t", "b", OPENED, "failed", 1, OPENED, OPENED + 1,
                           None, f"bad | gateway\n{who}")  # fmt: skip
     text = render_report(incident, [failed], [], [], cfg, ACKED + 60)

@@ -8,6 +8,7 @@ import hmac
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,9 @@ def hypervisor_incident(affected: list[str], **kw: Any) -> Incident:
         "pve1",
         T0 + 30,
         cause=Cause.POWER_OFF,
-        affected=list(affected),
+        affected=tuple(affected),
         first_failure_at=T0,
-        evidence=["prod: no echo reply", "BMC: chassis off"],
+        evidence=("prod: no echo reply", "BMC: chassis off"),
         **kw,
     )
 
@@ -156,8 +157,7 @@ def test_hostile_services_runbooks_and_evidence_are_text(evil: str) -> None:
             "dc1": {"runbook": f"https://wiki.example.org/dc1?{evil}", "service_tag": evil},
         },
     )
-    incident = hypervisor_incident(["erp1", "dc1"])
-    incident.evidence = [f"prod: {evil}"]
+    incident = replace(hypervisor_incident(["erp1", "dc1"]), evidence=(f"prod: {evil}",))
     page = page_incident(incident_document(incident), incident, config)
     page["root"] = evil  # a name from anywhere (a future API, a store row) is text too
     state = state_for(config)
@@ -202,7 +202,7 @@ def test_restore_board_follows_the_configured_order() -> None:
         target_fields={"dc1": {"runbook": "https://wiki.example.org/restore/dc1"}},
     )
     incident = hypervisor_incident(["erp1", "mail1", "dc1", "files1", "print1"])
-    incident.note(T0 + 3600, "back", "dc1 is back")
+    incident = incident.noted(T0 + 3600, "back", "dc1 is back")
     html = render(config, incident, T0 + 3 * 3600, dc1="up")
     assert board(html) == [("1", "Active Directory"), ("2", "File server"), ("3", "Mail"), ("4", "ERP")]
     dc1_row = html[html.index('data-target="dc1"') :].split("</tr>")[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,14 @@ from watchtower.store import DB_NAME, MIGRATIONS, NewNotification, Store, StoreE
 
 
 def incident(n: int = 1, at: float = 1000.0) -> Incident:
-    i = Incident(n, Scope.HYPERVISOR, "pve1", at, cause=Cause.POWER_OFF, affected=["dc1", "mail1"])
-    i.first_failure_at = at - 12
-    i.note(at - 12, "first_failure", "first failed probe of pve1")
-    i.note(at, "opened", "confirmed: hypervisor pve1 down")
-    return i
+    return (
+        Incident(
+            n, Scope.HYPERVISOR, "pve1", at, cause=Cause.POWER_OFF, affected=("dc1", "mail1"),
+            first_failure_at=at - 12,
+        )
+        .noted(at - 12, "first_failure", "first failed probe of pve1")
+        .noted(at, "opened", "confirmed: hypervisor pve1 down")
+    )  # fmt: skip
 
 
 def page(n: int = 1, channel: str = "signal", step: str = "step0") -> NewNotification:
@@ -52,15 +56,17 @@ def test_commit_writes_incident_timeline_steps_and_messages_once(tmp_path: Path)
     assert store.commit([inc], [page()], [(1, "step0")], now=1002.0) == []
     assert len(store.notifications(1)) == 2 and store.steps(1) == {(1, "step0")}
 
-    inc.note(1010.0, "ack", "acknowledged by alice")
-    inc.state, inc.acknowledged_at, inc.acknowledged_by = IncidentState.ACKNOWLEDGED, 1010.0, "alice"
+    inc = replace(
+        inc.noted(1010.0, "ack", "acknowledged by alice"),
+        state=IncidentState.ACKNOWLEDGED, acknowledged_at=1010.0, acknowledged_by="alice",
+    )  # fmt: skip
     store.commit([inc])
     store.close()
 
     again = Store(tmp_path / DB_NAME).incident(1)
     assert again is not None
     assert (again.state, again.acknowledged_by, again.cause, again.affected) == (
-        IncidentState.ACKNOWLEDGED, "alice", Cause.POWER_OFF, ["dc1", "mail1"],
+        IncidentState.ACKNOWLEDGED, "alice", Cause.POWER_OFF, ("dc1", "mail1"),
     )  # fmt: skip
     assert [e.kind for e in again.timeline] == ["first_failure", "opened", "ack"]
 
@@ -89,9 +95,11 @@ def test_pending_survives_a_reopen_in_order(tmp_path: Path) -> None:
 
 def test_retention_purges_old_resolved_incidents_with_everything_hanging_off_them(tmp_path: Path) -> None:
     store = Store(tmp_path / DB_NAME)
-    old, recent, still_open = incident(1, 1000.0), incident(2, 5000.0), incident(3, 100.0)
-    for i in (old, recent):
-        i.state, i.resolved_at = IncidentState.RESOLVED, i.opened_at + 60
+    old, recent = (
+        replace(i, state=IncidentState.RESOLVED, resolved_at=i.opened_at + 60)
+        for i in (incident(1, 1000.0), incident(2, 5000.0))
+    )
+    still_open = incident(3, 100.0)
     (n,) = store.commit([old, recent, still_open], [page(1)], [(1, "step0")], now=1000.0)
     store.record_attempt(n.id, 1001.0, True, None, None)
     assert store.purge(before=4000.0) == 1
@@ -103,10 +111,9 @@ def test_retention_purges_old_resolved_incidents_with_everything_hanging_off_the
 
 def test_open_and_recent_incidents_and_blind_windows(tmp_path: Path) -> None:
     store = Store(tmp_path / DB_NAME)
-    a, b = incident(1, 1000.0), incident(2, 2000.0)
-    a.state, a.resolved_at = IncidentState.RESOLVED, 1100.0
-    blind = Incident(3, Scope.MONITOR, "acme", 1050.0)
-    blind.state, blind.resolved_at = IncidentState.RESOLVED, 1080.0
+    a = replace(incident(1, 1000.0), state=IncidentState.RESOLVED, resolved_at=1100.0)
+    b = incident(2, 2000.0)
+    blind = Incident(3, Scope.MONITOR, "acme", 1050.0, state=IncidentState.RESOLVED, resolved_at=1080.0)
     store.commit([a, b, blind])
     assert [i.id for i in store.incidents(open_only=True)] == [2]
     assert {i.id for i in store.incidents(open_only=True, since=1090.0)} == {1, 2}
@@ -132,3 +139,35 @@ def test_a_read_only_database_is_a_store_error_on_write_not_a_crash(tmp_path: Pa
         store.commit([incident()], [page()], now=1.0)
     store.db.execute("PRAGMA query_only = OFF")
     assert store.commit([incident()], [page()], now=2.0)  # and it recovers when writes work again
+
+
+def test_concurrent_opens_of_a_new_file_migrate_it_once(tmp_path: Path) -> None:
+    """The daemon creating its store while a CLI (or a test) opens it too: nobody fails with
+    "table ... already exists", everyone ends at the current version."""
+    import threading
+
+    from watchtower.store import MIGRATIONS
+
+    for round_ in range(15):
+        path = tmp_path / f"race{round_}.sqlite"
+        errors: list[BaseException] = []
+        versions: list[int] = []
+        go = threading.Barrier(6)
+
+        def open_it(path: Path = path, errors: list[BaseException] = errors, versions: list[int] = versions,
+                    go: threading.Barrier = go) -> None:  # fmt: skip
+            go.wait()
+            try:
+                store = Store(path)
+                versions.append(store.version)
+                store.close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert versions == [len(MIGRATIONS)] * 6

@@ -81,6 +81,7 @@ class PathView:
     address: str = ""  # what it talks to: where a network is inferred from when none is configured
     by_bmc: bool = False  # answered by the target's BMC, not its own OS: no sign of the OS's life
     changed_at: float | None = None  # its last change of state
+    last_ok: float | None = None  # its last success
 
 
 # One host dark on a network waits this long after that network last moved (a path of another
@@ -136,8 +137,10 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
     up = sum(1 for states in witnesses.values() if any(s is PathState.UP for s in states))
     if down >= min(confirm_paths, len(witnesses)):
         return TargetState.DOWN
-    if down:
+    if down and up:
         return TargetState.DEGRADED
+    # Down on some paths with nothing answering (the rest not settled yet, e.g. re-probed after
+    # what it depends on came back) is not "partly back": it is not known yet.
     return TargetState.UP if up else TargetState.UNKNOWN
 
 
@@ -212,9 +215,22 @@ def _paths_by_network(
     return out
 
 
+def os_answering(paths: Sequence[PathView]) -> list[PathView]:
+    """The target's paths its own OS answers on *since this outage began*: a slow path still "up"
+    from before, its probe in flight, is no sign of life (a host whose chassis just went off)."""
+    onset = min((p.since for p in paths if p.state is PathState.DOWN and p.since is not None), default=None)
+    return [
+        p
+        for p in paths
+        if p.state is PathState.UP
+        and not p.by_bmc
+        and (onset is None or p.last_ok is None or p.last_ok >= onset)
+    ]
+
+
 def _alive_on(topology: Topology, paths: Sequence[PathView], besides: set[str | None]) -> tuple[str, ...]:
     """Networks (other than ``besides``) on which the target's own OS answers."""
-    nets = {network_key(topology, p) for p in paths if p.state is PathState.UP and not p.by_bmc}
+    nets = {network_key(topology, p) for p in os_answering(paths)}
     return tuple(sorted(n for n in nets - besides if n is not None))
 
 
@@ -421,7 +437,7 @@ def correlate(
             continue  # its hypervisor or switch is going dark on the same network: wait for it
         evidence = [f"{p.name}: {p.detail}" for p in down_paths]
         cause = bmc_cause(facts) if node.has_bmc else None
-        os_up = [p for p in root_paths if p.state is PathState.UP and not p.by_bmc]
+        os_up = os_answering(root_paths)
         if os_up:
             down_nets = {network_key(topology, p) for p in down_paths}
             alive = _alive_on(topology, root_paths, down_nets)

@@ -16,9 +16,10 @@ Step ids:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
+from watchtower import people
 from watchtower.config import Config, Notify
 from watchtower.durations import coarse, exact
 from watchtower.engine.correlate import Scope
@@ -60,6 +61,18 @@ def rto_clock(incident: Incident, config: Config) -> RtoClock | None:
     return best
 
 
+# A flapping incident's all-clear waits longer each time it failed again (60 s, 120 s, 240 s, ...),
+# up to this: a host bouncing every minute gets one page and one all-clear, not one per bounce.
+ALL_CLEAR_HOLD_MAX = 300.0
+
+
+def all_clear_hold(incident: Incident, policy: Notify) -> float:
+    """How long the recovery must hold before the all-clear goes out."""
+    if not incident.flaps:
+        return policy.all_clear_after
+    return max(policy.all_clear_after, min(policy.all_clear_after * 2**incident.flaps, ALL_CLEAR_HOLD_MAX))
+
+
 @dataclass(frozen=True, slots=True)
 class DueStep:
     step: str
@@ -77,17 +90,33 @@ def channels_for(policy: Notify, selectors: Iterable[str]) -> tuple[str, ...]:
 _span = exact
 
 
+def owes_all_clear(
+    incident: Incident, policy: Notify, fired: Collection[str], notified: Collection[str]
+) -> bool:
+    """A resolved incident still owes its all-clear: someone was paged and it has not gone out.
+    The one statement of this rule: the alerting asks it too, to know what is finished."""
+    return (
+        incident.state is IncidentState.RESOLVED
+        and incident.merged_into is None
+        and policy.on_resolve
+        and bool(notified)
+        and f"resolve:{incident.flaps}" not in fired
+    )
+
+
 def due(
     incident: Incident,
     config: Config,
     now: float,
     fired: Collection[str],
     notified: Collection[str],
+    others: Sequence[Incident] = (),
 ) -> list[DueStep]:
     """The steps owed to ``incident`` at ``now`` that have not fired yet.
 
     ``fired``: step ids already recorded for this incident; ``notified``: channels that got one
-    of its page/escalation messages. Returns steps in the order they should go out.
+    of its page/escalation messages; ``others``: the other open incidents (a step's
+    ``when.cause: [security]`` looks at them). Returns steps in the order they should go out.
     """
     policy = config.notify
     out: list[DueStep] = []
@@ -98,25 +127,42 @@ def due(
 
     if incident.is_open:
         clock = rto_clock(incident, config)
+        fall_at: float | None = None  # a step that reached nobody: the next one fires then
         for n, step in enumerate(policy.escalation):
             step_id = f"step{n}"
-            if step_id in fired or (step.unless == "acknowledged" and acked):
+            if not people.step_applies(step, incident, others):
                 continue
             if step.after is not None:
-                if now - incident.opened_at < step.after:
-                    continue
+                at: float | None = incident.opened_at + step.after
+            else:
+                assert step.rto_fraction is not None
+                at = None if clock is None else clock.started_at + step.rto_fraction * clock.rto
+            fell = fall_at is not None and (at is None or fall_at < at)
+            if fell:
+                at = fall_at
+            reach = people.step_reach(config, step, at) if at is not None else None
+            fall_at = at if reach is not None and reach.nobody else None
+            if step_id in fired or (step.unless == "acknowledged" and acked):
+                continue
+            if at is None or reach is None or now < at:
+                continue
+            if fell:
+                label = "nobody reachable at the previous step"
+            elif step.after is not None:
                 label = "first alert" if n == 0 else f"unacknowledged after {_span(step.after)}"
                 if step.unless is None and n:
                     label = f"open for {_span(step.after)}"
             else:
-                assert step.rto_fraction is not None
-                if clock is None or now - clock.started_at < step.rto_fraction * clock.rto:
-                    continue
+                assert clock is not None and step.rto_fraction is not None
                 label = (
                     f"{step.rto_fraction:.0%} of the {clock.service} RTO ({_span(clock.rto)}) used, "
                     f"{coarse(max(0.0, clock.left(now)))} left"
                 )
-            channels = channels_for(policy, step.notify)
+            if reach.contacts:
+                label += f" ({', '.join(reach.contacts)})"
+            elif reach.nobody:
+                label += f" (none of {', '.join(step.contacts)} available: next step at once)"
+            channels = channels_for(policy, reach.selectors)
             kind = "page" if not (set(notified) | set(newly_notified)) else "escalation"
             out.append(DueStep(step_id, kind, channels, label))
             newly_notified.extend(channels)
@@ -140,11 +186,9 @@ def due(
         out.append(DueStep(f"reopen:{flaps}", "reopen", everyone, f"failed again (flap {flaps})"))
 
     if (
-        policy.on_resolve
-        and incident.state is IncidentState.RESOLVED
+        owes_all_clear(incident, policy, fired, everyone)
         and incident.resolved_at is not None
-        and f"resolve:{flaps}" not in fired
-        and now - incident.resolved_at >= policy.all_clear_after
+        and now - incident.resolved_at >= all_clear_hold(incident, policy)
     ):
         out.append(DueStep(f"resolve:{flaps}", "resolve", everyone, "all clear"))
     return out

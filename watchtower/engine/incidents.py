@@ -13,26 +13,50 @@ Decisions an admin would expect:
 - **never silently dropped**: when a root recovers while what it took down stays down, the
   incident resolves and says so, and those targets become roots of their own incidents;
 - **blind is not down**: while the vantage is down, target incidents neither open nor resolve;
-  one ``monitor`` incident records the blind window.
+  one ``monitor`` incident records the blind window; while a vantage path is failing but not yet
+  confirmed, nothing changes (it may be the monitor's own uplink);
+- **the root first**: a verdict whose dependency is failing but not yet confirmed waits (bounded by
+  that dependency's confirmation time), so the page names the switch, not the VM noticed first;
+- **recovery as careful as failure**: while an incident's root is back, what depends on it is
+  coming back with it for ``RECOVERY_GRACE`` (a VM booting, a host behind a switch whose ports do
+  not forward yet) and gets no incident of its own; a reopened incident's cause is what is seen
+  now, never the last outage's.
+
+**One owner.** :class:`IncidentTracker` is the only writer of incidents. An :class:`Incident` is a
+frozen value: every change makes a new one and replaces it in the tracker's table, so what the
+alerting, the store's thread, the web and the metrics hold is a consistent picture that nobody
+changes under them. Timeline notes from elsewhere (a trap, a message decided, a person's note)
+go through :meth:`IncidentTracker.note`.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from watchtower.durations import exact
 from watchtower.engine.correlate import Cause, Correlation, Scope, TargetState, Verdict
+from watchtower.engine.topology import Topology
 
 FLAP_WINDOW = 600.0  # seconds after resolution during which a recurrence reopens the incident
 # After the root is back, what it took down gets this long to come back (VMs boot, services start)
 # within the same incident: a VM still booting is part of the restore, not a new outage to page for.
-RECOVERY_GRACE = 900.0
+RECOVERY_GRACE = 300.0
 # An affected target that answers on some of its paths but not all (``degraded``: the VM pings, its
 # service is still starting) is not back yet; the all-clear waits for it this long. Shorter than
 # RECOVERY_GRACE because a target can be degraded for reasons of its own that predate the outage.
 PARTIAL_GRACE = 120.0
+# Causes the BMC proves on its own (the chassis is off, a critical SEL entry): such a host is its own
+# outage even while what it depends on is coming back.
+OWN_CAUSES = (Cause.POWER_OFF, Cause.HARDWARE_FAULT)
+# An incident opened this long before a verdict's first failed probe is of the same onset (VMs
+# confirmed a moment before their hypervisor): it is folded into the verdict's incident.
+REROOT_WINDOW = 60.0
+# A dependent's verdict waits at least this long for a suspect dependency to be confirmed or cleared
+# (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
+HOLD_MAX = 10.0
 
 
 class IncidentState(enum.StrEnum):
@@ -50,34 +74,33 @@ class TimelineEvent:
     text: str
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Incident:
     id: int
     scope: Scope
     root: str
     opened_at: float
     cause: Cause | None = None
-    affected: list[str] = field(default_factory=list)
+    affected: tuple[str, ...] = ()
     state: IncidentState = IncidentState.OPEN
     acknowledged_at: float | None = None
     acknowledged_by: str | None = None
     resolved_at: float | None = None
     first_failure_at: float | None = None
-    evidence: list[str] = field(default_factory=list)
+    evidence: tuple[str, ...] = ()
     flaps: int = 0
     merged_into: int | None = None
-    back: list[str] = field(default_factory=list)  # affected targets seen up again
+    back: tuple[str, ...] = ()  # affected targets seen up again
     root_back_at: float | None = None  # the root is up again, affected targets still coming back
-    timeline: list[TimelineEvent] = field(default_factory=list)
+    timeline: tuple[TimelineEvent, ...] = ()
 
     @property
     def is_open(self) -> bool:
         return self.state is not IncidentState.RESOLVED
 
-    def note(self, at: float, kind: str, text: str) -> TimelineEvent:
-        event = TimelineEvent(at, kind, text)
-        self.timeline.append(event)
-        return event
+    def noted(self, at: float, kind: str, text: str) -> Incident:
+        """This incident with one more timeline event."""
+        return replace(self, timeline=(*self.timeline, TimelineEvent(at, kind, text)))
 
     def headline(self) -> str:
         if self.scope is Scope.MONITOR:
@@ -90,7 +113,7 @@ class Incident:
 @dataclass(frozen=True, slots=True)
 class Change:
     incident: int
-    kind: str  # opened, reopened, affected, cause, rerooted, merged, resolved, acknowledged
+    kind: str  # opened, reopened, affected, cause, rerooted, merged, resolved, acknowledged, note
     text: str
 
 
@@ -102,16 +125,25 @@ _span = exact
 
 
 class IncidentTracker:
+    """The incidents of the site and every rule that changes them; the only writer."""
+
     def __init__(self, flap_window: float = FLAP_WINDOW, next_id: int = 1):
         self.flap_window = flap_window
         self.incidents: dict[int, Incident] = {}
         self._next_id = next_id
+        self._holding: dict[str, float] = {}  # verdict root -> since when it is held back
+        self.waiting = False  # the last step held something back: step again soon
 
-    def load(self, incidents: list[Incident], next_id: int) -> None:
+    def load(self, incidents: Iterable[Incident], next_id: int) -> None:
         """Start from the store's open (and recently resolved) incidents: same ids after a restart."""
         for incident in incidents:
             self.incidents[incident.id] = incident
         self._next_id = max(self._next_id, next_id)
+
+    def forget(self, incident_ids: Iterable[int]) -> None:
+        """Finished incidents leave memory (the store keeps them)."""
+        for incident_id in incident_ids:
+            self.incidents.pop(incident_id, None)
 
     # ------------------------------------------------------------------ reading
     def open_incidents(self) -> list[Incident]:
@@ -121,9 +153,12 @@ class IncidentTracker:
         return self.incidents.get(incident_id)
 
     # ------------------------------------------------------------------ changes
-    def _new(self, scope: Scope, root: str, now: float) -> Incident:
-        incident = Incident(self._next_id, scope, root, now)
+    def _put(self, incident: Incident) -> Incident:
         self.incidents[incident.id] = incident
+        return incident
+
+    def _new(self, scope: Scope, root: str, now: float) -> Incident:
+        incident = self._put(Incident(self._next_id, scope, root, now))
         self._next_id += 1
         return incident
 
@@ -132,49 +167,131 @@ class IncidentTracker:
         incident = self.incidents[incident_id]
         if incident.state is not IncidentState.OPEN:
             return incident, []
-        incident.state = IncidentState.ACKNOWLEDGED
-        incident.acknowledged_at, incident.acknowledged_by = now, by
-        event = incident.note(now, "ack", f"acknowledged by {by}")
-        return incident, [Change(incident.id, "acknowledged", event.text)]
+        text = f"acknowledged by {by}"
+        incident = self._put(
+            replace(
+                incident, state=IncidentState.ACKNOWLEDGED, acknowledged_at=now, acknowledged_by=by
+            ).noted(now, "ack", text)
+        )
+        return incident, [Change(incident.id, "acknowledged", text)]
 
-    def step(self, corr: Correlation, now: float) -> list[Change]:
+    def annotate(self, incident_id: int, kind: str, text: str, now: float) -> Incident:
+        """A timeline entry from outside the lifecycle (a trap, a message decided). KeyError for an
+        unknown id."""
+        return self._put(self.incidents[incident_id].noted(now, kind, text))
+
+    def _held(
+        self, corr: Correlation, now: float, topology: Topology | None, suspects: Mapping[str, float]
+    ) -> set[str]:
+        """Roots of verdicts to hold back for now: something they depend on is failing but not yet
+        confirmed (``suspects``: target -> how long its confirmation may take), so this may be its
+        outage (one incident named after it), not theirs. Bounded: a dependency that stays suspect
+        longer than its confirmation time (flapping) no longer holds anyone."""
+        held: set[str] = set()
+        # A hold belongs to one verdict while it lasts: a root whose verdict is gone (merged into
+        # its hypervisor's, or recovered) starts afresh next time. A stale start would make the
+        # next outage's hold look expired, and the page would name the VM again.
+        for stale in self._holding.keys() - {v.root for v in corr.verdicts}:
+            del self._holding[stale]
+        if topology is None:
+            return held
+        for verdict in corr.verdicts:
+            if verdict.scope is Scope.MONITOR:
+                continue
+            bounds = [suspects[u] for u in topology.upstream(verdict.root) if u in suspects]
+            if not bounds:
+                self._holding.pop(verdict.root, None)
+                continue
+            since = self._holding.setdefault(verdict.root, now)
+            if now - since < max(HOLD_MAX, *bounds):
+                held.add(verdict.root)
+        return held
+
+    def note(self, incident_id: int, kind: str, text: str, by: str, now: float) -> list[Change]:
+        """A person's note (decision, vendor case, ...) on the timeline as event ``note:KIND``.
+        Raises KeyError for an unknown id."""
+        line = f"{kind.replace('_', ' ')} by {by}: {text}"
+        incident = self.annotate(incident_id, f"note:{kind}", line, now)
+        return [Change(incident.id, "note", line)]
+
+    def _coming_back(
+        self, corr: Correlation, roots: set[str], now: float, topology: Topology | None
+    ) -> dict[str, int]:
+        """Targets whose failure belongs to an incident that is coming back: its root answers again
+        and what depends on it (what it took down, and what is booting behind it) has
+        ``RECOVERY_GRACE`` to follow. A VM booting after its host, a host behind a switch that
+        answers before its ports forward: part of the restore, not a new outage to page for."""
+        out: dict[str, int] = {}
+        for incident in self.open_incidents():
+            if incident.scope is Scope.MONITOR or incident.root in roots:
+                continue
+            if corr.states.get(incident.root) not in (TargetState.UP, TargetState.DEGRADED):
+                continue
+            if incident.root_back_at is not None and now - incident.root_back_at >= RECOVERY_GRACE:
+                continue
+            behind = topology.dependents(incident.root) if topology is not None else ()
+            for target in (*incident.affected, *behind):
+                out.setdefault(target, incident.id)
+        return out
+
+    def step(
+        self,
+        corr: Correlation,
+        now: float,
+        topology: Topology | None = None,
+        *,
+        suspects: Mapping[str, float] | None = None,
+        vantage_settling: bool = False,
+    ) -> list[Change]:
+        """Fold one correlation into the incidents. ``suspects``: targets failing but not yet
+        confirmed, with their confirmation time (their dependents' verdicts wait for them);
+        ``vantage_settling``: a vantage path is failing unconfirmed (nothing changes until it
+        settles: opening a network incident for the monitor's own uplink is the false alarm to
+        avoid)."""
+        self.waiting = False
         changes: list[Change] = []
+        if corr.vantage_up and vantage_settling:
+            self.waiting = True
+            return changes
         blind = next((i for i in self.open_incidents() if i.scope is Scope.MONITOR), None)
         if not corr.vantage_up:
             if blind is None:
                 verdict = next(v for v in corr.verdicts if v.scope is Scope.MONITOR)
+                text = f"blind since {_clock(now)}: every vantage path is down"
                 incident = self._new(Scope.MONITOR, verdict.root, now)
-                incident.evidence = list(verdict.evidence)
-                event = incident.note(now, "opened", f"blind since {_clock(now)}: every vantage path is down")
-                changes.append(Change(incident.id, "opened", event.text))
+                self._put(replace(incident, evidence=verdict.evidence).noted(now, "opened", text))
+                changes.append(Change(incident.id, "opened", text))
             return changes  # what is seen while blind is not evidence: target incidents stay as they are
         if blind is not None:
-            blind.state, blind.resolved_at = IncidentState.RESOLVED, now
             text = f"blind from {_clock(blind.opened_at)} to {_clock(now)} ({_span(now - blind.opened_at)})"
-            blind.note(now, "resolved", text)
+            self._put(
+                replace(blind, state=IncidentState.RESOLVED, resolved_at=now).noted(now, "resolved", text)
+            )
             changes.append(Change(blind.id, "resolved", text))
 
+        held = self._held(corr, now, topology, suspects or {})
+        if held:
+            self.waiting = True  # look again once the dependencies have settled
+        verdicts = [v for v in corr.verdicts if v.scope is not Scope.MONITOR and v.root not in held]
         claimed: set[int] = set()
-        roots = {v.root for v in corr.verdicts}
-        # Targets still coming back after their root returned: their own verdicts belong to it.
-        recovering = {
-            target: incident
-            for incident in self.open_incidents()
-            if incident.scope is not Scope.MONITOR and incident.root not in roots
-            and (incident.root_back_at is None or now - incident.root_back_at < RECOVERY_GRACE)
-            for target in incident.affected
-            if target not in incident.back
-        }  # fmt: skip
-        for verdict in corr.verdicts:
-            if verdict.scope is Scope.MONITOR:
-                continue
-            owner = recovering.get(verdict.root)
-            if owner is not None and corr.states.get(owner.root) in (TargetState.UP, TargetState.DEGRADED):
-                claimed.add(owner.id)
+        roots = {v.root for v in verdicts}
+        recovering = self._coming_back(corr, roots, now, topology)
+        own_roots = {i.root for i in self.open_incidents()}  # an outage of its own stays its own
+        for verdict in verdicts:
+            owner_id = recovering.get(verdict.root)
+            if owner_id is not None and verdict.cause not in OWN_CAUSES and verdict.root not in own_roots:
+                claimed.add(owner_id)
+                owner = self.incidents[owner_id]
+                if verdict.root not in owner.affected:
+                    text = f"affected: +{verdict.root} (still coming back after {owner.root})"
+                    self._put(
+                        replace(owner, affected=(*owner.affected, verdict.root)).noted(now, "affected", text)
+                    )
+                    changes.append(Change(owner_id, "affected", text))
                 continue
             incident = self._apply(verdict, now, changes)
             claimed.add(incident.id)
-            self._note_back(incident, corr, now)
+            self._note_back(incident.id, corr, now)
         for incident in self.open_incidents():
             if incident.scope is Scope.MONITOR:
                 continue
@@ -183,17 +300,16 @@ class IncidentTracker:
                 continue  # down, unknown or unreachable: cannot tell yet, keep it open
             if incident.id in claimed and incident.root in roots:
                 continue
-            self._note_back(incident, corr, now)
+            incident = self._note_back(incident.id, corr, now)
             still, partial = self._still_down(incident, corr), self._partly_back(incident, corr)
             if (still or partial) and incident.root_back_at is None:
-                incident.root_back_at = now
                 text = f"{incident.root} is back; waiting for {', '.join(still + partial)} to come back"
-                incident.note(now, "root_back", text)
+                self._put(replace(incident, root_back_at=now).noted(now, "root_back", text))
                 changes.append(Change(incident.id, "recovering", text))
                 continue
             waited = now - (incident.root_back_at or now)
             if (not still and (not partial or waited >= PARTIAL_GRACE)) or waited >= RECOVERY_GRACE:
-                self._resolve(incident, corr, now, changes)
+                self._resolve(incident.id, corr, now, changes)
         return changes
 
     @staticmethod
@@ -213,9 +329,17 @@ class IncidentTracker:
     def _apply(self, verdict: Verdict, now: float, changes: list[Change]) -> Incident:
         open_target = [i for i in self.open_incidents() if i.scope is not Scope.MONITOR]
         incident = next((i for i in open_target if i.root == verdict.root), None)
-        # Earlier incidents whose root this verdict now explains (VMs confirmed before their host).
+        # Earlier incidents whose root this verdict now explains (VMs confirmed before their host):
+        # only those of the same onset. An older one (a VM dead on its own for an hour, already
+        # paged and acknowledged, when its switch dies) is an outage of its own that stays open;
+        # re-rooting it would swallow the switch's page.
+        onset = (verdict.since if verdict.since is not None else now) - REROOT_WINDOW
         absorbed = sorted(
-            (i for i in open_target if i.root in verdict.affected and i is not incident),
+            (
+                i
+                for i in open_target
+                if i.root in verdict.affected and i is not incident and i.opened_at >= onset and i.flaps == 0
+            ),
             key=lambda i: i.opened_at,
         )
         if incident is None and absorbed:
@@ -224,40 +348,62 @@ class IncidentTracker:
                 f"re-scoped {incident.scope} {incident.root} -> {verdict.scope} {verdict.root}: "
                 f"{incident.root} is down because {verdict.root} is"
             )
-            incident.scope, incident.root = verdict.scope, verdict.root
-            incident.note(now, "scope", text)
+            incident = self._put(
+                replace(incident, scope=verdict.scope, root=verdict.root).noted(now, "scope", text)
+            )
             changes.append(Change(incident.id, "rerooted", text))
         if incident is None:
-            incident = self._recent(verdict.root, now)
-            if incident is not None:
-                incident.state, incident.resolved_at = IncidentState.OPEN, None
-                incident.acknowledged_at = incident.acknowledged_by = None
-                incident.flaps += 1
-                incident.scope = verdict.scope
-                text = f"{verdict.root} failed again: reopened (flap {incident.flaps})"
-                incident.note(now, "reopened", text)
+            recent = self._recent(verdict.root, now)
+            if recent is not None:
+                text = f"{verdict.root} failed again: reopened (flap {recent.flaps + 1})"
+                if verdict.cause is not None:
+                    text += f", cause: {verdict.cause}"
+                # What it is now is what is seen now: the last outage's cause, evidence and list
+                # of what came back do not carry over.
+                incident = self._put(
+                    replace(
+                        recent,
+                        state=IncidentState.OPEN,
+                        resolved_at=None,
+                        acknowledged_at=None,
+                        acknowledged_by=None,
+                        flaps=recent.flaps + 1,
+                        scope=verdict.scope,
+                        cause=verdict.cause,
+                        back=(),
+                    ).noted(now, "reopened", text)
+                )
                 changes.append(Change(incident.id, "reopened", text))
         if incident is None:
-            incident = self._new(verdict.scope, verdict.root, now)
-            incident.cause = verdict.cause
-            incident.affected = list(verdict.affected)
-            incident.evidence = list(verdict.evidence)
+            incident = replace(
+                self._new(verdict.scope, verdict.root, now),
+                cause=verdict.cause,
+                affected=verdict.affected,
+                evidence=verdict.evidence,
+            )
             if verdict.since is not None:
-                incident.first_failure_at = verdict.since
-                incident.note(verdict.since, "first_failure", f"first failed probe of {verdict.root}")
-            event = incident.note(now, "opened", f"confirmed: {incident.headline()}")
-            changes.append(Change(incident.id, "opened", event.text))
+                incident = replace(incident, first_failure_at=verdict.since).noted(
+                    verdict.since, "first_failure", f"first failed probe of {verdict.root}"
+                )
+            text = f"confirmed: {incident.headline()}"
+            incident = self._put(incident.noted(now, "opened", text))
+            changes.append(Change(incident.id, "opened", text))
         for other in absorbed:
-            other.state, other.resolved_at, other.merged_into = IncidentState.RESOLVED, now, incident.id
-            other.note(now, "merged", f"merged into #{incident.id} ({verdict.scope} {verdict.root})")
+            self._put(
+                replace(other, state=IncidentState.RESOLVED, resolved_at=now, merged_into=incident.id).noted(
+                    now, "merged", f"merged into #{incident.id} ({verdict.scope} {verdict.root})"
+                )
+            )
             text = f"#{other.id} ({other.root}) merged in"
-            incident.note(now, "merged", text)
+            incident = incident.noted(now, "merged", text)
             changes.append(Change(incident.id, "merged", text))
-        joined = [a for a in verdict.affected if a not in incident.affected]
+        back = tuple(b for b in incident.back if b not in verdict.affected)  # down again with it
+        joined = tuple(a for a in verdict.affected if a not in incident.affected)
+        incident = replace(incident, back=back)
         if joined:
-            incident.affected.extend(joined)
+            incident = replace(incident, affected=(*incident.affected, *joined))
             text = f"affected: +{', '.join(joined)} ({len(incident.affected)} in all)"
-            incident.note(now, "affected", text)
+            incident = incident.noted(now, "affected", text)
             changes.append(Change(incident.id, "affected", text))
         if verdict.cause is Cause.OS_UNRESPONSIVE and incident.cause in (
             Cause.POWER_OFF,
@@ -266,17 +412,18 @@ class IncidentTracker:
             # Chassis back on while the host is still down: it is booting, not hung. Keep the cause
             # that explains the outage, and say what changed.
             if not incident.timeline or incident.timeline[-1].kind != "power":
-                incident.note(now, "power", "BMC: chassis power back on, host not answering yet (booting?)")
+                incident = incident.noted(
+                    now, "power", "BMC: chassis power back on, host not answering yet (booting?)"
+                )
         elif verdict.cause is not None and verdict.cause != incident.cause:
             text = f"cause: {verdict.cause}" + (f" (was {incident.cause})" if incident.cause else "")
-            incident.cause = verdict.cause
-            incident.note(now, "cause", text)
+            incident = replace(incident, cause=verdict.cause).noted(now, "cause", text)
             changes.append(Change(incident.id, "cause", text))
         if incident.root_back_at is not None:
-            incident.root_back_at = None
-            incident.note(now, "root_failed", f"{verdict.root} failed again before everything came back")
-        incident.evidence = list(verdict.evidence)
-        return incident
+            incident = replace(incident, root_back_at=None).noted(
+                now, "root_failed", f"{verdict.root} failed again before everything came back"
+            )
+        return self._put(replace(incident, evidence=verdict.evidence))
 
     def _recent(self, root: str, now: float) -> Incident | None:
         candidates = [
@@ -290,26 +437,30 @@ class IncidentTracker:
         ]
         return max(candidates, key=lambda i: i.resolved_at or 0.0, default=None)
 
-    @staticmethod
-    def _note_back(incident: Incident, corr: Correlation, now: float) -> None:
+    def _note_back(self, incident_id: int, corr: Correlation, now: float) -> Incident:
         """Each affected target's return, for the restore log and the post-mortem."""
+        incident = self.incidents[incident_id]
         for target in incident.affected:
             if target not in incident.back and corr.states.get(target) is TargetState.UP:
-                incident.back.append(target)
-                incident.note(now, "back", f"{target} is back")
+                incident = replace(incident, back=(*incident.back, target)).noted(
+                    now, "back", f"{target} is back"
+                )
+        return self._put(incident)
 
-    def _resolve(self, incident: Incident, corr: Correlation, now: float, changes: list[Change]) -> None:
-        self._note_back(incident, corr, now)
-        incident.state, incident.resolved_at = IncidentState.RESOLVED, now
+    def _resolve(self, incident_id: int, corr: Correlation, now: float, changes: list[Change]) -> None:
+        incident = self._note_back(incident_id, corr, now)
         still = self._still_down(incident, corr)
-        incident.root_back_at = None
         text = f"{incident.root} is back after {_span(now - incident.opened_at)}"
-        if incident.back and incident.timeline and any(e.kind == "root_back" for e in incident.timeline):
+        if incident.back and any(e.kind == "root_back" for e in incident.timeline):
             text = f"{incident.root} and what it took down are back after {_span(now - incident.opened_at)}"
         if still:
             text += f"; still down, now incidents of their own: {', '.join(still)}"
         partial = self._partly_back(incident, corr)
         if partial:
             text += f"; answering but not on every path yet: {', '.join(partial)}"
-        incident.note(now, "resolved", text)
+        self._put(
+            replace(incident, state=IncidentState.RESOLVED, resolved_at=now, root_back_at=None).noted(
+                now, "resolved", text
+            )
+        )
         changes.append(Change(incident.id, "resolved", text))

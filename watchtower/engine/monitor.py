@@ -25,7 +25,7 @@ from watchtower.engine.correlate import (
     TargetState,
     correlate,
 )
-from watchtower.engine.incidents import Change, Incident, IncidentTracker
+from watchtower.engine.incidents import HOLD_MAX, Change, Incident, IncidentTracker
 from watchtower.engine.paths import PathState, PathStatus
 from watchtower.engine.runner import run_probe
 from watchtower.engine.scheduler import Scheduler
@@ -36,9 +36,6 @@ from watchtower.probes.traps import TrapEvent, is_link_down, is_link_up
 log = logging.getLogger("watchtower.monitor")
 
 
-# A dependent's verdict waits at most this long for a suspect dependency to be confirmed or cleared
-# (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
-HOLD_MAX = 10.0
 CRITICAL_WINDOW = 3600.0  # a critical SEL entry explains an outage for this long after it is seen
 
 
@@ -53,6 +50,12 @@ class BmcState:
     events: deque[tuple[float, SelEntry]] = field(default_factory=lambda: deque(maxlen=50))
     critical_total: int = 0
     last_at: float | None = None
+    cleared_at: float = 0.0  # critical entries seen before this no longer explain anything
+
+    def clear(self, now: float) -> None:
+        """The host answered on every path again: what the SEL said about the last outage does not
+        explain the next one (its cause is what is seen then)."""
+        self.cleared_at = now
 
     def update(self, result: ProbeResult, now: float) -> None:
         self.last_at = now
@@ -74,7 +77,9 @@ class BmcState:
 
     def facts(self, now: float) -> BmcFacts:
         critical = tuple(
-            e.text for at, e in self.events if e.severity == "critical" and now - at <= CRITICAL_WINDOW
+            e.text
+            for at, e in self.events
+            if e.severity == "critical" and now - at <= CRITICAL_WINDOW and at >= self.cleared_at
         )
         return BmcFacts(self.reachable, self.power_on, critical)
 
@@ -92,6 +97,7 @@ def path_view(status: PathStatus) -> PathView:
         address=p.host,
         by_bmc=p.by_bmc,
         changed_at=status.changed_at,
+        last_ok=status.last_ok,
     )
 
 
@@ -139,8 +145,15 @@ def _same_probe(a: ResolvedPath, b: ResolvedPath) -> bool:
 class Monitor:
     """Owns the path statuses and the scheduler that feeds them."""
 
-    def __init__(self, config: Config, *, shared: ProbeContext | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        shared: ProbeContext | None = None,
+        probe: Callable[[ResolvedPath, ProbeContext, dict[str, Any]], Awaitable[ProbeResult]] = run_probe,
+    ):
         self.config = config
+        self._probe = probe  # the simulator hands in its ground truth instead of the network
         self.scheduler = Scheduler(config.max_concurrent_probes)
         self.shared = shared or ProbeContext(timeout=0)
         self.statuses: dict[tuple[str, str], PathStatus] = {}
@@ -150,7 +163,6 @@ class Monitor:
         self.bmc: dict[str, BmcState] = {}
         self.topology = Topology.from_config(config)
         self._dirty = asyncio.Event()
-        self._holding: dict[str, float] = {}  # verdict root -> since when it is held back
         # Set when incidents changed (opened, grew, acknowledged, resolved): the alerting looks then.
         self.incidents_changed = asyncio.Event()
         # Filled in by the daemon when alerting runs: channel statistics and store health for metrics.
@@ -226,7 +238,7 @@ class Monitor:
             # Confirming a failure of an up path: probes may look harder (icmp sends 3 echoes), so
             # packet loss does not pass for an outage while a dead host still fails as fast.
             status.memory["confirming"] = status.state is PathState.UP and status.failures > 0
-            result = await run_probe(status.path, self.shared, status.memory)
+            result = await self._probe(status.path, self.shared, status.memory)
             self.record(status, result, clock.now())
 
         return run
@@ -325,7 +337,7 @@ class Monitor:
         log.info("trap event target=%s: %s", target, text)
         for incident in self.tracker.open_incidents():
             if target == incident.root or target in incident.affected:
-                incident.note(now, "trap", text)
+                self.tracker.annotate(incident.id, "trap", text, now)
 
     def _second_witness(self, status: PathStatus) -> None:
         """A path's first failure: probe the target's other paths, and the vantage, now. The
@@ -351,34 +363,34 @@ class Monitor:
         facts = {name: bmc.facts(now) for name, bmc in self.bmc.items() if bmc.last_at is not None}
         return correlate(self.topology, by_target, facts, by_target.get(VANTAGE, []), now)
 
-    def _suspect(self, target: str) -> bool:
-        """A path of ``target`` is failing but not yet confirmed down."""
+    def _suspect(self, target: str, corr: Correlation, now: float) -> bool:
+        """``target`` may be failing right now but is not confirmed down: a path is failing and not
+        yet confirmed, or one went down a moment ago while the others are still being probed (a
+        slow http path needs its timeout before its first failure even counts)."""
+        if corr.own.get(target) is TargetState.DOWN:
+            return False
+        window = self._confirm_time(target)
         return any(
-            s.state is not PathState.DOWN and s.failures > 0 and not s.path.is_bmc
+            not s.path.is_bmc
+            and (
+                (s.state is not PathState.DOWN and s.failures > 0)
+                or (s.state is PathState.DOWN and s.changed_at is not None and now - s.changed_at < window)
+            )
             for s in self.target_paths(target)
         )
 
-    def _held(self, corr: Correlation, now: float) -> set[str]:
-        """Roots of verdicts to hold back for now: something they depend on is failing but not yet
-        confirmed, so this may be its outage (one incident named after it), not theirs. Bounded:
-        a dependency that stays suspect longer than HOLD_MAX (flapping) no longer holds anyone."""
-        held: set[str] = set()
-        # A hold belongs to one verdict while it lasts: a root whose verdict is gone (merged into
-        # its hypervisor's, or recovered) starts afresh next time. A stale start would make the
-        # next outage's hold look expired, and the page would name the VM again.
-        for stale in self._holding.keys() - {v.root for v in corr.verdicts}:
-            del self._holding[stale]
-        for verdict in corr.verdicts:
-            if verdict.scope is Scope.MONITOR:
-                continue
-            suspects = [u for u in self.topology.upstream(verdict.root) if self._suspect(u)]
-            if not suspects:
-                self._holding.pop(verdict.root, None)
-                continue
-            since = self._holding.setdefault(verdict.root, now)
-            if now - since < HOLD_MAX:
-                held.add(verdict.root)
-        return held
+    def _confirm_time(self, target: str) -> float:
+        """How long ``target``'s slowest path takes to confirm a failure (an http path with a 3 s
+        timeout needs ~8 s): a dependent's verdict waits that long for it, so the page names the
+        hypervisor and not the VM noticed first."""
+        return max(
+            (
+                s.path.fail_after * (s.path.retry_interval + s.path.timeout) + 2.0
+                for s in self.target_paths(target)
+                if not s.path.is_bmc
+            ),
+            default=HOLD_MAX,
+        )
 
     def _vantage_suspect(self) -> bool:
         """A vantage path is failing but not yet confirmed: the monitor may be the one cut off."""
@@ -392,6 +404,32 @@ class Monitor:
                 status.failing_since = None
                 self.scheduler.run_now(status.path.key)
 
+    def _settle_dependents(self, previous: Correlation, corr: Correlation, now: float) -> bool:
+        """Something came back: what depends on it showed its failure while it was down, so that
+        evidence is stale (a VM behind a host that was off, a host behind a switch). Forget it and
+        probe those targets now; they get a verdict of their own only once they fail afresh as
+        ``fail_after`` demands. Without this, the moment between a switch answering and its
+        dependents' next probes pages every one of them as an outage of its own."""
+        back = [
+            name
+            for name, state in corr.own.items()
+            if previous.own.get(name) is TargetState.DOWN and state in (TargetState.UP, TargetState.DEGRADED)
+        ]
+        for name, bmc in self.bmc.items():
+            if corr.own.get(name) is TargetState.UP and previous.own.get(name) is not TargetState.UP:
+                bmc.clear(now)
+        settled = False
+        for name in back:
+            for dependent in self.topology.dependents(name):
+                for status in self.target_paths(dependent):
+                    if status.path.is_bmc or status.state is PathState.UP:
+                        continue
+                    if status.state is PathState.DOWN or status.failures:
+                        status.state, status.successes, status.failures = PathState.UNKNOWN, 0, 0
+                        settled = True
+                    self.scheduler.run_now(status.path.key)
+        return settled
+
     def evaluate(self, now: float) -> list[Change]:
         """One correlation pass: target states, then incident changes. Returns the changes."""
         vantage_paths = self.target_paths(VANTAGE)
@@ -400,6 +438,8 @@ class Monitor:
             self._fresh_look()
         previous = self.correlation
         self.correlation = corr = self._correlate(now)
+        if self._settle_dependents(previous, corr, now):
+            self.correlation = corr = self._correlate(now)
         for name, state in corr.states.items():
             was = previous.states.get(name, TargetState.UNKNOWN)
             if state is not was:
@@ -407,15 +447,18 @@ class Monitor:
                 log.info(
                     "target state target=%s state=%s was=%s paths_down=%r", name, state, was, down or "none"
                 )
-        if corr.vantage_up and self._vantage_suspect():
-            # Hold incident changes until the vantage settles: opening a network incident for a
-            # failure of the monitor's own uplink is exactly the false alarm to avoid.
-            return []
-        held = self._held(corr, now)
-        if held:
-            self._dirty.set()  # look again once the dependencies have settled
-            corr = replace(corr, verdicts=tuple(v for v in corr.verdicts if v.root not in held))
-        changes = self.tracker.step(corr, now)
+        suspects = {
+            up: self._confirm_time(up)
+            for verdict in corr.verdicts
+            if verdict.scope is not Scope.MONITOR
+            for up in self.topology.upstream(verdict.root)
+            if self._suspect(up, corr, now)
+        }
+        changes = self.tracker.step(
+            corr, now, self.topology, suspects=suspects, vantage_settling=self._vantage_suspect()
+        )
+        if self.tracker.waiting:
+            self._dirty.set()  # look again once the dependencies (or the vantage) have settled
         if changes:
             self.incidents_changed.set()
         for change in changes:
@@ -446,6 +489,13 @@ class Monitor:
         for change in changes:
             log.info("incident id=%d change=%s: %s", incident.id, change.kind, change.text)
         return incident
+
+    def note(self, incident_id: int, kind: str, text: str, by: str) -> Incident:
+        changes = self.tracker.note(incident_id, kind, text, by, clock.now())
+        self.incidents_changed.set()
+        for change in changes:
+            log.info("incident id=%d change=%s kind=%s by=%s", incident_id, change.kind, kind, by)
+        return self.tracker.incidents[incident_id]
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -181,7 +181,7 @@ def _still_down(incident: Incident) -> list[str]:
     return [a for a in incident.affected if a not in incident.back]
 
 
-def _security_suspected(incident: Incident, others: Sequence[Incident]) -> bool:
+def security_suspected(incident: Incident, others: Sequence[Incident]) -> bool:
     """Several unrelated services (different roots) failing at once while their hosts answer."""
     roots = {
         i.root
@@ -191,7 +191,7 @@ def _security_suspected(incident: Incident, others: Sequence[Incident]) -> bool:
     return len(roots) >= 3
 
 
-def _hardware_suspected(incident: Incident) -> bool:
+def hardware_suspected(incident: Incident) -> bool:
     return incident.scope == Scope.STORAGE or incident.cause in (Cause.HARDWARE_FAULT, Cause.POWER_OFF)
 
 
@@ -368,7 +368,7 @@ def _steps(incident: Incident, config: Config, kind: str, others: Sequence[Incid
             "Alerts may not get out while it is blind: confirm over a second path (VPN, phone)",
         ]
     steps.append("No repair attempts before diagnosis")
-    if _security_suspected(incident, others):
+    if security_suspected(incident, others):
         steps.append(
             "Several unrelated services failing at once: consider a security incident (ransomware?): "
             "isolate, do not restore from backups yet"
@@ -404,18 +404,33 @@ def _steps(incident: Incident, config: Config, kind: str, others: Sequence[Incid
         steps.append(f"Check the VM {name} {where}: running, hung, disk full? Use the console")
     elif scope == Scope.SERVICE:
         steps.append(f"Check the service on {name}: process, logs, disk space; use the console")
-    if _hardware_suspected(incident):
-        vendor = []
-        if root is not None and root.service_tag:
-            vendor.append(f"service tag {_line(root.service_tag, 60)}")
-        if root is not None and root.vendor_contact:
-            vendor.append(f"vendor contact {_line(root.vendor_contact, 120)}")
+    vendor = []
+    if root is not None and root.service_tag:
+        vendor.append(f"service tag {_line(root.service_tag, 60)}")
+    if root is not None and root.vendor_contact:
+        vendor.append(f"vendor contact {_line(root.vendor_contact, 120)}")
+    if hardware_suspected(incident):
         case = (
             "open a vendor case: " + ", ".join(vendor)
             if vendor
             else f"open a vendor case (no service_tag set for {name})"
         )
         steps.append(f"Collect SEL and storage logs (SMART, RAID) before any swap; {case}")
+    elif scope in (Scope.HYPERVISOR, Scope.STORAGE):
+        # The number is needed at 3 a.m. whatever the cause turns out to be.
+        steps.append(
+            "Vendor: " + (", ".join(vendor) if vendor else f"no service_tag or vendor_contact set for {name}")
+        )
+    provider = config.providers.get(root.provider) if root is not None and root.provider else None
+    if provider is not None and root is not None and root.provider is not None:
+        fields = (("phone", provider.phone), ("contract", provider.contract), ("circuit", provider.circuit))
+        parts = [f"{k} {_line(v, 80)}" for k, v in fields if v]
+        if provider.response_sla is not None:
+            parts.append(f"response SLA {coarse(provider.response_sla)}")
+        who = _line(provider.name or root.provider, 60)
+        steps.append(
+            f"Call {who}" + (f": {', '.join(parts)}" if parts else "") + "; record their answer as a note"
+        )
     return steps
 
 
@@ -427,9 +442,11 @@ def incident_message(
     *,
     label: str = "",
     others: Sequence[Incident] = (),
+    checklist: Sequence[str] = (),
 ) -> Message:
     """The alert for one incident. ``kind``: page, escalation, update, ack, reopen, resolve;
-    ``label`` says why (escalation) or who (ack); ``others``: the site's other open incidents."""
+    ``label`` says why (escalation) or who (ack); ``others``: the site's other open incidents;
+    ``checklist``: the first-hour lines a status update carries."""
     if kind not in KINDS:
         raise ValueError(f"unknown message kind {kind!r}; one of {', '.join(KINDS)}")
     # What needs the root: the first page goes out before all of it is confirmed down, so the texts
@@ -441,6 +458,8 @@ def incident_message(
     )
     title = _title(kind, incident, config, now, label, behind)
     body = _body(kind, incident, config, now, label, others, behind)
+    if kind == "update" and checklist:
+        body += "\nFirst hour:\n" + "\n".join(_line(c, 300) for c in checklist)
     sms = _sms(kind, incident, config, now, label, others, behind)
     return Message(title, body, sms)
 
@@ -621,7 +640,7 @@ def _sms(
         optional.append(f"{len(incident.affected)} aff{of}")
     if rto and kind != "resolve":
         optional.append(rto)
-    if kind in ("page", "escalation", "reopen", "update") and _security_suspected(incident, others):
+    if kind in ("page", "escalation", "reopen", "update") and security_suspected(incident, others):
         optional.append("SECURITY? isolate, no restore yet")
     tail = ack if incident.state == IncidentState.OPEN else ""
     if kind == "page":
@@ -672,6 +691,36 @@ def warning_message(text: str, config: Config, now: float) -> Message:
     title = _line(f"[watchtower {site}] WARNING: {text}", TITLE_MAX)
     sms = _fit_sms(f"WT {_cut(sms_text(config.site), 16)} WARN", [text], sep=": ")
     return Message(title, body, sms)
+
+
+def one_line(text: object, limit: int = _LINE_MAX) -> str:
+    """Text from outside (a config, a gateway's error) as one line of at most ``limit``."""
+    return _line(text, limit)
+
+
+def drill_message(
+    config: Config, contact: str, drill: int, url: str, token: str, *, sms: bool
+) -> tuple[str, str]:
+    """(title, body) of a contact's DRILL message; ``url`` and ``token`` are what the drill puts
+    in (placeholders: the link is filled in at delivery, never stored)."""
+    person = config.contacts[contact]
+    who = _line(person.name or contact, 80)
+    site = _line(config.site, 80)
+    if sms:
+        return "", _fit_sms(
+            f"DRILL {sms_text(config.site)[:16]}: alert-chain test, nothing is down.", [], f" Confirm: {url}"
+        )
+    role = f" ({_line(person.role, 60)})" if person.role else ""
+    body = "\n".join(
+        [
+            "DRILL - this is a test of the alert chain. Nothing is down; no incident is open.",
+            f"It checks that an alert reaches {who}{role} on this channel.",
+            f"Please confirm you got it (the link works once): {url}",
+            "(open it and press the button, or: curl -X POST that link)",
+            f"or on the watchtower box: watchtower drill confirm {drill} {token}",
+        ]
+    )
+    return f"[watchtower {site}] DRILL: alert-chain test for {who} (nothing is down)", body
 
 
 def test_message(config: Config, channel: str, now: float) -> Message:

@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from watchtower import clock
+from watchtower.checklist import checklist
 from watchtower.config import Config
 from watchtower.engine.correlate import Scope
-from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due
+from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due, owes_all_clear
 from watchtower.engine.incidents import Incident, IncidentTracker
 from watchtower.notify.messages import Message, incident_message, is_sms_channel, warning_message
 from watchtower.notify.sender import ChannelSender, DeliveryResult, make_senders
@@ -82,6 +83,7 @@ class Alerting:
         senders: dict[str, ChannelSender] | None = None,
         *,
         clock_now: Callable[[], float] = clock.now,
+        changed: asyncio.Event | None = None,
     ):
         self.config = config
         self.store = store
@@ -98,7 +100,8 @@ class Alerting:
         self.notified: dict[int, set[str]] = {}
         self.sent_log: dict[int, list[Notification]] = {}  # per incident, the latest state of each message
         self._saved: dict[int, tuple[object, ...]] = {}
-        self.changed = asyncio.Event()
+        # Set by the incident owner's side (the monitor) when incidents changed: look at once.
+        self.changed = changed if changed is not None else asyncio.Event()
         self.store_ok = True
         self.store_error: str | None = None
         self._memory_ids = -1  # ids of messages that could not be written (disk full): negative
@@ -106,6 +109,8 @@ class Alerting:
         self._tg: asyncio.TaskGroup | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # A row's (title, body) as sent: drills put each person's one-time link in at delivery.
+        self.expand: Callable[[Notification], tuple[str, str]] = lambda n: (n.title, n.body)
 
     def reload(self, config: Config) -> None:
         """A new config: new channels start, removed ones stop (their pending rows stay in the
@@ -167,13 +172,16 @@ class Alerting:
     # ------------------------------------------------------------------ deciding
     def _message(self, kind: str, incident: Incident, label: str, now: float) -> Message:
         others = [i for i in self.tracker.open_incidents() if i.id != incident.id]
-        return incident_message(kind, incident, self.config, now, label=label, others=others)
+        lines: list[str] = []
+        if kind == "update":
+            sent = self.sent_log.get(incident.id, [])
+            lines = [c.line() for c in checklist(incident, sent, self.config, now, others)]
+        return incident_message(kind, incident, self.config, now, label=label, others=others, checklist=lines)
 
     def _plan(
         self, now: float
     ) -> tuple[list[tuple[Incident, tuple[object, ...]]], list[NewNotification], list[tuple[int, str]]]:
-        """What is due, as copies taken on the loop: the store's thread must not read incidents
-        the loop goes on changing."""
+        """What is due now, and the incidents that changed since they were last written."""
         dirty: list[tuple[Incident, tuple[object, ...]]] = []
         new: list[NewNotification] = []
         steps: list[tuple[int, str]] = []
@@ -182,14 +190,16 @@ class Alerting:
             fired = self.fired.get(incident.id, set())
             due_steps: list[DueStep] = []
             if incident.id not in finished:
-                due_steps = due(incident, self.config, now, fired, self.notified.get(incident.id, set()))
+                others = [i for i in self.tracker.open_incidents() if i.id != incident.id]
+                due_steps = due(
+                    incident, self.config, now, fired, self.notified.get(incident.id, set()), others
+                )
             for step in due_steps:
                 steps.append((incident.id, step.step))
                 if step.kind in NOTIFYING_KINDS:
                     names = ", ".join(step.channels) or "no channel matches"
-                    incident.note(
-                        now, "notify" if step.kind == "page" else "escalated", f"{step.label}: {names}"
-                    )
+                    kind = "notify" if step.kind == "page" else "escalated"
+                    incident = self.tracker.annotate(incident.id, kind, f"{step.label}: {names}", now)
                 message = self._message(step.kind, incident, step.label, now)
                 for name in step.channels:
                     channel = self.channels.get(name)
@@ -199,32 +209,21 @@ class Alerting:
                     new.append(NewNotification(incident.id, step.step, step.kind, name, title, body))
             print_ = _fingerprint(incident)
             if print_ != self._saved.get(incident.id):
-                copy = replace(
-                    incident,
-                    affected=list(incident.affected),
-                    back=list(incident.back),
-                    evidence=list(incident.evidence),
-                    timeline=list(incident.timeline),
-                )
-                dirty.append((copy, print_))
+                dirty.append((incident, print_))  # a frozen value: the store's thread may read it
         return dirty, new, steps
 
     @property
     def _finished(self) -> set[int]:
         """Resolved incidents that owe nothing more (their all-clear fired or was never owed)."""
-        done = set()
-        for incident in self.tracker.incidents.values():
-            if incident.is_open:
-                continue
-            fired = self.fired.get(incident.id, set())
-            if (
-                incident.merged_into is not None
-                or not self.notified.get(incident.id)
-                or not self.config.notify.on_resolve
-                or f"resolve:{incident.flaps}" in fired
-            ):
-                done.add(incident.id)
-        return done
+        policy = self.config.notify
+        return {
+            incident.id
+            for incident in self.tracker.incidents.values()
+            if not incident.is_open
+            and not owes_all_clear(
+                incident, policy, self.fired.get(incident.id, set()), self.notified.get(incident.id, set())
+            )
+        }
 
     async def sync(self) -> None:
         """Decide what is due now and make it durable, then hand it to the channels."""
@@ -308,7 +307,7 @@ class Alerting:
                 and self._saved.get(incident.id) == _fingerprint(incident)
                 and not any(n.state == "pending" for n in self.sent_log.get(incident.id, ()))
             ):
-                del self.tracker.incidents[incident.id]
+                self.tracker.forget((incident.id,))
                 self.fired.pop(incident.id, None)
                 self.notified.pop(incident.id, None)
                 self.sent_log.pop(incident.id, None)
@@ -350,6 +349,14 @@ class Alerting:
         for n in added:
             self.channels[n.channel].queue.append(n)
             self.channels[n.channel].wake.set()
+
+    def enqueue(self, added: Iterable[Notification]) -> None:
+        """Rows another part wrote to the outbox (drills): delivered like the rest."""
+        for n in added:
+            channel = self.channels.get(n.channel)
+            if channel is not None:
+                channel.queue.append(n)
+                channel.wake.set()
 
     def problem(self) -> str | None:
         """For the heartbeat and /healthz: a channel failing long, or the store unwritable."""
@@ -400,7 +407,7 @@ class Alerting:
                 await self._record(head, now, result, None)
                 channel.queue.popleft()
                 continue
-            result = await channel.sender.send(head.title, head.body)
+            result = await channel.sender.send(*self.expand(head))
             now = self.now()
             given_up = not result.ok and now - head.created_at >= self.config.notify.give_up_after
             next_at = None if result.ok or given_up else now + self._backoff(head.attempts + 1)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+import html
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -14,15 +17,19 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import web
 
 from watchtower import __version__, clock
+from watchtower.checklist import checklist, staff_sentence
+from watchtower.checklist import notes as notes_of
+from watchtower.config import NOTE_KINDS
+from watchtower.drill import DrillError, DrillRunner
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import outage_start
 from watchtower.engine.incidents import Incident
 from watchtower.engine.monitor import Monitor, Snapshot
 from watchtower.notify.outbox import Alerting
 from watchtower.report import render_report
-from watchtower.store import AsyncStore, Attempt, Notification, StoreError
+from watchtower.store import AsyncStore, Attempt, Drill, Notification, StoreError
 from watchtower.web import metrics
-from watchtower.web.page import page_incident, render_login_page, render_status_page
+from watchtower.web.page import page_incident, people_rows, render_login_page, render_status_page
 
 __all__ = ["make_app", "render_status_page"]
 
@@ -30,6 +37,9 @@ MONITOR: web.AppKey[Monitor] = web.AppKey("monitor", Monitor)
 # The incident store (history, notifications); None when the daemon runs without one (unit tests).
 STORE: web.AppKey[AsyncStore | None] = web.AppKey("store")
 ALERTING: web.AppKey[Alerting | None] = web.AppKey("alerting")
+DRILLS: web.AppKey[DrillRunner | None] = web.AppKey("drills")
+# A drill's confirmation link: its token is its authentication (one contact, once, until it expires).
+_CONFIRM_PATH = re.compile(r"^/api/v1/drills/\d+/confirm/[0-9a-f]{1,64}$")
 
 # /healthz turns 503 when the scheduler loop has not ticked for this long (it ticks >= 1/s).
 STALL_AFTER = 5.0
@@ -172,7 +182,7 @@ async def auth_middleware(
         return web.Response(status=403, text="cross-site request refused\n")
     token = api_token(request)
     authenticated = not token or _bearer_ok(request, token) or _cookie_ok(request, token)
-    if not authenticated and request.path not in OPEN_PATHS:
+    if not authenticated and request.path not in OPEN_PATHS and not _CONFIRM_PATH.match(request.path):
         if _wants_html(request) and not request.path.startswith("/api/"):
             raise web.HTTPSeeOther("/login")
         return web.json_response(
@@ -184,7 +194,9 @@ async def auth_middleware(
 async def handle_metrics(request: web.Request) -> web.Response:
     snap = request.app[MONITOR].snapshot()
     gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
-    body = await asyncio.to_thread(metrics.render, snap, gzip_ok)
+    runner = request.app[DRILLS]
+    verified = {v.contact: v.last_verified for v in runner.verification()} if runner is not None else None
+    body = await asyncio.to_thread(metrics.render, snap, gzip_ok, verified)
     headers = {"Content-Type": metrics.CONTENT_TYPE}
     if gzip_ok:
         headers["Content-Encoding"] = "gzip"
@@ -223,17 +235,53 @@ def _page(html: str, status: int = 200) -> web.Response:
     return web.Response(text=html, status=status, content_type="text/html", headers=PAGE_HEADERS)
 
 
+def checklist_document(
+    incident: Incident, notes: Sequence[Notification], monitor: Monitor
+) -> list[dict[str, Any]]:
+    others = [i for i in monitor.tracker.open_incidents() if i.id != incident.id]
+    return [
+        {
+            "item": item.key,
+            "label": item.label,
+            "state": item.state,
+            "due_at": iso(item.due_at),
+            "done_at": iso(item.done_at),
+            "detail": item.detail,
+            "line": item.line(),
+        }
+        for item in checklist(incident, notes, monitor.config, clock.now(), others)
+    ]
+
+
 async def handle_page(request: web.Request) -> web.Response:
     monitor = request.app[MONITOR]
     config = monitor.config
-    incidents = [page_incident(incident_document(i), i, config) for i in monitor.tracker.open_incidents()]
-    html = render_status_page(
+    alerting = request.app[ALERTING]
+    incidents = []
+    for i in monitor.tracker.open_incidents():
+        doc = page_incident(incident_document(i), i, config)
+        sent = (alerting.notifications_of(i.id) if alerting is not None else None) or []
+        doc["checklist"] = checklist_document(i, sent, monitor)
+        doc["notes"] = [{"at": iso(e.at), "kind": e.kind[5:], "text": e.text} for e in notes_of(i)]
+        doc["staff"] = staff_sentence(i, config)
+        incidents.append(doc)
+    runner = request.app[DRILLS]
+    people: list[dict[str, Any]] = []
+    drill = None
+    if runner is not None and config.contacts:
+        with contextlib.suppress(StoreError):
+            latest = await runner.drills(limit=1)
+            drill = drill_document(latest[0], config) if latest else None
+        people = people_rows(config, runner.verification(), drill)
+    text = render_status_page(
         state_document(monitor.snapshot(), monitor),
         incidents,
         config=config,
         logout=bool(api_token(request)) and SESSION_COOKIE in request.cookies,
+        people=people,
+        drill=drill,
     )
-    return _page(html)
+    return _page(text)
 
 
 async def handle_login_form(request: web.Request) -> web.Response:
@@ -345,7 +393,9 @@ async def _documents(request: web.Request, incidents: Sequence[Incident]) -> lis
                 notes = await store.call(store.store.notifications, incident.id)
             except StoreError:
                 notes = None
-        out.append(incident_document(incident, notes or ()))
+        doc = incident_document(incident, notes or ())
+        doc["checklist"] = checklist_document(incident, notes or (), request.app[MONITOR])
+        out.append(doc)
     return out
 
 
@@ -402,6 +452,49 @@ async def handle_ack(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def _note_fields(fields: dict[str, Any]) -> tuple[str, str, str] | str:
+    """(kind, text, by) of a note, or what is wrong with it."""
+    kind, text, by = fields.get("kind"), fields.get("text"), fields.get("by")
+    if kind not in NOTE_KINDS:
+        return f'"kind" must be one of {", ".join(NOTE_KINDS)}'
+    if not isinstance(text, str) or not text.strip() or len(text) > 2000:
+        return '"text" must be 1 to 2000 characters'
+    if not isinstance(by, str) or not by.strip() or len(by) > 100:
+        return '"by" must be a name of 1 to 100 characters'
+    # one line each: the timeline, the logs and the report are line-oriented
+    return str(kind), _CONTROL.sub(" ", text).strip(), _CONTROL.sub(" ", by).strip()
+
+
+async def handle_note(request: web.Request) -> web.Response:
+    """POST /api/v1/incidents/{id}/notes {"kind", "text", "by"}: a timeline note."""
+    incident = _incident_or_404(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        return web.json_response(
+            {"error": 'body must be JSON like {"kind": "decision", "text": "...", "by": "alice"}'}, status=400
+        )
+    fields = _note_fields(body if isinstance(body, dict) else {})
+    if isinstance(fields, str):
+        return web.json_response({"error": fields}, status=400)
+    incident = request.app[MONITOR].note(incident.id, *fields)
+    (doc,) = await _documents(request, [incident])
+    return web.json_response(doc, status=201)
+
+
+async def handle_page_note(request: web.Request) -> web.Response:
+    """POST /incidents/{id}/notes from the page's note form, then back to /."""
+    incident = _incident_or_404(request)
+    fields = _note_fields(await _read_form(request) or {})
+    if isinstance(fields, str):
+        return web.Response(status=400, text=fields + "\n")
+    request.app[MONITOR].note(incident.id, *fields)
+    raise web.HTTPSeeOther("/")
+
+
 async def handle_report(request: web.Request) -> web.Response:
     """The post-mortem of one incident as Markdown. The live incident where the daemon still
     holds it (the freshest timeline), else the store's; notifications, delivery attempts and blind
@@ -450,13 +543,128 @@ async def handle_state(request: web.Request) -> web.Response:
     return web.json_response(state_document(monitor.snapshot(), monitor))
 
 
+def drill_document(drill: Drill, config: Any) -> dict[str, Any]:
+    """A drill in the API: per contact when they were due, confirmed, and the sentence (no tokens)."""
+    return {
+        "id": drill.id,
+        "started_at": iso(drill.started_at),
+        "finished_at": iso(drill.finished_at),
+        "state": drill.state,
+        "compress": drill.compress,
+        "requested_by": drill.requested_by,
+        "contacts": [
+            {
+                "contact": c.contact,
+                "name": (config.contacts[c.contact].name if c.contact in config.contacts else None)
+                or c.contact,
+                "step": c.step,
+                "due_at": iso(c.due_at),
+                "expires_at": iso(c.expires_at),
+                "confirmed_at": iso(c.confirmed_at),
+                "confirmed_via": c.confirmed_via,
+                "result": c.result,
+            }
+            for c in drill.contacts
+        ],
+    }
+
+
+def _drills_or_503(request: web.Request) -> DrillRunner:
+    runner = request.app[DRILLS]
+    if runner is None:
+        raise web.HTTPServiceUnavailable(text="drills need the daemon's state store\n")
+    return runner
+
+
+async def handle_drills(request: web.Request) -> web.Response:
+    runner = _drills_or_503(request)
+    drills = await runner.drills()
+    return web.json_response(
+        {
+            "drills": [drill_document(d, runner.config) for d in drills],
+            "contacts": [
+                {
+                    "contact": v.contact,
+                    "last_verified": iso(v.last_verified),
+                    "due_at": iso(v.due_at),
+                    "overdue": v.overdue,
+                    "last_result": v.last_result,
+                }
+                for v in runner.verification()
+            ],
+        }
+    )
+
+
+async def handle_drill_start(request: web.Request) -> web.Response:
+    runner = _drills_or_503(request)
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        return web.json_response(
+            {"error": 'body must be JSON like {"compress": 0.1, "by": "alice"}'}, status=400
+        )
+    if not isinstance(body, dict):
+        return web.json_response({"error": "body must be a JSON object"}, status=400)
+    compress, by = body.get("compress"), body.get("by") or "api"
+    if compress is not None and (
+        isinstance(compress, bool) or not isinstance(compress, int | float) or not 0 < compress <= 1
+    ):
+        return web.json_response({"error": '"compress" must be a number in (0, 1]'}, status=400)
+    if not isinstance(by, str) or len(by) > 100:
+        return web.json_response({"error": '"by" must be a name of at most 100 characters'}, status=400)
+    try:
+        drill = await runner.start(by.strip() or "api", None if compress is None else float(compress))
+    except DrillError as exc:
+        return web.json_response({"error": str(exc)}, status=exc.status)
+    return web.json_response(drill_document(drill, runner.config), status=201)
+
+
+_CONFIRM_FORM = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>watchtower drill</title></head>
+<body style="font: 16px system-ui, sans-serif; margin: 2rem"><h1>{title}</h1><p>{text}</p>{form}</body></html>
+"""
+
+
+async def handle_drill_confirm_form(request: web.Request) -> web.Response:
+    """GET on a confirmation link: a button (a link preview or scanner must not confirm)."""
+    form = (
+        '<form method="post"><button type="submit" style="font-size: 1.3rem">'
+        "I got the drill message</button></form>"
+    )
+    text = "This confirms that the DRILL alert reached you. The link works once."
+    return _page(_CONFIRM_FORM.format(title="watchtower alert-chain drill", text=text, form=form))
+
+
+async def handle_drill_confirm(request: web.Request) -> web.Response:
+    runner = _drills_or_503(request)
+    drill_id, token = int(request.match_info["id"]), request.match_info["token"]
+    browser = request.content_type == "application/x-www-form-urlencoded"
+    via = "link" if browser else request.query.get("via", "api")[:20]
+    try:
+        contact = await runner.confirm(drill_id, token, via)
+    except DrillError as exc:
+        if browser:
+            text = html.escape(str(exc))
+            return _page(_CONFIRM_FORM.format(title="Not confirmed", text=text, form=""), status=exc.status)
+        return web.json_response({"error": str(exc)}, status=exc.status)
+    if browser:
+        text = f"Thank you, {html.escape(contact)}: you are confirmed as reachable."
+        return _page(_CONFIRM_FORM.format(title="Confirmed", text=text, form=""))
+    return web.json_response({"drill": drill_id, "contact": contact, "confirmed": True})
+
+
 def make_app(
-    monitor: Monitor, store: AsyncStore | None = None, alerting: Alerting | None = None
+    monitor: Monitor,
+    store: AsyncStore | None = None,
+    alerting: Alerting | None = None,
+    drills: DrillRunner | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[body_timeout_middleware, auth_middleware], client_max_size=64 * 1024)
     app[MONITOR] = monitor
     app[STORE] = store
     app[ALERTING] = alerting
+    app[DRILLS] = drills
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/api/v1/state", handle_state)
@@ -465,10 +673,16 @@ def make_app(
     app.router.add_post("/login", handle_login)
     app.router.add_post("/logout", handle_logout)
     app.router.add_post("/incidents/{id}/ack", handle_page_ack)
+    app.router.add_post("/incidents/{id}/notes", handle_page_note)
+    app.router.add_post("/api/v1/incidents/{id}/notes", handle_note)
     app.router.add_get("/api/v1/incidents", handle_incidents)
     app.router.add_get("/api/v1/incidents/{id}", handle_incident)
     app.router.add_post("/api/v1/incidents/{id}/ack", handle_ack)
     app.router.add_get("/api/v1/incidents/{id}/report", handle_report)
+    app.router.add_get("/api/v1/drills", handle_drills)
+    app.router.add_post("/api/v1/drills", handle_drill_start)
+    app.router.add_get(r"/api/v1/drills/{id:\d+}/confirm/{token:[0-9a-f]{1,64}}", handle_drill_confirm_form)
+    app.router.add_post(r"/api/v1/drills/{id:\d+}/confirm/{token:[0-9a-f]{1,64}}", handle_drill_confirm)
 
     async def server_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Server"] = f"watchtower/{__version__}"

@@ -9,7 +9,7 @@ it into 20,000 locked ``.labels()`` children would cost ~30x more per update and
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -22,8 +22,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class SnapshotCollector:
-    def __init__(self, snapshot: Snapshot):
+    def __init__(self, snapshot: Snapshot, verified: Mapping[str, float | None] | None = None):
         self.snapshot = snapshot
+        self.verified = verified or {}
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot
@@ -141,6 +142,15 @@ class SnapshotCollector:
             "when the config was last (re)loaded or a reload was rejected",
             value=snap.reload_at,
         )
+        if self.verified:
+            last = GaugeMetricFamily(
+                "watchtower_contact_last_verified_timestamp_seconds",
+                "when an alert-chain drill last reached the contact (0: never)",
+                labels=["contact"],
+            )
+            for contact, at in self.verified.items():
+                last.add_metric([contact], at or 0.0)
+            yield last
         info = GaugeMetricFamily("watchtower_build_info", "watchtower version", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info
@@ -148,7 +158,10 @@ class SnapshotCollector:
         yield from PLATFORM_COLLECTOR.collect()
 
 
-def render(snapshot: Snapshot, compress: bool = False) -> bytes:
-    """The exposition text for one snapshot (blocking: call it in a thread)."""
-    body = generate_latest(SnapshotCollector(snapshot))  # type: ignore[arg-type,unused-ignore]
+def render(
+    snapshot: Snapshot, compress: bool = False, verified: Mapping[str, float | None] | None = None
+) -> bytes:
+    """The exposition text for one snapshot (blocking: call it in a thread); ``verified``: contact
+    -> last drill confirmation."""
+    body = generate_latest(SnapshotCollector(snapshot, verified))  # type: ignore[arg-type,unused-ignore]
     return gzip.compress(body, compresslevel=5) if compress else body

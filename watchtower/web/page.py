@@ -20,13 +20,13 @@ from __future__ import annotations
 import functools
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, get_args
 
 import jinja2
 
-from watchtower.config import Config, RestoreCategory, Target
+from watchtower.config import NOTE_KINDS, Config, RestoreCategory, Target
 from watchtower.durations import coarse
 from watchtower.engine.escalation import channels_for, outage_start, rto_clock
 from watchtower.engine.incidents import Incident
@@ -274,12 +274,21 @@ def contacts(
             when = f"at {step.rto_fraction:.0%} of the smallest RTO"
         if step.unless:
             when += f", unless {step.unless}"
+        if step.when is not None:
+            only = [*step.when.scope, *step.when.cause]
+            when += f", only for {' / '.join(only)}"
+        people = [f"{c} (on call)" if c in config.contacts and config.contacts[c].on_call else c
+                  for c in step.contacts]  # fmt: skip
+        reach = [*step.notify, *step.contacts]
+        for c in step.contacts:
+            if c in config.contacts:
+                reach += config.contacts[c].channels
         steps.append(
             {
                 "n": n,
                 "when": when,
-                "tags": list(step.notify),
-                "channels": list(channels_for(policy, step.notify)),
+                "tags": [*step.notify, *people],
+                "channels": list(channels_for(policy, reach)),
             }
         )
     seen: list[str] = []
@@ -320,12 +329,15 @@ def render_status_page(
     config: Config | None = None,
     now: float | None = None,
     logout: bool = False,
+    people: list[dict[str, Any]] | None = None,
+    drill: dict[str, Any] | None = None,
 ) -> str:
     """The server-rendered status page: works without JavaScript, refreshes itself.
 
     ``incidents`` are open incident documents, best passed through :func:`page_incident` (RTO
     clock, restore times); ``config`` adds the restore board and contacts; ``logout`` a
-    logout button (the page was opened with a login cookie).
+    logout button (the page was opened with a login cookie); ``people`` the contacts with their
+    drill results (:func:`people_rows`), ``drill`` the latest drill's document.
     """
     now = time.time() if now is None else now
     targets = [{"name": name, **t} for name, t in doc["targets"].items()]
@@ -340,6 +352,8 @@ def render_status_page(
     groups = [(role, [t for t in targets if t["role"] == role]) for role in ROLE_ORDER]
     for i in incidents:
         i.setdefault("evidence", [])
+        for key, empty in (("staff", None), ("checklist", []), ("notes", [])):
+            i.setdefault(key, empty)
         i["since_text"] = clock(i.get("outage_start") or _parse_iso(i.get("opened_at")), now)
         acked_at = clock(_parse_iso(i.get("acknowledged_at")), now)
         i["ack_text"] = (
@@ -371,9 +385,49 @@ def render_status_page(
             steps=steps,
             details=details,
             logout=logout,
+            people=people or [],
+            note_kinds=NOTE_KINDS,
+            drill=drill,
         )
     )
 
 
 def render_login_page(site: str, error: str | None = None) -> str:
     return templates().get_template("login.html").render(site=site, error=error)
+
+
+def people_rows(
+    config: Config, verification: Sequence[Any], drill: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Contacts as the page shows them: how to reach them, and what the last drill said."""
+    latest = {c["contact"]: c for c in drill["contacts"]} if drill else {}
+    rows = []
+    for v in verification:
+        contact = config.contacts.get(v.contact)
+        if contact is None:
+            continue
+        in_drill = latest.get(v.contact)
+        result = v.last_result
+        if in_drill is not None and drill is not None and drill["state"] == "running":
+            result = "drill running: " + (
+                "confirmed" if in_drill["confirmed_at"] else "waiting for confirmation"
+            )
+        rows.append(
+            {
+                "name": contact.name or v.contact,
+                "role": contact.role or "",
+                "phone": contact.phone,
+                "available": contact.available,
+                "timezone": contact.timezone,
+                "on_call": contact.on_call,
+                "channels": contact.channels,
+                "drill_result": result,
+                "last_verified": _stamp(v.last_verified),
+                "overdue": v.overdue,
+            }
+        )
+    return rows
+
+
+def _stamp(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")

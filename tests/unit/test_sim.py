@@ -1,0 +1,148 @@
+"""The fault simulator: the real engine on virtual time, scored against the ground truth.
+
+The acceptance sequences of issue 14 as fault scripts (staged recovery, the same failure minutes
+later, a hypervisor outage followed by a switch outage), the simulator's own determinism, and a
+few hundred random sequences with the targets the engine meets held at zero.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from watchtower.config import Config, load_config
+from watchtower.sim.faults import load_script, random_script
+from watchtower.sim.run import Recording, simulate
+from watchtower.sim.score import Totals, score
+from watchtower.sim.world import World
+
+REPO = Path(__file__).resolve().parents[2]
+TIER1 = ("signal-oncall", "sms-oncall")
+
+
+@pytest.fixture(scope="module")
+def demo() -> Config:
+    return load_config(REPO / "config" / "demo.yaml")
+
+
+def run(config: Config, script: list[dict[str, Any]], seed: int = 1) -> tuple[World, Recording]:
+    return simulate(config, load_script(script, config), seed)
+
+
+def pages(rec: Recording) -> Counter[tuple[str, str, str]]:
+    """(root, kind, channel) of every page, failed-again page and all-clear."""
+    return Counter(
+        (m.root, m.kind, m.channel) for m in rec.messages if m.kind in ("page", "reopen", "resolve")
+    )
+
+
+def test_same_seed_same_run(demo: Config) -> None:
+    events = random_script(demo, 7)
+    assert events == random_script(demo, 7)
+    _, a = simulate(demo, events, 7)
+    _, b = simulate(demo, events, 7)
+    assert [(m.at, m.kind, m.channel, m.root) for m in a.messages] == [
+        (m.at, m.kind, m.channel, m.root) for m in b.messages
+    ]
+    assert a.messages, "seed 7 breaks something: the run must page"
+
+
+def test_switch_answering_before_its_ports_forward_pages_once(demo: Config) -> None:
+    world, rec = run(demo, [
+        {"at": 60, "fault": "hang", "target": "core-sw1"},
+        {"at": 100, "repair": "core-sw1", "forward_delay": 8, "vm_delays": {"dc1": 20, "erp1": 35}},
+    ])  # fmt: skip
+    assert pages(rec) == Counter(
+        {("core-sw1", "page", c): 1 for c in TIER1} | {("core-sw1", "resolve", c): 1 for c in TIER1}
+    )
+    assert score(demo, world, rec).ok
+
+
+def test_hypervisor_then_switch_with_staged_recovery(demo: Config) -> None:
+    """Minutes after pve1's outage the switch dies and comes back in stages: two pages, two
+    all-clears, no 'failed again' for pve1 (it only looked down behind the switch), no VM page."""
+    world, rec = run(demo, [
+        {"at": 60, "fault": "power_off", "target": "pve1"},
+        {"at": 75, "ack": "pve1"},
+        {"at": 240, "repair": "pve1", "vm_delays": {"dc1": 25, "mail1": 40}},
+        {"at": 420, "fault": "loss", "target": "core-sw1", "pct": 100},
+        {"at": 432, "repair": "core-sw1", "forward_delay": 8, "vm_delays": {"dc1": 12, "files1": 12}},
+    ])  # fmt: skip
+    got = pages(rec)
+    assert got == Counter(
+        {(root, kind, c): 1 for root in ("pve1", "core-sw1") for kind in ("page", "resolve") for c in TIER1}
+    ), got
+    assert not any(m.kind == "reopen" for m in rec.messages)
+    pve1 = [m for m in rec.messages if m.root == "pve1" and m.kind == "page"]
+    assert {m.cause for m in pve1} == {"power_off"}
+    assert score(demo, world, rec).ok
+
+
+def test_readme_walkthrough(demo: Config) -> None:
+    """The walk-through that paged three VMs and reopened pve1 with a stale cause (issue 14)."""
+    world, rec = run(demo, [
+        {"at": 30, "fault": "power_off", "target": "pve1"},
+        {"at": 50, "ack": "pve1"},
+        {"at": 60, "fault": "psu_fail", "target": "pve2"},
+        {"at": 70, "fault": "icmp_drop", "target": "nas1"},
+        {"at": 120, "repair": "pve1", "vm_delays": {"dc1": 20, "mail1": 30}},
+        {"at": 121, "repair": "pve2", "vm_delays": {"erp1": 25, "files1": 15}},
+        {"at": 122, "repair": "nas1"},
+        {"at": 300, "fault": "loss", "target": "core-sw1", "pct": 100},
+        {"at": 312, "repair": "core-sw1", "forward_delay": 3},
+        {"at": 430, "fault": "loss", "target": "core-sw1", "pct": 100},
+        {"at": 442, "repair": "core-sw1", "forward_delay": 3},
+    ])  # fmt: skip
+    got = pages(rec)
+    for c in TIER1:
+        assert got[("pve1", "page", c)] == 1 and got[("pve2", "page", c)] == 1
+        assert got[("core-sw1", "page", c)] == 1 and got[("core-sw1", "reopen", c)] == 1
+    assert {root for root, _, _ in got} == {"pve1", "pve2", "core-sw1"}, got  # no VM, no nas1 page
+    assert not any(m.kind == "reopen" and m.root != "core-sw1" for m in rec.messages)
+    assert score(demo, world, rec).ok
+
+
+def test_flapping_host_one_page_one_all_clear(demo: Config) -> None:
+    script: list[dict[str, Any]] = []
+    for k in range(4):
+        script += [
+            {"at": 60 + 40 * k, "fault": "hang", "target": "erp1"},
+            {"at": 75 + 40 * k, "repair": "erp1"},
+        ]
+    _, rec = run(demo, script)
+    assert pages(rec) == Counter(
+        {("erp1", "page", c): 1 for c in TIER1} | {("erp1", "resolve", c): 1 for c in TIER1}
+    )
+
+
+def test_monitor_cut_opens_no_target_incident(demo: Config) -> None:
+    world, rec = run(demo, [
+        {"at": 60, "fault": "monitor_cut"},
+        {"at": 140, "fault": "monitor_restore"},
+    ])  # fmt: skip
+    assert {m.scope for m in rec.messages} <= {"monitor"}
+    assert score(demo, world, rec).ok
+
+
+def test_script_errors_name_the_event(demo: Config) -> None:
+    with pytest.raises(ValueError, match=r"\[1\]: target 'nope'"):
+        load_script(
+            [{"at": 1, "fault": "hang", "target": "pve1"}, {"at": 2, "fault": "hang", "target": "nope"}], demo
+        )
+    with pytest.raises(ValueError, match=r"\[0\]\.fault: must be one of"):
+        load_script([{"at": 1, "fault": "explode", "target": "pve1"}], demo)
+
+
+def test_random_sequences_meet_the_targets(demo: Config) -> None:
+    """A slice of the benchmark's 10,000 (bench/RESULTS.md): what the engine meets stays met."""
+    totals = Totals()
+    for seed in range(1, 61):
+        world, rec = simulate(demo, random_script(demo, seed), seed)
+        totals.add(seed, score(demo, world, rec))
+    assert totals.problems == 0
+    assert totals.missed == 0, totals.failing
+    assert totals.must_page > 30  # the sequences do break things
+    assert totals.paged == totals.must_page

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ TARGETS = {
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo-seeds", type=int, default=10_000)
+    ap.add_argument("--partition-seeds", type=int, default=2_000)
     ap.add_argument("--msp-seeds", type=int, default=200)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-write", action="store_true", help="print the table only")
@@ -39,6 +41,7 @@ def main() -> int:
     columns = []
     for title, source, n in (
         ("demo (9 targets)", str(REPO / "config" / "demo.yaml"), args.demo_seeds),
+        ("partition (9 targets, 2 networks)", str(REPO / "config" / "partition.yaml"), args.partition_seeds),
         ("msp200 (200 targets)", "@msp200", args.msp_seeds),
     ):
         if n <= 0:
@@ -46,9 +49,12 @@ def main() -> int:
         totals, scores, elapsed = run_seeds(source, range(1, n + 1), args.jobs)
         columns.append((title, totals, scores, elapsed))
     rows = [k for k, _ in columns[0][1].rows()]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     lines = [
         f"Command: {command_line()}  ",
-        f"Machine: {machine()}",
+        f"Machine: {machine()}  ",
+        f"Commit: {commit.stdout.strip() or 'unknown'}. Virtual time: the results do not depend on the "
+        "machine's speed or load, only the wall time does.",
         "",
         "| | " + " | ".join(t for t, *_ in columns) + " | target |",
         "|---|" + "---|" * len(columns) + "---|",

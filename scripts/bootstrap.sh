@@ -12,8 +12,10 @@ APT_PACKAGES=(iproute2 nftables iptables fping prometheus openssl procps
 # test-only: a headless browser for the status page test (tests/integration/test_browser.py),
 # with a font so its screenshots are readable; Alertmanager for the sink test
 # (tests/integration/test_alertmanager.py); blackbox_exporter for the Prometheus side of bench/;
-# systemd for systemd-analyze verify/security of the unit
-TEST_APT_PACKAGES=(chromium fonts-liberation prometheus-alertmanager prometheus-blackbox-exporter systemd)
+# systemd for systemd-analyze verify/security of the unit; restic and borgbackup for real backup
+# repositories (tests/integration/test_backups.py); poppler-utils (pdftoppm) to look at the plan PDF
+TEST_APT_PACKAGES=(chromium fonts-liberation prometheus-alertmanager prometheus-blackbox-exporter systemd
+                   restic borgbackup poppler-utils)
 if [[ "${1:-}" == "--tests" ]]; then
   APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}")
 fi

@@ -11,13 +11,14 @@ import asyncio
 import difflib
 import json
 import os
+import re
 import sys
 import time
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 from watchtower import __version__
-from watchtower.config import NOTE_KINDS, Config, ConfigError, load_config
+from watchtower.config import NOTE_KINDS, ClientConfig, Config, ConfigError, load_client_config, load_config
 
 if TYPE_CHECKING:
     from watchtower.store import Store
@@ -39,7 +40,27 @@ def _load(path: str) -> Config:
         raise SystemExit(EXIT_INVALID) from None
 
 
+def _load_client(path: str) -> ClientConfig:
+    """For commands that only talk to the daemon (or read its store): the API token is the only
+    secret they need, so an unreadable BMC password does not stop an ``ack``."""
+    try:
+        return load_client_config(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        raise SystemExit(EXIT_INVALID) from None
+
+
 # --------------------------------------------------------------------------- commands
+
+
+def _channel_problems(cfg: Config) -> list[str]:
+    """Channel URLs apprise refuses (at check and at start): one line each, never the URL."""
+    if not cfg.notify.channels:
+        return []
+    from watchtower.notify.sender import channel_problems
+
+    return channel_problems(cfg.notify.channels)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -47,6 +68,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     from watchtower.people import coverage_warnings
 
     cfg = _load(args.config)
+    problems = _channel_problems(cfg)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return EXIT_INVALID
     for line in coverage_warnings(cfg):
         print(f"warning: {line}", file=sys.stderr)
     print(f"ok: {len(cfg.targets)} targets, {len(cfg.paths)} paths")
@@ -95,7 +121,11 @@ def explain_networks(cfg: Config) -> str:
 def cmd_schema(args: argparse.Namespace) -> int:
     from watchtower.config import json_schema
 
-    print(json.dumps(json_schema(), indent=2))
+    try:
+        print(json.dumps(json_schema(), indent=2))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `watchtower schema | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 
@@ -103,6 +133,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from watchtower.daemon import run_daemon, setup_logging
 
     cfg = _load(args.config)
+    problems = _channel_problems(cfg)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return EXIT_INVALID
     setup_logging(args.log_level, cfg.log_format)
     try:
         asyncio.run(run_daemon(cfg, config_path=args.config))
@@ -203,7 +238,7 @@ async def _probe_target(cfg: Config, target: str) -> list[dict[str, Any]]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load_client(args.config)
     doc = _call_daemon(cfg, "GET", "/api/v1/state")
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -212,6 +247,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, target in doc["targets"].items():
         down = [p["name"] for p in target["paths"] if p["state"] == "down"]
         extra = f"  down: {', '.join(down)}" if down else ""
+        if target.get("muted_until"):
+            extra += f"  (muted until {target['muted_until'][:16].replace('T', ' ')} UTC)"
         print(f"  {target['state']:<11} {name:<20} {target['role']:<10}{extra}")
     return EXIT_OK
 
@@ -224,7 +261,7 @@ class ApiError(Exception):
         super().__init__(f"HTTP {status}: {text.strip()}")
 
 
-async def _api(cfg: Config, method: str, path: str, body: Any = None) -> Any:
+async def _api(cfg: Config | ClientConfig, method: str, path: str, body: Any = None) -> Any:
     """Call the running daemon's API on ``listen`` with the configured token."""
     import aiohttp
 
@@ -245,7 +282,9 @@ async def _api(cfg: Config, method: str, path: str, body: Any = None) -> Any:
         return await response.json()
 
 
-def _call_daemon(cfg: Config, method: str, path: str, body: Any = None, *, api_errors: bool = False) -> Any:
+def _call_daemon(
+    cfg: Config | ClientConfig, method: str, path: str, body: Any = None, *, api_errors: bool = False
+) -> Any:
     """The daemon's answer. Not reachable (or, unless ``api_errors``, answering with an error)
     prints one line and exits 3; with ``api_errors`` an error status raises ApiError."""
     try:
@@ -266,7 +305,7 @@ class DaemonUnreachable(Exception):
     """Nothing answers on ``listen``: the daemon is not running (or not reachable from here)."""
 
 
-def _ask_daemon(cfg: Config, path: str) -> Any:
+def _ask_daemon(cfg: Config | ClientConfig, path: str) -> Any:
     """GET from the running daemon: raises DaemonUnreachable when it does not answer, ApiError
     when it answers with an error status."""
     try:
@@ -277,7 +316,7 @@ def _ask_daemon(cfg: Config, path: str) -> Any:
         raise DaemonUnreachable(f"{exc.__class__.__name__}: {exc}") from exc
 
 
-def _stored(cfg: Config, why: DaemonUnreachable) -> Store | None:
+def _stored(cfg: Config | ClientConfig, why: DaemonUnreachable) -> Store | None:
     """The daemon's store, opened to read while the daemon is down (None: there is none yet).
     Says on stderr that the answer comes from the store."""
     from watchtower.store import DB_NAME, Store, StoreError
@@ -307,7 +346,7 @@ def _age(doc: dict[str, Any], now: float) -> str:
 
 
 def cmd_incidents(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load_client(args.config)
     try:
         incidents = _ask_daemon(cfg, "/api/v1/incidents" + ("?all=1" if args.all else ""))
     except ApiError as exc:
@@ -350,7 +389,7 @@ def cmd_incidents(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """The post-mortem as Markdown: from the daemon, else straight from its store."""
-    cfg = _load(args.config)
+    cfg = _load_client(args.config)
     try:
         text = _ask_daemon(cfg, f"/api/v1/incidents/{args.id}/report")
     except ApiError as exc:
@@ -363,7 +402,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         from watchtower.engine.escalation import outage_start
         from watchtower.report import render_report
 
-        store = _stored(cfg, exc)
+        full = _load(args.config)  # the report quotes targets and services of the config
+        store = _stored(full, exc)
         incident = store.incident(args.id) if store is not None else None
         if store is None or incident is None:
             if store is not None:
@@ -376,7 +416,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 store.notifications(incident.id),
                 store.attempts(incident.id),
                 store.blind_windows(outage_start(incident), incident.resolved_at),
-                cfg,
+                full,
                 time.time(),
             )
         finally:
@@ -386,7 +426,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ack(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load_client(args.config)
     try:
         incident = _call_daemon(
             cfg, "POST", f"/api/v1/incidents/{args.id}/ack", {"by": args.by}, api_errors=True
@@ -395,6 +435,72 @@ def cmd_ack(args: argparse.Namespace) -> int:
         print(f"cannot acknowledge #{args.id}: {exc}", file=sys.stderr)
         return EXIT_DOWN if exc.status == 404 else EXIT_INVALID
     print(f"#{incident['id']} {incident['state']} by {incident['acknowledged_by']}: {incident['headline']}")
+    return EXIT_OK
+
+
+def _until_iso(text: str, now: float) -> str:
+    """``--until``: ISO 8601 (without a zone: this box's local time) or ``HH:MM`` (the next one, local)."""
+    from datetime import datetime, timedelta
+
+    try:
+        if re.fullmatch(r"\d{1,2}:\d{2}", text.strip()):
+            hour, minute = (int(p) for p in text.strip().split(":"))
+            local = datetime.fromtimestamp(now).astimezone()
+            when = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
+            if when.timestamp() <= now:
+                when += timedelta(days=1)
+        else:
+            when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                when = when.astimezone()  # the box's local time zone
+    except ValueError:
+        raise SystemExit(f"--until {text!r}: give a time like 04:30 or 2026-12-08T04:30") from None
+    return when.isoformat()
+
+
+def cmd_mute(args: argparse.Namespace) -> int:
+    cfg = _load_client(args.config)
+    if (args.target is None) == (not args.site):
+        print("give a TARGET or --site (every target)", file=sys.stderr)
+        return EXIT_INVALID
+    body: dict[str, Any] = {"reason": args.reason, "by": args.by}
+    body.update({"site": True} if args.site else {"target": args.target})
+    if args.until is not None:
+        body["until"] = _until_iso(args.until, time.time())
+    else:
+        body["for"] = args.for_
+    try:
+        mute = _call_daemon(cfg, "POST", "/api/v1/mutes", body, api_errors=True)
+    except ApiError as exc:
+        print(f"cannot mute: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    what = "the whole site" if mute["site"] else mute["target"]
+    print(f"mute #{mute['id']}: {what} muted until {mute['end']} by {mute['by']}: {mute['reason']}")
+    return EXIT_OK
+
+
+def cmd_unmute(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    cfg = _load_client(args.config)
+    if (args.target is None) == (not args.site):
+        print("give a TARGET or --site", file=sys.stderr)
+        return EXIT_INVALID
+    doc = _call_daemon(cfg, "GET", "/api/v1/mutes")
+    ids = [
+        m["id"]
+        for m in doc["mutes"]
+        if (args.site and m["site"]) or (not args.site and m["target"] == args.target)
+        or str(m["id"]) == args.target
+    ]  # fmt: skip
+    if not ids:
+        windows = [w["every"] for w in doc["windows"] if w["active_until"]]
+        extra = f" (a config window is running: {', '.join(windows)})" if windows else ""
+        print(f"no running mute of {args.target or 'the site'}{extra}", file=sys.stderr)
+        return EXIT_DOWN
+    for mute_id in ids:
+        _call_daemon(cfg, "DELETE", f"/api/v1/mutes/{mute_id}?by={quote(args.by)}")
+        print(f"mute #{mute_id} ended by {args.by}")
     return EXIT_OK
 
 
@@ -588,16 +694,150 @@ async def _notify_test(cfg: Config, channels: list[Any]) -> tuple[list[Any], boo
     return list(results), any(s.hung_threads for s in senders.values())
 
 
+def _verified(cfg: Config, now: float) -> Any:
+    """The drills' record per contact, from the daemon's store (None when there is none yet)."""
+    from watchtower.drill import verification_of
+    from watchtower.store import DB_NAME, Store, StoreError
+
+    path = cfg.state_dir / DB_NAME
+    if not cfg.contacts or not path.exists():
+        return None
+    try:
+        store = Store(path)
+    except StoreError:
+        return None
+    try:
+        return verification_of(store, cfg, now)
+    finally:
+        store.close()
+
+
+def cmd_readiness(args: argparse.Namespace) -> int:
+    """Reads every backup source once (push backups: their last report), then judges."""
+    from watchtower import clock
+    from watchtower.backups.watch import BackupWatch
+    from watchtower.readiness import assess_site, recorded_tests
+
+    cfg = _load(args.config)
+
+    watch: BackupWatch = asyncio.run(_read_backups(cfg))
+    report = assess_site(cfg, watch.status, clock.now(), recorded_tests(cfg), _verified(cfg, clock.now()))
+    print(json.dumps(report.document(), indent=2) if args.json else report.text())
+    return 1 if report.red else 0
+
+
+async def _read_backups(cfg: Config) -> Any:
+    from watchtower import clock
+    from watchtower.backups.watch import BackupWatch
+    from watchtower.engine.incidents import IncidentTracker
+    from watchtower.probes import ProbeContext
+    from watchtower.probes.http import new_session
+
+    async with new_session() as session:
+        watch = BackupWatch(cfg, IncidentTracker(), ProbeContext(timeout=0, http_session=session))
+        await watch.read_all(clock.now())
+        return watch
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The plan as HTML, PDF or vCard, on stdout or into -o FILE."""
+    from watchtower import clock
+    from watchtower.plan import PdfUnavailable, export
+
+    cfg = _load(args.config)
+    watch = asyncio.run(_read_backups(cfg)) if args.format != "vcard" else None
+    try:
+        data = asyncio.run(export(cfg, args.format, watch.status if watch else {}, clock.now()))
+    except PdfUnavailable as exc:
+        print(f"plan export: {exc}", file=sys.stderr)
+        return 1
+    if args.output:
+        with open(args.output, "wb") as out:
+            out.write(data)
+        print(f"wrote {args.output} ({len(data)} bytes)", file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_restore_test(args: argparse.Namespace) -> int:
+    from watchtower.config import RestoreTest
+    from watchtower.readiness import record_test
+
+    cfg = _load(args.config)
+    target = cfg.targets.get(args.target)
+    if target is None or target.service is None:
+        with_service = sorted(n for n, t in cfg.targets.items() if t.service is not None)
+        print(
+            f"restore-test: no target {args.target!r} with a service; one of: {', '.join(with_service)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        test = RestoreTest.model_validate(
+            {"date": args.date, "duration": args.duration, "result": args.result, "note": args.note}
+        )
+    except ValueError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())  # type: ignore[attr-defined]
+        print(f"restore-test: {problems}", file=sys.stderr)
+        return 2
+    path = record_test(cfg, args.target, test)
+    print(f"recorded: {target.service.name} restored {test.date} ({test.result}) in {path}")
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    """The way out when the state store is broken: look, salvage, or start afresh."""
+    from watchtower.store import DB_NAME, StoreError, StoreLocked, check_file, rebuild
+
+    cfg = _load(args.config)
+    path = cfg.state_dir / DB_NAME
+    if args.action == "check":
+        ok, lines = check_file(path)
+        for line in lines:
+            print(line)
+        if not ok:
+            print("run `watchtower store repair` (keeps a copy of this file) with the daemon stopped")
+        return EXIT_OK if ok else EXIT_DOWN
+    if args.action == "repair" and check_file(path)[0] and not args.force:
+        print(f"{path}: ok, nothing to repair (--force rebuilds it anyway)")
+        return EXIT_OK
+    try:
+        backup, salvage = rebuild(cfg.state_dir, salvage=args.action == "repair")
+    except (StoreLocked, StoreError, OSError) as exc:
+        print(f"watchtower: store {args.action}: {exc}", file=sys.stderr)
+        return EXIT_DOWN
+    if backup is not None:
+        print(f"kept the old database as {backup}")
+    if salvage is not None:
+        print(f"copied into a new {path}: {salvage.summary()}")
+    else:
+        print(f"created a new, empty {path}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
+INVALID = "2 invalid config or arguments"
+UNREACHABLE = "3 daemon not reachable"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="watchtower", description="out-of-band monitor for on-call admins")
+    parser = argparse.ArgumentParser(
+        prog="watchtower",
+        description="out-of-band monitor for on-call admins",
+        epilog="exit codes: 0 ok, 1 something is down or failed, 2 invalid config or arguments, "
+        "3 the daemon is not reachable (each command's --help says which apply)",
+    )
     parser.add_argument("--version", action="version", version=f"watchtower {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Any, help_text: str, config: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def command(
+        name: str, func: Any, help_text: str, exits: str, config: bool = True
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"exit codes: {exits}")
         if config:
             p.add_argument(
                 "-c", "--config", default=default_config(),
@@ -606,52 +846,103 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("run", cmd_run, "run the daemon in the foreground until SIGTERM/SIGINT")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p = command("check", cmd_check, "validate the config")
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    p = command("run", cmd_run, "run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads)",
+                f"0 clean stop, 1 cannot start (port taken, no ICMP socket), {INVALID}")  # fmt: skip
+    p.add_argument("--log-level", default="INFO", choices=levels, help="least severe log lines shown")
+    p = command("check", cmd_check, "validate the config (and try every channel URL with apprise)",
+                f"0 ok, {INVALID}")  # fmt: skip
     p.add_argument(
         "--explain", action="store_true", help="show the network each path is on and what it depends on"
     )
-    p = command("probe", cmd_probe, "probe every path of one target once")
-    p.add_argument("target")
-    p.add_argument("--json", action="store_true")
-    p = command("status", cmd_status, "ask the running daemon for the state of every target")
-    p.add_argument("--json", action="store_true")
-    p = command("incidents", cmd_incidents, "list incidents of the running daemon (open ones by default)")
+    p = command("probe", cmd_probe, "probe every path of one target once",
+                f"0 all up, 1 some down, {INVALID}")  # fmt: skip
+    p.add_argument("target", help="a target of the config")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = command("status", cmd_status, "ask the running daemon for the state of every target",
+                f"0, {INVALID}, {UNREACHABLE}")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    p = command("incidents", cmd_incidents,
+                "list incidents of the running daemon (open ones by default; from the store when it is down)",
+                f"0, {INVALID}, 3 the daemon refused")  # fmt: skip
     p.add_argument("--all", action="store_true", help="also resolved incidents")
-    p.add_argument("--json", action="store_true")
-    p = command("ack", cmd_ack, "acknowledge an incident (stops further escalation)")
-    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = command("ack", cmd_ack, "acknowledge an incident (stops further escalation)",
+                f"0, 1 unknown incident, {INVALID}, {UNREACHABLE}")  # fmt: skip
+    p.add_argument("id", type=int, help="the incident's number, as in the alert (#ID)")
     p.add_argument("--by", required=True, help="who takes it")
-    p = command("note", cmd_note, "add a note to an incident's timeline (first-hour checklist items)")
-    p.add_argument("id", type=int)
-    p.add_argument("--kind", required=True, choices=NOTE_KINDS)
+    p = command("mute", cmd_mute, "mute a target (or the site) for maintenance: recorded, not paged",
+                f"0, 2 refused (unknown target, no or too long an end), {UNREACHABLE}")  # fmt: skip
+    p.add_argument("target", nargs="?", metavar="TARGET", help="the target to mute (or give --site)")
+    p.add_argument("--site", action="store_true", help="mute every target of the site")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--for", dest="for_", metavar="DURATION", help="how long, e.g. 2h (at most 7d)")
+    when.add_argument("--until", metavar="TIME", help="HH:MM or ISO 8601 (local time unless zoned)")
+    p.add_argument("--reason", required=True, help="why (shown in the incident's timeline)")
+    p.add_argument("--by", required=True, help="who mutes")
+    p = command("unmute", cmd_unmute, "end the running mutes of a target (or of the site, or one mute by id)",
+                f"0, 1 no mute running, {INVALID}, {UNREACHABLE}")  # fmt: skip
+    p.add_argument("target", nargs="?", metavar="TARGET|ID", help="the target (or a mute id)")
+    p.add_argument("--site", action="store_true", help="end the site-wide mutes")
+    p.add_argument("--by", required=True, help="who unmutes")
+    p = command("note", cmd_note, "add a note to an incident's timeline (first-hour checklist items)",
+                f"0, 1 unknown incident, {INVALID}, {UNREACHABLE}")  # fmt: skip
+    p.add_argument("id", type=int, help="the incident's number")
+    p.add_argument("--kind", required=True, choices=NOTE_KINDS, help="which checklist item it records")
     p.add_argument("--by", required=True, help="who writes it")
-    p.add_argument("text", nargs="+")
-    p = command("drill", cmd_drill, "alert-chain drill: run one now, or confirm a drill message")
-    p.add_argument("action", choices=["run", "confirm"])
+    p.add_argument("text", nargs="+", help="the note")
+    p = command("drill", cmd_drill, "alert-chain drill: run one now, or confirm a drill message",
+                f"0, 1 failed, {INVALID}, {UNREACHABLE}")  # fmt: skip
+    p.add_argument("action", choices=["run", "confirm"], help="run a drill, or confirm a drill message")
     p.add_argument("drill", nargs="?", type=int, help="confirm: the drill id")
     p.add_argument("token", nargs="?", help="confirm: the token from the message")
     p.add_argument("--compress", type=float, help="run: multiply the escalation delays by this (0.1)")
     p.add_argument("--by", default=os.environ.get("USER") or "cli", help="run: who starts it")
-    p = command("drills", cmd_drills, "drills and when each contact was last verified")
-    p.add_argument("--json", action="store_true")
-    p = command("report", cmd_report, "print the post-mortem of an incident as Markdown")
-    p.add_argument("id", type=int)
-    p = command("notify-test", cmd_notify_test, "send a marked test message through every channel (or one)")
+    p = command("drills", cmd_drills, "drills and when each contact was last verified",
+                f"0, {INVALID}, {UNREACHABLE}")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    p = command("report", cmd_report, "print the post-mortem of an incident as Markdown",
+                f"0, 1 unknown incident, {INVALID}, 3 the daemon refused")  # fmt: skip
+    p.add_argument("id", type=int, help="the incident's number")
+    p = command("notify-test", cmd_notify_test, "send a marked test message through every channel (or one)",
+                f"0 all delivered, 1 some failed, {INVALID}")  # fmt: skip
     p.add_argument("--channel", metavar="NAME", help="only this channel")
-    command("schema", cmd_schema, "print the config's JSON Schema", config=False)
-    lab_help = "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST"
-    p = command("lab", cmd_lab, lab_help,
-                config=False)  # fmt: skip
-    p.add_argument("lab_args", nargs=argparse.REMAINDER)
+    p = command("readiness", cmd_readiness, "is every service ready for its outage (exit 1 when not)",
+                f"0 all ready, 1 something is red, {INVALID}")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="the readiness data as JSON")
+    p = command("plan", cmd_plan, "export the recovery plan: plan export --format html|pdf|vcard [-o FILE]",
+                f"0, 1 could not render, {INVALID}")  # fmt: skip
+    p.add_argument("action", choices=["export"], help="what to do with the plan")
+    p.add_argument("--format", default="html", choices=["html", "pdf", "vcard"], help="the output format")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    p = command("restore-test", cmd_restore_test, "record a restore test: restore-test record TARGET",
+                f"0, {INVALID}")  # fmt: skip
+    p.add_argument("action", choices=["record"], help="what to do")
+    p.add_argument("target", help="the target whose service was restored")
+    p.add_argument("--date", default=time.strftime("%Y-%m-%d", time.gmtime()), help="YYYY-MM-DD (today)")
+    p.add_argument("--duration", help="how long the restore took, e.g. 2h30m")
+    p.add_argument("--result", default="ok", choices=["ok", "failed", "partial"], help="how it went (ok)")
+    p.add_argument("--note", help="what was restored, by whom")
+    p = command("store", cmd_store, "the state store: check it, repair it (salvage), or reset it",
+                f"0 ok, 1 damaged or failed, {INVALID}")  # fmt: skip
+    p.add_argument("action", choices=["check", "repair", "reset"], help="what to do with the store")
+    p.add_argument("--force", action="store_true", help="repair: rebuild even a store that checks ok")
+    command("schema", cmd_schema, "print the config's JSON Schema", "0", config=False)
+    lab_help = (
+        "the simulated site: up | down | status | break HOST MODE [ARG] | repair HOST | "
+        "cut-monitor | restore-monitor"
+    )
+    p = command("lab", cmd_lab, lab_help, "0 ok, 1 failed, 2 bad arguments", config=False)
+    p.add_argument("lab_args", nargs=argparse.REMAINDER, metavar="ARGS", help="what to do, as listed above")
     from watchtower.sim.cli import add_arguments, cmd_sim
 
-    p = command("sim", cmd_sim, "score the engine against random fault sequences on virtual time")
+    p = command("sim", cmd_sim, "score the engine against random fault sequences on virtual time",
+                f"0 no run failed, 1 some runs failed, {INVALID}")  # fmt: skip
     add_arguments(p)
-    p = command("demo", cmd_demo, "build the simulated site and run watchtower against it (root)")
+    p = command("demo", cmd_demo, "build the simulated site and run watchtower against it (root)",
+                f"0 clean stop, {INVALID}")  # fmt: skip
     p.set_defaults(config="config/demo.yaml")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=levels, help="least severe log lines shown")
     return parser
 
 

@@ -13,11 +13,13 @@ dead; set ``timeout`` on the target or path to go below it.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import ipaddress
 import os
 import re
 import ssl
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -39,6 +41,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from watchtower.engine.maintenance import Window, parse_every, zone
+from watchtower.hours import WeeklyHours
+from watchtower.logs import scrub_query
 
 ROLES = ("network", "hypervisor", "storage", "vm", "service")
 Role = Literal["network", "hypervisor", "storage", "vm", "service"]
@@ -67,6 +73,7 @@ class ConfigError(Exception):
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DURATION_HINT = "must be a duration like 2s, 500ms, 15m or 4h"
+DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"
 
 
 def parse_duration(value: Any) -> float:
@@ -105,7 +112,7 @@ Duration = Annotated[
     float,
     BeforeValidator(_positive_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$", "examples": ["5s"]}),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["5s"]}),
 ]
 
 
@@ -113,7 +120,7 @@ NonNegativeDuration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$", "examples": ["0s"]}),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["0s"]}),
 ]
 
 
@@ -130,10 +137,13 @@ def _check_host(value: Any) -> str:
         return str(ipaddress.ip_address(host))
     except ValueError:
         pass
+    if re.fullmatch(r"[0-9.]+", host):
+        # All digits and dots is no host name anyone has: a typo of an address (10.0.1.333).
+        raise ValueError(f"{_short(value)} is not a valid IPv4 address")
     if len(host) > 253 or not re.fullmatch(
         r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?", host
     ):
-        raise ValueError(f"{value!r} is neither an IP address nor a valid host name")
+        raise ValueError(f"{_short(value)} is neither an IP address nor a valid host name")
     return host
 
 
@@ -147,7 +157,7 @@ def _split_host_port(text: str) -> tuple[str, int | None]:
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         if rest and not rest.startswith(":"):
-            raise ValueError(f"cannot read {text!r} as [IPv6]:PORT")
+            raise ValueError(f"cannot read {_short(text)} as [IPv6]:PORT")
         return host, _parse_port(rest[1:]) if rest else None
     if text.count(":") == 1:
         host, _, port = text.partition(":")
@@ -157,7 +167,7 @@ def _split_host_port(text: str) -> tuple[str, int | None]:
 
 def _parse_port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError(f"port {text!r} must be a number from 1 to 65535")
+        raise ValueError(f"port {_short(text)} must be a number from 1 to 65535")
     return int(text)
 
 
@@ -172,24 +182,58 @@ def resolve_file(name: str, config_dir: Path) -> Path:
     path = Path(name).expanduser()
     if path.is_absolute():
         return path
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / path).is_file():
+    creds = os.environ.get("CREDENTIALS_DIRECTORY") or credentials_dir()
+    if (Path(creds) / path).is_file():
         return Path(creds) / path
     return config_dir / path
 
 
-def _read_file(value: Any, info: ValidationInfo) -> tuple[Path, str]:
+CREDENTIALS_DIR = "/etc/watchtower/credentials"
+
+
+def credentials_dir() -> str:
+    """Where the CLI finds secrets outside the unit (where systemd hands them over in
+    $CREDENTIALS_DIRECTORY): the folder the unit's ``LoadCredential=`` lines read from, so
+    ``watchtower ack`` works from a root shell. ``$WATCHTOWER_CREDENTIALS`` overrides it."""
+    return os.environ.get("WATCHTOWER_CREDENTIALS") or CREDENTIALS_DIR
+
+
+SECRET_FILE_MAX = 64 * 1024  # a key, a password, a URL, a list of communities
+CA_FILE_MAX = 4 * 1024 * 1024  # a CA bundle (Debian's is ~220 KB)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a value for an error message, cut: a config error must stay one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def read_regular_file(path: Path, limit: int) -> str:
+    """A regular file's text, at most ``limit`` bytes. Devices (``/dev/zero``), FIFOs (which
+    would block), directories and oversized files are errors (ValueError, OSError)."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat below then rejects it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit // 1024} KiB")
+    return data.decode("utf-8")
+
+
+def _read_file(value: Any, info: ValidationInfo, limit: int = SECRET_FILE_MAX) -> tuple[Path, str]:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a file path")
     path = resolve_file(value.strip(), _context_dir(info))
     try:
-        return path, path.read_text(encoding="utf-8")
+        return path, read_regular_file(path, limit)
     except FileNotFoundError:
-        where = (
-            f" (looked in $CREDENTIALS_DIRECTORY and {path.parent})" if not Path(value).is_absolute() else ""
-        )
+        creds = "$CREDENTIALS_DIRECTORY" if os.environ.get("CREDENTIALS_DIRECTORY") else credentials_dir()
+        where = f" (looked in {creds} and {path.parent})" if not Path(value).is_absolute() else ""
         raise ValueError(f"file not found: {value}{where}") from None
-    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {path}: {exc.__class__.__name__}") from None
 
 
@@ -204,14 +248,21 @@ class FileSecret:
         return f"FileSecret({self.path!r})"
 
 
-def _load_secret_file(value: Any, info: ValidationInfo) -> FileSecret:
+def _load_secret_file(value: Any, info: ValidationInfo, *, lines: bool = False) -> FileSecret:
     if isinstance(value, FileSecret):
         return value
     path, text = _read_file(value, info)
     secret = text.strip()
     if not secret:
         raise ValueError(f"file {path} is empty")
+    if not lines and ("\n" in secret or "\r" in secret):
+        # A key or password is one line; more is the wrong file (seen: /etc/shadow as a community).
+        raise ValueError(f"file {path} holds more than one line; a secret file holds the secret only")
     return FileSecret(str(path), SecretStr(secret))
+
+
+def _load_secret_lines_file(value: Any, info: ValidationInfo) -> FileSecret:
+    return _load_secret_file(value, info, lines=True)
 
 
 SecretFile = Annotated[
@@ -221,11 +272,18 @@ SecretFile = Annotated[
     WithJsonSchema({"type": "string", "description": "path of a file holding the secret"}),
 ]
 
+SecretLinesFile = Annotated[
+    FileSecret,
+    BeforeValidator(_load_secret_lines_file),
+    PlainSerializer(lambda s: s.path, return_type=str),
+    WithJsonSchema({"type": "string", "description": "path of a file holding one secret a line"}),
+]
+
 
 def _load_ca_file(value: Any, info: ValidationInfo) -> str:
     if isinstance(value, Path):
         value = str(value)
-    path, _ = _read_file(value, info)
+    path, _ = _read_file(value, info, CA_FILE_MAX)
     try:
         ssl.create_default_context(cafile=str(path))
     except (ssl.SSLError, ValueError) as exc:
@@ -239,7 +297,7 @@ CaFile = Annotated[str, BeforeValidator(_load_ca_file)]
 def _check_oid(value: Any) -> str:
     text = str(value).strip().lstrip(".")
     if not re.fullmatch(r"\d+(\.\d+)+", text):
-        raise ValueError(f"{value!r} is not a numeric OID like 1.3.6.1.2.1.1.3.0")
+        raise ValueError(f"{_short(value)} is not a numeric OID like 1.3.6.1.2.1.1.3.0")
     return text
 
 
@@ -308,6 +366,11 @@ class Defaults(Strict):
 class PathBase(Timing):
     kind: str
     name: str | None = Field(None, description="label in metrics and the API; defaults to 'KIND HOST[:PORT]'")
+    critical: bool = Field(
+        False,
+        description="this path alone is the service: when it is down the target is down (and pages), "
+        "even while its other paths answer; otherwise such a target is only degraded",
+    )
     network: str | None = Field(
         None,
         description="the `networks:` entry this path crosses; by default the one whose cidr holds its "
@@ -373,9 +436,17 @@ class HttpPath(PathBase):
     _secret_fields = ("password",)
     url: str
     method: Literal["GET", "HEAD", "POST"] = "GET"
-    expect_status: list[int] = Field(
-        default_factory=lambda: [200], description="status codes that count as up"
-    )
+    expect_status: Annotated[
+        list[int],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "integer", "minimum": 100, "maximum": 599},
+                    {"type": "array", "items": {"type": "integer", "minimum": 100, "maximum": 599}},
+                ]
+            }
+        ),
+    ] = Field(default_factory=lambda: [200], description="status code(s) that count as up")
     expect_body: str | None = Field(None, description="substring the body must contain")
     expect_regex: str | None = Field(None, description="regular expression the body must match")
     headers: dict[str, str] = Field(default_factory=dict)
@@ -388,13 +459,19 @@ class HttpPath(PathBase):
     insecure: bool = Field(False, description="skip TLS verification (explicit opt-out)")
     follow_redirects: bool = False
     max_body: int = Field(1_048_576, ge=0, le=64 * 1_048_576, description="bytes of body read at most")
+    tls_warn_days: float = Field(
+        14,
+        ge=0,
+        description="https: a `certificate` warning when the server's certificate expires within this "
+        "many days (0: never)",
+    )
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} must be an http:// or https:// URL with a host")
+            raise ValueError(f"{_short(value)} must be an http:// or https:// URL with a host")
         if parts.password:
             raise ValueError(
                 "put credentials in username/password_file, not in the URL (it is shown in labels)"
@@ -407,7 +484,7 @@ class HttpPath(PathBase):
         values = value if isinstance(value, list) else [value]
         for code in values:
             if not isinstance(code, int) or isinstance(code, bool) or not 100 <= code <= 599:
-                raise ValueError(f"{code!r} is not an HTTP status code (100-599)")
+                raise ValueError(f"{_short(code)} is not an HTTP status code (100-599)")
         return values
 
     @field_validator("expect_regex")
@@ -427,7 +504,9 @@ class HttpPath(PathBase):
         return self
 
     def default_name(self) -> str:
-        return f"http {self.url}"
+        # The name is a metric label and shows in the API and the log: query values (where
+        # many APIs take a key, ?api_key=...) are masked in it.
+        return f"http {scrub_query(self.url)}"
 
     @property
     def host(self) -> str:
@@ -554,7 +633,7 @@ class SnmpPath(HostPath):
             raise ValueError(f"SNMP v{self.version} needs community or community_file")
         for item in self.interfaces:
             if (isinstance(item, int) and item < 1) or (isinstance(item, str) and not item.strip()):
-                raise ValueError(f"interfaces: {item!r} is neither an ifIndex (1, 2, ...) nor a name")
+                raise ValueError(f"interfaces: {_short(item)} is neither an ifIndex (1, 2, ...) nor a name")
         return self
 
 
@@ -587,7 +666,7 @@ class TrapUser(Strict):
             text = str(item).strip().lower().removeprefix("0x").replace(":", "")
             if not re.fullmatch(r"([0-9a-f]{2}){5,32}", text):
                 raise ValueError(
-                    f"{item!r} is not an snmpEngineID in hex (5 to 32 bytes, e.g. 0x80001f88...)"
+                    f"{_short(item)} is not an snmpEngineID in hex (5 to 32 bytes, e.g. 0x80001f88...)"
                 )
             out.append(text)
         return out
@@ -605,7 +684,9 @@ class TrapListener(Strict):
     _secret_fields = ("communities",)
     listen: str = Field("0.0.0.0:162", description="HOST:PORT; port 162 needs root or CAP_NET_BIND_SERVICE")
     communities: list[SecretStr] = Field(default_factory=list, description="accepted v1/v2c communities")
-    communities_file: SecretFile | None = Field(None, description="file with one accepted community per line")
+    communities_file: SecretLinesFile | None = Field(
+        None, description="file with one accepted community per line"
+    )
     users: list[TrapUser] = Field(default_factory=list, description="accepted SNMPv3 users")
 
     @field_validator("listen")
@@ -740,7 +821,7 @@ def _normalize_path_item(value: Any) -> Any:
         )
     ((kind, spec),) = value.items()
     if kind not in PATH_KINDS:
-        raise ValueError(f"unknown path kind {kind!r}{_did_you_mean(str(kind), PATH_KINDS)}")
+        raise ValueError(f"unknown path kind {_short(kind)}{_did_you_mean(str(kind), PATH_KINDS)}")
     if isinstance(spec, str):
         if kind == "trap":
             return {"kind": kind, "source": spec}
@@ -748,7 +829,7 @@ def _normalize_path_item(value: Any) -> Any:
             return {"kind": kind, _URL_KINDS[kind]: spec}
         host, port = _split_host_port(spec)
         if kind == "tcp" and port is None:
-            raise ValueError(f"tcp short form is HOST:PORT, like 10.0.0.5:443 (got {spec!r})")
+            raise ValueError(f"tcp short form is HOST:PORT, like 10.0.0.5:443 (got {_short(spec)})")
         return {"kind": kind, "host": host} | ({"port": port} if port is not None else {})
     if not isinstance(spec, Mapping):
         raise ValueError(f"{kind} takes an address or a mapping of settings")
@@ -780,6 +861,193 @@ class Bmc(Strict):
         return self
 
 
+# --------------------------------------------------------------------------- backups (issue 16)
+
+
+class ResticSource(Strict):
+    """A restic repository, read with ``restic snapshots --json --no-lock`` (works read-only)."""
+
+    kind: Literal["restic"] = "restic"
+    repository: str = Field(description="path or URL as restic takes it (`-r`)")
+    password_file: SecretFile = Field(description="file holding the repository password")
+    host: str | None = Field(None, description="only snapshots of this host (`--host`)")
+    tag: str | None = Field(None, description="only snapshots with this tag (`--tag`)")
+    binary: str = Field("restic", description="the restic program")
+
+
+class BorgSource(Strict):
+    """A borg repository, read with ``borg list --json --bypass-lock`` (works read-only)."""
+
+    kind: Literal["borg"] = "borg"
+    repository: str = Field(description="path or ssh:// URL as borg takes it")
+    passphrase_file: SecretFile | None = Field(None, description="file holding the passphrase")
+    prefix: str | None = Field(None, description="only archives whose name starts with this")
+    timezone: str = Field(
+        "UTC",
+        description="zone of the machine that makes the archives: borg 1.2 lists `start` as local "
+        "time without a zone",
+    )
+    binary: str = Field("borg", description="the borg program")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        WeeklyHours.parse("always", value)  # raises with a readable message
+        return value
+
+
+class PbsSource(Strict):
+    """Proxmox Backup Server: one backup group's snapshots, with a read-only API token."""
+
+    _secret_fields = ("token_secret",)
+    kind: Literal["pbs"] = "pbs"
+    url: str = Field(description="base URL, e.g. `https://pbs.example:8007`")
+    datastore: str
+    backup_type: Literal["vm", "ct", "host"] = "vm"
+    backup_id: str = Field(description="the guest's id (VMID) or host name")
+    namespace: str | None = Field(None, description="datastore namespace (`ns`)")
+    token_id: str = Field(description="`USER@REALM!TOKENID` (DatastoreAudit suffices)")
+    token_secret: SecretStr | None = None
+    token_secret_file: SecretFile | None = Field(None, description="file holding the token's secret")
+    ca_file: CaFile | None = None
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _token(self) -> PbsSource:
+        if self.secret("token_secret") is None:
+            raise ValueError("pbs needs token_secret or token_secret_file")
+        if not re.fullmatch(r"[^@!\s]+@[^@!\s]+![^@!\s]+", self.token_id):
+            raise ValueError(f"token_id {self.token_id!r} must look like USER@REALM!TOKENID")
+        return self
+
+
+class PveSource(Strict):
+    """Proxmox VE: a guest's backups on one storage, its failed backup jobs, and whether any job
+    covers it at all, with a read-only API token (PVEAuditor)."""
+
+    _secret_fields = ("token_secret",)
+    kind: Literal["pve"] = "pve"
+    url: str = Field(description="base URL, e.g. `https://pve1.example:8006`")
+    node: str = Field(description="the node whose storage holds the backups")
+    storage: str = Field(description="the backup storage (vzdump dir, NFS, or a PBS storage)")
+    vmid: int = Field(ge=100, description="the guest")
+    token_id: str = Field(description="`USER@REALM!TOKENID`")
+    token_secret: SecretStr | None = None
+    token_secret_file: SecretFile | None = Field(None, description="file holding the token's secret")
+    ca_file: CaFile | None = None
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _token(self) -> PveSource:
+        if self.secret("token_secret") is None:
+            raise ValueError("pve needs token_secret or token_secret_file")
+        if not re.fullmatch(r"[^@!\s]+@[^@!\s]+![^@!\s]+", self.token_id):
+            raise ValueError(f"token_id {self.token_id!r} must look like USER@REALM!TOKENID")
+        return self
+
+
+class TruenasSource(Strict):
+    """TrueNAS 25.04+: a periodic snapshot or replication task's last run, over JSON-RPC."""
+
+    _secret_fields = ("api_key",)
+    kind: Literal["truenas"] = "truenas"
+    url: str = Field(description="`wss://HOST/api/current`")
+    task: Literal["snapshot", "replication"] = Field(description="which kind of task")
+    id: int = Field(ge=1, description="the task's id (Data Protection in the web UI)")
+    api_key: SecretStr | None = None
+    api_key_file: SecretFile | None = Field(None, description="file holding a read-only API key")
+    ca_file: CaFile | None = None
+    insecure: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _ws(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("ws", "wss") or not urlsplit(value).hostname:
+            raise ValueError(f"{value!r} must be a wss:// URL, e.g. wss://nas.example/api/current")
+        return value
+
+    @model_validator(mode="after")
+    def _key(self) -> TruenasSource:
+        if self.secret("api_key") is None:
+            raise ValueError("truenas needs api_key or api_key_file")
+        return self
+
+
+class PushSource(Strict):
+    """The backup job reports itself: ``curl -X POST -H 'Authorization: Bearer TOKEN'
+    .../api/v1/backups/NAME`` at its end (``.../NAME/fail`` when it failed)."""
+
+    _secret_fields = ("token",)
+    kind: Literal["push"] = "push"
+    token: SecretStr | None = None
+    token_file: SecretFile | None = Field(None, description="file holding this backup's push token")
+
+    @model_validator(mode="after")
+    def _token(self) -> PushSource:
+        if self.secret("token") is None:
+            raise ValueError("push needs token or token_file")
+        return self
+
+
+BackupSpec = ResticSource | BorgSource | PbsSource | PveSource | TruenasSource | PushSource
+BACKUP_KINDS = ("restic", "borg", "pbs", "pve", "truenas", "push")
+
+
+class Backup(Strict):
+    """Where a service's restore points are, and how fresh they must be."""
+
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="unique on the site; the push URL's NAME (default TARGET-KIND)",
+    )
+    restic: ResticSource | None = None
+    borg: BorgSource | None = None
+    pbs: PbsSource | None = None
+    pve: PveSource | None = None
+    truenas: TruenasSource | None = None
+    push: PushSource | None = None
+    max_age: Duration | None = Field(None, description="newest restore point at most this old (default: rpo)")
+    verified_within: Duration | None = Field(
+        None, description="newest verified restore point at most this old (sources that verify)"
+    )
+    min_count: int | None = Field(None, ge=1, description="at least this many restore points")
+    interval: Duration = Field(900.0, description="how often the source is read")
+    timeout: Duration = Field(60.0, description="bound on one read (the subprocess is killed after it)")
+    kept_at: str | None = Field(
+        None, description="where the backup and its passphrase are kept (a location, never the secret)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Backup:
+        given = [k for k in BACKUP_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"each backup needs exactly one of {', '.join(BACKUP_KINDS)} (got {len(given)})")
+        return self
+
+    @property
+    def source(self) -> BackupSpec:
+        spec = self.restic or self.borg or self.pbs or self.pve or self.truenas or self.push
+        assert spec is not None
+        return spec
+
+
+class RestoreTest(Strict):
+    date: datetime.date = Field(description="when the restore was tried (YYYY-MM-DD)")
+    duration: Duration | None = Field(None, description="how long it took, to hold against the RTO")
+    result: Literal["ok", "failed", "partial"] = "ok"
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedBackup:
+    name: str
+    target: str
+    service: str
+    spec: Backup
+    max_age: float | None  # the backup's max_age, else its service's rpo
+
+
 class Service(Strict):
     """The business service a target carries, for RTO clocks and the restore board."""
 
@@ -795,6 +1063,13 @@ class Service(Strict):
             "names when not set"
         ),
     )
+    backups: list[Backup] = Field(
+        default_factory=list, description="its restore points: restic, borg, pbs or push (issue 16)"
+    )
+    restore_tests: list[RestoreTest] = Field(
+        default_factory=list, description="restore tests done (`watchtower restore-test record` adds one)"
+    )
+    owner: str | None = Field(None, description="who restores it (name and phone), for the plan")
 
 
 TargetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
@@ -853,6 +1128,9 @@ class Target(Timing):
         None, description="the `providers:` entry to call when it fails (its ISP line, its vendor)"
     )
     runbook: str | None = Field(None, description="link or text shown with incidents of this target")
+    warranty_until: datetime.date | None = Field(
+        None, description="end of the vendor warranty/support contract (readiness warns 90 days ahead)"
+    )
 
 
 # --------------------------------------------------------------------------- notify, heartbeat
@@ -961,6 +1239,44 @@ class EscalationStep(Strict):
         return self
 
 
+class PlanDistribution(Strict):
+    every: Duration = Field(30 * 86400.0, description="send a fresh copy this often")
+    notify: list[str] = Field(min_length=1, description="channel tags or names (those taking attachments)")
+
+
+class Plan(Strict):
+    """The recovery plan on the phones: `watchtower plan export`, and a copy sent regularly."""
+
+    format: Literal["pdf", "html"] = Field("pdf", description="the attachment's format (pdf needs chromium)")
+    distribute: PlanDistribution | None = Field(
+        None,
+        description="send the plan as an attachment (mail, Signal), e.g. `{every: 30d, notify: [tier1]}`",
+    )
+
+
+class Warnings(Strict):
+    """Warnings are not outages: a backup older than its RPO, a certificate about to expire. They
+    open incidents of scope `backup`/`certificate` (shown and recorded) and go only to these
+    channels, only within these hours; one outside them waits for the next opening."""
+
+    notify: list[str] = Field(
+        default_factory=list, description="channel tags or names (none: recorded and shown, not sent)"
+    )
+    hours: str = Field(
+        "Mon-Fri 08:00-18:00", description='when they may be sent: "Mon-Fri 08:00-18:00", "always"'
+    )
+    timezone: str = Field("UTC", description="IANA zone the hours are in, e.g. Europe/Berlin")
+
+    @model_validator(mode="after")
+    def _hours(self) -> Warnings:
+        self.window  # noqa: B018 - parse now, so a bad value is named at load time
+        return self
+
+    @cached_property
+    def window(self) -> WeeklyHours:
+        return WeeklyHours.parse(self.hours, self.timezone)
+
+
 class Notify(Strict):
     channels: list[Channel] = Field(default_factory=list, description="where alerts go")
     escalation: list[EscalationStep] = Field(default_factory=list, description="who is told when")
@@ -982,6 +1298,10 @@ class Notify(Strict):
     retry_max: Duration = Field(300.0, description="longest pause between two delivery attempts")
     give_up_after: Duration = Field(
         86400.0, description="an undeliverable message is dropped (and counted failed) after this"
+    )
+    warnings: Warnings = Field(
+        default_factory=Warnings,
+        description="backup and certificate warnings: who, and when (never at night by default)",
     )
 
 
@@ -1087,9 +1407,9 @@ class Alertmanager(Strict):
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise ValueError(f"{name!r} is not a label name (letters, digits, _)")
+                raise ValueError(f"{_short(name)} is not a label name (letters, digits, _)")
             if name in ALERT_LABELS:
-                raise ValueError(f"label {name!r} is set by watchtower")
+                raise ValueError(f"label {_short(name)} is set by watchtower")
         return value
 
     @model_validator(mode="after")
@@ -1100,6 +1420,33 @@ class Alertmanager(Strict):
         if urlsplit(secret.get_secret_value()).scheme not in ("http", "https"):
             raise ValueError("alertmanager url must start with http:// or https://")
         return self
+
+
+class MaintenanceWindow(Strict):
+    """A recurring maintenance window: its targets are probed and recorded, but not paged for."""
+
+    every: str = Field(
+        description='when, in `timezone`: "Sun 02:00-04:00", "Mon-Fri 22:00-02:00" (ends the next '
+        'day), "Sat,Sun 01:00-05:00", "daily 03:00-03:30"'
+    )
+    targets: list[str] = Field(default_factory=list, description="targets muted; empty: every target")
+    timezone: str = Field("UTC", description="IANA time zone of `every`, e.g. Europe/Berlin")
+    reason: str | None = Field(None, description="shown in the incident's timeline")
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: str) -> str:
+        parse_every(value)
+        return value.strip()
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+    def window(self) -> Window:
+        return Window(parse_every(self.every), self.timezone, tuple(self.targets), self.every, self.reason)
 
 
 # --------------------------------------------------------------------------- the whole config
@@ -1156,6 +1503,15 @@ class Config(Strict):
         None, description="bearer token for /api/v1 and the page (prefer the _file)"
     )
     api_token_file: SecretFile | None = Field(None, description="file holding api_token")
+    metrics_auth: bool = Field(
+        False,
+        description="`/metrics` needs the API token too (Prometheus: `authorization: credentials_file`)",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="names this daemon is reached by (`Host:` header), besides IP addresses, "
+        "the listen name and localhost; without an api_token other names are refused (DNS rebinding)",
+    )
     max_concurrent_probes: int = Field(4096, ge=1, le=100_000, description="probes in flight at most")
     defaults: Defaults = Field(default_factory=Defaults, description="timings every path inherits")
     vantage: list[PathItem] = Field(
@@ -1172,8 +1528,13 @@ class Config(Strict):
         "fields parsed out); no timestamps under journald (`$JOURNAL_STREAM`), which adds its own",
     )
     traps: TrapListener | None = Field(None, description="the SNMP trap receiver, for `trap` paths")
+    plan: Plan = Field(default_factory=Plan, description="the recovery plan's export and distribution")
     retention: Duration = Field(
         400 * 86400.0, description="resolved incidents older than this are deleted from the store"
+    )
+    maintenance: list[MaintenanceWindow] = Field(
+        default_factory=list,
+        description="recurring maintenance windows: incidents are recorded, pages wait for the window's end",
     )
     networks: dict[NetworkName, Network] = Field(
         default_factory=dict,
@@ -1189,10 +1550,48 @@ class Config(Strict):
     drills: Drills = Field(default_factory=Drills, description="alert-chain drills")
     playbook: Playbook = Field(default_factory=Playbook, description="the first-hour checklist")
 
+    def secret_values(self) -> list[str]:
+        """Every secret in the config (inline or from a ``*_file``), for the log scrubber."""
+        out: list[str] = []
+        stack: list[Any] = [self]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, SecretStr):
+                out.append(item.get_secret_value())
+            elif isinstance(item, FileSecret):
+                out.append(item.value.get_secret_value())
+                if "\n" in out[-1]:  # a file of communities: each line is one
+                    out.extend(line.strip() for line in out[-1].splitlines() if line.strip())
+            elif isinstance(item, BaseModel):
+                stack.extend(getattr(item, name) for name in type(item).model_fields)
+            elif isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+        return out
+
+    @model_validator(mode="after")
+    def _metrics_auth(self) -> Config:
+        if self.metrics_auth and self.secret("api_token") is None:
+            raise ValueError("metrics_auth: true needs api_token or api_token_file")
+        return self
+
+    @field_validator("api_token", mode="after")
+    @classmethod
+    def _api_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token would compare equal to a missing one: auth silently off.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty; remove the key to run without a token, or set one")
+        return value
+
     @field_validator("state_dir", mode="after")
     @classmethod
     def _state_dir(cls, value: Path, info: ValidationInfo) -> Path:
         return value if value.is_absolute() else (_context_dir(info) / value)
+
+    @cached_property
+    def maintenance_windows(self) -> tuple[Window, ...]:
+        return tuple(m.window() for m in self.maintenance)
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -1204,6 +1603,19 @@ class Config(Strict):
     def paths(self) -> tuple[ResolvedPath, ...]:
         """Every target path with its effective settings, in config order."""
         return tuple(p for name, t in self.targets.items() for p in self._resolve(name, t.paths, t))
+
+    @cached_property
+    def backups(self) -> tuple[ResolvedBackup, ...]:
+        """Every ``service.backups`` entry with its site-wide name and effective max_age."""
+        out = []
+        for tname, t in self.targets.items():
+            if t.service is None:
+                continue
+            for b in t.service.backups:
+                name = b.name or f"{tname}-{b.source.kind}"
+                max_age = b.max_age if b.max_age is not None else t.service.rpo
+                out.append(ResolvedBackup(name, tname, t.service.name, b, max_age))
+        return tuple(out)
 
     @cached_property
     def vantage_paths(self) -> tuple[ResolvedPath, ...]:
@@ -1302,24 +1714,30 @@ def _semantic_problems(cfg: Config) -> list[str]:
         base = f"targets.{tname}"
         for i, dep in enumerate(target.depends_on):
             if dep not in names:
-                problems.append(f"{base}.depends_on[{i}]: no target named {dep!r}{_did_you_mean(dep, names)}")
+                problems.append(
+                    f"{base}.depends_on[{i}]: no target named {_short(dep)}{_did_you_mean(dep, names)}"
+                )
             elif dep == tname:
                 problems.append(f"{base}.depends_on[{i}]: a target cannot depend on itself")
         if target.runs_on is not None:
             hv = cfg.targets.get(target.runs_on)
             if hv is None:
                 problems.append(
-                    f"{base}.runs_on: no target named {target.runs_on!r}"
+                    f"{base}.runs_on: no target named {_short(target.runs_on)}"
                     + _did_you_mean(target.runs_on, names)
                 )
             elif hv.role != "hypervisor":
-                problems.append(f"{base}.runs_on: {target.runs_on!r} has role {hv.role}, not hypervisor")
+                problems.append(
+                    f"{base}.runs_on: {_short(target.runs_on)} has role {hv.role}, not hypervisor"
+                )
         for i, st in enumerate(target.storage):
             store = cfg.targets.get(st)
             if store is None:
-                problems.append(f"{base}.storage[{i}]: no target named {st!r}{_did_you_mean(st, names)}")
+                problems.append(
+                    f"{base}.storage[{i}]: no target named {_short(st)}{_did_you_mean(st, names)}"
+                )
             elif store.role != "storage":
-                problems.append(f"{base}.storage[{i}]: {st!r} has role {store.role}, not storage")
+                problems.append(f"{base}.storage[{i}]: {_short(st)} has role {store.role}, not storage")
     if cfg.traps is None:
         for tname, target in cfg.targets.items():
             for i, spec in enumerate(target.paths):
@@ -1327,6 +1745,20 @@ def _semantic_problems(cfg: Config) -> list[str]:
                     problems.append(
                         f"targets.{tname}.paths[{i}]: a trap path needs the `traps:` receiver configured"
                     )
+    seen_backups: dict[str, str] = {}
+    for b in cfg.backups:
+        if b.name in seen_backups:
+            problems.append(
+                f"targets.{b.target}.service.backups: name {b.name!r} is used twice "
+                f"(also on {seen_backups[b.name]}); give each a unique `name`"
+            )
+        seen_backups[b.name] = b.target
+    for i, window in enumerate(cfg.maintenance):
+        for j, name in enumerate(window.targets):
+            if name not in names:
+                problems.append(
+                    f"maintenance[{i}].targets[{j}]: no target named {name!r}{_did_you_mean(name, names)}"
+                )
     for nname, net in cfg.networks.items():
         for i, via in enumerate(net.via):
             if via not in names:
@@ -1383,6 +1815,7 @@ def _cycle_problems(cfg: Config) -> list[str]:
 
 def _path_problems(cfg: Config) -> list[str]:
     problems: list[str] = []
+    inherited: dict[str, tuple[str, str, list[str]]] = {}  # place -> (timeout, interval, paths)
     groups = [(f"targets.{t}", [p for p in cfg.paths if p.target == t]) for t in cfg.targets]
     groups.append(("vantage", list(cfg.vantage_paths)))
     for base, paths in groups:
@@ -1396,10 +1829,28 @@ def _path_problems(cfg: Config) -> list[str]:
                 )
             seen.setdefault(p.name, i)
             if p.timeout > p.interval:
-                problems.append(
-                    f"{where}.timeout: {format_duration(p.timeout)} is longer than its interval "
-                    f"{format_duration(p.interval)}"
+                # Report it where the value was written: one line for a default, not one per path.
+                owner = cfg.targets.get(p.target)
+                if p.spec.timeout is not None:
+                    place = f"{where}.timeout"
+                elif owner is not None and owner.timeout is not None:
+                    place = f"{base}.timeout"
+                elif p.timeout == cfg.defaults.timeout:
+                    place = "defaults.timeout"
+                else:  # the kind's floor (http 3s, ...) is above the interval
+                    place = f"{where}.timeout"
+                    detail = f"the {p.kind} timeout floor {format_duration(p.timeout)}"
+                    inherited.setdefault(place, (detail, format_duration(p.interval), []))
+                    continue
+                timings: tuple[str, str, list[str]] = (
+                    format_duration(p.timeout),
+                    format_duration(p.interval),
+                    [],
                 )
+                inherited.setdefault(place, timings)[2].append(where)
+    for place, (timeout, interval, where_used) in inherited.items():
+        scope = f" (used by {len(where_used)} paths, e.g. {where_used[0]})" if len(where_used) > 1 else ""
+        problems.append(f"{place}: {timeout} is longer than its interval {interval}{scope}")
     return problems
 
 
@@ -1408,7 +1859,7 @@ def _notify_problems(cfg: Config) -> list[str]:
     channel_names = [c.name for c in cfg.notify.channels]
     for i, name in enumerate(channel_names):
         if name in channel_names[:i]:
-            problems.append(f"notify.channels[{i}].name: {name!r} is used by another channel")
+            problems.append(f"notify.channels[{i}].name: {_short(name)} is used by another channel")
     known = set(channel_names) | {tag for c in cfg.notify.channels for tag in c.tags}
     for i, step in enumerate(cfg.notify.escalation):
         for j, tag in enumerate(step.notify):
@@ -1429,6 +1880,14 @@ def _notify_problems(cfg: Config) -> list[str]:
             problems.append(
                 f"notify.escalation[{i}].rto_fraction: no target has a service.rto to take a fraction of"
             )
+    selectors = [(f"notify.warnings.notify[{j}]", tag) for j, tag in enumerate(cfg.notify.warnings.notify)]
+    if cfg.plan.distribute is not None:
+        selectors += [
+            (f"plan.distribute.notify[{j}]", tag) for j, tag in enumerate(cfg.plan.distribute.notify)
+        ]
+    for where, tag in selectors:
+        if tag not in known:
+            problems.append(f"{where}: no channel has tag or name {tag!r}" + _did_you_mean(tag, known))
     for cname, contact in cfg.contacts.items():
         for j, ref in enumerate(contact.channels):
             if ref not in known:
@@ -1451,8 +1910,58 @@ def _notify_problems(cfg: Config) -> list[str]:
 # --------------------------------------------------------------------------- loading and error messages
 
 
+CONFIG_FILE_MAX = 32 * 1024 * 1024  # 10,000 paths take about 1 MB
+YAML_NODES_MAX = 2_000_000  # nodes after alias expansion: what validation will walk
+YAML_DEPTH_MAX = 100
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML silently keeps the last of two equal keys: a second `pve1:` would hide the first."""
+    """PyYAML silently keeps the last of two equal keys: a second `pve1:` would hide the first.
+
+    Also bounded: a document is refused when its aliases would expand to more than
+    ``YAML_NODES_MAX`` nodes (a 700-byte "billion laughs" of nine levels of ten is 10^9) or it
+    nests deeper than ``YAML_DEPTH_MAX``; validation walks the expanded tree, so either would
+    take the memory and time of the expansion."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Expanded size and depth of a composed document, each distinct node visited once (an
+    alias is the same node object: its size is counted at every place that refers to it)."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    # Iterative post-order walk: the composer has already built the graph, recursion here could
+    # only hit Python's limit.
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if not done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+            continue
+        size[id(node)] = 1 + sum(size.get(id(c), 1) for c in children)
+        depth[id(node)] = 1 + max((depth.get(id(c), 1) for c in children), default=0)
+        mark = node.start_mark
+        if size[id(node)] > YAML_NODES_MAX:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"aliases expand to more than {YAML_NODES_MAX:,} values", mark
+            )
+        if depth[id(node)] > YAML_DEPTH_MAX:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"nested more than {YAML_DEPTH_MAX} levels deep", mark
+            )
 
 
 def _construct_mapping(
@@ -1550,9 +2059,15 @@ def _format_error(err: Mapping[str, Any]) -> str:
         msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     elif kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        msg = f"must be one of {expected.replace(chr(39), '')}, got {err.get('input')!r}"
+        msg = f"must be one of {expected.replace(chr(39), '')}, got {_short(err.get('input'))}"
     elif kind == "union_tag_invalid":
         msg = f"unknown path kind{_did_you_mean(str(err.get('input', '')), PATH_KINDS)}"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        # pydantic says "a valid dictionary or instance of Target": the class name means nothing to a user
+        got = err.get("input")
+        names = {str: "a text", list: "a list", int: "a number", float: "a number", bool: "true/false"}
+        what = "nothing" if got is None else names.get(type(got), "something else")
+        msg = f"must be a mapping of settings, got {what} (check the indentation of the lines below it)"
     elif kind == "too_short":
         n = err.get("ctx", {}).get("min_length", 1)
         msg = f"needs at least {n} {'entry' if n == 1 else 'entries'}"
@@ -1575,23 +2090,85 @@ def parse_config(data: Any, config_dir: Path) -> Config:
     return cfg
 
 
+# PyYAML's words for a block that is indented too much, too little, or not at all.
+_INDENT_PROBLEMS = (
+    "mapping values are not allowed",
+    "expected <block end>",
+    "could not find expected ':'",
+    "did not find expected key",
+    "did not find expected '-' indicator",
+    "found character '\\t'",
+)
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate a config file. Raises ConfigError with one line per problem."""
     file = Path(path)
+    return parse_config(_read_yaml(file), file.resolve().parent)
+
+
+class ClientConfig(BaseModel):
+    """What the commands that only talk to the daemon need (where it listens, its token, its
+    store): they work with the API token alone, even where the other secrets are not readable."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    _secret_fields: ClassVar[tuple[str, ...]] = ("api_token",)
+    site: str = ""
+    listen: Annotated[str, BeforeValidator(_check_listen)] = "127.0.0.1:9847"
+    state_dir: Path = Path("/var/lib/watchtower")
+    api_token: SecretStr | None = None
+    api_token_file: SecretFile | None = None
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _state_dir(cls, value: Path, info: ValidationInfo) -> Path:
+        return value if value.is_absolute() else (_context_dir(info) / value)
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, port = _split_host_port(self.listen)
+        assert port is not None
+        return host, port
+
+    def secret(self, name: str) -> SecretStr | None:
+        return _pick_secret(self, name)
+
+
+def load_client_config(path: str | os.PathLike[str]) -> ClientConfig:
+    """The daemon's address, token and store from a config file. Raises ConfigError."""
+    file = Path(path)
+    data = _read_yaml(file)
+    if not isinstance(data, Mapping):
+        raise ConfigError(["(top level): the config must be a mapping of keys like site, targets, notify"])
     try:
-        text = file.read_text(encoding="utf-8")
+        return ClientConfig.model_validate(data, context={"config_dir": file.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(list(dict.fromkeys(_format_error(e) for e in exc.errors()))) from None
+
+
+def _read_yaml(file: Path) -> Any:
+    try:
+        text = read_regular_file(file, CONFIG_FILE_MAX)
     except FileNotFoundError:
         raise ConfigError([f"{file}: no such file"]) from None
+    except ValueError as exc:
+        raise ConfigError([_one_line(str(exc))]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{file}: cannot read ({exc.__class__.__name__}: {exc})"]) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        # The composer recurses per level: 50,000 `[` exhaust the stack before our depth check.
+        raise ConfigError([f"{file}: invalid YAML: nested more than {YAML_DEPTH_MAX} levels deep"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([_one_line(f"{where}: invalid YAML: {problem}")]) from None
-    return parse_config(data, file.resolve().parent)
+        hint = ""
+        if any(p in problem for p in _INDENT_PROBLEMS):
+            hint = " (check the indentation: settings go 2 spaces deeper than their key, siblings line up)"
+        raise ConfigError([_one_line(f"{where}: invalid YAML: {problem}{hint}")]) from None
+    return data
 
 
 def _yaml_path_schema() -> dict[str, Any]:
@@ -1625,6 +2202,26 @@ def json_schema() -> dict[str, Any]:
         definition.get("properties", {}).pop("kind", None)
         if "kind" in definition.get("required", []):
             definition["required"].remove("kind")
+    schema = _duration_defaults(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "watchtower configuration"
     return schema
+
+
+def _is_duration(node: Mapping[str, Any]) -> bool:
+    if node.get("pattern") == DURATION_PATTERN:
+        return True
+    return any(isinstance(b, Mapping) and _is_duration(b) for b in node.get("anyOf", ()))
+
+
+def _duration_defaults(node: Any) -> Any:
+    """Defaults of duration keys as they are written in YAML (``"5s"``), not pydantic's seconds."""
+    if isinstance(node, dict):
+        out = {k: _duration_defaults(v) for k, v in node.items()}
+        default = out.get("default")
+        if isinstance(default, int | float) and not isinstance(default, bool) and _is_duration(out):
+            out["default"] = format_duration(float(default))
+        return out
+    if isinstance(node, list):
+        return [_duration_defaults(v) for v in node]
+    return node

@@ -17,14 +17,19 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchtower import __version__, logs
+from watchtower.backups.watch import BackupWatch
+from watchtower.certificates import CertificateWatch
 from watchtower.config import Config, ConfigError, load_config
 from watchtower.drill import DrillRunner
 from watchtower.engine.correlate import TargetState
+from watchtower.engine.maintenance import incident_muted
 from watchtower.engine.monitor import Monitor, open_shared
 from watchtower.notify.alertmanager import AlertmanagerSink
 from watchtower.notify.outbox import Alerting
+from watchtower.notify.sender import channel_problems
+from watchtower.plan_distribution import PlanDistributor
 from watchtower.sdnotify import Notifier, watchdog_interval
-from watchtower.store import AsyncStore, Store, StoreError
+from watchtower.store import DB_NAME, AsyncStore, Store, StoreError, StoreLock, StoreLocked
 from watchtower.web import app as web_app
 from watchtower.web.app import STALL_AFTER, make_app
 
@@ -36,6 +41,7 @@ def setup_logging(level: str = "INFO", log_format: str = "text") -> None:
     out. Under journald no timestamps (it adds them) and a priority prefix (see watchtower/logs.py)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logs.formatter(log_format))
+    handler.addFilter(logs.SCRUBBER)  # secrets masked in every record, whatever logger wrote it
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # A watchdog kill (SIGABRT) or a fatal signal leaves every thread's stack in the journal.
     if not faulthandler.is_enabled():
@@ -43,6 +49,8 @@ def setup_logging(level: str = "INFO", log_format: str = "text") -> None:
     # apscheduler logs every job run at INFO: noise at our cadence
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for name in logs.QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def raise_fd_limit() -> None:
@@ -124,18 +132,49 @@ async def supervise(notifier: Notifier, monitor: Monitor, every: float | None) -
         await asyncio.sleep(every if every is not None else 15.0)
 
 
+def lock_state(config: Config) -> StoreLock | None:
+    """One daemon per ``state_dir`` (StoreLocked names the other's PID). A directory that cannot
+    hold a lock file cannot hold the store either: that is reported by :func:`open_store`."""
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        return StoreLock.acquire(config.state_dir)
+    except StoreLocked:
+        raise
+    except OSError as exc:
+        log.warning("cannot lock state_dir %s: %s", config.state_dir, exc.strerror or exc)
+        return None
+
+
 async def open_store(config: Config) -> tuple[AsyncStore, str | None]:
-    """The state store in ``state_dir``; when that cannot be opened (missing, read-only, full),
-    an in-memory one, so probing and alerting go on (and /healthz, metrics and the heartbeat say so)."""
+    """The state store in ``state_dir``; when that cannot be opened (missing, read-only, full,
+    corrupt), an in-memory one seeded with whatever can still be read of the broken file, so
+    probing and alerting go on without paging again what was paged before. It is never taken
+    for a working store: /healthz, the metric and the heartbeat say so until a restart finds
+    the file usable (``watchtower store check|repair|reset``)."""
     try:
         return await AsyncStore.open(config.state_dir), None
     except StoreError as exc:
-        log.error("state store unusable, keeping incidents in memory only: %s", exc)
         from concurrent.futures import ThreadPoolExecutor
 
+        path = config.state_dir / DB_NAME
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        store = await asyncio.get_running_loop().run_in_executor(executor, Store, ":memory:")
-        return AsyncStore(store, executor), str(exc)
+        loop = asyncio.get_running_loop()
+        store = await loop.run_in_executor(executor, Store, ":memory:")
+        problem = str(exc)
+        if path.is_file() and path.stat().st_size > 0:
+            salvage = await loop.run_in_executor(executor, store.salvage, path)
+            if not salvage.complete:
+                problem += "; its history is partly unreadable, so a page may repeat an earlier one"
+            history = salvage.summary()
+        else:
+            history = "no history could be read, so a page may repeat an earlier one"
+            problem += "; " + history
+        log.error(
+            "state store %s unusable, alerting from memory (nothing is kept across a restart; "
+            "run `watchtower store check`): %s; %s",
+            path, exc, history,
+        )  # fmt: skip
+        return AsyncStore(store, executor, durable=False), problem
 
 
 async def reload_config(
@@ -144,17 +183,23 @@ async def reload_config(
     stack: AsyncExitStack,
     alerting: Alerting | None = None,
     sink: AlertmanagerSink | None = None,
+    backups: BackupWatch | None = None,
+    distributor: PlanDistributor | None = None,
 ) -> bool:
     """SIGHUP: re-read the config. A bad new config is logged, problem by problem, and the running
     one stays in force; a good one is applied without losing the state of unchanged paths."""
     old = monitor.config
     try:
         new = await asyncio.to_thread(load_config, path)
+        refused = await asyncio.to_thread(channel_problems, new.notify.channels)  # as `check` does
+        if refused:
+            raise ConfigError(refused)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload rejected, keeping the running config: %s", problem)
         monitor.reload_failed()
         return False
+    logs.SCRUBBER.set_secrets(new.secret_values())
     if new.log_format != old.log_format:
         setup_logging(logging.getLevelName(logging.getLogger().level), new.log_format)
     if new.listen != old.listen:
@@ -171,6 +216,10 @@ async def reload_config(
         alerting.reload(new)
     if sink is not None:
         sink.reload(new)
+    if backups is not None:
+        backups.apply(new)
+    if distributor is not None:
+        distributor.reload(new)
     gc.collect()
     gc.freeze()
     log.info("config reloaded %s", " ".join(f"{k}={v}" for k, v in counts.items()))
@@ -182,11 +231,15 @@ async def run_daemon(
 ) -> None:
     """Run until SIGTERM/SIGINT (or cancellation). Startup errors (port in use) raise OSError."""
     raise_fd_limit()
+    logs.SCRUBBER.set_secrets(config.secret_values())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     notifier = Notifier()
     async with AsyncExitStack() as stack:
         stack.callback(notifier.close)
+        lock = lock_state(config)
+        if lock is not None:
+            stack.callback(lock.release)
         shared = await open_shared(stack, config)
         monitor = Monitor(config, shared=shared)
         store, store_error = await open_store(config)
@@ -195,9 +248,30 @@ async def run_daemon(
         if store_error is not None:
             alerting.store_ok, alerting.store_error = False, store_error
         stack.callback(alerting.close)
-        await alerting.restore()  # open incidents keep their ids and are not paged again
+        try:
+            await alerting.restore()  # open incidents keep their ids and are not paged again
+        except StoreError as exc:  # a page gone bad past the check at open: loud, never a crash loop
+            log.error("state store unreadable at start, alerting from memory: %s", exc)
+            store.durable, store_error = False, f"{exc}; a page may repeat an earlier one"
+            alerting.store_ok, alerting.store_error = False, store_error
+        if store_error is not None:
+            await alerting.warn(
+                f"store:{int(time.time())}", f"watchtower's state store is unusable: {store_error}"
+            )
+        try:
+            alerting.mutes = await store.call(store.store.mutes, alerting.now())  # they survive restarts
+        except StoreError as exc:
+            log.error("state store: mutes unreadable, none in force: %s", exc)
         monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
+        # Warnings (issue 16): stale backups and expiring certificates open their own incidents
+        backups = BackupWatch(config, monitor.tracker, shared)
+        backups.changed = monitor.incidents_changed
+        alerting.restore_lines = backups.restore_lines
+        certificates = CertificateWatch(monitor, monitor.tracker, monitor.incidents_changed)
+        distributor = PlanDistributor(config, backups)  # idle while `plan.distribute` is not set
+        stack.callback(distributor.close)
+        sink.muted = lambda incident: incident_muted(incident, alerting.muted(alerting.now()))
         drills = DrillRunner(store, alerting, state_dir=None if store_error is not None else config.state_dir)
         await drills.restore()
         # The config and the path table live for the whole run: move them out of the garbage
@@ -212,7 +286,7 @@ async def run_daemon(
             await stack.enter_async_context(TrapReceiver.from_config(config.traps, monitor.on_trap))
 
         runner = web.AppRunner(
-            make_app(monitor, store, alerting, drills),
+            make_app(monitor, store, alerting, drills, backups),
             access_log=None,
             shutdown_timeout=1.0,
             keepalive_timeout=web_app.IDLE_TIMEOUT,  # bounds a trickled request head too
@@ -243,6 +317,11 @@ async def run_daemon(
             scheduler_task = tg.create_task(monitor.run(), name="scheduler")
             alerting_task = tg.create_task(alerting.run(), name="alerting")
             sink_task = tg.create_task(sink.run(), name="alertmanager")
+            warning_tasks = [
+                tg.create_task(backups.run(), name="backups"),
+                tg.create_task(certificates.run(), name="certificates"),
+                tg.create_task(distributor.run(), name="plan"),
+            ]
             drill_task = tg.create_task(drills.run(), name="drills")
             reloading = asyncio.Lock()
 
@@ -253,7 +332,7 @@ async def run_daemon(
                 async with reloading:
                     notifier.reloading()
                     try:
-                        await reload_config(config_path, monitor, stack, alerting, sink)
+                        await reload_config(config_path, monitor, stack, alerting, sink, backups, distributor)
                     finally:
                         notifier.ready(status_line(monitor))  # a rejected reload: the old config runs
 
@@ -274,6 +353,8 @@ async def run_daemon(
             scheduler_task.cancel()
             alerting_task.cancel()
             sink_task.cancel()
+            for task in warning_tasks:
+                task.cancel()
             drill_task.cancel()
             if supervise_task is not None:
                 supervise_task.cancel()

@@ -30,6 +30,14 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
      "while its OS answers on another is that host's `link_down`. Without `networks:` this is inferred "
      "from address prefixes (/24, /64) and the alert says so. `watchtower check --explain` shows where "
      "each path landed."),
+    ("`service.backups[]`", c.Backup, "Exactly one source; see docs/backups-readiness-plan.md."),
+    ("Backup `restic`", c.ResticSource, ""),
+    ("Backup `borg`", c.BorgSource, ""),
+    ("Backup `pbs`", c.PbsSource, "Proxmox Backup Server, one backup group."),
+    ("Backup `pve`", c.PveSource, "Proxmox VE: a guest's backups on one storage."),
+    ("Backup `truenas`", c.TruenasSource, "TrueNAS 25.04+, JSON-RPC over wss."),
+    ("Backup `push`", c.PushSource, "`POST /api/v1/backups/NAME[/fail]` with `Authorization: Bearer TOKEN`."),
+    ("`service.restore_tests[]`", c.RestoreTest, "Also recorded with `watchtower restore-test record`."),
     ("`targets.NAME.bmc`", c.Bmc, "The host's out-of-band controller, consulted to explain an outage."),
     ("Path `icmp`", c.IcmpPath, "Short form: `- icmp: 10.0.0.2`."),
     ("Path `tcp`", c.TcpPath, "Short form: `- tcp: 10.0.0.5:3260` (IPv6: `[2001:db8::5]:3260`)."),
@@ -49,10 +57,16 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("`notify`", c.Notify, ""),
     ("`notify.channels[]`", c.Channel, "An apprise URL: `signal://`, `smseagle://`, `mailto://`, `mailtos://`."),
     ("`notify.escalation[]`", c.EscalationStep, "Each step fires once per incident."),
+    ("`notify.warnings`", c.Warnings, "Backup and certificate warnings: never paged through the escalation."),
+    ("`plan`", c.Plan, "The recovery plan: `watchtower plan export`."),
+    ("`plan.distribute`", c.PlanDistribution, "Sent as an attachment (mail, Signal) once per `every`."),
     ("`heartbeat`", c.Heartbeat, "Dead man's switch: pinged while watchtower is healthy."),
     ("`alertmanager`", c.Alertmanager, "Each open incident is one alert (labels "
      "`alertname=WatchtowerIncident`, `site`, `scope`, `root`, `cause`), re-posted every `every` and "
      "resolved with `endsAt`."),
+    ("`maintenance[]`", c.MaintenanceWindow, "A recurring window: its targets are probed and their "
+     "incidents recorded (\"in maintenance\"), but nobody is paged until it ends; an outage still "
+     "there then pages as a normal incident. One-off mutes: `watchtower mute`."),
 ]  # fmt: skip
 
 PATH_COMMON = ("interval", "retry_interval", "timeout", "fail_after", "recover_after", "name")
@@ -116,6 +130,8 @@ def _rows(model: type[BaseModel]) -> list[str]:
         annotation = field.annotation
         if "IcmpPath" in repr(annotation):
             type_name = "list of paths"
+        elif annotation is c.FileSecret:  # a required *_file: pydantic unwrapped the Annotated
+            type_name = "file path (secret)"
         elif field.metadata and any(type(m).__name__ == "PlainSerializer" for m in field.metadata):
             type_name = "duration"
         else:

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from watchtower.checklist import checklist, provider_lines, staff_sentence
 from watchtower.config import Config
 from watchtower.durations import exact
-from watchtower.engine.correlate import Scope
+from watchtower.engine.correlate import WARNING_SCOPES, Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, outage_start
 from watchtower.engine.incidents import Incident
 from watchtower.store import Attempt, Notification
@@ -301,7 +301,7 @@ def _timeline_rows(
 
 
 def _title(incident: Incident) -> str:
-    if incident.scope is Scope.MONITOR:
+    if incident.scope is Scope.MONITOR or incident.scope in WARNING_SCOPES:
         return incident.headline()
     cause = f" ({incident.cause})" if incident.cause else ""
     return f"{incident.scope} {incident.root} down{cause}"
@@ -384,8 +384,12 @@ def render_report(
             for s in services
         ]
         out += ["", "Recovery points (RPO): verify what the restore actually brought back.", ""]
+        points = [e.text for e in incident.timeline if e.kind == "restore_point"]
         for s in services:
-            if s.rpo is None:
+            known = [p for p in points if p.startswith(f"{s.service}:")]
+            if known:
+                out += [f"- {_inline(p)}" for p in known]  # the backup watch's reading at T+0
+            elif s.rpo is None:
                 out.append(f"- {_inline(s.service)} ({s.target}): no RPO set; record the restore point used.")
             else:
                 out.append(

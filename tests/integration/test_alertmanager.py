@@ -267,3 +267,40 @@ async def test_two_daemons_one_notification_end_to_end(alertmanager: dict[str, A
 
 async def _none_active(session: aiohttp.ClientSession) -> bool:
     return await active_alerts(session) == []
+
+
+async def test_alertmanager_down_backs_off_and_logs_state_changes_only(
+    alertmanager: dict[str, Any],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alertmanager unreachable: posts back off (were: one a second, a WARNING each); one WARNING
+    when it goes, one INFO when it is back, and the alert arrives then."""
+    from watchtower.notify import alertmanager as am_module
+
+    monkeypatch.setattr(am_module, "BACKOFF_MAX", 2.0, raising=False)
+    dead = load_config(config(tmp_path, f"http://127.0.0.1:{free_port()}", "vp1"))
+    tracker, _ = tracker_with_outage(3)
+    sink = AlertmanagerSink(dead, tracker)
+    caplog.set_level("DEBUG", logger="watchtower.alertmanager")
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 5.0
+    ticks = 0
+    while loop.time() < until:  # the daemon's loop, LOOK_EVERY shortened to 50 ms: 100 rounds
+        await sink.tick()
+        ticks += 1
+        await asyncio.sleep(0.05)
+    assert ticks >= 50 and 2 <= sink.posts <= 5 and sink.failures == sink.posts, (ticks, sink.posts)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "retrying with backoff" in warnings[0].getMessage()
+
+    sink.reload(load_config(config(tmp_path, alertmanager["url"], "vp1")))  # it is reachable now
+
+    async def delivered() -> list[dict[str, Any]]:
+        await sink.tick()
+        return await active_alerts(alertmanager["session"])
+
+    await wait_for(delivered, 10, "the alert once alertmanager is back", every=0.05)
+    back = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
+    assert len(back) == 1 and [r.levelname for r in caplog.records].count("WARNING") == 1, back

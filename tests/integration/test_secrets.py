@@ -345,3 +345,49 @@ def test_no_secret_leaks_through_any_output(tmp_path: Path) -> None:
     print(
         f"secrets: {len(s)} planted, {len(outputs)} outputs checked, {sum(map(len, outputs.values()))} bytes"
     )
+
+
+def test_debug_log_hides_webhook_path_tokens(tmp_path: Path) -> None:
+    """A webhook's token in the URL path (json://, Discord, Slack, Telegram, ntfy...): urllib3
+    logged ``"POST /hook/TOKEN HTTP/1.1" 200`` at DEBUG on every send (issue 15)."""
+    token_ok, token_bad = f"Zqhook{pysecrets.token_hex(8)}", f"Zqhook{pysecrets.token_hex(8)}"
+    sink, failing = HttpSink().start(), HttpSink(mode="error500").start()
+    listen = f"127.0.0.1:{free_port()}"
+    doc = {
+        "site": "hooks",
+        "listen": listen,
+        "state_dir": str(tmp_path / "state"),
+        "defaults": {"interval": "1s", "retry_interval": "300ms", "timeout": "500ms", "fail_after": 1},
+        "targets": {"web1": {"role": "service", "paths": [{"tcp": f"127.0.0.1:{closed_port()}"}]}},
+        "notify": {
+            "channels": [
+                {"name": "hook", "url": f"json://127.0.0.1:{sink.port}/hook/{token_ok}", "tags": ["t"]},
+                {"name": "bad", "url": f"json://127.0.0.1:{failing.port}/hook/{token_bad}", "tags": ["t"]},
+            ],
+            "escalation": [{"after": "0s", "notify": ["t"]}],
+            "retry_max": "1s",
+        },
+    }
+    cfg = tmp_path / "watchtower.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    log = tmp_path / "daemon.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("NOTIFY_SOCKET", None)
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "watchtower", "run", "-c", str(cfg), "--log-level", "DEBUG"],
+            stdout=out, stderr=out, env=env,
+        )  # fmt: skip
+    try:
+        until(lambda: any(r.path.endswith(token_ok) for r in sink.requests), 40, "the page at the hook", log)
+        until(lambda: len(failing.requests) >= 2, 30, "two attempts at the failing hook", log)
+        until(lambda: "notification sent" in log.read_text(), 10, "the sent line", log)
+    finally:
+        stop_process(proc)
+        sink.stop()
+        failing.stop()
+    text = log.read_text(errors="replace")
+    assert "DEBUG" in text and "notification failed" in text  # the log is at DEBUG and saw both
+    assert token_ok not in text and token_bad not in text, [
+        line for line in text.splitlines() if token_ok in line or token_bad in line
+    ][:5]

@@ -390,3 +390,49 @@ def test_apprise_is_imported_only_when_channels_exist() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert proc.stdout.strip() == "False", proc.stdout + proc.stderr
+
+
+async def test_smtp_reply_echoing_auth_data_is_scrubbed() -> None:
+    """A server whose error reply echoes the ``AUTH PLAIN`` data (base64 of user and password)
+    must not put the password, in any encoding, into the reason (which reaches the API, the
+    report and the "channel failing" warning sent through the other channels). No mail server
+    here echoes, so this one is a few lines of asyncio speaking just enough SMTP."""
+    import base64
+
+    password = "Zqsmtppw4d8e1f"
+    echoed: list[str] = []
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx.lab.test ESMTP\r\n")
+        while line := (await reader.readline()).decode().strip():
+            verb = line.split(" ", 1)[0].upper()
+            if verb in ("EHLO", "HELO"):
+                writer.write(b"250-mx.lab.test\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n")
+            elif verb == "AUTH":
+                data = line.split()[-1]
+                echoed.append(data)
+                writer.write(f"535 5.7.8 Username and Password not accepted for {data}\r\n".encode())
+            elif verb == "QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"502 5.5.2 not here\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        s = sender(
+            "mail", f"mailto://mon:{password}@127.0.0.1:{port}?to=x@lab.test&from=w@lab.test&mode=insecure"
+        )
+        result = await s.send(TITLE, BODY)
+        s.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not result.ok and echoed, result
+    plain = base64.b64decode(echoed[0] + "==")
+    assert password.encode() in plain  # the server did see (and echo) the credentials
+    assert result.error is not None
+    assert password not in result.error and echoed[0] not in result.error, result.error

@@ -250,3 +250,192 @@ async def test_hostile_names_from_the_config_are_escaped(daemon: str) -> None:
             assert r.content_type == "text/markdown" and r.headers["X-Content-Type-Options"] == "nosniff"
     assert "<script>" not in html and "<img" not in html and 'href="javascript' not in html
     assert "&lt;script&gt;" in html
+
+
+# --------------------------------------------------------------------------- issue 15: auth edges
+
+
+async def test_huge_ids_are_404_and_deep_json_is_400(daemon: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        for path in (
+            "/api/v1/incidents/99999999999999999999999",
+            "/api/v1/incidents/99999999999999999999999/report",
+            "/api/v1/incidents/%D9%A1",  # an Arabic-Indic digit: isdigit() but no id of ours
+        ):
+            async with s.get(daemon + path, headers=AUTH) as r:
+                assert r.status == 404, path
+        async with s.post(
+            daemon + "/api/v1/incidents/99999999999999999999999/ack", headers=AUTH, json={"by": "a"}
+        ) as r:
+            assert r.status == 404
+        deep = "[" * 20_000 + "]" * 20_000  # 40 KB
+        async with s.post(
+            daemon + "/api/v1/incidents/1/ack",
+            headers={**AUTH, "Content-Type": "application/json"},
+            data=deep,
+        ) as r:
+            assert r.status == 400
+
+
+async def test_control_characters_in_by_are_refused(daemon: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        for by in (
+            "alice\n2026-12-07 INFO watchtower.monitor: forged",
+            "bob\rINFO forged",
+            "eve\x1b[31m",
+            "x\u2028y",
+        ):
+            async with s.post(daemon + "/api/v1/incidents/1/ack", headers=AUTH, json={"by": by}) as r:
+                assert r.status == 400, by
+            async with s.post(
+                daemon + "/incidents/1/ack", headers=AUTH, data={"by": by}, allow_redirects=False
+            ) as r:
+                assert r.status == 400, by
+        async with s.get(daemon + "/api/v1/incidents/1", headers=AUTH) as r:
+            assert (await r.json())["acknowledged_by"] is None
+
+
+async def test_sessions_are_server_side_and_logout_revokes_them(daemon: str) -> None:
+    import hashlib
+    import hmac
+
+    origin = {"Origin": daemon}
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s:
+        async with s.post(
+            daemon + "/login", data={"token": TOKEN}, headers=origin, allow_redirects=False
+        ) as r:
+            assert r.status == 303
+            cookie = r.cookies[web_app.SESSION_COOKIE].value
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as again,
+            again.post(daemon + "/login", data={"token": TOKEN}, headers=origin, allow_redirects=False) as r,
+        ):
+            assert r.cookies[web_app.SESSION_COOKIE].value != cookie  # random, not a function of the token
+        jar = {"Cookie": f"{web_app.SESSION_COOKIE}={cookie}"}
+        async with s.get(daemon + "/api/v1/state", headers=jar) as r:
+            assert r.status == 200
+        # The old cookie (an HMAC of the token) opens nothing.
+        forged = hmac.new(TOKEN.encode(), b"watchtower status page session v1", hashlib.sha256).hexdigest()
+        async with s.get(
+            daemon + "/api/v1/state", headers={"Cookie": f"{web_app.SESSION_COOKIE}={forged}"}
+        ) as r:
+            assert r.status == 401
+        async with s.post(daemon + "/logout", headers={**jar, **origin}, allow_redirects=False) as r:
+            assert r.status == 303
+        async with s.get(daemon + "/api/v1/state", headers=jar) as r:
+            assert r.status == 401  # a copy of the cookie kept after logout is worth nothing
+
+
+async def test_wrong_tokens_are_limited_per_client_even_in_parallel(
+    daemon: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(web_app, "AUTH_FAILURE_WINDOW", 3.0)
+    async with aiohttp.ClientSession() as s:
+
+        async def guess(n: int) -> int:
+            async with s.get(daemon + "/api/v1/state", headers={"Authorization": f"Bearer guess-{n}"}) as r:
+                return r.status
+
+        async def login(n: int) -> int:
+            async with s.post(daemon + "/login", data={"token": f"guess-{n}"}, allow_redirects=False) as r:
+                return r.status
+
+        statuses = await asyncio.gather(*(guess(n) for n in range(20)), *(login(n) for n in range(20)))
+        assert (
+            statuses.count(401) == web_app.AUTH_FAILURES_MAX
+            and statuses.count(429) == 40 - web_app.AUTH_FAILURES_MAX
+        )
+        async with s.get(daemon + "/api/v1/state", headers=AUTH) as r:
+            assert r.status == 429 and int(r.headers["Retry-After"]) >= 1  # even the right token, meanwhile
+        async with s.get(daemon + "/healthz") as r:
+            assert r.status in (200, 503)  # open paths are not limited
+
+        async def allowed_again() -> bool:
+            async with s.get(daemon + "/api/v1/state", headers=AUTH) as r:
+                return r.status == 200
+
+        await wait_for(allowed_again, 10, "the window to pass")
+
+
+async def _start(tmp_path: Path, **extra: Any) -> tuple[asyncio.Task[None], str]:
+    listen = f"127.0.0.1:{free_port()}"
+    doc = {
+        "site": "edges",
+        "listen": listen,
+        "state_dir": str(tmp_path / "state"),
+        "defaults": {"interval": "1s", "timeout": "300ms"},
+        "targets": {
+            "web1": {
+                "role": "service",
+                "paths": [
+                    {
+                        "http": {
+                            "url": f"http://127.0.0.1:{free_port()}/health?api_key=Zqquerysecret77",
+                            "timeout": "300ms",
+                        }
+                    }
+                ],
+            }
+        },
+        **extra,
+    }
+    cfg_path = tmp_path / "wt.yaml"
+    cfg_path.write_text(yaml.safe_dump(doc))
+    ready = asyncio.Event()
+    task = asyncio.create_task(run_daemon(load_config(cfg_path), ready=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    return task, f"http://{listen}"
+
+
+async def test_without_a_token_only_known_hosts_are_served(tmp_path: Path) -> None:
+    """DNS rebinding: a page on rebind.example whose name now resolves to 127.0.0.1 is
+    same-origin with the daemon; its Host header gives it away."""
+    task, base = await _start(tmp_path, allowed_hosts=["watchtower.lan"])
+    port = base.rsplit(":", 1)[1]
+    try:
+        async with aiohttp.ClientSession() as s:
+            for host, status in (
+                (f"rebind.example:{port}", 403),
+                ("rebind.example", 403),
+                (f"127.0.0.1:{port}", 200),
+                (f"localhost:{port}", 200),
+                (f"[::1]:{port}", 200),
+                (f"WatchTower.LAN:{port}", 200),
+            ):
+                async with s.get(base + "/api/v1/state", headers={"Host": host}) as r:
+                    assert r.status == status, host
+            async with s.post(
+                base + "/api/v1/incidents/1/ack",
+                headers={"Host": f"rebind.example:{port}", "Origin": f"http://rebind.example:{port}"},
+                json={"by": "attacker"},
+            ) as r:
+                assert r.status == 403
+
+            async def scraped() -> str | None:
+                async with s.get(base + "/metrics", headers={"Host": "prometheus-scrapes-by-name"}) as r:
+                    assert r.status == 200  # open paths stay open to scrapers that use a name
+                    text = await r.text()
+                    return text if 'path="http ' in text else None
+
+            text = await wait_for(scraped, 15, "the path in /metrics")
+            assert "Zqquerysecret77" not in text and "api_key=***" in text
+            async with s.get(base + "/api/v1/state") as r:
+                assert "Zqquerysecret77" not in await r.text()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_metrics_auth_puts_metrics_behind_the_token(tmp_path: Path) -> None:
+    task, base = await _start(tmp_path, api_token=TOKEN, metrics_auth=True)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/metrics") as r:
+                assert r.status == 401
+            async with s.get(base + "/metrics", headers=AUTH) as r:
+                assert r.status == 200 and "watchtower_build_info" in await r.text()
+            async with s.get(base + "/healthz") as r:
+                assert r.status in (200, 503)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

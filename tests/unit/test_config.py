@@ -41,7 +41,13 @@ BASE: dict[str, Any] = {
         },
     },
     "notify": {
-        "channels": [{"name": "mail", "url": "mailto://127.0.0.1:2525?to=a@lab.test", "tags": ["tier1"]}],
+        "channels": [
+            {
+                "name": "mail",
+                "url": "mailto://127.0.0.1:2525?to=a@lab.test&from=w@lab.test",
+                "tags": ["tier1"],
+            }
+        ],
         "escalation": [{"after": "0s", "notify": ["tier1"]}],
     },
 }
@@ -526,3 +532,139 @@ def test_check_explain_shows_networks_and_warns_about_unplaced(
     assert "networks: none configured; inferred from address prefixes" in out
     assert any(line.split() == ["icmp", "10.0.10.11", "OS", "[10.0.10.0/24]"] for line in out.splitlines())
     assert err == ""
+
+
+# --------------------------------------------------------------------------- issue 15: hostile configs
+
+BOMB = "\n".join(
+    [
+        "a0: &a0 [x,x,x,x,x,x,x,x,x,x]",
+        *(f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)),
+        "site: s",
+        "targets:",
+        "  h: {role: *a8, paths: [icmp: 10.0.0.1]}",
+    ]
+)
+
+
+def test_alias_bomb_is_refused_fast_in_a_process(tmp_path: Path) -> None:
+    """A 700-byte "billion laughs" (10^9 values once expanded) used to grow `check` to 2.2 GB."""
+    assert len(BOMB) < 800
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(BOMB)
+    proc = subprocess.run(
+        [sys.executable, "-m", "watchtower", "check", "-c", str(cfg)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "aliases expand to more than" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr) < 300
+
+
+def test_moderate_aliases_still_work(tmp_path: Path) -> None:
+    text = (
+        "x: &p [{icmp: 10.0.0.1}]\nsite: s\ntargets:\n"
+        "  a: {role: hypervisor, paths: *p}\n  b: {role: hypervisor, paths: *p}\n"
+    )
+    cfg = tmp_path / "wt.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:  # `x` is an unknown key: the aliases themselves are fine
+        load_config(cfg)
+    assert err.value.problems == ["x: unknown key"]
+
+
+@pytest.mark.parametrize("text", ["[" * 50_000, "a:\n" + "".join(" " * i + "b:\n" for i in range(1, 200))])
+def test_deep_nesting_is_a_clean_line_and_exit_2(tmp_path: Path, text: str) -> None:
+    cfg = tmp_path / "deep.yaml"
+    cfg.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "watchtower", "check", "-c", str(cfg)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "nested more than 100 levels deep" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_huge_values_are_cut_in_messages(tmp_path: Path) -> None:
+    data = mutate("log_format", "x" * 100_000)
+    data["targets"]["sw"]["paths"] = [{"icmp": "y" * 100_000}]
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, tmp_path)
+    assert err.value.problems and all(len(p) < 300 for p in err.value.problems)
+
+
+def test_config_file_size_cap(tmp_path: Path) -> None:
+    cfg = tmp_path / "big.yaml"
+    with cfg.open("wb") as f:
+        f.truncate(33 * 1024 * 1024)  # sparse: no disk used
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert err.value.problems == [f"{cfg} is larger than 32768 KiB"]
+
+
+def test_empty_api_token_is_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(mutate("api_token", ""), Path("."))
+    assert err.value.problems == ["api_token: is empty; remove the key to run without a token, or set one"]
+    with pytest.raises(ConfigError):
+        parse_config(mutate("api_token", "   "), Path("."))
+
+
+@pytest.mark.parametrize("host", ["10.0.1.333", "10.0.1", "1.2.3.4.5", "256.1.1.1"])
+def test_ipv4_lookalikes_are_not_host_names(host: str) -> None:
+    data = copy.deepcopy(BASE)
+    data["targets"]["sw"]["paths"] = [{"icmp": host}]
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, Path("."))
+    assert err.value.problems == [f"targets.sw.paths[0].host: {host!r} is not a valid IPv4 address"]
+
+
+def test_secret_files_are_regular_bounded_single_line(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big"
+    big.write_text("x" * (65 * 1024))
+    two = tmp_path / "two"
+    two.write_text("root:$6$abc:19000:0:99999:7:::\nuser:$6$def:19000:0:99999:7:::\n")
+    one = tmp_path / "one"
+    one.write_text("s3cret\n")
+    link = tmp_path / "link"
+    link.symlink_to(one)
+    cases = {
+        "/dev/zero": "is not a regular file",
+        str(fifo): "is not a regular file",
+        str(tmp_path): "IsADirectoryError",
+        str(big): "is larger than 64 KiB",
+        str(two): "holds more than one line",
+    }
+    for path, problem in cases.items():
+        data = copy.deepcopy(BASE)
+        data["notify"]["channels"][0] = {"name": "mail", "url_file": path, "tags": ["tier1"]}
+        done: list[ConfigError] = []
+
+        def parse(data: Any = data, done: list[ConfigError] = done) -> None:
+            try:
+                parse_config(data, tmp_path)
+            except ConfigError as exc:
+                done.append(exc)
+
+        worker = threading.Thread(target=parse, daemon=True)
+        worker.start()
+        worker.join(30)  # a FIFO used to block here for ever
+        assert done, f"{path}: no answer"
+        assert problem in done[0].problems[0], done[0].problems
+    data = copy.deepcopy(BASE)
+    data["notify"]["channels"][0] = {"name": "mail", "url_file": str(link), "tags": ["tier1"]}
+    cfg = parse_config(data, tmp_path)
+    secret = cfg.notify.channels[0].secret("url")
+    assert secret is not None and secret.get_secret_value() == "s3cret"
+    # A file of communities is a list: many lines are its point.
+    data = copy.deepcopy(BASE)
+    communities = tmp_path / "communities"
+    communities.write_text("public1\npublic2\n")
+    data["traps"] = {"listen": "127.0.0.1:1162", "communities_file": str(communities)}
+    assert len(parse_config(data, tmp_path).traps.community_list()) == 2  # type: ignore[union-attr]

@@ -261,6 +261,16 @@ def test_a_single_vm_failure_never_yields_a_hypervisor_verdict(site: tuple[Topol
             assert [(v.scope, v.root) for v in c.verdicts] == [(Scope.VM, name)]
 
 
+def test_a_critical_path_down_takes_the_target_down_alone() -> None:
+    up = PathView("tcp 10.0.0.5:443", "tcp", "tcp 10.0.0.5:443", PathState.UP)
+    icmp = PathView("icmp 10.0.0.5", "icmp", "icmp 10.0.0.5", PathState.UP)
+    login = PathView("http https://erp1/login", "http", "http erp1", PathState.DOWN)
+    assert own_state([up, icmp, login], 2) is TargetState.DEGRADED
+    critical = PathView("http https://erp1/login", "http", "http erp1", PathState.DOWN, critical=True)
+    assert own_state([up, icmp, critical], 2) is TargetState.DOWN
+    assert own_state([up, icmp, replace(critical, state=PathState.UP)], 2) is TargetState.UP
+
+
 # --------------------------------------------------------------------------- networks and partitions
 
 NETS = (NetworkInfo("prod", ("sw",), "production"), NetworkInfo("mgmt", (), "management"))

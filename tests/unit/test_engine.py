@@ -50,6 +50,19 @@ def test_path_state_thresholds() -> None:
     assert s.observe(OK, 10) and s.state is PathState.UP and s.last_ok == 10
 
 
+def test_evidence_of_a_down_path_is_its_failure_while_it_recovers() -> None:
+    s = PathStatus(rpath(fail_after=2, recover_after=2))
+    s.observe(FAIL, 1)
+    s.observe(FAIL, 2)
+    assert s.state is PathState.DOWN
+    s.observe(ProbeResult.success(0.001, "answered in 1 ms"), 3)  # recovering, still down
+    assert s.state is PathState.DOWN
+    assert path_view(s).detail == "no echo reply"  # what the incident quotes: why it failed
+    assert s.detail == "answered in 1 ms"  # what the status page shows: the last probe
+    s.observe(OK, 4)
+    assert s.state is PathState.UP and path_view(s).detail == s.detail
+
+
 def test_internal_failure_is_unknown_never_down() -> None:
     s = PathStatus(rpath(fail_after=1))
     s.observe(OK, 1)
@@ -270,7 +283,9 @@ def test_bmc_facts_give_the_hypervisor_incident_its_cause() -> None:
         if not status.path.is_bmc:
             for t in (1.0, 2.0):
                 monitor.record(status, FAIL, t)
-    changes = monitor.evaluate(3.0)
+    # the BMC has not answered since the outage began: the page waits for its word (bounded)
+    assert monitor.evaluate(3.0) == [] and monitor.tracker.waiting
+    changes = monitor.evaluate(3.0 + 10.0)  # ... and goes out without a cause when it stays silent
     (incident,) = monitor.tracker.open_incidents()
     assert (
         [c.kind for c in changes] == ["opened"] and incident.cause is None and incident.affected == ("vm1",)
@@ -278,15 +293,15 @@ def test_bmc_facts_give_the_hypervisor_incident_its_cause() -> None:
 
     # the BMC answers: chassis off -> power_off; then a PSU failure in the SEL -> hardware_fault
     off = ProbeResult.fail(Failure.CONTENT, "chassis power is off", bmc=BmcReading(power_on=False))
-    assert monitor.record(bmc, off, 4.0)
-    monitor.evaluate(4.0)
+    assert monitor.record(bmc, off, 14.0)
+    monitor.evaluate(14.0)
     incident = monitor.tracker.incidents[incident.id]  # a frozen value: the tracker holds the new one
     assert incident.cause == "power_off"
     psu = SelEntry("0x0042", "Power Supply PS1: Failure detected", "critical")
     monitor.record(
-        bmc, ProbeResult.fail(Failure.CONTENT, "off", bmc=BmcReading(False, new_events=(psu,))), 5.0
+        bmc, ProbeResult.fail(Failure.CONTENT, "off", bmc=BmcReading(False, new_events=(psu,))), 15.0
     )
-    changes = monitor.evaluate(5.0)
+    changes = monitor.evaluate(15.0)
     incident = monitor.tracker.incidents[incident.id]
     assert incident.cause == "hardware_fault" and [c.kind for c in changes] == ["cause"]
     assert "BMC: chassis off, SEL: Power Supply PS1: Failure detected" in incident.evidence
@@ -294,8 +309,8 @@ def test_bmc_facts_give_the_hypervisor_incident_its_cause() -> None:
     # the BMC is not a witness: its failure alone never makes the target down
     assert monitor.correlation.own["pve1"] == "down"
     unreachable = ProbeResult.fail(Failure.TIMEOUT, "no answer")
-    monitor.record(bmc, unreachable, 6.0)
-    assert monitor.bmc["pve1"].facts(6.0).reachable is False
+    monitor.record(bmc, unreachable, 16.0)
+    assert monitor.bmc["pve1"].facts(16.0).reachable is False
 
 
 def test_a_vm_confirmed_before_its_hypervisor_waits_so_the_incident_names_the_hypervisor() -> None:
@@ -374,3 +389,40 @@ def test_a_vm_confirmed_before_its_hypervisor_waits_so_the_incident_names_the_hy
     changes = monitor2.evaluate(2.0 + HOLD_MAX)
     (incident,) = monitor2.tracker.open_incidents()
     assert (incident.scope, incident.root) == ("vm", "vm1")
+
+
+def test_the_page_waits_for_a_fresh_bmc_reading() -> None:
+    """A BMC reading from before the outage says 'chassis on' about a host that has just lost power:
+    the verdict waits until the BMC has answered since the first failure, then carries its cause."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+    from watchtower.probes import BmcReading
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "pve1": {
+                    "role": "hypervisor",
+                    "bmc": {"ipmi": {"host": "127.0.0.1", "username": "u", "password": "p"}},
+                    "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}],
+                },
+            },
+        },
+        Path("."),
+    )
+    monitor = Monitor(cfg)
+    bmc = monitor.statuses[("pve1", "bmc ipmi 127.0.0.1")]
+    on = ProbeResult(True, 0.1, None, "chassis on", BmcReading(power_on=True))
+    monitor.record(bmc, on, 0.5)  # the last reading before the outage
+    for status in monitor.statuses.values():
+        if not status.path.is_bmc:
+            for t in (1.0, 2.0):
+                monitor.record(status, FAIL, t)
+    assert monitor.evaluate(3.0) == []  # not "os_unresponsive" from the stale reading
+    monitor.record(bmc, ProbeResult(True, 0.1, None, "chassis off", BmcReading(power_on=False)), 3.2)
+    changes = monitor.evaluate(3.3)
+    (incident,) = monitor.tracker.open_incidents()
+    assert [c.kind for c in changes] == ["opened"] and incident.cause == "power_off"

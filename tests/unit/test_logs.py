@@ -75,3 +75,33 @@ def test_setup_logging_json(capsys: pytest.CaptureFixture[str], monkeypatch: pyt
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_scrubber_masks_configured_secrets_in_every_spelling() -> None:
+    import base64
+    import logging
+
+    from watchtower.logs import SecretScrubber
+
+    scrubber = SecretScrubber()
+    scrubber.set_secrets(
+        ["json://127.0.0.1:8080/hook/Tok3nValue42", "mailto://mon:Pa%24sw0rd@mx.lab?to=a@b", "k3y"]
+    )
+    plain = base64.b64encode(b"\0mon\0Pa$sw0rd").decode()
+    lines = {
+        '"POST /hook/Tok3nValue42 HTTP/1.1" 200': '"POST /hook/*** HTTP/1.1" 200',
+        "login Pa$sw0rd failed": "login *** failed",
+        "login Pa%24sw0rd failed": "login *** failed",
+        f"535 5.7.8 bad credentials {plain}": "535 5.7.8 bad credentials ***",
+        f"> AUTH PLAIN {plain}": "> AUTH PLAIN ***",
+        "GET http://x.lab/v1?api_key=abc123&x=1 failed": "GET http://x.lab/v1?api_key=***&x=*** failed",
+        "target 127.0.0.1 down k3y": "target 127.0.0.1 down k3y",  # too short to mask, host kept
+    }
+    for raw, clean in lines.items():
+        assert scrubber.scrub(raw) == clean, raw
+    record = logging.LogRecord(
+        "urllib3.connectionpool", logging.DEBUG, __file__, 1, '"%s /hook/%s"', ("POST", "Tok3nValue42"), None
+    )
+    assert scrubber.filter(record) and record.getMessage() == '"POST /hook/***"'
+    scrubber.set_secrets(["second-secret-value"])  # a reload adds; the old ones stay masked
+    assert scrubber.scrub("Tok3nValue42 second-secret-value") == "*** ***"

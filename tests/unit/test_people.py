@@ -61,14 +61,14 @@ def doc(**over: Any) -> dict[str, Any]:
         },
         "notify": {
             "channels": [
-                {"name": "signal-alice", "url": "signal://127.0.0.1:1/+15550001/+15550002"},
+                {"name": "signal-alice", "url": "signal://127.0.0.1:1/+15550000001/+15550000002"},
                 {"name": "sms-bob", "url": "smseagle://t@127.0.0.1:1/+15550004"},
                 {
                     "name": "mail-carol",
-                    "url": "mailto://127.0.0.1:1?to=carol@lab.test",
+                    "url": "mailto://127.0.0.1:1?to=carol@lab.test&from=w@lab.test",
                     "tags": ["management"],
                 },
-                {"name": "mail-insurer", "url": "mailto://127.0.0.1:1?to=ins@lab.test"},
+                {"name": "mail-insurer", "url": "mailto://127.0.0.1:1?to=ins@lab.test&from=w@lab.test"},
             ],
             "escalation": [
                 {"after": "0s", "contacts": ["alice", "bob"]},

@@ -171,3 +171,153 @@ def test_concurrent_opens_of_a_new_file_migrate_it_once(tmp_path: Path) -> None:
             t.join(30)
         assert not errors, errors
         assert versions == [len(MIGRATIONS)] * 6
+
+
+# --------------------------------------------------------------------------- issue 15: broken files
+
+
+def filled(path: Path) -> None:
+    """A store with two incidents, their timelines, a sent page and its attempt; closed, so the
+    WAL is checkpointed into the file and the file alone holds everything."""
+    store = Store(path)
+    added = store.commit(
+        [incident(1), incident(2, 1100.0)], [page(1), page(2)], [(1, "step0"), (2, "step0")], 1.0
+    )
+    store.record_attempt(added[0].id, 2.0, True, None, None)
+    store.close()
+
+
+def corrupt_table(path: Path, table: str) -> None:
+    db = sqlite3.connect(path)
+    (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+    (size,) = db.execute("PRAGMA page_size").fetchone()
+    db.close()
+    with path.open("r+b") as f:
+        f.seek((root - 1) * size)
+        f.write(b"\xa5" * size)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("empty", r"is empty \(0 bytes\)"),
+        ("garbage", "is not an SQLite database"),
+        ("truncated", "is corrupt"),
+        ("directory", "is a directory"),
+        ("table page", "is corrupt"),
+    ],
+)
+def test_a_broken_file_is_a_store_error_naming_it_never_a_new_database(
+    tmp_path: Path, breakage: str, message: str
+) -> None:
+    db = tmp_path / DB_NAME
+    filled(db)
+    if breakage == "empty":
+        db.write_bytes(b"")
+    elif breakage == "garbage":
+        db.write_bytes(b"\x00garbage" * 1000 + db.read_bytes()[8000:])
+    elif breakage == "truncated":
+        data = db.read_bytes()
+        db.write_bytes(data[: len(data) // 3])
+    elif breakage == "directory":
+        db.unlink()
+        db.mkdir()
+    else:
+        corrupt_table(db, "timeline")
+    before = db.read_bytes() if db.is_file() else None
+    with pytest.raises(StoreError, match=message) as err:
+        Store(db)
+    assert str(db) in str(err.value)
+    if before is not None:
+        assert db.read_bytes() == before  # evidence left as it was: no new database over it
+
+
+def test_reads_of_a_page_corrupted_while_open_are_store_errors(tmp_path: Path) -> None:
+    db = tmp_path / DB_NAME
+    filled(db)
+    corrupt_table(db, "notifications")
+    # A page that goes bad after start-up (the check at open would refuse the file): a Store
+    # around a plain connection to it.
+    store = Store.__new__(Store)
+    store.path, store.db, store._persisted = db, sqlite3.connect(db, isolation_level=None), {}
+    for read in (store.pending, store.notifications):
+        with pytest.raises(StoreError, match="database disk image is malformed"):
+            read()
+
+
+def test_salvage_reads_what_survives_and_names_what_does_not(tmp_path: Path) -> None:
+    db = tmp_path / DB_NAME
+    filled(db)
+    corrupt_table(db, "timeline")
+    memory = Store(":memory:")
+    salvage = memory.salvage(db)
+    assert salvage.rows == {"incidents": 2, "steps": 2, "notifications": 2, "attempts": 1}
+    assert list(salvage.lost) == ["timeline"] and not salvage.complete
+    assert memory.steps() == {(1, "step0"), (2, "step0")}
+    assert [n.state for n in memory.notifications()] == ["sent", "pending"]
+    assert [i.id for i in memory.incidents(open_only=True)] == [2, 1]
+    nothing = Store(":memory:").salvage(tmp_path / "missing.sqlite")
+    assert set(nothing.lost) == {"incidents", "timeline", "steps", "notifications", "attempts"}
+
+
+def test_one_process_per_state_dir(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from watchtower.store import StoreLock, StoreLocked
+
+    lock = StoreLock.acquire(tmp_path)
+    code = (
+        "import sys; from pathlib import Path; from watchtower.store import StoreLock, StoreLocked\n"
+        "try:\n    StoreLock.acquire(Path(sys.argv[1]))\n"
+        "except StoreLocked as e:\n    print(e); sys.exit(3)\n"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert other.returncode == 3 and f"pid {os.getpid()}" in other.stdout, other
+    with pytest.raises(StoreLocked):
+        StoreLock.acquire(tmp_path)  # a second open file description in this process too
+    lock.release()
+    again = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert again.returncode == 0, again
+
+
+def test_store_cli_check_reset_and_repair_of_a_good_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from watchtower.cli import main
+
+    cfg = tmp_path / "wt.yaml"
+    state = tmp_path / "state"
+    cfg.write_text(
+        f"site: s\nstate_dir: {state}\ntargets:\n  a: {{role: service, paths: [tcp: 127.0.0.1:9]}}\n"
+    )
+    assert main(["store", "check", "-c", str(cfg)]) == 0 and "no database yet" in capsys.readouterr().out
+    state.mkdir()
+    filled(state / DB_NAME)
+    assert main(["store", "check", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "incidents: 2 rows" in out and out.rstrip().endswith(": ok")
+    assert main(["store", "repair", "-c", str(cfg)]) == 0 and "nothing to repair" in capsys.readouterr().out
+    (state / DB_NAME).write_bytes(b"")
+    assert main(["store", "check", "-c", str(cfg)]) == 1 and "is empty" in capsys.readouterr().out
+    assert main(["store", "reset", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "kept the old database as" in out and "created a new, empty" in out
+    assert [
+        p.stat().st_size for p in state.glob(f"{DB_NAME}.broken-*") if p.name[-4:] not in ("-wal", "-shm")
+    ] == [0]
+    assert Store(state / DB_NAME).integrity_check() == "ok"
+
+
+def test_a_new_store_appears_whole(tmp_path: Path) -> None:
+    """Created under a temporary name and renamed into place: a reader (the CLI, a test) that
+    opens it meanwhile never finds a zero-byte file, which would be refused as damage."""
+    Store(tmp_path / DB_NAME).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DB_NAME]
+    data = (tmp_path / DB_NAME).read_bytes()
+    assert data.startswith(b"SQLite format 3\x00") and len(data) >= 4096
+    assert Store(tmp_path / DB_NAME).version == len(MIGRATIONS)

@@ -57,6 +57,13 @@ class Scope(enum.StrEnum):
     VM = "vm"
     SERVICE = "service"
     MONITOR = "monitor"
+    # Warnings, not outages (issue 16): raised and cleared by their source through
+    # IncidentTracker.raise_warning/clear_warning, never by correlation; routed by notify.warnings.
+    BACKUP = "backup"
+    CERTIFICATE = "certificate"
+
+
+WARNING_SCOPES = frozenset({Scope.BACKUP, Scope.CERTIFICATE})
 
 
 class Cause(enum.StrEnum):
@@ -83,6 +90,7 @@ class PathView:
     by_bmc: bool = False  # answered by the target's BMC, not its own OS: no sign of the OS's life
     changed_at: float | None = None  # its last change of state
     last_ok: float | None = None  # its last success
+    critical: bool = False  # `critical: true`: down alone takes the target down
 
 
 # One host dark on a network waits this long after that network last moved (a path of another
@@ -136,7 +144,9 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
         return TargetState.UNKNOWN
     down = sum(1 for states in witnesses.values() if all(s is PathState.DOWN for s in states))
     up = sum(1 for states in witnesses.values() if any(s is PathState.UP for s in states))
-    if down >= min(confirm_paths, len(witnesses)):
+    if down >= min(confirm_paths, len(witnesses)) or any(
+        p.critical and p.state is PathState.DOWN for p in paths
+    ):
         return TargetState.DOWN
     if down and up:
         return TargetState.DEGRADED
@@ -238,16 +248,27 @@ def _alive_on(topology: Topology, paths: Sequence[PathView], besides: set[str | 
     return tuple(sorted(n for n in nets - besides if n is not None))
 
 
+def _dark(p: PathView) -> bool:
+    """Down and still failing: a down path that answered again (coming back, ``since`` cleared) is
+    no evidence that its network is dark now."""
+    return p.state is PathState.DOWN and p.since is not None
+
+
 def network_outages(
-    topology: Topology, paths: Mapping[str, Sequence[PathView]], own: Mapping[str, TargetState]
+    topology: Topology,
+    paths: Mapping[str, Sequence[PathView]],
+    own: Mapping[str, TargetState],
+    bmc: Mapping[str, BmcFacts] | None = None,
 ) -> tuple[NetworkOutage, ...]:
     """Networks whose every target is dark on them (at least two) while at least one of those
-    still answers on another network. A network with one target up on it is not down."""
+    still answers on another network. A network with one target up on it is not down; a host
+    whose BMC says its chassis is off is dark for its own reason, not the network's."""
+    off = {t for t, f in (bmc or {}).items() if f.reachable and (f.power_on is False or f.critical_events)}
     outages: list[NetworkOutage] = []
     if not any(p.state is PathState.DOWN for views in paths.values() for p in views):
         return ()  # the healthy pass, most of them: nothing to group
     for key, members in _paths_by_network(topology, paths).items():
-        dark = [t for t, ps in members.items() if all(p.state is PathState.DOWN for p in ps)]
+        dark = [t for t, ps in members.items() if t not in off and all(_dark(p) for p in ps)]
         if len(dark) < 2 or any(any(p.state is PathState.UP for p in ps) for ps in members.values()):
             continue
         alive = {t: nets for t in dark if (nets := _alive_on(topology, paths.get(t, ()), {key}))}
@@ -345,7 +366,7 @@ def correlate(
     states: dict[str, TargetState] = dict(own)
     # Network outages first: what they explain is no target's own failure.
     outages: dict[str, NetworkOutage] = {}
-    for outage in network_outages(topology, paths, own):
+    for outage in network_outages(topology, paths, own, bmc):
         outages.setdefault(outage.root, outage)  # two prefixes behind one switch: one verdict
     dark_on: dict[str | None, str] = {o.network: o.root for o in outages.values()}
     explained: dict[str, str] = {}  # target -> outage root

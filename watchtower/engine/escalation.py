@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from watchtower import people
 from watchtower.config import Config, Notify
 from watchtower.durations import coarse, exact
-from watchtower.engine.correlate import Scope
-from watchtower.engine.incidents import Incident, IncidentState
+from watchtower.engine.correlate import WARNING_SCOPES, Scope
+from watchtower.engine.incidents import ALL_CLEAR_WATCH, Incident, IncidentState
+from watchtower.engine.maintenance import paging_start
 
 # Kinds a recipient counts as "notified" by: they get updates, acks and the all-clear.
 NOTIFYING_KINDS = ("page", "escalation")
@@ -63,7 +64,7 @@ def rto_clock(incident: Incident, config: Config) -> RtoClock | None:
 
 # A flapping incident's all-clear waits longer each time it failed again (60 s, 120 s, 240 s, ...),
 # up to this: a host bouncing every minute gets one page and one all-clear, not one per bounce.
-ALL_CLEAR_HOLD_MAX = 300.0
+ALL_CLEAR_HOLD_MAX = ALL_CLEAR_WATCH
 
 
 def all_clear_hold(incident: Incident, policy: Notify) -> float:
@@ -111,21 +112,29 @@ def due(
     fired: Collection[str],
     notified: Collection[str],
     others: Sequence[Incident] = (),
+    muted: bool = False,
 ) -> list[DueStep]:
     """The steps owed to ``incident`` at ``now`` that have not fired yet.
 
     ``fired``: step ids already recorded for this incident; ``notified``: channels that got one
     of its page/escalation messages; ``others``: the other open incidents (a step's
-    ``when.cause: [security]`` looks at them). Returns steps in the order they should go out.
+    ``when.cause: [security]`` looks at them); ``muted``: the incident is in maintenance now (no
+    pages, escalations or updates; the ``after`` delays count from the end of its maintenance).
+    Returns steps in the order they should go out.
     """
     policy = config.notify
     out: list[DueStep] = []
     if incident.merged_into is not None:
         return out  # its story continues in the incident it was folded into
+    if incident.scope in WARNING_SCOPES:
+        from watchtower.engine.warning_steps import warning_due
+
+        return warning_due(incident, config, now, fired)
     acked = incident.state is IncidentState.ACKNOWLEDGED or incident.acknowledged_at is not None
     newly_notified: list[str] = []
+    start = paging_start(incident)
 
-    if incident.is_open:
+    if incident.is_open and not muted:
         clock = rto_clock(incident, config)
         fall_at: float | None = None  # a step that reached nobody: the next one fires then
         for n, step in enumerate(policy.escalation):
@@ -133,7 +142,7 @@ def due(
             if not people.step_applies(step, incident, others):
                 continue
             if step.after is not None:
-                at: float | None = incident.opened_at + step.after
+                at: float | None = start + step.after
             else:
                 assert step.rto_fraction is not None
                 at = None if clock is None else clock.started_at + step.rto_fraction * clock.rto
@@ -171,8 +180,8 @@ def due(
     if not everyone:
         return out
 
-    if incident.is_open and policy.update_every and incident.scope is not Scope.MONITOR:
-        k = int((now - incident.opened_at) // policy.update_every)
+    if incident.is_open and not muted and policy.update_every and incident.scope is not Scope.MONITOR:
+        k = int((now - start) // policy.update_every)
         if k >= 1 and f"update:{k}" not in fired:
             label = f"status after {_span(now - incident.opened_at)}"
             out.append(DueStep(f"update:{k}", "update", everyone, label))
@@ -188,7 +197,7 @@ def due(
     if (
         owes_all_clear(incident, policy, fired, everyone)
         and incident.resolved_at is not None
-        and now - incident.resolved_at >= all_clear_hold(incident, policy)
+        and now - max(incident.resolved_at, incident.quiet_since or 0.0) >= all_clear_hold(incident, policy)
     ):
         out.append(DueStep(f"resolve:{flaps}", "resolve", everyone, "all clear"))
     return out

@@ -32,12 +32,12 @@ go through :meth:`IncidentTracker.note`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from watchtower.durations import exact
-from watchtower.engine.correlate import Cause, Correlation, Scope, TargetState, Verdict
+from watchtower.engine.correlate import WARNING_SCOPES, Cause, Correlation, Scope, TargetState, Verdict
 from watchtower.engine.topology import Topology
 
 FLAP_WINDOW = 600.0  # seconds after resolution during which a recurrence reopens the incident
@@ -57,6 +57,12 @@ REROOT_WINDOW = 60.0
 # A dependent's verdict waits at least this long for a suspect dependency to be confirmed or cleared
 # (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
 HOLD_MAX = 10.0
+# How long after resolving an incident a new failure of its root still delays its all-clear (the
+# longest all-clear hold, that of a flapping incident).
+ALL_CLEAR_WATCH = 300.0
+# A resolved incident still claims what boots behind its root this long (shorter than the default
+# all-clear hold, so its all-clear has not gone out yet): one VM slower than the rest is the restore.
+RESTORE_TAIL = 45.0
 
 
 class IncidentState(enum.StrEnum):
@@ -92,6 +98,9 @@ class Incident:
     merged_into: int | None = None
     back: tuple[str, ...] = ()  # affected targets seen up again
     root_back_at: float | None = None  # the root is up again, affected targets still coming back
+    # Resolved: the last time its root or what it affected showed a failure (not yet confirmed):
+    # the all-clear counts its hold from here, so it does not go out while the host is failing again.
+    quiet_since: float | None = None
     timeline: tuple[TimelineEvent, ...] = ()
 
     @property
@@ -105,6 +114,8 @@ class Incident:
     def headline(self) -> str:
         if self.scope is Scope.MONITOR:
             return f"monitor {self.root} is blind (its own uplink is down)"
+        if self.scope in WARNING_SCOPES:
+            return f"{self.scope} warning: {self.evidence[0] if self.evidence else self.root}"
         cause = f" ({self.cause})" if self.cause else ""
         more = f", {len(self.affected)} affected" if self.affected else ""
         return f"{self.scope} {self.root} down{cause}{more}"
@@ -132,6 +143,8 @@ class IncidentTracker:
         self.incidents: dict[int, Incident] = {}
         self._next_id = next_id
         self._holding: dict[str, float] = {}  # verdict root -> since when it is held back
+        # incident id -> what behind its root answered again while it was coming back
+        self._seen_up: dict[int, set[str]] = {}
         self.waiting = False  # the last step held something back: step again soon
 
     def load(self, incidents: Iterable[Incident], next_id: int) -> None:
@@ -144,6 +157,7 @@ class IncidentTracker:
         """Finished incidents leave memory (the store keeps them)."""
         for incident_id in incident_ids:
             self.incidents.pop(incident_id, None)
+            self._seen_up.pop(incident_id, None)
 
     # ------------------------------------------------------------------ reading
     def open_incidents(self) -> list[Incident]:
@@ -175,6 +189,33 @@ class IncidentTracker:
         )
         return incident, [Change(incident.id, "acknowledged", text)]
 
+    def raise_warning(
+        self, scope: Scope, root: str, text: str, evidence: Iterable[str], now: float
+    ) -> list[Change]:
+        """Open, or update, the one open warning incident of (``scope``, ``root``): a stale backup,
+        an expiring certificate. Its source decides when it holds; correlation never touches it."""
+        assert scope in WARNING_SCOPES, scope
+        evidence = tuple(evidence)
+        incident = next((i for i in self.open_incidents() if i.scope is scope and i.root == root), None)
+        if incident is None:
+            incident = self._new(scope, root, now)
+            self._put(replace(incident, evidence=evidence).noted(now, "opened", text))
+            return [Change(incident.id, "opened", text)]
+        if incident.evidence != evidence:
+            self._put(replace(incident, evidence=evidence).noted(now, "warning", text))
+            return [Change(incident.id, "updated", text)]
+        return []
+
+    def clear_warning(self, scope: Scope, root: str, text: str, now: float) -> list[Change]:
+        """Resolve the open warning incident of (``scope``, ``root``), if there is one."""
+        changes = []
+        for incident in self.open_incidents():
+            if incident.scope is scope and incident.root == root:
+                resolved = replace(incident, state=IncidentState.RESOLVED, resolved_at=now)
+                self._put(resolved.noted(now, "resolved", text))
+                changes.append(Change(incident.id, "resolved", text))
+        return changes
+
     def annotate(self, incident_id: int, kind: str, text: str, now: float) -> Incident:
         """A timeline entry from outside the lifecycle (a trap, a message decided). KeyError for an
         unknown id."""
@@ -185,8 +226,10 @@ class IncidentTracker:
     ) -> set[str]:
         """Roots of verdicts to hold back for now: something they depend on is failing but not yet
         confirmed (``suspects``: target -> how long its confirmation may take), so this may be its
-        outage (one incident named after it), not theirs. Bounded: a dependency that stays suspect
-        longer than its confirmation time (flapping) no longer holds anyone."""
+        outage (one incident named after it), not theirs; or the root itself is in ``suspects``
+        (its BMC has not answered since the outage began: the page waits for the BMC's word on
+        why). Bounded: a dependency that stays suspect longer than its confirmation time
+        (flapping) no longer holds anyone."""
         held: set[str] = set()
         # A hold belongs to one verdict while it lasts: a root whose verdict is gone (merged into
         # its hypervisor's, or recovered) starts afresh next time. A stale start would make the
@@ -198,7 +241,7 @@ class IncidentTracker:
         for verdict in corr.verdicts:
             if verdict.scope is Scope.MONITOR:
                 continue
-            bounds = [suspects[u] for u in topology.upstream(verdict.root) if u in suspects]
+            bounds = [suspects[u] for u in (verdict.root, *topology.upstream(verdict.root)) if u in suspects]
             if not bounds:
                 self._holding.pop(verdict.root, None)
                 continue
@@ -222,16 +265,29 @@ class IncidentTracker:
         ``RECOVERY_GRACE`` to follow. A VM booting after its host, a host behind a switch that
         answers before its ports forward: part of the restore, not a new outage to page for."""
         out: dict[str, int] = {}
-        for incident in self.open_incidents():
-            if incident.scope is Scope.MONITOR or incident.root in roots:
+        for incident in self.incidents.values():
+            if (
+                incident.scope is Scope.MONITOR
+                or incident.scope in WARNING_SCOPES
+                or incident.root in roots
+                or incident.merged_into is not None
+            ):
                 continue
+            if not incident.is_open and (
+                incident.resolved_at is None or now - incident.resolved_at > RESTORE_TAIL
+            ):
+                continue  # resolved a moment ago: a VM booting behind what just came back still belongs to it
             if corr.states.get(incident.root) not in (TargetState.UP, TargetState.DEGRADED):
                 continue
             if incident.root_back_at is not None and now - incident.root_back_at >= RECOVERY_GRACE:
                 continue
             behind = topology.dependents(incident.root) if topology is not None else ()
+            seen_up = self._seen_up.setdefault(incident.id, set())
+            seen_up.update(t for t in behind if corr.states.get(t) is TargetState.UP)
             for target in (*incident.affected, *behind):
-                out.setdefault(target, incident.id)
+                # One that has come back since is done with this restore: failing again is its own.
+                if target not in incident.back and target not in seen_up:
+                    out.setdefault(target, incident.id)
         return out
 
     def step(
@@ -242,14 +298,25 @@ class IncidentTracker:
         *,
         suspects: Mapping[str, float] | None = None,
         vantage_settling: bool = False,
+        failing: Collection[str] = (),
     ) -> list[Change]:
         """Fold one correlation into the incidents. ``suspects``: targets failing but not yet
         confirmed, with their confirmation time (their dependents' verdicts wait for them);
         ``vantage_settling``: a vantage path is failing unconfirmed (nothing changes until it
         settles: opening a network incident for the monitor's own uplink is the false alarm to
-        avoid)."""
+        avoid); ``failing``: targets with a failing path, confirmed or not (a resolved incident's
+        all-clear waits while its root or what it affected fails again)."""
         self.waiting = False
         changes: list[Change] = []
+        if failing:
+            for incident in list(self.incidents.values()):
+                if (
+                    not incident.is_open
+                    and incident.resolved_at is not None
+                    and now - incident.resolved_at <= ALL_CLEAR_WATCH
+                    and (incident.root in failing or any(a in failing for a in incident.affected))
+                ):
+                    self._put(replace(incident, quiet_since=now))
         if corr.vantage_up and vantage_settling:
             self.waiting = True
             return changes
@@ -276,12 +343,23 @@ class IncidentTracker:
         claimed: set[int] = set()
         roots = {v.root for v in verdicts}
         recovering = self._coming_back(corr, roots, now, topology)
-        own_roots = {i.root for i in self.open_incidents()}  # an outage of its own stays its own
+        # an outage of its own stays its own
+        own_roots = {i.root for i in self.open_incidents() if i.scope not in WARNING_SCOPES}
         for verdict in verdicts:
             owner_id = recovering.get(verdict.root)
             if owner_id is not None and verdict.cause not in OWN_CAUSES and verdict.root not in own_roots:
                 claimed.add(owner_id)
                 owner = self.incidents[owner_id]
+                if not owner.is_open:
+                    # Resolved a moment ago (its all-clear not yet out): the restore is not over.
+                    state = IncidentState.ACKNOWLEDGED if owner.acknowledged_at else IncidentState.OPEN
+                    text = f"{verdict.root} still coming back after {owner.root}: the restore is not over"
+                    owner = self._put(
+                        replace(owner, state=state, resolved_at=None, root_back_at=now).noted(
+                            now, "root_back", text
+                        )
+                    )
+                    changes.append(Change(owner_id, "recovering", text))
                 if verdict.root not in owner.affected:
                     text = f"affected: +{verdict.root} (still coming back after {owner.root})"
                     self._put(
@@ -293,7 +371,7 @@ class IncidentTracker:
             claimed.add(incident.id)
             self._note_back(incident.id, corr, now)
         for incident in self.open_incidents():
-            if incident.scope is Scope.MONITOR:
+            if incident.scope is Scope.MONITOR or incident.scope in WARNING_SCOPES:
                 continue
             root_state = corr.states.get(incident.root)
             if root_state not in (TargetState.UP, TargetState.DEGRADED, None):
@@ -327,7 +405,9 @@ class IncidentTracker:
         return [a for a in incident.affected if a not in incident.back and corr.states.get(a) is degraded]
 
     def _apply(self, verdict: Verdict, now: float, changes: list[Change]) -> Incident:
-        open_target = [i for i in self.open_incidents() if i.scope is not Scope.MONITOR]
+        open_target = [
+            i for i in self.open_incidents() if i.scope is not Scope.MONITOR and i.scope not in WARNING_SCOPES
+        ]
         incident = next((i for i in open_target if i.root == verdict.root), None)
         # Earlier incidents whose root this verdict now explains (VMs confirmed before their host):
         # only those of the same onset. An older one (a VM dead on its own for an hour, already
@@ -423,6 +503,7 @@ class IncidentTracker:
             incident = replace(incident, root_back_at=None).noted(
                 now, "root_failed", f"{verdict.root} failed again before everything came back"
             )
+        self._seen_up.pop(incident.id, None)  # its root is failing (again): a new way down, a new way up
         return self._put(replace(incident, evidence=verdict.evidence))
 
     def _recent(self, root: str, now: float) -> Incident | None:
@@ -430,6 +511,7 @@ class IncidentTracker:
             i
             for i in self.incidents.values()
             if i.root == root
+            and i.scope not in WARNING_SCOPES
             and i.state is IncidentState.RESOLVED
             and i.merged_into is None
             and i.resolved_at is not None

@@ -91,13 +91,14 @@ def path_view(status: PathStatus) -> PathView:
         p.kind,
         f"{p.kind} {p.spec.address}",
         status.state,
-        status.detail,
+        status.evidence,
         status.failing_since,
         network=p.network,
         address=p.host,
         by_bmc=p.by_bmc,
         changed_at=status.changed_at,
         last_ok=status.last_ok,
+        critical=p.spec.critical,
     )
 
 
@@ -379,6 +380,20 @@ class Monitor:
             for s in self.target_paths(target)
         )
 
+    def _awaiting_bmc(self, target: str, since: float | None) -> float | None:
+        """How long ``target``'s verdict may wait for its BMC, when the BMC has not answered (or
+        failed to) since the outage began: a reading from before says "chassis on" about a host
+        that has just lost power, and the page would call it hung."""
+        if since is None:
+            return None
+        bmc_paths = [s for s in self.target_paths(target) if s.path.is_bmc]
+        if not bmc_paths:
+            return None
+        bmc = self.bmc.get(target)
+        if bmc is not None and bmc.last_at is not None and bmc.last_at >= since:
+            return None
+        return max(s.path.timeout for s in bmc_paths) + 2.0
+
     def _confirm_time(self, target: str) -> float:
         """How long ``target``'s slowest path takes to confirm a failure (an http path with a 3 s
         timeout needs ~8 s): a dependent's verdict waits that long for it, so the page names the
@@ -454,8 +469,22 @@ class Monitor:
             for up in self.topology.upstream(verdict.root)
             if self._suspect(up, corr, now)
         }
+        for verdict in corr.verdicts:
+            wait = self._awaiting_bmc(verdict.root, verdict.since)
+            if wait is not None:
+                suspects[verdict.root] = wait
+        failing = {
+            target
+            for target, statuses in self._by_target.items()
+            if any(s.failures and not s.path.is_bmc for s in statuses)
+        }
         changes = self.tracker.step(
-            corr, now, self.topology, suspects=suspects, vantage_settling=self._vantage_suspect()
+            corr,
+            now,
+            self.topology,
+            suspects=suspects,
+            vantage_settling=self._vantage_suspect(),
+            failing=failing,
         )
         if self.tracker.waiting:
             self._dirty.set()  # look again once the dependencies (or the vantage) have settled

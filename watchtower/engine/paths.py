@@ -31,7 +31,16 @@ class PathStatus:
     failing_since: float | None = None  # wall clock of the first failure of the current streak
     runs: int = 0
     detail: str = ""
+    failure_detail: str = ""  # the detail of the last failed probe
     memory: dict[str, Any] = field(default_factory=dict)  # the probe's state between runs
+
+    @property
+    def evidence(self) -> str:
+        """What to quote about this path: while it is down, why it failed, even when the probe
+        that starts its recovery already succeeded (an incident's evidence must not say "ok")."""
+        if self.state is PathState.DOWN and self.failure_detail:
+            return self.failure_detail
+        return self.detail
 
     @property
     def pending(self) -> bool:
@@ -61,6 +70,7 @@ class PathStatus:
             if self.successes >= self.path.recover_after:
                 self.state = PathState.UP
         else:
+            self.failure_detail = result.detail
             if self.failures == 0:
                 self.failing_since = now
             self.failures += 1

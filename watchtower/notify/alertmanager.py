@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +40,9 @@ log = logging.getLogger("watchtower.alertmanager")
 ALERTNAME = "WatchtowerIncident"
 LOOK_EVERY = 1.0  # how often the incident list is compared with what was last posted
 EXPIRY_FACTOR = 4  # an alert not re-posted expires after this many `every`
+# Alertmanager unreachable: the next post waits 2 s, 4 s, ... up to BACKOFF_MAX (with jitter), not
+# LOOK_EVERY; one WARNING when it goes down, one INFO when it is back.
+BACKOFF_MAX = 60.0
 
 
 def iso(ts: float) -> str:
@@ -76,6 +82,12 @@ class AlertmanagerSink:
         self._resolve: list[dict[str, Any]] = []  # resolutions not yet accepted by Alertmanager
         self._last_post = float("-inf")
         self.posts = self.failures = 0
+        # Incidents in maintenance are not posted (Alertmanager would route them to someone's pager);
+        # set by the daemon from the alerting's mutes and windows.
+        self.muted: Callable[[Incident], bool] = lambda incident: False
+        self.down_since: float | None = None  # monotonic: first failed post of the current outage
+        self._backoff = 0.0
+        self._retry_at = float("-inf")  # monotonic
         self.reload(config)
 
     def reload(self, config: Config) -> None:
@@ -120,6 +132,8 @@ class AlertmanagerSink:
         out: list[dict[str, Any]] = []
         seen: set[int] = set()
         for incident in self.tracker.open_incidents():
+            if self.muted(incident):
+                continue
             seen.add(incident.id)
             labels = incident_labels(incident, self.site, self.config.labels)
             before = self._posted.get(incident.id)
@@ -161,13 +175,30 @@ class AlertmanagerSink:
                 detail = "" if ok else (await response.text())[:200]
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             ok, detail = False, exc.__class__.__name__
-        if not ok:
-            self.failures += 1
-            # The URL may hold credentials: never logged.
-            log.warning("alertmanager post failed alerts=%d error=%s", len(alerts), detail.strip())
-        else:
-            log.debug("alertmanager post ok alerts=%d", len(alerts))
+        self._account(ok, len(alerts), detail.strip())
         return ok
+
+    def _account(self, ok: bool, count: int, detail: str) -> None:
+        """Backoff and state-change logging (the URL may hold credentials: never logged)."""
+        mono = time.monotonic()
+        if ok:
+            if self.down_since is not None:
+                log.info(
+                    "alertmanager reachable again after=%ds failed_posts=%d",
+                    mono - self.down_since, self.failures,
+                )  # fmt: skip
+            else:
+                log.debug("alertmanager post ok alerts=%d", count)
+            self.down_since, self._backoff, self._retry_at = None, 0.0, float("-inf")
+            return
+        self.failures += 1
+        if self.down_since is None:
+            self.down_since = mono
+            log.warning("alertmanager post failed alerts=%d error=%s (retrying with backoff)", count, detail)
+        else:
+            log.debug("alertmanager post failed again alerts=%d error=%s", count, detail)
+        self._backoff = min(BACKOFF_MAX, max(2 * LOOK_EVERY, 2 * self._backoff))
+        self._retry_at = mono + self._backoff * random.uniform(0.8, 1.2)
 
     async def tick(self, *, force: bool = False) -> None:
         """One round: post what changed, and everything once ``every`` has passed since the last post."""
@@ -175,6 +206,8 @@ class AlertmanagerSink:
             self._posted.clear()
             self._resolve.clear()
             return
+        if not force and time.monotonic() < self._retry_at:
+            return  # backing off while Alertmanager is down
         now = clock.now()
         repost = force or now - self._last_post >= self.config.every
         alerts = self.plan(now, repost=repost)

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from watchtower.config import Channel, Config, Target
 from watchtower.durations import coarse
-from watchtower.engine.correlate import Cause, Scope
+from watchtower.engine.correlate import WARNING_SCOPES, Cause, Scope
 from watchtower.engine.escalation import outage_start, rto_clock
 from watchtower.engine.incidents import Incident, IncidentState
 from watchtower.engine.topology import Topology
@@ -443,12 +443,15 @@ def incident_message(
     label: str = "",
     others: Sequence[Incident] = (),
     checklist: Sequence[str] = (),
+    restore: Sequence[str] = (),
 ) -> Message:
     """The alert for one incident. ``kind``: page, escalation, update, ack, reopen, resolve;
     ``label`` says why (escalation) or who (ack); ``others``: the site's other open incidents;
     ``checklist``: the first-hour lines a status update carries."""
     if kind not in KINDS:
         raise ValueError(f"unknown message kind {kind!r}; one of {', '.join(KINDS)}")
+    if incident.scope in WARNING_SCOPES:
+        return warning_incident_message(kind, incident, config, now)
     # What needs the root: the first page goes out before all of it is confirmed down, so the texts
     # say how big the outage is from the topology too.
     behind = (
@@ -460,6 +463,9 @@ def incident_message(
     body = _body(kind, incident, config, now, label, others, behind)
     if kind == "update" and checklist:
         body += "\nFirst hour:\n" + "\n".join(_line(c, 300) for c in checklist)
+    if restore and kind in ("page", "escalation", "update"):
+        # what a restore of each hit service loses now: the newest restore point against its RPO
+        body += "\n\nRestore points:\n" + "\n".join(f"- {_line(r, 300)}" for r in restore)
     sms = _sms(kind, incident, config, now, label, others, behind)
     return Message(title, body, sms)
 
@@ -691,6 +697,27 @@ def warning_message(text: str, config: Config, now: float) -> Message:
     title = _line(f"[watchtower {site}] WARNING: {text}", TITLE_MAX)
     sms = _fit_sms(f"WT {_cut(sms_text(config.site), 16)} WARN", [text], sep=": ")
     return Message(title, body, sms)
+
+
+def warning_incident_message(kind: str, incident: Incident, config: Config, now: float) -> Message:
+    """A ``backup`` or ``certificate`` warning: what is wrong and since when, no outage words."""
+    site = _line(config.site, 80)
+    what = _line(incident.evidence[0] if incident.evidence else incident.root, 300)
+    n = f"#{incident.id}"
+    if kind == "resolve":
+        last = incident.timeline[-1].text if incident.timeline else "cleared"
+        title = f"[watchtower {site}] {n} CLEARED {incident.scope} {incident.root}: {_line(last, 200)}"
+        body = [f"Cleared: {_line(last, 1000)}", f"Was: {what}"]
+        sms = _fit_sms(f"WT {_cut(sms_text(config.site), 16)} {n} OK {incident.scope}", [_line(last, 200)])
+    else:
+        title = f"[watchtower {site}] {n} WARNING {incident.scope}: {what}"
+        body = [f"Warning ({incident.scope}): {what}", *(f"- {_line(e, 300)}" for e in incident.evidence[1:])]
+        body.append("Not an outage: nothing is down. Sent within notify.warnings.hours only.")
+        sms = _fit_sms(f"WT {_cut(sms_text(config.site), 16)} {n} WARN {incident.scope}", [what], sep=": ")
+    body.append(f"Since {_hhmm(incident.opened_at, now)} UTC.")
+    if config.notify.status_url:
+        body.append(f"Status: {_line(config.notify.status_url, 300)}")
+    return Message(_line(title, TITLE_MAX), "\n".join(body), sms)
 
 
 def one_line(text: object, limit: int = _LINE_MAX) -> str:

@@ -28,6 +28,7 @@ from watchtower.config import Config
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import NOTIFYING_KINDS, DueStep, due, owes_all_clear
 from watchtower.engine.incidents import Incident, IncidentTracker
+from watchtower.engine.maintenance import Mute, MutedBy, maintenance_note, muted_targets
 from watchtower.notify.messages import Message, incident_message, is_sms_channel, warning_message
 from watchtower.notify.sender import ChannelSender, DeliveryResult, make_senders
 from watchtower.store import AsyncStore, NewNotification, Notification, StoreError
@@ -102,6 +103,8 @@ class Alerting:
         self._saved: dict[int, tuple[object, ...]] = {}
         # Set by the incident owner's side (the monitor) when incidents changed: look at once.
         self.changed = changed if changed is not None else asyncio.Event()
+        # What a restore loses now, per backed-up service the incident hits (issue 16)
+        self.restore_lines: Callable[[Incident, float], list[str]] | None = None
         self.store_ok = True
         self.store_error: str | None = None
         self._memory_ids = -1  # ids of messages that could not be written (disk full): negative
@@ -111,6 +114,11 @@ class Alerting:
         self._background: set[asyncio.Task[None]] = set()
         # A row's (title, body) as sent: drills put each person's one-time link in at delivery.
         self.expand: Callable[[Notification], tuple[str, str]] = lambda n: (n.title, n.body)
+        self.mutes: list[Mute] = []  # from the store at start, then kept current by the API
+
+    def muted(self, now: float) -> dict[str, MutedBy]:
+        """Targets in maintenance at ``now`` (ad-hoc mutes and the config's windows)."""
+        return muted_targets(self.config.targets, self.mutes, self.config.maintenance_windows, now)
 
     def reload(self, config: Config) -> None:
         """A new config: new channels start, removed ones stop (their pending rows stay in the
@@ -176,7 +184,10 @@ class Alerting:
         if kind == "update":
             sent = self.sent_log.get(incident.id, [])
             lines = [c.line() for c in checklist(incident, sent, self.config, now, others)]
-        return incident_message(kind, incident, self.config, now, label=label, others=others, checklist=lines)
+        restore = self.restore_lines(incident, now) if self.restore_lines else []
+        return incident_message(
+            kind, incident, self.config, now, label=label, others=others, checklist=lines, restore=restore
+        )
 
     def _plan(
         self, now: float
@@ -186,13 +197,23 @@ class Alerting:
         new: list[NewNotification] = []
         steps: list[tuple[int, str]] = []
         finished = self._finished
+        muted = self.muted(now)
         for incident in list(self.tracker.incidents.values()):
             fired = self.fired.get(incident.id, set())
             due_steps: list[DueStep] = []
             if incident.id not in finished:
+                quiet, mark = maintenance_note(incident, muted, now)
+                if mark is not None:
+                    incident = self.tracker.annotate(incident.id, *mark, now)
                 others = [i for i in self.tracker.open_incidents() if i.id != incident.id]
                 due_steps = due(
-                    incident, self.config, now, fired, self.notified.get(incident.id, set()), others
+                    incident,
+                    self.config,
+                    now,
+                    fired,
+                    self.notified.get(incident.id, set()),
+                    others,
+                    muted=quiet,
                 )
             for step in due_steps:
                 steps.append((incident.id, step.step))
@@ -201,6 +222,7 @@ class Alerting:
                     kind = "notify" if step.kind == "page" else "escalated"
                     incident = self.tracker.annotate(incident.id, kind, f"{step.label}: {names}", now)
                 message = self._message(step.kind, incident, step.label, now)
+                incident = self.tracker.get(incident.id) or incident  # the message may have noted
                 for name in step.channels:
                     channel = self.channels.get(name)
                     if channel is None:
@@ -235,9 +257,10 @@ class Alerting:
             return
         try:
             added = await self.store.call(self.store.store.commit, [i for i, _ in dirty], new, steps, now)
-            if not self.store_ok:
-                log.warning("state store writable again")
-            self.store_ok, self.store_error = True, None
+            if self.store.durable:  # an in-memory stand-in accepts everything and keeps nothing
+                if not self.store_ok:
+                    log.warning("state store writable again")
+                self.store_ok, self.store_error = True, None
         except StoreError as exc:
             # Disk full or read-only: alerting goes on from memory (and says so loudly); the
             # incident rows are retried on the next sync because their fingerprints stay unsaved.
@@ -349,6 +372,10 @@ class Alerting:
         for n in added:
             self.channels[n.channel].queue.append(n)
             self.channels[n.channel].wake.set()
+
+    async def warn(self, step: str, text: str) -> None:
+        """A warning about watchtower itself to every channel (e.g. its store is unusable)."""
+        await self._queue_warnings(self._warning(step, text, exclude="", now=self.now()))
 
     def enqueue(self, added: Iterable[Notification]) -> None:
         """Rows another part wrote to the outbox (drills): delivered like the rest."""

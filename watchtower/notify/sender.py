@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import difflib
+import functools
 import logging
 import re
 import time
@@ -46,6 +48,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
 from watchtower.config import Channel
+from watchtower.logs import mask_encoded
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +153,9 @@ def secret_parts(url: str) -> list[str]:
 
 
 def scrub(text: str, parts: Sequence[str]) -> str:
-    """``text`` without any of ``parts`` (case-insensitive) and without phone-number-like runs."""
+    """``text`` without any of ``parts`` (case-insensitive), nor base64 that decodes to one of them
+    (a server's reply echoing ``AUTH PLAIN`` data), nor phone-number-like runs."""
+    text = mask_encoded(text, parts)
     for part in parts:
         text = re.sub(re.escape(part), "***", text, flags=re.IGNORECASE)
     text = _PHONE.sub(lambda m: m.group() if len(re.sub(r"\D", "", m.group())) < 7 else "***", text)
@@ -233,6 +238,43 @@ def _prepare_apprise_logger() -> None:
         _logger_ready = True
 
 
+class _Said(logging.Handler):
+    """apprise's warnings while it parses a URL: why it refuses one (scrubbed before use)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@functools.cache
+def known_schemes() -> frozenset[str]:
+    """Every URL scheme apprise has a plugin for."""
+    import apprise
+
+    out: set[str] = set()
+    for schema in apprise.Apprise().details().get("schemas", []):
+        for key in ("protocols", "secure_protocols"):
+            out.update(p.lower() for p in schema.get(key) or [])
+    return frozenset(out)
+
+
+def channel_problems(channels: Sequence[Channel]) -> list[str]:
+    """Channels whose URL apprise refuses, one ``place: problem`` line each; never shows the URL."""
+    problems = []
+    for i, channel in enumerate(channels):
+        sender = ChannelSender(channel)
+        try:
+            if sender.problem is not None:
+                key = "url_file" if channel.url_file is not None else "url"
+                problems.append(f"notify.channels[{i}].{key}: channel {channel.name!r}: {sender.problem}")
+        finally:
+            sender.close()
+    return problems
+
+
 class _Worker:
     """One thread and the apprise object it uses; replaced as a whole when its thread hangs."""
 
@@ -261,12 +303,25 @@ class ChannelSender:
         self._abandoned: list[cf.Future[None]] = []
         self._closed = False
         self.problem: str | None = None  # why apprise will not take the URL, when it won't
-        client = self._build()
+        said = _Said()
+        apprise_log = logging.getLogger("apprise")
+        apprise_log.addHandler(said)
+        try:
+            client = self._build()
+        finally:
+            apprise_log.removeHandler(said)
         self._worker = _Worker(self.name, client)
         if client is None:
             scheme = _split_url(raw)[0]
             shown = scheme if re.fullmatch(r"[a-z0-9+.-]{1,20}", scheme) else "?"
-            self.problem = f"apprise does not accept this URL (scheme {shown}://)"
+            told = [m.rstrip(".") for m in said.messages if "://" not in m]  # not its masked copy of the URL
+            why = _one_line(scrub("; ".join(told[:2]), self._secrets))[:MAX_REASON]
+            if shown not in known_schemes():
+                close = difflib.get_close_matches(shown, sorted(known_schemes()), n=1)
+                why = f"apprise knows no {shown}:// service" + (
+                    f"; did you mean {close[0]}://?" if close else ""
+                )
+            self.problem = f"apprise does not accept this URL (scheme {shown}://{': ' + why if why else ''})"
             self.display_url = f"{shown}://(invalid)"
         else:
             self.display_url = _mask_numbers(next(iter(client)).url(privacy=True))
@@ -283,7 +338,9 @@ class ChannelSender:
 
     # -- in the channel's thread
 
-    def _deliver(self, worker: _Worker, title: str, body: str) -> tuple[bool, str | None]:
+    def _deliver(
+        self, worker: _Worker, title: str, body: str, attach: str | None = None
+    ) -> tuple[bool, str | None]:
         worker.running_since = started = time.monotonic()
         try:
             result = worker.client.notify(
@@ -291,6 +348,7 @@ class ChannelSender:
                 title=title,
                 body_format=self._apprise.NotifyFormat.TEXT,
                 log_level=logging.DEBUG,
+                attach=attach,  # a file path (the plan); plugins without attachments send the text
             )
             if result:
                 return True, None
@@ -305,11 +363,12 @@ class ChannelSender:
 
     # -- on the event loop
 
-    async def send(self, title: str, body: str) -> DeliveryResult:
-        """Deliver one message; never raises (a cancelled caller still gets CancelledError)."""
+    async def send(self, title: str, body: str, attach: str | None = None) -> DeliveryResult:
+        """Deliver one message; never raises (a cancelled caller still gets CancelledError).
+        ``attach``: a file to attach, where the plugin supports attachments."""
         started = time.monotonic()
         try:
-            ok, reason = await self._send(title, body)
+            ok, reason = await self._send(title, body, attach)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -318,13 +377,13 @@ class ChannelSender:
         error = None if ok else _one_line(scrub(reason or "delivery failed", self._secrets))
         return DeliveryResult(ok, error, elapsed)
 
-    async def _send(self, title: str, body: str) -> tuple[bool, str | None]:
+    async def _send(self, title: str, body: str, attach: str | None = None) -> tuple[bool, str | None]:
         if self._closed:
             return False, "sender closed"
         worker = self._worker
         if worker.client is None:
             return False, self.problem
-        future = worker.executor.submit(self._deliver, worker, title, body)
+        future = worker.executor.submit(self._deliver, worker, title, body, attach)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
         except TimeoutError:
@@ -346,6 +405,12 @@ class ChannelSender:
         worker.executor.shutdown(wait=False)
         log.warning("channel=%s send hung past %.0fs; continuing on a new thread", self.name, self.timeout)
         self._worker = _Worker(self.name, self._build())
+
+    @property
+    def takes_attachments(self) -> bool:
+        """apprise's plugin for this URL can send attachments (mail, Signal, ...)."""
+        client = self._worker.client
+        return client is not None and all(getattr(p, "attachment_support", False) for p in client)
 
     @property
     def hung_threads(self) -> int:

@@ -14,6 +14,7 @@ import ssl
 import time
 from contextlib import AsyncExitStack
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -59,6 +60,37 @@ def classify_client_error(exc: aiohttp.ClientError | OSError) -> tuple[Failure, 
     return classify_os_error(exc)
 
 
+CERT_EXPIRY_VALUE = "tls_cert_expiry_days"
+CERT_LOOK_EVERY = 3600.0  # one extra TLS handshake an hour per https path: expiry moves slowly
+
+
+async def _cert_expiry(spec: HttpPath, budget: float) -> float | None:
+    """When the certificate the server presents expires (UNIX time), from a handshake of its own:
+    aiohttp hands the connection back before the probe could look at it. Only a verified
+    certificate is decoded by ``ssl`` (``insecure: true`` gives none); that is the one whose
+    expiry would break the service's clients. None when it cannot be read (the probe said why)."""
+    context = ssl_context(spec.ca_file, spec.insecure)
+    parts = urlsplit(spec.url)
+    if parts.scheme != "https" or not isinstance(context, ssl.SSLContext) or budget <= 0:
+        return None
+    try:
+        async with asyncio.timeout(budget):
+            _, writer = await asyncio.open_connection(
+                parts.hostname, parts.port or 443, ssl=context, server_hostname=parts.hostname
+            )
+    except (OSError, TimeoutError, ssl.SSLError):
+        return None
+    try:
+        cert = writer.get_extra_info("peercert")
+    finally:
+        writer.close()
+    not_after = cert.get("notAfter") if cert else None
+    try:
+        return float(ssl.cert_time_to_seconds(not_after)) if isinstance(not_after, str) else None
+    except ValueError:
+        return None
+
+
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
     body = bytearray()
     while len(body) < cap:
@@ -100,6 +132,14 @@ async def probe(spec: HttpPath, ctx: ProbeContext) -> ProbeResult:
     except (aiohttp.ClientError, OSError) as exc:
         return ProbeResult.fail(*classify_client_error(exc))
     latency = time.perf_counter() - start
+    values: tuple[tuple[str, float], ...] = ()
+    if spec.url.startswith("https:") and spec.tls_warn_days > 0 and not spec.insecure:
+        if time.monotonic() - ctx.state.get("cert_looked", -CERT_LOOK_EVERY) >= CERT_LOOK_EVERY:
+            ctx.state["cert_looked"] = time.monotonic()
+            ctx.state["cert_expiry"] = await _cert_expiry(spec, ctx.timeout - latency)
+        expiry = ctx.state.get("cert_expiry")
+        if expiry is not None:
+            values = ((CERT_EXPIRY_VALUE, (expiry - time.time()) / 86400.0),)
     if response.status not in spec.expect_status:
         expected = "/".join(map(str, spec.expect_status))
         return ProbeResult.fail(Failure.STATUS, f"status {response.status}, expected {expected}", latency)
@@ -115,4 +155,4 @@ async def probe(spec: HttpPath, ctx: ProbeContext) -> ProbeResult:
                 f"body does not match /{spec.expect_regex}/ (read {len(body)} bytes)",
                 latency,
             )
-    return ProbeResult.success(latency, f"{response.status} in {latency * 1000:.0f} ms")
+    return ProbeResult(True, latency, None, f"{response.status} in {latency * 1000:.0f} ms", values=values)

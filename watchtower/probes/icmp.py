@@ -19,7 +19,7 @@ Why not icmplib
     pings in flight each reply is cloned and parsed N times (O(N²)), each socket's small receive
     buffer overflows, and replies are lost for good. The lab measured 1000 concurrent pings to
     hosts that were all alive at 200 ms RTT: about 110 reported alive, 890 falsely "down"
-    (``/work/shared/notes/lab-icmp-apprise.md`` §2). Unprivileged icmplib scales linearly but
+    (``tests/scenarios/test_icmp_at_scale.py`` guards that case). Unprivileged icmplib scales linearly but
     still pays a socket per ping (about 0.15 ms CPU), and it takes the receive timestamp when the
     coroutine resumes, so its RTT includes event-loop latency. Here the receive time is the
     kernel's arrival timestamp (``SO_TIMESTAMPNS``), used only while it lies inside the

@@ -193,6 +193,14 @@ def score(config: Config, world: World, rec: Recording) -> Score:
                 best = o
         return best
 
+    def ended_before(root: str, at: float) -> Outage | None:
+        """The outage an all-clear at ``at`` reports: the latest one over by then."""
+        best: Outage | None = None
+        for o in by_target.get(root, ()):
+            if o.end <= at:
+                best = o
+        return best
+
     step_count: Counter[tuple[object, str, str]] = Counter()
     clear_count: Counter[tuple[object, str]] = Counter()
     paged_outages: dict[Outage, float] = {}
@@ -220,7 +228,7 @@ def score(config: Config, world: World, rec: Recording) -> Score:
                 paged_channels.setdefault(found_o, set()).add(m.channel)
         elif m.kind == "resolve" and m.scope != "monitor":
             s.all_clears += 1
-            cleared_o = outage_for(m.root, m.at)
+            cleared_o = ended_before(m.root, m.at)
             key = cleared_o if cleared_o is not None else (m.root, m.incident)
             clear_count[(key, m.channel)] += 1
             if clear_count[(key, m.channel)] == 2:

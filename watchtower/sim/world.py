@@ -155,8 +155,8 @@ class Site:
             # Configured networks: a path depends on the devices that carry its network.
             for name, addrs in addresses.items():
                 for a in addrs:
-                    net = config.networks.get(net_of.get(a) or "")
-                    carriers[(name, a)] = tuple(d for d in (net.via if net else ()) if d != name)
+                    entry = config.networks.get(net_of.get(a) or "")
+                    carriers[(name, a)] = tuple(d for d in (entry.via if entry else ()) if d != name)
         # What a target needs: its runs_on/depends_on/storage chain and the devices on its paths.
         upstream = {
             n: tuple(dict.fromkeys((*up(n), *(d for a in addresses[n] for d in carriers.get((n, a), ())))))
@@ -176,12 +176,12 @@ class Site:
                         todo.append(d)
             devices = [d for d in chain if roles[d] == "network"]
             for a in addrs:
-                net = _net24(a)
+                prefix = _net24(a)
                 on_way = []
                 for d in devices:
                     own_nets = {_net24(x) for x in addresses[d]}
                     dependents_nets = {_net24(x) for x in addrs}
-                    if net in own_nets or not (own_nets & dependents_nets):
+                    if prefix in own_nets or not (own_nets & dependents_nets):
                         on_way.append(d)
                 carriers[(name, a)] = tuple(on_way)
         return cls(
@@ -388,8 +388,7 @@ class World:
                 return False, f"{host} link down", 0.0
             loss = 1 - (1 - loss) * (1 - hv.loss)
         for s in self.site.storage.get(target, ()):
-            st = self.hosts[s]
-            if not st.power or not st.os_ok or now < st.booting_until:
+            if self.hosts[s].hard(now) is not None:  # off, hung, its link down: the VM's I/O hangs
                 return False, f"storage {s} gone: I/O hung", 0.0
         loss = 1 - (1 - loss) * (1 - h.loss)
         return True, "", loss

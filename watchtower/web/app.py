@@ -7,28 +7,34 @@ import contextlib
 import hashlib
 import hmac
 import html
+import ipaddress
 import re
+import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
+from prometheus_client.core import Metric
 
 from watchtower import __version__, clock
+from watchtower.backups.watch import BackupWatch
 from watchtower.checklist import checklist, staff_sentence
 from watchtower.checklist import notes as notes_of
-from watchtower.config import NOTE_KINDS
+from watchtower.config import NOTE_KINDS, parse_duration
 from watchtower.drill import DrillError, DrillRunner
 from watchtower.engine.correlate import Scope
 from watchtower.engine.escalation import outage_start
 from watchtower.engine.incidents import Incident
+from watchtower.engine.maintenance import SITE, Mute, check_mute_end, window_span
 from watchtower.engine.monitor import Monitor, Snapshot
 from watchtower.notify.outbox import Alerting
 from watchtower.report import render_report
 from watchtower.store import AsyncStore, Attempt, Drill, Notification, StoreError
-from watchtower.web import metrics
+from watchtower.web import backups_api, metrics
 from watchtower.web.page import page_incident, people_rows, render_login_page, render_status_page
 
 __all__ = ["make_app", "render_status_page"]
@@ -97,11 +103,19 @@ def state_document(snap: Snapshot, monitor: Monitor) -> dict[str, Any]:
     }
 
 
-# The login cookie: an HMAC of a fixed string keyed with the token, so a stolen cookie is not
-# the API token (it opens the page and the API of this daemon, until the token changes).
+# The login cookie: a random session id the daemon keeps (in memory) with its expiry and the
+# token it was made under: logout revokes it, a changed token or a restart ends every session,
+# and a stolen cookie is not the API token.
 SESSION_COOKIE = "watchtower_session"
 SESSION_MAX_AGE = 30 * 86400
+SESSIONS_MAX = 1000  # the oldest session goes when a new one would exceed this
 _SESSION_PURPOSE = b"watchtower status page session v1"
+# Guessing the token: a client (by address) with this many wrong tokens (bearer or login form)
+# within the window gets 429 for every token it presents, right or wrong, until the window passes.
+AUTH_FAILURES_MAX = 10
+AUTH_FAILURE_WINDOW = 60.0
+CLIENTS_MAX = 10_000  # addresses remembered at most (the oldest are forgotten first)
+INCIDENT_ID_DIGITS = 18  # an SQLite INTEGER holds 19 digits; longer is no incident of ours
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/login", "/logout"})
 FORM_MAX = 4096  # bytes of a login or acknowledge form at most
 # Slow clients: a connection must send its request head within IDLE_TIMEOUT of opening (or of its
@@ -130,19 +144,113 @@ def api_token(request: web.Request) -> str | None:
     return token.get_secret_value() if token else None
 
 
-def session_value(token: str) -> str:
-    return hmac.new(token.encode(), _SESSION_PURPOSE, hashlib.sha256).hexdigest()
+def _token_mark(token: str) -> bytes:
+    return hmac.new(token.encode(), _SESSION_PURPOSE, hashlib.sha256).digest()
+
+
+class Sessions:
+    """Server-side login sessions: id -> (expiry on the monotonic clock, mark of the token)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, tuple[float, bytes]] = {}
+
+    def create(self, token: str, now: float) -> str:
+        self._by_id = {k: v for k, v in self._by_id.items() if v[0] > now}
+        while len(self._by_id) >= SESSIONS_MAX:
+            del self._by_id[next(iter(self._by_id))]
+        session = secrets.token_urlsafe(32)
+        self._by_id[session] = (now + SESSION_MAX_AGE, _token_mark(token))
+        return session
+
+    def valid(self, session: str, token: str, now: float) -> bool:
+        entry = self._by_id.get(session)
+        return entry is not None and entry[0] > now and hmac.compare_digest(entry[1], _token_mark(token))
+
+    def revoke(self, session: str) -> None:
+        self._by_id.pop(session, None)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+class FailureLimiter:
+    """Wrong tokens per client address within a sliding window."""
+
+    def __init__(self) -> None:
+        self._fails: dict[str, deque[float]] = {}
+
+    def retry_after(self, client: str, now: float) -> float | None:
+        """Seconds until ``client`` may try again, or None when it may now."""
+        times = self._fails.get(client)
+        if times is None:
+            return None
+        while times and times[0] <= now - AUTH_FAILURE_WINDOW:
+            times.popleft()
+        if not times:
+            del self._fails[client]
+            return None
+        return times[0] + AUTH_FAILURE_WINDOW - now if len(times) >= AUTH_FAILURES_MAX else None
+
+    def fail(self, client: str, now: float) -> None:
+        times = self._fails.pop(client, None) or deque(maxlen=AUTH_FAILURES_MAX)
+        times.append(now)
+        self._fails[client] = times  # re-inserted: the dict's order is the order of last failure
+        while len(self._fails) > CLIENTS_MAX:
+            del self._fails[next(iter(self._fails))]
+
+
+SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
+LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+def _bearer_given(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    return header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
 
 
 def _bearer_ok(request: web.Request, token: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    given = _bearer_given(request) or ""
     return hmac.compare_digest(given.encode(), token.encode())
 
 
 def _cookie_ok(request: web.Request, token: str) -> bool:
     given = request.cookies.get(SESSION_COOKIE, "")
-    return hmac.compare_digest(given.encode(), session_value(token).encode())
+    return bool(given) and request.app[SESSIONS].valid(given, token, time.monotonic())
+
+
+def _host_allowed(request: web.Request) -> bool:
+    """Without a token, the Host header must be an IP address, localhost, the name in ``listen``
+    or a name in ``allowed_hosts``: a DNS-rebinding page (Host: rebind.example, resolving to 127.0.0.1)
+    would otherwise be same-origin with us and could read the state and acknowledge incidents."""
+    host = request.host.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    host = host.rstrip(".")
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    config = request.app[MONITOR].config
+    allowed = {h.strip().lower().rstrip(".") for h in config.allowed_hosts}
+    allowed.add(config.listen_host_port[0].strip("[]").lower().rstrip("."))  # listen: by a name
+    return host == "localhost" or host in allowed
+
+
+def _too_many(retry_after: float) -> web.Response:
+    return web.json_response(
+        {"error": "too many wrong tokens from this address; try again later"},
+        status=429,
+        headers={"Retry-After": str(max(1, int(retry_after + 0.999)))},
+    )
 
 
 def _wants_html(request: web.Request) -> bool:
@@ -178,11 +286,35 @@ async def body_timeout_middleware(
 async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    token = api_token(request)
+    if (
+        not token
+        and request.path not in ("/metrics", "/healthz")
+        and not _CONFIRM_PATH.match(request.path)
+        and not backups_api.is_push(request)
+        and not _host_allowed(request)
+    ):
+        return web.Response(status=403, text="unknown Host; list the name in allowed_hosts\n")
     if request.method not in ("GET", "HEAD", "OPTIONS") and not _same_origin(request):
         return web.Response(status=403, text="cross-site request refused\n")
-    token = api_token(request)
-    authenticated = not token or _bearer_ok(request, token) or _cookie_ok(request, token)
-    if not authenticated and request.path not in OPEN_PATHS and not _CONFIRM_PATH.match(request.path):
+    confirm = _CONFIRM_PATH.match(request.path) is not None  # carries its own token
+    push = backups_api.is_push(request)  # carries its backup's own token
+    open_path = (request.path in OPEN_PATHS or confirm or push) and not (
+        request.path == "/metrics" and request.app[MONITOR].config.metrics_auth
+    )
+    authenticated = not token
+    if token and _bearer_given(request) is not None and not open_path:
+        limiter, client, now = request.app[LIMITER], _client(request), time.monotonic()
+        wait = limiter.retry_after(client, now)
+        if wait is not None:
+            return _too_many(wait)
+        authenticated = _bearer_ok(request, token)
+        if not authenticated:
+            limiter.fail(client, now)  # counted before the wait: parallel guesses count too
+            await asyncio.sleep(LOGIN_FAIL_DELAY)
+    elif token:
+        authenticated = _cookie_ok(request, token)
+    if not authenticated and not open_path:
         if _wants_html(request) and not request.path.startswith("/api/"):
             raise web.HTTPSeeOther("/login")
         return web.json_response(
@@ -194,13 +326,24 @@ async def auth_middleware(
 async def handle_metrics(request: web.Request) -> web.Response:
     snap = request.app[MONITOR].snapshot()
     gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
+    alerting = request.app[ALERTING]
+    muted = set(alerting.muted(snap.taken_at)) if alerting is not None else set()
     runner = request.app[DRILLS]
     verified = {v.contact: v.last_verified for v in runner.verification()} if runner is not None else None
-    body = await asyncio.to_thread(metrics.render, snap, gzip_ok, verified)
+    watch = request.app.get(backups_api.WATCH)
+    statuses = dict(request.app[MONITOR].statuses)
+    verify = request.app.get(backups_api.VERIFY)
+    extra = _Extra(lambda: backups_api.collectors(watch, statuses, verify))
+    body = await asyncio.to_thread(metrics.render, snap, gzip_ok, verified, muted, extra)
     headers = {"Content-Type": metrics.CONTENT_TYPE}
     if gzip_ok:
         headers["Content-Encoding"] = "gzip"
     return web.Response(body=body, headers=headers)
+
+
+class _Extra:
+    def __init__(self, collect: Callable[[], Iterator[Metric]]):
+        self.collect = collect
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
@@ -273,11 +416,23 @@ async def handle_page(request: web.Request) -> web.Response:
             latest = await runner.drills(limit=1)
             drill = drill_document(latest[0], config) if latest else None
         people = people_rows(config, runner.verification(), drill)
+    mutes = None
+    if alerting is not None:  # what is muted now, and the targets the mute form offers
+        rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for name, why in mutes_document(alerting, clock.now())["muted"].items():  # one row per mute
+            key = (why["source"], why["until"], why["reason"], why["id"])
+            rows.setdefault(key, {**why, "names": []})["names"].append(name)
+        every = len(config.targets)
+        active = [{**r, "target": "every target" if len(r["names"]) == every > 1 else ", ".join(r["names"])}
+                  for r in rows.values()]  # fmt: skip
+        mutes = {"active": active, "targets": list(config.targets)}
     text = render_status_page(
         state_document(monitor.snapshot(), monitor),
         incidents,
         config=config,
         logout=bool(api_token(request)) and SESSION_COOKIE in request.cookies,
+        **backups_api.page_sections(request.app.get(backups_api.WATCH), request.app.get(backups_api.VERIFY)),
+        mutes=mutes,
         people=people,
         drill=drill,
     )
@@ -300,13 +455,18 @@ async def handle_login(request: web.Request) -> web.Response:
     form = await _read_form(request)
     if form is None:
         return _page(render_login_page(site, "the login form was malformed or too large"), status=400)
+    limiter, client, now = request.app[LIMITER], _client(request), time.monotonic()
+    wait = limiter.retry_after(client, now)
+    if wait is not None:
+        return _page(render_login_page(site, "too many wrong tokens; try again in a minute"), status=429)
     if not hmac.compare_digest(form.get("token", "").strip().encode(), token.encode()):
+        limiter.fail(client, now)
         await asyncio.sleep(LOGIN_FAIL_DELAY)
         return _page(render_login_page(site, "wrong token"), status=401)
     response = web.HTTPSeeOther("/")
     response.set_cookie(
         SESSION_COOKIE,
-        session_value(token),
+        request.app[SESSIONS].create(token, now),
         max_age=SESSION_MAX_AGE,
         path="/",
         httponly=True,
@@ -318,6 +478,9 @@ async def handle_login(request: web.Request) -> web.Response:
 
 async def handle_logout(request: web.Request) -> web.Response:
     response = web.HTTPSeeOther("/login" if api_token(request) else "/")
+    session = request.cookies.get(SESSION_COOKIE)
+    if session:
+        request.app[SESSIONS].revoke(session)  # a copy of the cookie stops working too
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
 
@@ -327,7 +490,7 @@ async def handle_page_ack(request: web.Request) -> web.Response:
     incident = _incident_or_404(request)
     form = await _read_form(request) or {}
     by = (form.get("by") or form.get("name") or "").strip()
-    if not by or len(by) > 100:
+    if not by or len(by) > 100 or not by.isprintable():
         return web.Response(status=400, text="acknowledging needs a name of 1 to 100 characters\n")
     request.app[MONITOR].acknowledge(incident.id, by)
     raise web.HTTPSeeOther("/")
@@ -370,12 +533,16 @@ def incident_document(incident: Incident, notifications: Sequence[Notification] 
     }
 
 
+def _incident_id(request: web.Request) -> int:
+    text = request.match_info["id"]
+    if not (text.isascii() and text.isdigit()) or len(text) > INCIDENT_ID_DIGITS:
+        raise web.HTTPNotFound(text="incident ids are numbers\n")
+    return int(text)
+
+
 def _incident_or_404(request: web.Request) -> Incident:
     """An incident the daemon holds in memory (open or recently resolved)."""
-    try:
-        incident_id = int(request.match_info["id"])
-    except ValueError:
-        raise web.HTTPNotFound(text="incident ids are numbers\n") from None
+    incident_id = _incident_id(request)
     incident = request.app[MONITOR].tracker.get(incident_id)
     if incident is None:
         raise web.HTTPNotFound(text=f"no incident {incident_id}\n")
@@ -425,8 +592,8 @@ async def handle_incident(request: web.Request) -> web.Response:
     except web.HTTPNotFound:
         store = request.app[STORE]
         incident = None
-        if store is not None and request.match_info["id"].isdigit():
-            incident_id = int(request.match_info["id"])
+        if store is not None:
+            incident_id = _incident_id(request)
             try:
                 incident = await store.call(store.store.incident, incident_id)
             except StoreError:
@@ -442,11 +609,14 @@ async def handle_ack(request: web.Request) -> web.Response:
     incident = _incident_or_404(request)
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: [[[[... 40 KB deep
         return web.json_response({"error": 'body must be JSON like {"by": "alice"}'}, status=400)
     by = body.get("by") if isinstance(body, dict) else None
-    if not isinstance(by, str) or not by.strip() or len(by) > 100:
-        return web.json_response({"error": '"by" must be a name of 1 to 100 characters'}, status=400)
+    if not isinstance(by, str) or not by.strip() or len(by) > 100 or not by.strip().isprintable():
+        # control characters (a newline) in a name would forge lines in the log and the report
+        return web.json_response(
+            {"error": '"by" must be a name of 1 to 100 printable characters'}, status=400
+        )
     incident = request.app[MONITOR].acknowledge(incident.id, by.strip())
     (doc,) = await _documents(request, [incident])
     return web.json_response(doc)
@@ -499,10 +669,7 @@ async def handle_report(request: web.Request) -> web.Response:
     """The post-mortem of one incident as Markdown. The live incident where the daemon still
     holds it (the freshest timeline), else the store's; notifications, delivery attempts and blind
     windows from the store (from memory when there is no store)."""
-    try:
-        incident_id = int(request.match_info["id"])
-    except ValueError:
-        raise web.HTTPNotFound(text="incident ids are numbers\n") from None
+    incident_id = _incident_id(request)
     monitor, store, alerting = request.app[MONITOR], request.app[STORE], request.app[ALERTING]
     live = monitor.tracker.get(incident_id)
     incident, notes, attempts, windows = live, None, None, None
@@ -539,8 +706,174 @@ async def handle_report(request: web.Request) -> web.Response:
 
 
 async def handle_state(request: web.Request) -> web.Response:
-    monitor = request.app[MONITOR]
-    return web.json_response(state_document(monitor.snapshot(), monitor))
+    monitor, alerting = request.app[MONITOR], request.app[ALERTING]
+    doc = state_document(monitor.snapshot(), monitor)
+    if alerting is not None:
+        for name, why in alerting.muted(clock.now()).items():
+            if name in doc["targets"]:
+                doc["targets"][name]["muted_until"] = iso(why.until)
+    return web.json_response(doc)
+
+
+# --------------------------------------------------------------------------- maintenance mutes
+
+
+def mute_document(m: Mute) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "target": None if m.target == SITE else m.target,
+        "site": m.target == SITE,
+        "start": iso(m.start),
+        "end": iso(m.end),
+        "reason": m.reason,
+        "by": m.by,
+        "created_at": iso(m.created_at),
+    }
+
+
+def mutes_document(alerting: Alerting, now: float) -> dict[str, Any]:
+    """Mutes still to come or running, the config's windows, and who is muted now (and why)."""
+    muted = alerting.muted(now)
+    windows = []
+    for w in alerting.config.maintenance_windows:
+        span = window_span(w, now)
+        windows.append({
+            "every": w.text, "timezone": w.timezone, "targets": list(w.targets) or None,
+            "reason": w.reason, "active_until": iso(span[1]) if span else None,
+        })  # fmt: skip
+    by_source = {f"mute #{m.id} by {m.by}": m.id for m in alerting.mutes}
+    return {
+        "mutes": [mute_document(m) for m in alerting.mutes if m.end > now],
+        "windows": windows,
+        "muted": {
+            name: {
+                "until": (iso(why.until) or "")[:16].replace("T", " "),
+                "source": why.source,
+                "reason": why.reason,
+                "id": by_source.get(why.source),
+            }
+            for name, why in muted.items()
+        },
+    }
+
+
+def _alerting_or_503(request: web.Request) -> Alerting:
+    alerting = request.app[ALERTING]
+    if alerting is None:
+        raise web.HTTPServiceUnavailable(text="no alerting in this daemon\n")
+    return alerting
+
+
+async def _new_mute(request: web.Request, fields: dict[str, Any]) -> Mute | str:
+    """A mute from API or form fields (target or site, for or until, reason, by); an error text
+    when they do not make one."""
+    alerting = _alerting_or_503(request)
+    config = alerting.config
+    now = clock.now()
+    target = fields.get("target")
+    if fields.get("site") is True or target in (SITE, "--site"):
+        target = SITE
+    if not isinstance(target, str) or (target != SITE and target not in config.targets):
+        return f"no target named {target!r} (give a target of the config, or site: true)"
+    for key in ("reason", "by"):
+        value = fields.get(key)
+        if not isinstance(value, str) or not value.strip() or len(value) > 200:
+            return f'"{key}" must be a text of 1 to 200 characters'
+    length, until = fields.get("for"), fields.get("until")
+    if (length is None) == (until is None):
+        return 'give exactly one of "for" (a duration like 2h) or "until" (ISO 8601 with a time zone)'
+    try:
+        if length is not None:
+            end = now + parse_duration(length)
+        else:
+            when = datetime.fromisoformat(str(until).replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                return '"until" needs a time zone, like 2026-12-08T04:00:00Z or +01:00'
+            end = when.timestamp()
+        check_mute_end(now, end)
+    except ValueError as exc:
+        return f"{'for' if length is not None else 'until'}: {exc}"
+    store = request.app[STORE]
+    reason, by = str(fields["reason"]).strip(), str(fields["by"]).strip()
+    if store is not None:
+        try:
+            mute = await store.call(store.store.add_mute, target, now, end, reason, by, now)
+        except StoreError as exc:
+            return f"cannot record the mute: {exc}"
+    else:
+        mute = Mute(max((m.id for m in alerting.mutes), default=0) + 1, target, now, end, reason, by, now)
+    alerting.mutes = [m for m in alerting.mutes if m.end > now] + [mute]
+    alerting.changed.set()
+    return mute
+
+
+async def _end_mute(request: web.Request, by: str) -> Mute | None:
+    alerting = _alerting_or_503(request)
+    try:
+        mute_id = int(request.match_info["id"])
+    except ValueError:
+        return None
+    now = clock.now()
+    store = request.app[STORE]
+    ended: Mute | None = None
+    if store is not None:
+        try:
+            ended = await store.call(store.store.end_mute, mute_id, by, now)
+        except StoreError:
+            ended = None
+    for k, m in enumerate(alerting.mutes):
+        if m.id == mute_id and m.end > now:
+            ended = Mute(m.id, m.target, m.start, now, m.reason, m.by, m.created_at)
+            alerting.mutes[k] = ended
+    alerting.changed.set()
+    return ended
+
+
+async def handle_mutes(request: web.Request) -> web.Response:
+    return web.json_response(mutes_document(_alerting_or_503(request), clock.now()))
+
+
+async def handle_add_mute(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return web.json_response(
+            {"error": 'body must be JSON like {"target": "pve1", "for": "2h", "reason": "..", "by": "bo"}'},
+            status=400,
+        )
+    mute = await _new_mute(request, body)
+    if isinstance(mute, str):
+        return web.json_response({"error": mute}, status=400)
+    return web.json_response(mute_document(mute), status=201)
+
+
+async def handle_delete_mute(request: web.Request) -> web.Response:
+    by = request.query.get("by", "api").strip()[:100] or "api"
+    ended = await _end_mute(request, by)
+    if ended is None:
+        return web.json_response({"error": "no such mute running"}, status=404)
+    return web.json_response(mute_document(ended))
+
+
+async def handle_page_mute(request: web.Request) -> web.Response:
+    """POST /mutes from the page's form (target, for, reason, by), then back to /."""
+    form = await _read_form(request) or {}
+    mute = await _new_mute(request, {k: form.get(k) for k in ("target", "for", "reason", "by")})
+    if isinstance(mute, str):
+        return web.Response(status=400, text=f"cannot mute: {mute}\n")
+    raise web.HTTPSeeOther("/#maintenance")
+
+
+async def handle_page_unmute(request: web.Request) -> web.Response:
+    form = await _read_form(request) or {}
+    by = (form.get("by") or "").strip()
+    if not by or len(by) > 100:
+        return web.Response(status=400, text="unmuting needs a name of 1 to 100 characters\n")
+    if await _end_mute(request, by) is None:
+        return web.Response(status=404, text="no such mute running\n")
+    raise web.HTTPSeeOther("/#maintenance")
 
 
 def drill_document(drill: Drill, config: Any) -> dict[str, Any]:
@@ -659,11 +992,14 @@ def make_app(
     store: AsyncStore | None = None,
     alerting: Alerting | None = None,
     drills: DrillRunner | None = None,
+    backups: BackupWatch | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[body_timeout_middleware, auth_middleware], client_max_size=64 * 1024)
     app[MONITOR] = monitor
     app[STORE] = store
     app[ALERTING] = alerting
+    app[SESSIONS] = Sessions()
+    app[LIMITER] = FailureLimiter()
     app[DRILLS] = drills
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_healthz)
@@ -679,6 +1015,13 @@ def make_app(
     app.router.add_get("/api/v1/incidents/{id}", handle_incident)
     app.router.add_post("/api/v1/incidents/{id}/ack", handle_ack)
     app.router.add_get("/api/v1/incidents/{id}/report", handle_report)
+    if backups is not None:
+        backups_api.register(app, backups, drills.verification if drills is not None else None)
+    app.router.add_get("/api/v1/mutes", handle_mutes)
+    app.router.add_post("/api/v1/mutes", handle_add_mute)
+    app.router.add_delete("/api/v1/mutes/{id}", handle_delete_mute)
+    app.router.add_post("/mutes", handle_page_mute)
+    app.router.add_post("/mutes/{id}/end", handle_page_unmute)
     app.router.add_get("/api/v1/drills", handle_drills)
     app.router.add_post("/api/v1/drills", handle_drill_start)
     app.router.add_get(r"/api/v1/drills/{id:\d+}/confirm/{token:[0-9a-f]{1,64}}", handle_drill_confirm_form)

@@ -9,7 +9,8 @@ it into 20,000 locked ``.labels()`` children would cost ~30x more per update and
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -22,9 +23,15 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class SnapshotCollector:
-    def __init__(self, snapshot: Snapshot, verified: Mapping[str, float | None] | None = None):
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        verified: Mapping[str, float | None] | None = None,
+        muted: Collection[str] = (),
+    ):
         self.snapshot = snapshot
         self.verified = verified or {}
+        self.muted = muted
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot
@@ -63,6 +70,14 @@ class SnapshotCollector:
             for candidate in TargetState:
                 target_state.add_metric([name, role, candidate.value], 1.0 if candidate is state else 0.0)
         yield target_state
+        muted = GaugeMetricFamily(
+            "watchtower_muted",
+            "1 while the target is in maintenance (muted or in a window): recorded, not paged",
+            labels=["target"],
+        )
+        for name, _, _ in snap.targets:
+            muted.add_metric([name], 1.0 if name in self.muted else 0.0)
+        yield muted
 
         yield GaugeMetricFamily(
             "watchtower_vantage_up",
@@ -158,10 +173,27 @@ class SnapshotCollector:
         yield from PLATFORM_COLLECTOR.collect()
 
 
+class _Chained:
+    def __init__(self, *collectors: Any):
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for c in self.collectors:
+            yield from c.collect()
+
+
 def render(
-    snapshot: Snapshot, compress: bool = False, verified: Mapping[str, float | None] | None = None
+    snapshot: Snapshot,
+    compress: bool = False,
+    verified: Mapping[str, float | None] | None = None,
+    muted: Collection[str] = (),
+    extra: Any = None,
 ) -> bytes:
     """The exposition text for one snapshot (blocking: call it in a thread); ``verified``: contact
-    -> last drill confirmation."""
-    body = generate_latest(SnapshotCollector(snapshot, verified))  # type: ignore[arg-type,unused-ignore]
+    -> last drill confirmation; ``muted``: targets in maintenance; ``extra``: another collector (an
+    object with ``collect()``), e.g. backups and readiness."""
+    collector: Any = SnapshotCollector(snapshot, verified, muted)
+    if extra is not None:
+        collector = _Chained(collector, extra)
+    body = generate_latest(collector)  # type: ignore[arg-type,unused-ignore]
     return gzip.compress(body, compresslevel=5) if compress else body

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, get_args
 
@@ -28,13 +28,15 @@ import jinja2
 
 from watchtower.config import NOTE_KINDS, Config, RestoreCategory, Target
 from watchtower.durations import coarse
+from watchtower.engine.correlate import WARNING_SCOPES
 from watchtower.engine.escalation import channels_for, outage_start, rto_clock
 from watchtower.engine.incidents import Incident
 
 ROLE_ORDER = ("network", "hypervisor", "storage", "vm", "service")
 ROLE_TITLES = {"network": "Network", "hypervisor": "Hypervisors", "storage": "Storage", "vm": "VMs",
                "service": "Services"}  # fmt: skip
-SCOPE_ORDER = ("monitor", "network", "hypervisor", "storage", "vm", "service")
+SCOPE_ORDER = ("monitor", "network", "hypervisor", "storage", "vm", "service", "backup", "certificate")
+WARNING_SCOPE_NAMES = frozenset(str(s) for s in WARNING_SCOPES)
 _SEVERITY = {"down": 0, "unreachable": 1, "degraded": 2, "unknown": 3, "up": 4}
 
 CAUSE_WORDS = {
@@ -166,6 +168,8 @@ def banner_for(doc: dict[str, Any], incidents: list[dict[str, Any]], now: float)
             f"watchtower is cut off{since}: its own uplink is down, target states are not trustworthy",
             "#5f6368",
         )
+    warnings = [i for i in incidents if i["scope"] in WARNING_SCOPE_NAMES]
+    incidents = [i for i in incidents if i["scope"] not in WARNING_SCOPE_NAMES]
     if incidents:
         first = incidents[0]
         start = first.get("outage_start") or _parse_iso(first.get("first_failure_at") or first["opened_at"])
@@ -191,16 +195,25 @@ def banner_for(doc: dict[str, Any], incidents: list[dict[str, Any]], now: float)
             f"{worst['role']} {worst['name']} {worst['state']}{others}",
             "#b3261e" if worst["state"] != "degraded" else "#b06000",
         )
+    if warnings:  # a stale backup or an expiring certificate: not an outage, not red
+        first_text = (warnings[0].get("evidence") or [warnings[0]["root"]])[0]
+        extra = f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else ""
+        return f"all targets up; warning: {first_text}{extra}", "#b06000"
     return "all targets up", "#137333"
 
 
 def restore_board(
-    doc: dict[str, Any], incidents: list[dict[str, Any]], config: Config, now: float
+    doc: dict[str, Any],
+    incidents: list[dict[str, Any]],
+    config: Config,
+    now: float,
+    restore_points: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """The services the open incidents took down, in the order they should come back."""
+    """The services the open incidents took down, in the order they should come back.
+    ``restore_points``: target -> what a restore loses now (the backup watch's newest points)."""
     rows: dict[str, dict[str, Any]] = {}
     for incident in incidents:
-        if incident["scope"] == "monitor":
+        if incident["scope"] == "monitor" or incident["scope"] in WARNING_SCOPE_NAMES:
             continue
         start = incident.get("outage_start") or _parse_iso(
             incident.get("first_failure_at") or incident["opened_at"]
@@ -232,6 +245,7 @@ def restore_board(
                 "rpo": span(service.rpo) if service.rpo is not None else None,
                 "runbook": target.runbook,
                 "runbook_link": is_link(target.runbook),
+                "restore_point": (restore_points or {}).get(name),
             }
             if state == "up":
                 row["state_text"] = "back, smoke probes pass" + (
@@ -329,6 +343,9 @@ def render_status_page(
     config: Config | None = None,
     now: float | None = None,
     logout: bool = False,
+    restore_points: Mapping[str, str] | None = None,
+    readiness: Mapping[str, Any] | None = None,
+    mutes: dict[str, Any] | None = None,
     people: list[dict[str, Any]] | None = None,
     drill: dict[str, Any] | None = None,
 ) -> str:
@@ -362,7 +379,7 @@ def render_status_page(
             else ""
         )
         i["rto_text"] = _rto_words(i.get("rto"), now)
-    board = restore_board(doc, incidents, config, now) if config is not None else []
+    board = restore_board(doc, incidents, config, now, restore_points) if config is not None else []
     steps, details = contacts(config, incidents) if config is not None else ([], [])
     return (
         templates()
@@ -385,6 +402,8 @@ def render_status_page(
             steps=steps,
             details=details,
             logout=logout,
+            readiness=readiness,
+            mutes=mutes,
             people=people or [],
             note_kinds=NOTE_KINDS,
             drill=drill,

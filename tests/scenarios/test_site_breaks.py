@@ -183,9 +183,9 @@ async def test_linkdown_keeps_mgmt_and_icmpdrop_degrades(lab: Lab, watch: Watch)
 
         await watch.until(prod_down_mgmt_up, DETECT_BOUND, "hv1 prod down, mgmt up")
 
+        # Two independent witnesses (prod icmp and http) are down, but its OS answers on mgmt: not
+        # down, its production link is (issue 20): degraded, with a link_down verdict.
         async def hv_link_down() -> bool:
-            # two independent witnesses are down (prod icmp and http), but its OS answers on the
-            # management network: a link down, not a dead host (issue 20), so degraded, not down
             return await watch.target_state("hv1") == "degraded"
 
         await watch.until(hv_link_down, 1.0, "hv1 degraded (correlation follows path changes within ~50 ms)")

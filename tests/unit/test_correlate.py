@@ -502,3 +502,19 @@ def test_a_vm_waits_while_its_hypervisor_goes_dark_on_its_network() -> None:
     view["pve1"][0] = replace(view["pve1"][0], state=UP, since=None)
     view["pve1"][1] = replace(view["pve1"][1], state=DOWN, since=100.0)
     assert [v.root for v in correlate(PSITE, view, {}, [], now=102.0).verdicts] == ["dc1"]
+
+
+def test_vms_dark_behind_their_hypervisors_dead_production_link_are_its_incident() -> None:
+    """A hypervisor whose production NIC died (management answers: degraded, not down) and the VMs
+    behind it, dark on production only: one verdict, the hypervisor's link, the VMs affected, not a
+    page per VM (found by the simulator: 10 VM pages for one NIC on the MSP topology)."""
+    view = pview({"pve1": {"prod"}, "dc1": {"prod"}})
+    # only a ping per network (no web UI path): one witness of two down, so pve1 is degraded
+    view["pve1"] = [
+        replace(p, since=100.0) if p.state is DOWN else p for p in view["pve1"] if p.kind != "http"
+    ]
+    view["dc1"] = [replace(p, since=100.0) for p in view["dc1"]]
+    corr = correlate(PSITE, view, {}, [], now=100.0 + SETTLE + 1)
+    assert corr.own["pve1"] is TargetState.DEGRADED
+    assert [(v.root, v.cause) for v in corr.verdicts] == [("pve1", Cause.LINK_DOWN)]
+    assert "dc1" in corr.verdicts[0].affected

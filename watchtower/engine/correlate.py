@@ -402,8 +402,35 @@ def correlate(
             if parent in failed and parent not in trail:
                 root = find_root(parent, trail | {name})
                 break
+            if (
+                parent in node.parents
+                and own.get(parent) is TargetState.DEGRADED
+                and _dark_behind(parent, name)
+            ):
+                root = parent  # its hypervisor's link to that network is down: one incident, its link's
+                break
         root_of[name] = root
         return root
+
+    def _dark_behind(parent: str, name: str) -> bool:
+        """``name`` is dark only on networks on which ``parent`` (alive elsewhere) is dark too: a
+        VM behind its hypervisor's dead production NIC."""
+        nets = {
+            network_key(topology, p)
+            for p in paths.get(name, ())
+            if p.state is PathState.DOWN and not p.by_bmc
+        }
+        if not nets or None in nets:
+            return False
+        own_paths = [p for p in paths.get(parent, ()) if not p.by_bmc]
+        # dark on a network: every one of its paths there still failing (its web UI answering on
+        # production means its production link is not what failed)
+        dark = {
+            net
+            for net in {network_key(topology, p) for p in own_paths}
+            if all(_dark(p) for p in own_paths if network_key(topology, p) == net)
+        }
+        return nets <= dark
 
     affected: dict[str, list[str]] = {root: [] for root in outages}
     for name in topology.order:

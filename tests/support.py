@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import signal
@@ -13,7 +14,27 @@ from typing import Any
 
 from watchtower.lab.sinks import free_port, wait_for
 
-__all__ = ["free_port", "make_cert", "stop_process", "until", "wait_for"]
+__all__ = ["Service", "free_port", "make_cert", "stop_process", "until", "wait_for"]
+
+
+class Service:
+    """A TCP service on 127.0.0.1 that a test can kill and bring back on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+
+    async def up(self) -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", self.port, reuse_address=True)
+
+    async def down(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        self.server = None
 
 
 def until(predicate: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:

@@ -19,33 +19,13 @@ import aiohttp
 import pytest
 import yaml
 from sinks import HttpSink, SmtpSink, mailto_url, signal_url, smseagle_url
-from support import free_port, stop_process, until, wait_for
+from support import Service, free_port, stop_process, until, wait_for
 
 from watchtower.config import load_config
 from watchtower.daemon import run_daemon
 from watchtower.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Service:
-    """A TCP service on 127.0.0.1 that a test can kill and bring back on the same port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.server: asyncio.Server | None = None
-
-    async def up(self) -> None:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.close()
-
-        self.server = await asyncio.start_server(serve, "127.0.0.1", self.port, reuse_address=True)
-
-    async def down(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-        self.server = None
 
 
 def site_config(tmp: Path, service_port: int, channels: list[dict[str, Any]], **notify: Any) -> Path:

@@ -18,30 +18,13 @@ import aiohttp
 import pytest
 import yaml
 from sinks import HttpSink, SmtpSink, mailto_url, signal_url
-from support import free_port
+from support import Service, free_port
 
 from watchtower.config import load_config
 from watchtower.daemon import run_daemon
 
 API_TOKEN = "api-token-for-the-page-0123"
 PUSH_TOKEN = "push-token-erp-nightly-4567"
-
-
-class Service:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.server: asyncio.Server | None = None
-
-    async def up(self) -> None:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.close()
-
-        self.server = await asyncio.start_server(serve, "127.0.0.1", self.port, reuse_address=True)
-
-    async def down(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
 
 
 @pytest.fixture

@@ -18,28 +18,9 @@ import aiohttp
 import pytest
 import yaml
 from sinks import SmtpSink, mailto_url
-from support import free_port, wait_for
+from support import Service, free_port, wait_for
 
 MUTE = 20.0  # long enough to confirm the outage and restart the daemon inside it, under load
-
-
-class Service:
-    """A TCP listener on 127.0.0.1 the test stops to break the target."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.server: asyncio.Server | None = None
-
-    async def up(self) -> None:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.close()
-
-        self.server = await asyncio.start_server(serve, "127.0.0.1", self.port, reuse_address=True)
-
-    async def down(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
 
 
 def write_config(tmp: Path, service: int, smtp: int, **extra: Any) -> Path:

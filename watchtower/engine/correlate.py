@@ -348,10 +348,17 @@ def correlate(
     bmc: Mapping[str, BmcFacts],
     vantage: Sequence[PathView],
     now: float,
+    own: Mapping[str, TargetState] | None = None,
 ) -> Correlation:
     """The site's target states and one verdict per independent outage. ``now`` bounds how long
-    a host dark on a moving network waits (:data:`SETTLE`)."""
-    own = {name: own_state(paths.get(name, ()), node.confirm_paths) for name, node in topology.nodes.items()}
+    a host dark on a moving network waits (:data:`SETTLE`). ``own``, when given, is every
+    node's :func:`own_state` of ``paths`` already (a caller that keeps them between passes, see
+    ``engine.views``); it is copied, never kept."""
+    if own is None:
+        nodes = topology.nodes
+        own = {name: own_state(paths.get(name, ()), node.confirm_paths) for name, node in nodes.items()}
+    else:
+        own = {name: own.get(name, TargetState.UNKNOWN) for name in topology.nodes}
     vantage_up = not vantage or any(p.state is not PathState.DOWN for p in vantage)
     if not vantage_up:
         blind = tuple(f"vantage {p.name}: {p.detail}" for p in vantage)

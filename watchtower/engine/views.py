@@ -1,0 +1,107 @@
+"""What a correlation pass reads of the paths, kept between passes and rebuilt per target only when
+the target's paths moved.
+
+At 10,000 paths a pass that builds a :class:`PathView` for every path and the own state of every
+target costs ~40 ms of the loop's CPU (``bench/render_parts.py``), every 5 s and on every change,
+while a healthy site changes nothing that correlation reads. A view is rebuilt when what
+correlation reads of it can differ from the cached one:
+
+- its path (a reload), state, failing streak start or last change of state differ; or
+- its target has a path down: only then does correlation read a path's ``last_ok`` (is the OS
+  answering *since the outage began*, :func:`correlate.os_answering`) and its ``detail`` (the
+  evidence of a down path), which change with every probe. Such targets are rebuilt on every pass,
+  so nothing a pass reads is older than the pass.
+
+Nothing here reads a clock: what depends on ``now`` (settling windows, BMC ages) is computed by
+:func:`correlate.correlate` from the views and ``now`` on every pass, never cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from watchtower.engine.correlate import PathView, TargetState, own_state
+from watchtower.engine.paths import PathState, PathStatus
+from watchtower.engine.topology import Topology
+
+
+def path_view(status: PathStatus) -> PathView:
+    p = status.path
+    return PathView(
+        p.name,
+        p.kind,
+        f"{p.kind} {p.spec.address}",
+        status.state,
+        status.evidence,
+        status.failing_since,
+        network=p.network,
+        address=p.host,
+        by_bmc=p.by_bmc,
+        changed_at=status.changed_at,
+        last_ok=status.last_ok,
+        critical=p.spec.critical,
+    )
+
+
+DOWN = PathState.DOWN
+_Key = list[object]  # per witness path: path, state, failing_since, changed_at
+
+
+class ViewCache:
+    """Per target: its witness paths' views (BMC paths explain an outage, they witness none), its
+    own state, and whether any of its witness paths is failing. :meth:`refresh` brings them up to
+    date with the statuses; the mappings are then what one correlation pass reads."""
+
+    def __init__(self) -> None:
+        self._topology: Topology | None = None
+        self._by_target: Mapping[str, Sequence[PathStatus]] | None = None
+        self._witnesses: dict[str, list[PathStatus]] = {}
+        self._keys: dict[str, _Key] = {}
+        self._down: set[str] = set()  # targets with a path down at the last refresh: rebuilt every time
+        self.views: dict[str, list[PathView]] = {}
+        self.own: dict[str, TargetState] = {}
+        self.failing: set[str] = set()  # targets with a witness path in a failing streak
+        self.rebuilt = 0  # targets rebuilt by the last refresh (for tests and benchmarks)
+
+    def _reset(self, topology: Topology, by_target: Mapping[str, Sequence[PathStatus]]) -> None:
+        self._topology, self._by_target = topology, by_target
+        self._witnesses = {}
+        for target, statuses in by_target.items():
+            witnesses = [s for s in statuses if not s.path.is_bmc]
+            if witnesses:
+                self._witnesses[target] = witnesses
+        self._keys, self._down = {}, set()
+        self.views = {}
+        self.own = dict.fromkeys(topology.nodes, TargetState.UNKNOWN)
+
+    def refresh(self, topology: Topology, by_target: Mapping[str, Sequence[PathStatus]]) -> None:
+        """Bring the views up to date. ``by_target`` is the monitor's paths by target; a new one
+        (or a new topology) means a reload: everything is rebuilt."""
+        if topology is not self._topology or by_target is not self._by_target:
+            self._reset(topology, by_target)
+        nodes = topology.nodes
+        keys, down_before = self._keys, self._down
+        down: set[str] = set()
+        failing: set[str] = set()
+        rebuilt = 0
+        for target, statuses in self._witnesses.items():
+            key: list[object] = []
+            is_down = is_failing = False
+            for s in statuses:  # one loop per target: this runs for every path on every pass
+                state = s.state
+                key += (s.path, state, s.failing_since, s.changed_at)
+                is_down = is_down or state is DOWN
+                is_failing = is_failing or s.failures > 0
+            if target in down_before or keys.get(target) != key:
+                keys[target] = key
+                views = [path_view(s) for s in statuses]
+                self.views[target] = views
+                node = nodes.get(target)
+                if node is not None:
+                    self.own[target] = own_state(views, node.confirm_paths)
+                rebuilt += 1
+            if is_down:
+                down.add(target)
+            if is_failing:
+                failing.add(target)
+        self._down, self.failing, self.rebuilt = down, failing, rebuilt

@@ -518,3 +518,30 @@ def test_vms_dark_behind_their_hypervisors_dead_production_link_are_its_incident
     assert corr.own["pve1"] is TargetState.DEGRADED
     assert [(v.root, v.cause) for v in corr.verdicts] == [("pve1", Cause.LINK_DOWN)]
     assert "dc1" in corr.verdicts[0].affected
+
+
+def _lossy_site(now: float, nas_last_ok: float, switch_lost_at: float | None, bmc: BmcFacts | None = None):
+    """nas down since t=100 (it last answered at ``nas_last_ok``); the switch up, its last lost
+    probe at ``switch_lost_at``."""
+    view = {name: paths(UP, name=name) for name in SITE.nodes}
+    view["nas"] = [
+        replace(p, since=100.0, last_ok=nas_last_ok, last_failure=now) for p in paths(DOWN, name="nas")
+    ]
+    view["sw"] = [replace(p, last_ok=now, last_failure=switch_lost_at) for p in paths(UP, name="sw")]
+    facts = {"nas": bmc} if bmc is not None else {}
+    return correlate(SITE, view, facts, [PathView("gw", "icmp", "icmp gw", UP)], now=now)
+
+
+def test_a_target_failing_while_its_switch_loses_packets_is_that_loss_not_its_own_outage() -> None:
+    # The switch lost a probe while the NAS failed, and the NAS answered a moment ago: the loss
+    # shows through the NAS, no page for it (the sequence: a switch at 60 % loss for 7 s).
+    c = _lossy_site(now=105.0, nas_last_ok=103.0, switch_lost_at=104.0)
+    assert c.verdicts == () and c.states["nas"] is TargetState.DOWN
+    # a switch that lost nothing since the NAS began failing explains nothing
+    assert only(_lossy_site(now=105.0, nas_last_ok=103.0, switch_lost_at=60.0).verdicts).root == "nas"
+    # dark on every path for LOSSY_DARK behind a lossy switch: dead behind it
+    assert only(_lossy_site(now=140.0, nas_last_ok=100.0, switch_lost_at=139.0).verdicts).root == "nas"
+    # the BMC proves its own outage: at once
+    off = BmcFacts(reachable=True, power_on=False)
+    v = only(_lossy_site(now=105.0, nas_last_ok=103.0, switch_lost_at=104.0, bmc=off).verdicts)
+    assert (v.root, v.cause) == ("nas", None)  # no has_bmc on the demo NAS node: no cause read

@@ -70,20 +70,23 @@ def result(rng: random.Random, ok: bool, bmc: bool) -> ProbeResult:
     return ProbeResult(False, None, Failure.TIMEOUT, f"no reply {rng.randrange(3)}", bmc=reading)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_cached_pass_equals_a_pass_from_scratch(seed: int) -> None:
     rng = random.Random(seed)
-    monitor = Monitor(parse_config(SITE, Path(".")))
+    # Half the seeds with fail_after 3: failing streaks that last without a change of state, in
+    # which only a path's last failure moves (what the lossy-upstream rule reads).
+    monitor = Monitor(parse_config({**SITE, "defaults": {"fail_after": 2 + seed % 2}}, Path(".")))
     statuses = list(monitor.statuses.values())
-    broken: set[str] = set()  # targets failing in this stretch
+    names = sorted({s.path.target for s in statuses})
+    loss: dict[str, float] = {}  # target -> share of its probes failing in this stretch
     now = 0.0
     for step in range(400):
         now += rng.choice((0.05, 0.5, 1.0, 3.0, 11.0))
-        if rng.random() < 0.08:  # an outage begins or ends somewhere
-            target = rng.choice(sorted({s.path.target for s in statuses}))
-            broken ^= {target}
+        if rng.random() < 0.08:  # an outage, or a loss, begins or ends somewhere
+            target = rng.choice(names)
+            loss[target] = 0.0 if loss.get(target) else rng.choice((0.3, 0.9))
         for status in rng.sample(statuses, k=rng.randrange(1, len(statuses))):
-            ok = status.path.target not in broken or rng.random() < 0.1
+            ok = rng.random() >= loss.get(status.path.target, 0.0)
             monitor.record(status, result(rng, ok, status.path.is_bmc), now)
         if rng.random() < 0.05:  # what _settle_dependents and _fresh_look do, behind record's back
             status = rng.choice(statuses)
@@ -128,3 +131,26 @@ def test_a_healthy_pass_rebuilds_nothing_and_a_failing_target_is_rebuilt_until_i
     monitor.evaluate(12.0)
     monitor.evaluate(17.0)
     assert monitor._views.rebuilt == 0
+
+
+def test_a_failing_streak_that_goes_on_is_seen_by_the_lossy_upstream_rule() -> None:
+    """A switch path failing again without changing state (fail_after 3) moves only its last
+    failure: the NAS behind it, going down now, is that loss, not an outage of its own."""
+    monitor = Monitor(parse_config({**SITE, "defaults": {"fail_after": 3}}, Path(".")))
+    ok = ProbeResult(True, 0.001, None, "rtt 0.40 ms")
+    fail = ProbeResult.fail(Failure.TIMEOUT, "no echo reply")
+    for t in (1.0, 2.0, 3.0):
+        for status in monitor.statuses.values():
+            monitor.record(status, ok, t)
+    monitor.evaluate(3.0)
+    switch_ping = monitor.target_paths("sw1")[0]
+    monitor.record(switch_ping, fail, 4.0)
+    monitor.evaluate(4.0)
+    monitor.record(switch_ping, fail, 20.0)  # the same streak, still up: only last_failure moved
+    monitor.evaluate(20.0)
+    for t in (25.0, 26.0, 27.0):
+        for status in monitor.target_paths("nas"):
+            monitor.record(status, fail, t)
+    corr = monitor._correlate(27.0)
+    assert corr == from_scratch(monitor, 27.0)
+    assert corr.own["nas"].value == "down" and not [v for v in corr.verdicts if v.root == "nas"]

@@ -91,6 +91,7 @@ class PathView:
     changed_at: float | None = None  # its last change of state
     last_ok: float | None = None  # its last success
     critical: bool = False  # `critical: true`: down alone takes the target down
+    last_failure: float | None = None  # its last failed probe, whatever its state
 
 
 # One host dark on a network waits this long after that network last moved (a path of another
@@ -338,6 +339,44 @@ def _parent_going_dark(
     return False
 
 
+# A target failing while something it needs loses packets too (a switch at 30 % loss, a NAS whose
+# iSCSI stalls) is that loss showing, not an outage of its own: the upstream lost a probe this long
+# before the target began failing, or since ...
+LOSS_LOOKBACK = 10.0
+# ... unless the target has not answered at all for this long: a loss lets some probes through,
+# so a host dark on every path this long behind a lossy switch is dead behind it.
+LOSSY_DARK = 30.0
+
+
+def lossy_upstream(
+    topology: Topology,
+    paths: Mapping[str, Sequence[PathView]],
+    own: Mapping[str, TargetState],
+    name: str,
+    facts: BmcFacts | None,
+    now: float,
+) -> str | None:
+    """What ``name`` depends on that has been losing probes while ``name`` fails (not down itself:
+    a dead upstream is the ``unreachable`` rule), when that loss may be all ``name`` shows; None
+    when ``name`` is broken on its own account (its BMC proves it, or it stays dark)."""
+    if facts is not None and facts.reachable and (facts.power_on is False or facts.critical_events):
+        return None  # chassis off, a PSU entry: its own outage, whatever the switch does
+    views = [p for p in paths.get(name, ()) if not p.by_bmc]
+    onset = min((p.since for p in views if p.state is PathState.DOWN and p.since is not None), default=None)
+    answered = max((p.last_ok for p in views if p.last_ok is not None), default=None)
+    if onset is None or answered is None or now - answered >= LOSSY_DARK:
+        return None
+    for up in topology.upstream(name):
+        if own.get(up) is TargetState.DOWN:
+            continue
+        if any(
+            not p.by_bmc and p.last_failure is not None and p.last_failure >= onset - LOSS_LOOKBACK
+            for p in paths.get(up, ())
+        ):
+            return up
+    return None
+
+
 def _labels(topology: Topology) -> dict[str, str]:
     return {name: net.label or name for name, net in topology.networks.items()}
 
@@ -496,6 +535,8 @@ def correlate(
         down_paths = [p for p in root_paths if p.state is PathState.DOWN]
         if _parent_going_dark(topology, paths, node.parents, down_paths, now):
             continue  # its hypervisor or switch is going dark on the same network: wait for it
+        if lossy_upstream(topology, paths, own, root, facts, now) is not None:
+            continue  # what it needs is losing packets too: that loss, not an outage of its own (yet)
         evidence = [f"{p.name}: {p.detail}" for p in down_paths]
         cause = bmc_cause(facts) if node.has_bmc else None
         os_up = os_answering(root_paths)

@@ -6,7 +6,8 @@ target costs ~40 ms of the loop's CPU (``bench/render_parts.py``), every 5 s and
 while a healthy site changes nothing that correlation reads. A view is rebuilt when what
 correlation reads of it can differ from the cached one:
 
-- its path (a reload), state, failing streak start or last change of state differ; or
+- its path (a reload), state, failing streak start, last change of state or last failed probe
+  differ (a failure is rare on a healthy site, so a lossy path costs a rebuild of one target); or
 - its target has a path down: only then does correlation read a path's ``last_ok`` (is the OS
   answering *since the outage began*, :func:`correlate.os_answering`) and its ``detail`` (the
   evidence of a down path), which change with every probe. Such targets are rebuilt on every pass,
@@ -40,11 +41,12 @@ def path_view(status: PathStatus) -> PathView:
         changed_at=status.changed_at,
         last_ok=status.last_ok,
         critical=p.spec.critical,
+        last_failure=status.last_failure,
     )
 
 
 DOWN = PathState.DOWN
-_Key = list[object]  # per witness path: path, state, failing_since, changed_at
+_Key = list[object]  # per witness path: path, state, failing_since, changed_at, last_failure
 
 
 class ViewCache:
@@ -89,7 +91,7 @@ class ViewCache:
             is_down = is_failing = False
             for s in statuses:  # one loop per target: this runs for every path on every pass
                 state = s.state
-                key += (s.path, state, s.failing_since, s.changed_at)
+                key += (s.path, state, s.failing_since, s.changed_at, s.last_failure)
                 is_down = is_down or state is DOWN
                 is_failing = is_failing or s.failures > 0
             if target in down_before or keys.get(target) != key:

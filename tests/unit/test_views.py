@@ -75,18 +75,24 @@ def test_cached_pass_equals_a_pass_from_scratch(seed: int) -> None:
     rng = random.Random(seed)
     # Half the seeds with fail_after 3: failing streaks that last without a change of state, in
     # which only a path's last failure moves (what the lossy-upstream rule reads).
-    monitor = Monitor(parse_config({**SITE, "defaults": {"fail_after": 2 + seed % 2}}, Path(".")))
+    # and half without `networks:` (networks inferred from the addresses' prefixes)
+    site = {k: v for k, v in SITE.items() if k != "networks" or seed % 4 < 2}
+    monitor = Monitor(parse_config({**site, "defaults": {"fail_after": 2 + seed % 2}}, Path(".")))
     statuses = list(monitor.statuses.values())
     names = sorted({s.path.target for s in statuses})
     loss: dict[str, float] = {}  # target -> share of its probes failing in this stretch
     now = 0.0
+    outages, prod_dark = 0, False
     for step in range(400):
         now += rng.choice((0.05, 0.5, 1.0, 3.0, 11.0))
         if rng.random() < 0.08:  # an outage, or a loss, begins or ends somewhere
             target = rng.choice(names)
             loss[target] = 0.0 if loss.get(target) else rng.choice((0.3, 0.9))
+        if rng.random() < 0.03:  # the production network goes dark, or comes back
+            prod_dark = not prod_dark
         for status in rng.sample(statuses, k=rng.randrange(1, len(statuses))):
             ok = rng.random() >= loss.get(status.path.target, 0.0)
+            ok = ok and not (prod_dark and status.path.host.startswith("10.0.0."))
             monitor.record(status, result(rng, ok, status.path.is_bmc), now)
         if rng.random() < 0.05:  # what _settle_dependents and _fresh_look do, behind record's back
             status = rng.choice(statuses)
@@ -96,7 +102,9 @@ def test_cached_pass_equals_a_pass_from_scratch(seed: int) -> None:
         got = monitor._correlate(now)
         want = from_scratch(monitor, now)
         assert got == want, f"seed {seed} step {step} at {now}"
+        outages += any(v.scope == "network" for v in got.verdicts)
         assert monitor._views.failing == {s.path.target for s in statuses if s.failures and not s.path.is_bmc}
+    assert outages, "the sequence never grouped a network outage: it tests too little"
 
 
 def test_a_healthy_pass_rebuilds_nothing_and_a_failing_target_is_rebuilt_until_it_recovers() -> None:

@@ -260,15 +260,27 @@ def network_outages(
     paths: Mapping[str, Sequence[PathView]],
     own: Mapping[str, TargetState],
     bmc: Mapping[str, BmcFacts] | None = None,
+    by_network: Mapping[str, Mapping[str, Sequence[PathView]]] | None = None,
 ) -> tuple[NetworkOutage, ...]:
     """Networks whose every target is dark on them (at least two) while at least one of those
     still answers on another network. A network with one target up on it is not down; a host
-    whose BMC says its chassis is off is dark for its own reason, not the network's."""
+    whose BMC says its chassis is off is dark for its own reason, not the network's.
+    ``by_network``, when given, is ``paths`` grouped as :func:`_paths_by_network` groups them
+    (a caller that keeps the grouping between passes, see ``engine.views``)."""
     off = {t for t, f in (bmc or {}).items() if f.reachable and (f.power_on is False or f.critical_events)}
     outages: list[NetworkOutage] = []
-    if not any(p.state is PathState.DOWN for views in paths.values() for p in views):
+    # Only a network with a path down on it can be dark: at 10,000 paths, looking at every
+    # network's every path on each pass was most of a pass with one host down.
+    candidates = {
+        network_key(topology, p) for views in paths.values() for p in views if p.state is PathState.DOWN
+    }
+    if not candidates:
         return ()  # the healthy pass, most of them: nothing to group
-    for key, members in _paths_by_network(topology, paths).items():
+    if by_network is None:
+        by_network = _paths_by_network(topology, paths)
+    for key, members in by_network.items():
+        if key not in candidates:
+            continue  # no member dark on it (dark is every path down), so no outage
         dark = [t for t, ps in members.items() if t not in off and all(_dark(p) for p in ps)]
         if len(dark) < 2 or any(any(p.state is PathState.UP for p in ps) for ps in members.values()):
             continue
@@ -388,11 +400,12 @@ def correlate(
     vantage: Sequence[PathView],
     now: float,
     own: Mapping[str, TargetState] | None = None,
+    by_network: Mapping[str, Mapping[str, Sequence[PathView]]] | None = None,
 ) -> Correlation:
     """The site's target states and one verdict per independent outage. ``now`` bounds how long
     a host dark on a moving network waits (:data:`SETTLE`). ``own``, when given, is every
     node's :func:`own_state` of ``paths`` already (a caller that keeps them between passes, see
-    ``engine.views``); it is copied, never kept."""
+    ``engine.views``); it is copied, never kept. ``by_network`` likewise (:func:`network_outages`)."""
     if own is None:
         nodes = topology.nodes
         own = {name: own_state(paths.get(name, ()), node.confirm_paths) for name, node in nodes.items()}
@@ -412,7 +425,7 @@ def correlate(
     states: dict[str, TargetState] = dict(own)
     # Network outages first: what they explain is no target's own failure.
     outages: dict[str, NetworkOutage] = {}
-    for outage in network_outages(topology, paths, own, bmc):
+    for outage in network_outages(topology, paths, own, bmc, by_network):
         outages.setdefault(outage.root, outage)  # two prefixes behind one switch: one verdict
     dark_on: dict[str | None, str] = {o.network: o.root for o in outages.values()}
     explained: dict[str, str] = {}  # target -> outage root

@@ -406,7 +406,15 @@ class Monitor:
         views = self._views
         views.refresh(self.topology, self._by_target)
         facts = {name: bmc.facts(now) for name, bmc in self.bmc.items() if bmc.last_at is not None}
-        return correlate(self.topology, views.views, facts, views.views.get(VANTAGE, []), now, own=views.own)
+        return correlate(
+            self.topology,
+            views.views,
+            facts,
+            views.views.get(VANTAGE, []),
+            now,
+            own=views.own,
+            by_network=views.by_network,
+        )
 
     def _suspect(self, target: str, corr: Correlation, now: float) -> bool:
         """``target`` may be failing right now but is not confirmed down: a path is failing and not

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from watchtower.engine.correlate import PathView, TargetState, own_state
+from watchtower.engine.correlate import PathView, TargetState, network_key, own_state
 from watchtower.engine.paths import PathState, PathStatus
 from watchtower.engine.topology import Topology
 
@@ -62,6 +62,10 @@ class ViewCache:
         self._down: set[str] = set()  # targets with a path down at the last refresh: rebuilt every time
         self.views: dict[str, list[PathView]] = {}
         self.own: dict[str, TargetState] = {}
+        # the views grouped by network then target, in config order (correlate.network_outages);
+        # which network a path crosses changes only with a reload
+        self.by_network: dict[str, dict[str, list[PathView]]] = {}
+        self._networks: dict[str, list[str | None]] = {}  # target -> each witness path's network
         self.failing: set[str] = set()  # targets with a witness path in a failing streak
         self.rebuilt = 0  # targets rebuilt by the last refresh (for tests and benchmarks)
 
@@ -75,11 +79,13 @@ class ViewCache:
         self._keys, self._down = {}, set()
         self.views = {}
         self.own = dict.fromkeys(topology.nodes, TargetState.UNKNOWN)
+        self.by_network, self._networks = {}, {}
 
     def refresh(self, topology: Topology, by_target: Mapping[str, Sequence[PathStatus]]) -> None:
         """Bring the views up to date. ``by_target`` is the monitor's paths by target; a new one
         (or a new topology) means a reload: everything is rebuilt."""
-        if topology is not self._topology or by_target is not self._by_target:
+        fresh = topology is not self._topology or by_target is not self._by_target
+        if fresh:
             self._reset(topology, by_target)
         nodes = topology.nodes
         keys, down_before = self._keys, self._down
@@ -101,9 +107,32 @@ class ViewCache:
                 node = nodes.get(target)
                 if node is not None:
                     self.own[target] = own_state(views, node.confirm_paths)
+                    if not fresh:
+                        self._regroup(target, views)
                 rebuilt += 1
             if is_down:
                 down.add(target)
             if is_failing:
                 failing.add(target)
         self._down, self.failing, self.rebuilt = down, failing, rebuilt
+        if fresh:
+            self._group(topology)
+
+    def _group(self, topology: Topology) -> None:
+        """Group every view by network, as correlate._paths_by_network does (the same order)."""
+        by_network: dict[str, dict[str, list[PathView]]] = {}
+        for target in topology.nodes:  # config order
+            views = self.views.get(target, [])
+            self._networks[target] = nets = [network_key(topology, p) for p in views]
+            for p, key in zip(views, nets, strict=True):
+                if key is not None:
+                    by_network.setdefault(key, {}).setdefault(target, []).append(p)
+        self.by_network = by_network
+
+    def _regroup(self, target: str, views: list[PathView]) -> None:
+        """``target``'s views were rebuilt: put the new ones in its places (same networks, same
+        order, so the grouping stays what a grouping from scratch would be)."""
+        nets = self._networks[target]
+        for key in dict.fromkeys(nets):
+            if key is not None:
+                self.by_network[key][target] = [p for p, k in zip(views, nets, strict=True) if k == key]

@@ -545,3 +545,16 @@ def test_a_target_failing_while_its_switch_loses_packets_is_that_loss_not_its_ow
     off = BmcFacts(reachable=True, power_on=False)
     v = only(_lossy_site(now=105.0, nas_last_ok=103.0, switch_lost_at=104.0, bmc=off).verdicts)
     assert (v.root, v.cause) == ("nas", None)  # no has_bmc on the demo NAS node: no cause read
+
+
+def test_a_target_answering_again_on_every_path_it_was_down_on_gets_no_verdict() -> None:
+    # Down on both paths, both answered on their last probe (recover_after not met yet): it is
+    # coming back; a page now would arrive after it answers (a 30 % loss let it through again).
+    view = {name: paths(UP, name=name) for name in SITE.nodes}
+    back = [replace(p, last_ok=12.0, last_failure=11.0) for p in paths(DOWN, name="nas")]
+    view["nas"] = back
+    gw = [PathView("gw", "icmp", "icmp gw", UP)]
+    c = correlate(SITE, view, {}, gw, now=12.5)
+    assert c.verdicts == () and c.states["nas"] is TargetState.DOWN
+    view["nas"] = [back[0], replace(back[1], last_failure=12.2)]  # one of them failed again
+    assert only(correlate(SITE, view, {}, gw, now=12.5).verdicts).root == "nas"

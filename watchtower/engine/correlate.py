@@ -255,6 +255,11 @@ def _dark(p: PathView) -> bool:
     return p.state is PathState.DOWN and p.since is not None
 
 
+def _answering_again(p: PathView) -> bool:
+    """A down path whose last probe answered (it needs ``recover_after`` to be up again)."""
+    return p.last_ok is not None and (p.last_failure is None or p.last_ok > p.last_failure)
+
+
 def network_outages(
     topology: Topology,
     paths: Mapping[str, Sequence[PathView]],
@@ -366,13 +371,22 @@ def lossy_upstream(
     answered = max((p.last_ok for p in views if p.last_ok is not None), default=None)
     if onset is None or answered is None or now - answered >= LOSSY_DARK:
         return None
+
+    def lost(target: str) -> bool:
+        return any(
+            not p.by_bmc and p.last_failure is not None and p.last_failure >= onset - LOSS_LOOKBACK
+            for p in paths.get(target, ())
+        )
+
     for up in topology.upstream(name):
         if own.get(up) is TargetState.DOWN:
             continue
-        if any(
-            not p.by_bmc and p.last_failure is not None and p.last_failure >= onset - LOSS_LOOKBACK
-            for p in paths.get(up, ())
-        ):
+        if lost(up):
+            return up
+        # A loss on the way shows on the neighbours too: two others behind it (still answering,
+        # not down for their own reasons) losing probes while it fails.
+        neighbours = (t for t in topology.dependents(up) if t != name and own.get(t) is not TargetState.DOWN)
+        if sum(1 for t in neighbours if lost(t)) >= 2:
             return up
     return None
 
@@ -528,6 +542,8 @@ def correlate(
         down_paths = [p for p in root_paths if p.state is PathState.DOWN]
         if _parent_going_dark(topology, paths, node.parents, down_paths, now):
             continue  # its hypervisor or switch is going dark on the same network: wait for it
+        if down_paths and all(_answering_again(p) for p in down_paths):
+            continue  # every path it was down on answers again: coming back, not news to page
         if lossy_upstream(topology, paths, own, root, facts, now) is not None:
             continue  # what it needs is losing packets too: that loss, not an outage of its own (yet)
         evidence = [f"{p.name}: {p.detail}" for p in down_paths]

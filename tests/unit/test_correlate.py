@@ -558,3 +558,16 @@ def test_a_target_answering_again_on_every_path_it_was_down_on_gets_no_verdict()
     assert c.verdicts == () and c.states["nas"] is TargetState.DOWN
     view["nas"] = [back[0], replace(back[1], last_failure=12.2)]  # one of them failed again
     assert only(correlate(SITE, view, {}, gw, now=12.5).verdicts).root == "nas"
+
+
+def test_one_host_alive_elsewhere_beside_others_dead_everywhere_is_no_network_outage() -> None:
+    # The sequence (simulator, demo seed 93): pve2 hung (dark everywhere), pve1 just powered back
+    # on, its web UI up, its mgmt NIC not yet: the management network looks all dark with one
+    # host alive elsewhere. That is not the network: pve2 is its own outage, pve1's mgmt link is
+    # its own (a link_down verdict once the network stops moving).
+    view = pview({"pve1": {"mgmt"}, "pve2": {"prod", "mgmt"}})
+    for only_prod in ("sw", "nas"):  # only the hypervisors on the management network
+        view[only_prod] = [p for p in view[only_prod] if p.network != "mgmt"]
+    c = correlate(PSITE, view, {"pve2": ON}, [], now=10.0)
+    assert all(v.scope is not Scope.NETWORK for v in c.verdicts), c.verdicts
+    assert {(v.root, v.cause) for v in c.verdicts} >= {("pve2", Cause.OS_UNRESPONSIVE)}

@@ -266,8 +266,8 @@ def network_outages(
     own: Mapping[str, TargetState],
     bmc: Mapping[str, BmcFacts] | None = None,
 ) -> tuple[NetworkOutage, ...]:
-    """Networks whose every target is dark on them (at least two) while at least one of those
-    still answers on another network. A network with one target up on it is not down; a host
+    """Networks whose every target is dark on them (at least two) while at least two of those
+    still answer on another network. A network with one target up on it is not down; a host
     whose BMC says its chassis is off is dark for its own reason, not the network's."""
     off = {t for t, f in (bmc or {}).items() if f.reachable and (f.power_on is False or f.critical_events)}
     outages: list[NetworkOutage] = []
@@ -278,8 +278,11 @@ def network_outages(
         if len(dark) < 2 or any(any(p.state is PathState.UP for p in ps) for ps in members.values()):
             continue
         alive = {t: nets for t in dark if (nets := _alive_on(topology, paths.get(t, ()), {key}))}
-        if not alive:
-            continue  # nothing answers anywhere: the targets (or their switch) are down, not a network
+        if len(alive) < 2:
+            # Nothing answers anywhere: the targets (or their switch) are down, not a network. One
+            # answering elsewhere beside others dead everywhere (a host hung, another booting):
+            # that one's link, judged on its own, and the others' own outages.
+            continue
         since = min((p.since for t in dark for p in members[t] if p.since is not None), default=None)
         net = topology.networks.get(key)
         if net is not None:

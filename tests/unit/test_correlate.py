@@ -571,3 +571,13 @@ def test_one_host_alive_elsewhere_beside_others_dead_everywhere_is_no_network_ou
     c = correlate(PSITE, view, {"pve2": ON}, [], now=10.0)
     assert all(v.scope is not Scope.NETWORK for v in c.verdicts), c.verdicts
     assert {(v.root, v.cause) for v in c.verdicts} >= {("pve2", Cause.OS_UNRESPONSIVE)}
+
+
+def test_a_network_outage_begins_when_the_hosts_that_prove_it_went_dark() -> None:
+    # nas hung at t=1 (dark everywhere), the production network died at t=5: the network's
+    # outage began at 5. Dated from the hung host, it would swallow the NAS's own older incident
+    # (simulator, demo seed 136: the VM's incident merged into the switch's, no all-clear for it).
+    view = pview({**EVERYTHING_PROD, "nas": {"prod", "mgmt"}})
+    view["nas"] = [replace(p, since=1.0) for p in view["nas"]]
+    v = next(v for v in correlate(PSITE, view, {}, [], now=10.0).verdicts if v.scope is Scope.NETWORK)
+    assert (v.root, v.since) == ("sw", 5.0)

@@ -283,7 +283,10 @@ def network_outages(
             # answering elsewhere beside others dead everywhere (a host hung, another booting):
             # that one's link, judged on its own, and the others' own outages.
             continue
-        since = min((p.since for t in dark for p in members[t] if p.since is not None), default=None)
+        # Its onset is when the hosts that prove it (alive elsewhere) went dark on it: a host dark
+        # there for an hour for its own reasons (hung) did not start this outage.
+        witnesses = [t for t in dark if t in alive or topology.nodes[t].role == "network"]
+        since = min((p.since for t in witnesses for p in members[t] if p.since is not None), default=None)
         net = topology.networks.get(key)
         if net is not None:
             root = net.via[0] if net.via else key

@@ -137,6 +137,23 @@ def _behind_recovery(world: World, o: Outage) -> bool:
     )
 
 
+def _visible(world: World, o: Outage) -> float:
+    """How long the outage showed as its own: while something above its target is down or not
+    forwarding, its silence there looks like that outage (a link that died behind a switch that
+    died next is found only where the switch does not hide it)."""
+    seen = 0.0
+    at = o.start
+    while at < o.end:
+        truth = world.truth(at)
+        hidden = any(
+            truth.hosts[up].hard(at) is not None or at < truth.hosts[up].forward_from
+            for up in world.site.upstream[o.target]
+        )
+        seen += 0.0 if hidden else RESOLUTION
+        at += RESOLUTION
+    return seen
+
+
 def _cause_ok(world: World, m: SentMessage) -> bool:
     """The page's cause holds for some moment of the window in which its root was broken."""
     if m.cause is None:
@@ -262,9 +279,12 @@ def score(config: Config, world: World, rec: Recording) -> Score:
     for o in found:
         if o.soft or o.length < confirm_time(config, o.target) + (LOSSY_DARK if o.behind_loss else 0.0):
             continue
-        if o.length < RECOVERY_GRACE + confirm_time(config, o.target) and _behind_recovery(world, o):
+        if o.length < RECOVERY_GRACE + confirm_time(config, o.target) and (
+            _behind_recovery(world, o) or _visible(world, o) < confirm_time(config, o.target)
+        ):
             # It showed only when what it depends on came back: from outside, indistinguishable from
             # a VM still booting after its host, so it is claimed by that restore for the grace.
+            # Or it showed for less than the confirmation time between outages above it.
             s.behind_recovery += 1
             continue
         s.must_page += 1
@@ -340,7 +360,10 @@ class Totals:
             ("runs with any failure", str(len(self.failing))),
             ("outages (ground truth)", str(self.outages)),
             ("outages longer than confirmation", str(self.must_page)),
-            ("  (not counted: shown only by a restore, shorter than its grace)", str(self.behind_recovery)),
+            (
+                "  (not counted: shown only by a restore, or between upstream outages)",
+                str(self.behind_recovery),
+            ),  # noqa: E501
             ("  paged", str(self.paged)),
             ("  missed", str(self.missed)),
             ("pages sent (page + failed again, per channel)", str(self.pages)),

@@ -363,7 +363,7 @@ class Totals:
             (
                 "  (not counted: shown only by a restore, or between upstream outages)",
                 str(self.behind_recovery),
-            ),  # noqa: E501
+            ),
             ("  paged", str(self.paged)),
             ("  missed", str(self.missed)),
             ("pages sent (page + failed again, per channel)", str(self.pages)),

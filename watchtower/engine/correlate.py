@@ -384,14 +384,24 @@ def lossy_upstream(
             for p in paths.get(target, ())
         )
 
-    for up in topology.upstream(name):
-        if own.get(up) is TargetState.DOWN:
+    # What carries it: its parents (and storage), and the devices of the networks it is down on
+    # (a host on two networks has no single parent switch; each path has its network's).
+    carriers: dict[str, Sequence[str]] = {up: topology.dependents(up) for up in topology.upstream(name)}
+    for net in {p.network for p in views if p.state is PathState.DOWN and p.network is not None}:
+        info = topology.networks.get(net)
+        if info is None:
+            continue
+        on_it = [t for t, ps in paths.items() if any(p.network == net and not p.by_bmc for p in ps)]
+        for device in info.via:
+            carriers.setdefault(device, on_it)
+    for up, behind in carriers.items():
+        if own.get(up) is TargetState.DOWN or up == name:
             continue
         if lost(up):
             return up
         # A loss on the way shows on the neighbours too: two others behind it (still answering,
         # not down for their own reasons) losing probes while it fails.
-        neighbours = (t for t in topology.dependents(up) if t != name and own.get(t) is not TargetState.DOWN)
+        neighbours = (t for t in behind if t not in (name, up) and own.get(t) is not TargetState.DOWN)
         if sum(1 for t in neighbours if lost(t)) >= 2:
             return up
     return None

@@ -185,3 +185,21 @@ def test_power_back_on_while_booting_keeps_the_cause() -> None:
     t2 = IncidentTracker()
     t2.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(True, power_on=True)}), 0.0)
     assert t2.open_incidents()[0].cause == "os_unresponsive"
+
+
+def test_a_target_back_before_its_root_failed_again_comes_back_with_the_new_restore() -> None:
+    # The sequence (simulator, partition seed 41): the NAS hangs again and again; dc1 came back
+    # after one of its restores, then the NAS hung once more and dc1 boots behind it again. That
+    # is still the NAS's restore, not an outage of dc1's own to page for.
+    t = IncidentTracker()
+    t.step(corr(down=["nas", "dc1", "mail1"], since=5.0), 10.0, SITE)
+    (inc,) = t.open_incidents()
+    t.step(corr(down=["dc1", "mail1"]), 20.0, SITE)  # the NAS answers, the VMs still boot
+    t.step(corr(down=["mail1"]), 30.0, SITE)  # dc1 is back
+    assert "dc1" in t.incidents[inc.id].back
+    t.step(corr(down=["nas", "mail1"], since=35.0), 40.0, SITE)  # the NAS hangs again
+    # and answers again; dc1 failed behind it, its evidence is stale (re-probed: unknown)
+    t.step(corr(down=["mail1"], unknown=["dc1"]), 50.0, SITE)
+    changes = t.step(corr(down=["dc1", "mail1"], since=52.0), 55.0, SITE)  # dc1 boots behind it
+    assert [i.id for i in t.open_incidents()] == [inc.id]
+    assert "opened" not in {c.kind for c in changes}

@@ -283,10 +283,12 @@ class IncidentTracker:
                 continue
             behind = topology.dependents(incident.root) if topology is not None else ()
             seen_up = self._seen_up.setdefault(incident.id, set())
-            seen_up.update(t for t in behind if corr.states.get(t) is TargetState.UP)
+            # Seen up while the root is back: done with this restore, failing again is its own.
+            # (Up while the root was still down, before it failed once more, does not count: it
+            # comes back with this restore; ``back`` is the log of the restores.)
+            seen_up.update(t for t in (*incident.affected, *behind) if corr.states.get(t) is TargetState.UP)
             for target in (*incident.affected, *behind):
-                # One that has come back since is done with this restore: failing again is its own.
-                if target not in incident.back and target not in seen_up:
+                if target not in seen_up:
                     out.setdefault(target, incident.id)
         return out
 

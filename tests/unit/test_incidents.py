@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from watchtower.engine.correlate import BmcFacts, PathView, TargetState, correlate
-from watchtower.engine.incidents import PARTIAL_GRACE, RECOVERY_GRACE, IncidentState, IncidentTracker
+from watchtower.engine.incidents import (
+    PARTIAL_GRACE,
+    RECOVERY_GRACE,
+    RESTORE_SETTLE,
+    IncidentState,
+    IncidentTracker,
+)
 from watchtower.engine.paths import PathState
 from watchtower.engine.topology import Node, Topology
 
@@ -203,3 +209,20 @@ def test_a_target_back_before_its_root_failed_again_comes_back_with_the_new_rest
     changes = t.step(corr(down=["dc1", "mail1"], since=52.0), 55.0, SITE)  # dc1 boots behind it
     assert [i.id for i in t.open_incidents()] == [inc.id]
     assert "opened" not in {c.kind for c in changes}
+
+
+def test_a_target_up_for_a_moment_as_its_root_returns_still_comes_back_with_it() -> None:
+    # (simulator, partition seed 152) dc1 answers in the pass the NAS returns, then reboots onto
+    # its storage: part of the NAS's restore. Up for RESTORE_SETTLE, it is done with it: failing
+    # again later is its own outage.
+    t = IncidentTracker()
+    t.step(corr(down=["nas", "mail1"], since=5.0), 10.0, SITE)
+    (inc,) = t.open_incidents()
+    t.step(corr(down=["mail1"]), 20.0, SITE)  # the NAS is back, dc1 answers
+    changes = t.step(corr(down=["dc1", "mail1"], since=21.0), 22.0, SITE)  # dc1 reboots
+    assert [i.id for i in t.open_incidents()] == [inc.id] and "opened" not in {c.kind for c in changes}
+    t.step(corr(down=["mail1"]), 40.0, SITE)  # dc1 back
+    t.step(corr(down=["mail1"]), 40.0 + RESTORE_SETTLE, SITE)
+    changes = t.step(corr(down=["dc1", "mail1"], since=55.0), 56.0, SITE)  # dc1 fails on its own
+    assert [c.kind for c in changes] == ["opened"]
+    assert {i.root for i in t.open_incidents()} == {"nas", "dc1"}

@@ -63,6 +63,9 @@ ALL_CLEAR_WATCH = 300.0
 # A resolved incident still claims what boots behind its root this long (shorter than the default
 # all-clear hold, so its all-clear has not gone out yet): one VM slower than the rest is the restore.
 RESTORE_TAIL = 45.0
+# What answers again behind a root that is back is done with that restore once it has answered
+# this long: a VM up for a moment as its storage returns may still reboot onto it.
+RESTORE_SETTLE = 10.0
 
 
 class IncidentState(enum.StrEnum):
@@ -144,7 +147,7 @@ class IncidentTracker:
         self._next_id = next_id
         self._holding: dict[str, float] = {}  # verdict root -> since when it is held back
         # incident id -> what behind its root answered again while it was coming back
-        self._seen_up: dict[int, set[str]] = {}
+        self._seen_up: dict[int, dict[str, float]] = {}  # ... and since when (continuously)
         self.waiting = False  # the last step held something back: step again soon
 
     def load(self, incidents: Iterable[Incident], next_id: int) -> None:
@@ -282,13 +285,20 @@ class IncidentTracker:
             if incident.root_back_at is not None and now - incident.root_back_at >= RECOVERY_GRACE:
                 continue
             behind = topology.dependents(incident.root) if topology is not None else ()
-            seen_up = self._seen_up.setdefault(incident.id, set())
-            # Seen up while the root is back: done with this restore, failing again is its own.
-            # (Up while the root was still down, before it failed once more, does not count: it
-            # comes back with this restore; ``back`` is the log of the restores.)
-            seen_up.update(t for t in (*incident.affected, *behind) if corr.states.get(t) is TargetState.UP)
+            # Up for RESTORE_SETTLE while the root is back: done with this restore, failing again
+            # is its own. (Up while the root was still down, before it failed once more, does not
+            # count: it comes back with this restore; ``back`` is the log of the restores. Nor does
+            # up for a moment as the root returns: a VM answers, then reboots onto its storage.)
+            seen_up = self._seen_up.setdefault(incident.id, {})
             for target in (*incident.affected, *behind):
-                if target not in seen_up:
+                up_since = seen_up.get(target)
+                if up_since is not None and now - up_since >= RESTORE_SETTLE:
+                    continue  # done with this restore
+                if corr.states.get(target) is TargetState.UP:
+                    seen_up.setdefault(target, now)
+                else:
+                    seen_up.pop(target, None)
+                    out.setdefault(target, incident.id)
                     out.setdefault(target, incident.id)
         return out
 

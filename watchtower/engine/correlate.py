@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -283,10 +284,14 @@ def network_outages(
             # answering elsewhere beside others dead everywhere (a host hung, another booting):
             # that one's link, judged on its own, and the others' own outages.
             continue
-        # Its onset is when the hosts that prove it (alive elsewhere) went dark on it: a host dark
-        # there for an hour for its own reasons (hung) did not start this outage.
+        # Its onset is when the hosts that prove it (alive elsewhere) went dark on it, as most of
+        # them saw it: a host dark there for an hour for its own reasons (hung, or off and just
+        # back on) did not start this outage.
         witnesses = [t for t in dark if t in alive or topology.nodes[t].role == "network"]
-        since = min((p.since for t in witnesses for p in members[t] if p.since is not None), default=None)
+        onsets = [
+            min(starts) for t in witnesses if (starts := [p.since for p in members[t] if p.since is not None])
+        ]
+        since = statistics.median_low(onsets) if onsets else None
         net = topology.networks.get(key)
         if net is not None:
             root = net.via[0] if net.via else key

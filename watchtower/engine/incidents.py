@@ -51,9 +51,11 @@ PARTIAL_GRACE = 120.0
 # Causes the BMC proves on its own (the chassis is off, a critical SEL entry): such a host is its own
 # outage even while what it depends on is coming back.
 OWN_CAUSES = (Cause.POWER_OFF, Cause.HARDWARE_FAULT)
-# An incident opened this long before a verdict's first failed probe is of the same onset (VMs
-# confirmed a moment before their hypervisor): it is folded into the verdict's incident.
-REROOT_WINDOW = 60.0
+# An incident whose root began failing at most this long before a verdict's first failed probe is
+# of the same onset (VMs confirmed a moment before their hypervisor's next probe): it is folded into
+# the verdict's incident. Longer before, it is an outage of its own (a NAS off for a minute when the
+# network dies too), and stays open with its own all-clear.
+REROOT_WINDOW = 20.0
 # A dependent's verdict waits at least this long for a suspect dependency to be confirmed or cleared
 # (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
 HOLD_MAX = 10.0
@@ -432,7 +434,7 @@ class IncidentTracker:
                 for i in open_target
                 if i.root in verdict.affected
                 and i is not incident
-                and i.opened_at >= onset
+                and (i.first_failure_at if i.first_failure_at is not None else i.opened_at) >= onset
                 and i.flaps == 0
                 and i.cause not in OWN_CAUSES  # the BMC proves it is its own outage
             ),

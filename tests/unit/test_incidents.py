@@ -226,3 +226,20 @@ def test_a_target_up_for_a_moment_as_its_root_returns_still_comes_back_with_it()
     changes = t.step(corr(down=["dc1", "mail1"], since=55.0), 56.0, SITE)  # dc1 fails on its own
     assert [c.kind for c in changes] == ["opened"]
     assert {i.root for i in t.open_incidents()} == {"nas", "dc1"}
+
+
+def test_an_outage_begun_well_before_its_upstreams_is_not_folded_into_it() -> None:
+    # (simulator, demo seed 386) dc1 hung and was paged; 20 s later its switch went down (60 %
+    # loss): two outages, two incidents. Folded into the switch's, dc1 was paged once more when
+    # the switch came back and dc1 was still hung.
+    t = IncidentTracker()
+    t.step(corr(down=["dc1"], since=0.0), 5.0, SITE)
+    (vm,) = t.open_incidents()
+    t.step(corr(down=["sw", "dc1"], since=20.0), 25.0, SITE)
+    assert {i.root for i in t.open_incidents()} == {"dc1", "sw"}
+    assert t.incidents[vm.id].merged_into is None
+    # within the window, the same onset: one incident
+    t2 = IncidentTracker()
+    t2.step(corr(down=["dc1"], since=0.0), 2.0, SITE)
+    t2.step(corr(down=["sw", "dc1"], since=4.0), 6.0, SITE)
+    assert [i.root for i in t2.open_incidents()] == ["sw"]

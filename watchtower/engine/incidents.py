@@ -52,10 +52,11 @@ PARTIAL_GRACE = 120.0
 # outage even while what it depends on is coming back.
 OWN_CAUSES = (Cause.POWER_OFF, Cause.HARDWARE_FAULT)
 # An incident whose root began failing at most this long before a verdict's first failed probe is
-# of the same onset (VMs confirmed a moment before their hypervisor's next probe): it is folded into
-# the verdict's incident. Longer before, it is an outage of its own (a NAS off for a minute when the
-# network dies too), and stays open with its own all-clear.
-REROOT_WINDOW = 20.0
+# of the same onset (VMs confirmed a moment before their hypervisor's next probe: an interval of
+# 5 s plus the confirming retries): it is folded into the verdict's incident. Longer before, it is
+# an outage of its own (a NAS off for a minute, a VM hung 20 s before the switch starts losing
+# packets), and stays open with its own all-clear.
+REROOT_WINDOW = 15.0
 # A dependent's verdict waits at least this long for a suspect dependency to be confirmed or cleared
 # (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
 HOLD_MAX = 10.0

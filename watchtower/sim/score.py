@@ -25,7 +25,7 @@ from watchtower.engine.correlate import LOSSY_DARK
 from watchtower.engine.escalation import ALL_CLEAR_HOLD_MAX
 from watchtower.engine.incidents import HOLD_MAX, RECOVERY_GRACE, RESTORE_SETTLE
 from watchtower.sim.run import Recording, SentMessage
-from watchtower.sim.world import JUDGE_WINDOW, LOSING, World
+from watchtower.sim.world import HARD_LOSS, JUDGE_WINDOW, LOSING, World
 
 PAGE_KINDS = ("page", "reopen")
 STEP_KINDS = ("page", "escalation", "reopen")
@@ -176,7 +176,13 @@ def _cause_ok(world: World, m: SentMessage) -> bool:
         if (
             m.cause == "os_unresponsive"
             and h.power
-            and (not h.os_ok or (at < h.booting_until and h.booting_own))
+            and (
+                not h.os_ok
+                or (at < h.booting_until and h.booting_own)
+                # silent on every address its OS has, chassis on: what "not responding" means
+                or h.loss >= HARD_LOSS
+                or set(world.site.addresses[m.root]) <= h.nics_down
+            )
         ):
             return True
         if m.cause == "bmc_unreachable" and not h.bmc_ok:

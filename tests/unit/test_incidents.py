@@ -235,11 +235,11 @@ def test_an_outage_begun_well_before_its_upstreams_is_not_folded_into_it() -> No
     t = IncidentTracker()
     t.step(corr(down=["dc1"], since=0.0), 5.0, SITE)
     (vm,) = t.open_incidents()
-    t.step(corr(down=["sw", "dc1"], since=20.0), 25.0, SITE)
+    t.step(corr(down=["sw", "pve1", "nas", "dc1", "mail1"], since=20.0), 25.0, SITE)
     assert {i.root for i in t.open_incidents()} == {"dc1", "sw"}
     assert t.incidents[vm.id].merged_into is None
     # within the window, the same onset: one incident
     t2 = IncidentTracker()
     t2.step(corr(down=["dc1"], since=0.0), 2.0, SITE)
-    t2.step(corr(down=["sw", "dc1"], since=4.0), 6.0, SITE)
+    t2.step(corr(down=["sw", "pve1", "nas", "dc1", "mail1"], since=4.0), 6.0, SITE)
     assert [i.root for i in t2.open_incidents()] == ["sw"]

@@ -32,7 +32,7 @@ go through :meth:`IncidentTracker.note`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -313,25 +313,28 @@ class IncidentTracker:
         *,
         suspects: Mapping[str, float] | None = None,
         vantage_settling: bool = False,
-        failing: Collection[str] = (),
+        failing: Mapping[str, float] | None = None,
     ) -> list[Change]:
         """Fold one correlation into the incidents. ``suspects``: targets failing but not yet
         confirmed, with their confirmation time (their dependents' verdicts wait for them);
         ``vantage_settling``: a vantage path is failing unconfirmed (nothing changes until it
         settles: opening a network incident for the monitor's own uplink is the false alarm to
-        avoid); ``failing``: targets with a failing path, confirmed or not (a resolved incident's
-        all-clear waits while its root or what it affected fails again)."""
+        avoid); ``failing``: each target's last failed probe, confirmed or not (a resolved incident's
+        all-clear waits while its root or what it affected fails again: a host at 60 % loss
+        fails a probe now and then between the passes)."""
         self.waiting = False
         changes: list[Change] = []
         if failing:
             for incident in list(self.incidents.values()):
                 if (
-                    not incident.is_open
-                    and incident.resolved_at is not None
-                    and now - incident.resolved_at <= ALL_CLEAR_WATCH
-                    and (incident.root in failing or any(a in failing for a in incident.affected))
+                    incident.is_open
+                    or incident.resolved_at is None
+                    or now - incident.resolved_at > ALL_CLEAR_WATCH
                 ):
-                    self._put(replace(incident, quiet_since=now))
+                    continue
+                last = max((failing.get(t, 0.0) for t in (incident.root, *incident.affected)), default=0.0)
+                if last > max(incident.resolved_at, incident.quiet_since or 0.0):
+                    self._put(replace(incident, quiet_since=last))
         if corr.vantage_up and vantage_settling:
             self.waiting = True
             return changes

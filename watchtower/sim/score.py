@@ -245,10 +245,11 @@ def score(config: Config, world: World, rec: Recording) -> Score:
         return best
 
     def ended_before(root: str, at: float) -> Outage | None:
-        """The outage an all-clear at ``at`` reports: the latest one over by then."""
+        """The outage an all-clear at ``at`` reports: the latest one over by then, or a packet
+        loss still going on (paged when it was worse, cleared when it eased: not wrong)."""
         best: Outage | None = None
         for o in by_target.get(root, ()):
-            if o.end <= at:
+            if o.end <= at or (o.soft and o.start <= at < o.end):
                 best = o
         return best
 

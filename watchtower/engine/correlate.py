@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -255,6 +256,11 @@ def _dark(p: PathView) -> bool:
     return p.state is PathState.DOWN and p.since is not None
 
 
+def _answering_again(p: PathView) -> bool:
+    """A down path whose last probe answered (it needs ``recover_after`` to be up again)."""
+    return p.last_ok is not None and (p.last_failure is None or p.last_ok > p.last_failure)
+
+
 def network_outages(
     topology: Topology,
     paths: Mapping[str, Sequence[PathView]],
@@ -262,8 +268,8 @@ def network_outages(
     bmc: Mapping[str, BmcFacts] | None = None,
     by_network: Mapping[str, Mapping[str, Sequence[PathView]]] | None = None,
 ) -> tuple[NetworkOutage, ...]:
-    """Networks whose every target is dark on them (at least two) while at least one of those
-    still answers on another network. A network with one target up on it is not down; a host
+    """Networks whose every target is dark on them (at least two) while at least two of those
+    still answer on another network. A network with one target up on it is not down; a host
     whose BMC says its chassis is off is dark for its own reason, not the network's.
     ``by_network``, when given, is ``paths`` grouped as :func:`_paths_by_network` groups them
     (a caller that keeps the grouping between passes, see ``engine.views``)."""
@@ -285,9 +291,19 @@ def network_outages(
         if len(dark) < 2 or any(any(p.state is PathState.UP for p in ps) for ps in members.values()):
             continue
         alive = {t: nets for t in dark if (nets := _alive_on(topology, paths.get(t, ()), {key}))}
-        if not alive:
-            continue  # nothing answers anywhere: the targets (or their switch) are down, not a network
-        since = min((p.since for t in dark for p in members[t] if p.since is not None), default=None)
+        if len(alive) < 2:
+            # Nothing answers anywhere: the targets (or their switch) are down, not a network. One
+            # answering elsewhere beside others dead everywhere (a host hung, another booting):
+            # that one's link, judged on its own, and the others' own outages.
+            continue
+        # Its onset is when the hosts that prove it (alive elsewhere) went dark on it, as most of
+        # them saw it: a host dark there for an hour for its own reasons (hung, or off and just
+        # back on) did not start this outage.
+        witnesses = [t for t in dark if t in alive or topology.nodes[t].role == "network"]
+        onsets = [
+            min(starts) for t in witnesses if (starts := [p.since for p in members[t] if p.since is not None])
+        ]
+        since = statistics.median_low(onsets) if onsets else None
         net = topology.networks.get(key)
         if net is not None:
             root = net.via[0] if net.via else key
@@ -368,23 +384,48 @@ def lossy_upstream(
     facts: BmcFacts | None,
     now: float,
 ) -> str | None:
-    """What ``name`` depends on that has been losing probes while ``name`` fails (not down itself:
-    a dead upstream is the ``unreachable`` rule), when that loss may be all ``name`` shows; None
-    when ``name`` is broken on its own account (its BMC proves it, or it stays dark)."""
+    """What carries ``name`` (a parent, its storage, the device of a network it is failing on)
+    that has been losing probes while ``name`` fails, when that loss may be all ``name`` shows;
+    None when ``name`` is broken on its own account (its BMC proves it, or it has stayed dark
+    where it fails for :data:`LOSSY_DARK`)."""
     if facts is not None and facts.reachable and (facts.power_on is False or facts.critical_events):
         return None  # chassis off, a PSU entry: its own outage, whatever the switch does
     views = [p for p in paths.get(name, ()) if not p.by_bmc]
     onset = min((p.since for p in views if p.state is PathState.DOWN and p.since is not None), default=None)
-    answered = max((p.last_ok for p in views if p.last_ok is not None), default=None)
+    # when it last answered where it is failing now (a host alive on management but dead on
+    # production behind a lossy switch is dark where it counts)
+    answered = max(
+        (p.last_ok for p in views if p.state is PathState.DOWN and p.last_ok is not None), default=None
+    )
     if onset is None or answered is None or now - answered >= LOSSY_DARK:
         return None
-    for up in topology.upstream(name):
-        if own.get(up) is TargetState.DOWN:
-            continue
-        if any(
+
+    def lost(target: str) -> bool:
+        return any(
             not p.by_bmc and p.last_failure is not None and p.last_failure >= onset - LOSS_LOOKBACK
-            for p in paths.get(up, ())
-        ):
+            for p in paths.get(target, ())
+        )
+
+    # What carries it: its parents (and storage), and the devices of the networks it is down on
+    # (a host on two networks has no single parent switch; each path has its network's).
+    carriers: dict[str, Sequence[str]] = {up: topology.dependents(up) for up in topology.upstream(name)}
+    for net in {p.network for p in views if p.state is PathState.DOWN and p.network is not None}:
+        info = topology.networks.get(net)
+        if info is None:
+            continue
+        on_it = [t for t, ps in paths.items() if any(p.network == net and not p.by_bmc for p in ps)]
+        for device in info.via:
+            carriers.setdefault(device, on_it)
+    for up, behind in carriers.items():
+        if up == name:
+            continue  # (a dead parent has claimed it already; a dead carrier of one of its networks
+            # that did not is losing packets: its hosts answer on that network now and then)
+        if lost(up):
+            return up
+        # A loss on the way shows on the neighbours too: two others behind it (still answering,
+        # not down for their own reasons) losing probes while it fails.
+        neighbours = (t for t in behind if t not in (name, up) and own.get(t) is not TargetState.DOWN)
+        if sum(1 for t in neighbours if lost(t)) >= 2:
             return up
     return None
 
@@ -548,6 +589,8 @@ def correlate(
         down_paths = [p for p in root_paths if p.state is PathState.DOWN]
         if _parent_going_dark(topology, paths, node.parents, down_paths, now):
             continue  # its hypervisor or switch is going dark on the same network: wait for it
+        if down_paths and all(_answering_again(p) for p in down_paths):
+            continue  # every path it was down on answers again: coming back, not news to page
         if lossy_upstream(topology, paths, own, root, facts, now) is not None:
             continue  # what it needs is losing packets too: that loss, not an outage of its own (yet)
         evidence = [f"{p.name}: {p.detail}" for p in down_paths]

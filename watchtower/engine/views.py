@@ -50,9 +50,9 @@ _Key = list[object]  # per witness path: path, state, failing_since, changed_at,
 
 
 class ViewCache:
-    """Per target: its witness paths' views (BMC paths explain an outage, they witness none), its
-    own state, and whether any of its witness paths is failing. :meth:`refresh` brings them up to
-    date with the statuses; the mappings are then what one correlation pass reads."""
+    """Per target: its witness paths' views (BMC paths explain an outage, they witness none) and
+    its own state; and the views grouped by network. :meth:`refresh` brings them up to date with
+    the statuses; the mappings are then what one correlation pass reads."""
 
     def __init__(self) -> None:
         self._topology: Topology | None = None
@@ -66,7 +66,6 @@ class ViewCache:
         # which network a path crosses changes only with a reload
         self.by_network: dict[str, dict[str, list[PathView]]] = {}
         self._networks: dict[str, list[str | None]] = {}  # target -> each witness path's network
-        self.failing: set[str] = set()  # targets with a witness path in a failing streak
         self.rebuilt = 0  # targets rebuilt by the last refresh (for tests and benchmarks)
 
     def _reset(self, topology: Topology, by_target: Mapping[str, Sequence[PathStatus]]) -> None:
@@ -90,16 +89,14 @@ class ViewCache:
         nodes = topology.nodes
         keys, down_before = self._keys, self._down
         down: set[str] = set()
-        failing: set[str] = set()
         rebuilt = 0
         for target, statuses in self._witnesses.items():
             key: list[object] = []
-            is_down = is_failing = False
+            is_down = False
             for s in statuses:  # one loop per target: this runs for every path on every pass
                 state = s.state
                 key += (s.path, state, s.failing_since, s.changed_at, s.last_failure)
                 is_down = is_down or state is DOWN
-                is_failing = is_failing or s.failures > 0
             if target in down_before or keys.get(target) != key:
                 keys[target] = key
                 views = [path_view(s) for s in statuses]
@@ -112,9 +109,7 @@ class ViewCache:
                 rebuilt += 1
             if is_down:
                 down.add(target)
-            if is_failing:
-                failing.add(target)
-        self._down, self.failing, self.rebuilt = down, failing, rebuilt
+        self._down, self.rebuilt = down, rebuilt
         if fresh:
             self._group(topology)
 

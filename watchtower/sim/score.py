@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from watchtower.config import Config
 from watchtower.engine.correlate import LOSSY_DARK
 from watchtower.engine.escalation import ALL_CLEAR_HOLD_MAX
-from watchtower.engine.incidents import HOLD_MAX, RECOVERY_GRACE
+from watchtower.engine.incidents import HOLD_MAX, RECOVERY_GRACE, RESTORE_SETTLE
 from watchtower.sim.run import Recording, SentMessage
-from watchtower.sim.world import JUDGE_WINDOW, LOSING, World
+from watchtower.sim.world import HARD_LOSS, JUDGE_WINDOW, LOSING, World
 
 PAGE_KINDS = ("page", "reopen")
 STEP_KINDS = ("page", "escalation", "reopen")
@@ -123,18 +123,39 @@ def confirm_time(config: Config, target: str) -> float:
 
 
 def _behind_recovery(world: World, o: Outage) -> bool:
-    """The outage began the moment something above its target stopped explaining it, or while
-    something above it was broken (hidden behind that outage, it shows only when that comes back)."""
+    """The outage began while something above its target was broken (hidden behind that outage,
+    it shows only when that comes back), or less than RESTORE_SETTLE after something above it
+    stopped explaining it (a VM up for a moment after its host's restore, then dark again: from
+    outside, the same VM still coming back)."""
     if o.start <= 0:
         return False
-    before = world.truth(max(0.0, o.start - RESOLUTION))
-    if world.explained(before, o.target) is not None:
-        return True
+    k = 1
+    while k * RESOLUTION <= RESTORE_SETTLE and o.start - k * RESOLUTION >= 0:
+        if world.explained(world.truth(o.start - k * RESOLUTION), o.target) is not None:
+            return True
+        k += 1
     at = world.truth(o.start)
     return any(
         at.hosts[up].hard(o.start) is not None or o.start < at.hosts[up].forward_from
         for up in world.site.upstream[o.target]
     )
+
+
+def _visible(world: World, o: Outage) -> float:
+    """How long the outage showed as its own: while something above its target is down or not
+    forwarding, its silence there looks like that outage (a link that died behind a switch that
+    died next is found only where the switch does not hide it)."""
+    seen = 0.0
+    at = o.start
+    while at < o.end:
+        truth = world.truth(at)
+        hidden = any(
+            truth.hosts[up].hard(at) is not None or at < truth.hosts[up].forward_from
+            for up in world.site.upstream[o.target]
+        )
+        seen += 0.0 if hidden else RESOLUTION
+        at += RESOLUTION
+    return seen
 
 
 def _cause_ok(world: World, m: SentMessage) -> bool:
@@ -155,7 +176,13 @@ def _cause_ok(world: World, m: SentMessage) -> bool:
         if (
             m.cause == "os_unresponsive"
             and h.power
-            and (not h.os_ok or (at < h.booting_until and h.booting_own))
+            and (
+                not h.os_ok
+                or (at < h.booting_until and h.booting_own)
+                # silent on every address its OS has, chassis on: what "not responding" means
+                or h.loss >= HARD_LOSS
+                or set(world.site.addresses[m.root]) <= h.nics_down
+            )
         ):
             return True
         if m.cause == "bmc_unreachable" and not h.bmc_ok:
@@ -218,10 +245,11 @@ def score(config: Config, world: World, rec: Recording) -> Score:
         return best
 
     def ended_before(root: str, at: float) -> Outage | None:
-        """The outage an all-clear at ``at`` reports: the latest one over by then."""
+        """The outage an all-clear at ``at`` reports: the latest one over by then, or a packet
+        loss still going on (paged when it was worse, cleared when it eased: not wrong)."""
         best: Outage | None = None
         for o in by_target.get(root, ()):
-            if o.end <= at:
+            if o.end <= at or (o.soft and o.start <= at < o.end):
                 best = o
         return best
 
@@ -262,9 +290,12 @@ def score(config: Config, world: World, rec: Recording) -> Score:
     for o in found:
         if o.soft or o.length < confirm_time(config, o.target) + (LOSSY_DARK if o.behind_loss else 0.0):
             continue
-        if o.length < RECOVERY_GRACE + confirm_time(config, o.target) and _behind_recovery(world, o):
+        if o.length < RECOVERY_GRACE + confirm_time(config, o.target) and (
+            _behind_recovery(world, o) or _visible(world, o) < confirm_time(config, o.target)
+        ):
             # It showed only when what it depends on came back: from outside, indistinguishable from
             # a VM still booting after its host, so it is claimed by that restore for the grace.
+            # Or it showed for less than the confirmation time between outages above it.
             s.behind_recovery += 1
             continue
         s.must_page += 1
@@ -340,7 +371,10 @@ class Totals:
             ("runs with any failure", str(len(self.failing))),
             ("outages (ground truth)", str(self.outages)),
             ("outages longer than confirmation", str(self.must_page)),
-            ("  (not counted: shown only by a restore, shorter than its grace)", str(self.behind_recovery)),
+            (
+                "  (not counted: shown only by a restore, or between upstream outages)",
+                str(self.behind_recovery),
+            ),
             ("  paged", str(self.paged)),
             ("  missed", str(self.missed)),
             ("pages sent (page + failed again, per channel)", str(self.pages)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from watchtower.engine.paths import PathState
 from watchtower.engine.views import path_view
 from watchtower.probes import BmcReading, Failure, ProbeResult
 
-SITE = {
+SITE: dict[str, Any] = {
     "site": "s",
     "vantage": [{"icmp": "10.0.9.1"}],
     "networks": {
@@ -82,7 +83,7 @@ def test_cached_pass_equals_a_pass_from_scratch(seed: int) -> None:
     names = sorted({s.path.target for s in statuses})
     loss: dict[str, float] = {}  # target -> share of its probes failing in this stretch
     now = 0.0
-    outages, prod_dark = 0, False
+    outages, reloads, prod_dark = 0, 0, False
     for step in range(400):
         now += rng.choice((0.05, 0.5, 1.0, 3.0, 11.0))
         if rng.random() < 0.08:  # an outage, or a loss, begins or ends somewhere
@@ -94,6 +95,13 @@ def test_cached_pass_equals_a_pass_from_scratch(seed: int) -> None:
             ok = rng.random() >= loss.get(status.path.target, 0.0)
             ok = ok and not (prod_dark and status.path.host.startswith("10.0.0."))
             monitor.record(status, result(rng, ok, status.path.is_bmc), now)
+        if step == 200 or rng.random() < 0.01:  # a reload: a target more or less, a changed confirmation rule
+            changed = {**site, "defaults": {"fail_after": 2 + seed % 2, "confirm_paths": rng.choice((1, 2))}}
+            if rng.random() < 0.5:
+                changed["targets"] = {k: v for k, v in SITE["targets"].items() if k != "vm4"}
+            monitor.reload(parse_config(changed, Path(".")))
+            statuses = list(monitor.statuses.values())
+            reloads += 1
         if rng.random() < 0.05:  # what _settle_dependents and _fresh_look do, behind record's back
             status = rng.choice(statuses)
             status.state, status.successes, status.failures = PathState.UNKNOWN, 0, 0
@@ -104,6 +112,7 @@ def test_cached_pass_equals_a_pass_from_scratch(seed: int) -> None:
         assert got == want, f"seed {seed} step {step} at {now}"
         outages += any(v.scope == "network" for v in got.verdicts)
     assert outages, "the sequence never grouped a network outage: it tests too little"
+    assert reloads  # and the cache started over on a new config at least once
 
 
 def test_a_healthy_pass_rebuilds_nothing_and_a_failing_target_is_rebuilt_until_it_recovers() -> None:

@@ -257,3 +257,19 @@ def test_a_failure_between_passes_still_delays_the_all_clear() -> None:
     assert t.incidents[inc.id].quiet_since == 33.0
     t.step(corr(), 45.0, SITE, failing={"dc1": 33.0})  # nothing new: unchanged
     assert t.incidents[inc.id].quiet_since == 33.0
+
+
+def test_a_root_down_for_a_moment_starts_a_new_restore_of_what_runs_on_it() -> None:
+    # (simulator, demo seed 410) pve1 back, its VMs back for long; then pve1 hangs for 4 s, too
+    # short for a verdict of its own (held for its BMC), and its VMs reboot: part of pve1's
+    # outage, not two VM pages.
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"]), 10.0, SITE)
+    (inc,) = t.open_incidents()
+    t.step(corr(down=["dc1", "mail1"]), 20.0, SITE)  # pve1 back
+    t.step(corr(), 25.0, SITE)
+    t.step(corr(), 25.0 + RESTORE_SETTLE, SITE)  # VMs back for long: done with that restore
+    t.step(corr(down=["pve1", "dc1", "mail1"], since=36.0), 37.0, SITE, suspects={"pve1": 5.0})
+    changes = t.step(corr(down=["dc1", "mail1"], since=38.0), 40.0, SITE)  # VMs reboot
+    assert "opened" not in {c.kind for c in changes}
+    assert [i.id for i in t.open_incidents()] == [inc.id]

@@ -360,6 +360,12 @@ class IncidentTracker:
         verdicts = [v for v in corr.verdicts if v.scope is not Scope.MONITOR and v.root not in held]
         claimed: set[int] = set()
         roots = {v.root for v in verdicts}
+        for incident_id in list(self._seen_up):
+            incident = self.incidents.get(incident_id)
+            if incident is not None and corr.own.get(incident.root) is TargetState.DOWN:
+                # Its root went down again, if only for a moment (too short for a verdict): what
+                # runs on it reboots, a new way up for all of it.
+                del self._seen_up[incident_id]
         recovering = self._coming_back(corr, roots, now, topology)
         # an outage of its own stays its own
         own_roots = {i.root for i in self.open_incidents() if i.scope not in WARNING_SCOPES}
@@ -378,6 +384,9 @@ class IncidentTracker:
                         )
                     )
                     changes.append(Change(owner_id, "recovering", text))
+                if verdict.root in owner.back:
+                    # back once, down again in this restore: the all-clear waits for it again
+                    owner = self._put(replace(owner, back=tuple(b for b in owner.back if b != verdict.root)))
                 if verdict.root not in owner.affected:
                     text = f"affected: +{verdict.root} (still coming back after {owner.root})"
                     self._put(

@@ -152,6 +152,11 @@ class IncidentTracker:
         # incident id -> what behind its root answered again while it was coming back
         self._seen_up: dict[int, dict[str, float]] = {}  # ... and since when (continuously)
         self.waiting = False  # the last step held something back: step again soon
+        # Each target's last pass in state ``down`` (its own paths), and its up stretches: what runs
+        # behind a host that was down for a moment, too short for an incident, is rebooting.
+        self._last_down: dict[str, float] = {}
+        self._up_since: dict[str, float] = {}
+        self._last_up: dict[str, tuple[float, float]] = {}  # target -> its last finished up stretch
 
     def load(self, incidents: Iterable[Incident], next_id: int) -> None:
         """Start from the store's open (and recently resolved) incidents: same ids after a restart."""
@@ -263,6 +268,35 @@ class IncidentTracker:
         incident = self.annotate(incident_id, f"note:{kind}", line, now)
         return [Change(incident.id, "note", line)]
 
+    def _watch_states(self, corr: Correlation, now: float) -> None:
+        for name, state in corr.own.items():
+            if state is TargetState.DOWN:
+                self._last_down[name] = now
+        for name, state in corr.states.items():
+            if state is TargetState.UP:
+                self._up_since.setdefault(name, now)
+            elif name in self._up_since:
+                self._last_up[name] = (self._up_since.pop(name), now)
+
+    def _after_bounce(
+        self, target: str, corr: Correlation, now: float, topology: Topology | None
+    ) -> str | None:
+        """What ``target`` needs that was down less than ``RECOVERY_GRACE`` ago and answers again,
+        when ``target`` has not been up for ``RESTORE_SETTLE`` since: a hypervisor that lost power
+        for 4 s (too short to confirm and page) reboots its VMs, and they are that blip coming
+        back, not outages of their own, for the grace."""
+        if topology is None:
+            return None
+        for up in topology.upstream(target):
+            down_at = self._last_down.get(up)
+            if down_at is None or now - down_at >= RECOVERY_GRACE or corr.own.get(up) is TargetState.DOWN:
+                continue
+            stretch = self._last_up.get(target)
+            if stretch is not None and stretch[1] - max(stretch[0], down_at) >= RESTORE_SETTLE:
+                continue  # up (back, or never gone) for long after that: failing now is its own
+            return up
+        return None
+
     def _coming_back(
         self, corr: Correlation, roots: set[str], now: float, topology: Topology | None
     ) -> dict[str, int]:
@@ -354,6 +388,7 @@ class IncidentTracker:
             )
             changes.append(Change(blind.id, "resolved", text))
 
+        self._watch_states(corr, now)
         held = self._held(corr, now, topology, suspects or {})
         if held:
             self.waiting = True  # look again once the dependencies have settled
@@ -361,8 +396,8 @@ class IncidentTracker:
         claimed: set[int] = set()
         roots = {v.root for v in verdicts}
         for incident_id in list(self._seen_up):
-            incident = self.incidents.get(incident_id)
-            if incident is not None and corr.own.get(incident.root) is TargetState.DOWN:
+            restoring = self.incidents.get(incident_id)
+            if restoring is not None and corr.own.get(restoring.root) is TargetState.DOWN:
                 # Its root went down again, if only for a moment (too short for a verdict): what
                 # runs on it reboots, a new way up for all of it.
                 del self._seen_up[incident_id]
@@ -394,6 +429,12 @@ class IncidentTracker:
                     )
                     changes.append(Change(owner_id, "affected", text))
                 continue
+            if (
+                verdict.cause not in OWN_CAUSES
+                and verdict.root not in own_roots
+                and self._after_bounce(verdict.root, corr, now, topology) is not None
+            ):
+                continue  # still coming back after what it runs on was down for a moment
             incident = self._apply(verdict, now, changes)
             claimed.add(incident.id)
             self._note_back(incident.id, corr, now)

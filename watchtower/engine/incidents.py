@@ -67,8 +67,9 @@ ALL_CLEAR_WATCH = 300.0
 # all-clear hold, so its all-clear has not gone out yet): one VM slower than the rest is the restore.
 RESTORE_TAIL = 45.0
 # What answers again behind a root that is back is done with that restore once it has answered
-# this long: a VM up for a moment as its storage returns may still reboot onto it.
-RESTORE_SETTLE = 10.0
+# this long (a probe round after the one that brought it back): a VM up for a moment as its storage
+# returns may still reboot onto it; a host up for 7 s after its switch and then hung is an outage.
+RESTORE_SETTLE = 5.0
 
 
 class IncidentState(enum.StrEnum):

@@ -258,6 +258,7 @@ def score(config: Config, world: World, rec: Recording) -> Score:
     paged_outages: dict[Outage, float] = {}
     paged_channels: dict[Outage, set[str]] = {}
     cleared: dict[Outage, set[str]] = {}
+    paged_in: dict[Outage, int] = {}  # the incident whose page reported it
     for m in rec.messages:
         if m.kind in PAGE_KINDS:
             s.pages += 1
@@ -278,6 +279,7 @@ def score(config: Config, world: World, rec: Recording) -> Score:
             if found_o is not None and m.kind in PAGE_KINDS:
                 paged_outages.setdefault(found_o, m.at)
                 paged_channels.setdefault(found_o, set()).add(m.channel)
+                paged_in.setdefault(found_o, m.incident)
         elif m.kind == "resolve" and m.scope != "monitor":
             s.all_clears += 1
             cleared_o = ended_before(m.root, m.at)
@@ -287,6 +289,10 @@ def score(config: Config, world: World, rec: Recording) -> Score:
                 s.extra_all_clears.append(f"all-clear {m.root} at {m.at:.1f}s on {m.channel}: a second one")
             if cleared_o is not None:
                 cleared.setdefault(cleared_o, set()).add(m.channel)
+            # an incident re-rooted since its page (a VM off, then its host) clears what it paged
+            for o, incident in paged_in.items():
+                if incident == m.incident and o.end <= m.at:
+                    cleared.setdefault(o, set()).add(m.channel)
     for o in found:
         if o.soft or o.length < confirm_time(config, o.target) + (LOSSY_DARK if o.behind_loss else 0.0):
             continue

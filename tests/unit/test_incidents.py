@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from watchtower.engine.correlate import BmcFacts, PathView, TargetState, correlate
 from watchtower.engine.incidents import (
@@ -294,3 +295,24 @@ def test_what_runs_on_a_host_down_for_a_moment_is_that_blip_coming_back() -> Non
     assert t2.step(corr(down=["dc1"], since=11.0), 12.0, SITE) == []
     changes = t2.step(corr(down=["dc1"], since=11.0), 10.0 + RECOVERY_GRACE, SITE)
     assert [c.kind for c in changes] == ["opened"]
+
+
+def test_an_incident_opened_minutes_into_its_upstreams_outage_is_not_folded_into_it() -> None:
+    # (simulator, partition seed 237) the switch died at 10 s (production dark); the NAS kept
+    # answering on management until it hung at 300 s: its own incident, paged. Its production
+    # path has been failing since 10 s, but that does not make it the switch's outage.
+    from watchtower.engine.correlate import Correlation, Scope, Verdict
+
+    def c(verdicts: tuple[Verdict, ...]) -> Correlation:
+        return Correlation(
+            states=dict.fromkeys(SITE.nodes, TargetState.DOWN), verdicts=verdicts, vantage_up=True
+        )
+
+    t = IncidentTracker()
+    sw = Verdict(Scope.NETWORK, "sw", affected=("pve1", "dc1", "mail1"), since=10.0)
+    t.step(c((sw,)), 15.0, SITE)
+    t.step(c((sw, Verdict(Scope.STORAGE, "nas", since=10.0))), 300.0, SITE)
+    assert {i.root for i in t.open_incidents()} == {"sw", "nas"}
+    t.step(c((replace(sw, affected=("pve1", "nas", "dc1", "mail1")),)), 330.0, SITE)  # nas back on mgmt
+    nas = next(i for i in t.incidents.values() if i.root == "nas")
+    assert nas.merged_into is None and nas.is_open

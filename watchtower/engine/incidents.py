@@ -490,6 +490,9 @@ class IncidentTracker:
                 if i.root in verdict.affected
                 and i is not incident
                 and (i.first_failure_at if i.first_failure_at is not None else i.opened_at) >= onset
+                # ... and opened around it too: a NAS that hung minutes into its switch's outage
+                # (its management side alive till then) was an outage of its own
+                and i.opened_at <= onset + 2 * REROOT_WINDOW + HOLD_MAX
                 and i.flaps == 0
                 and i.cause not in OWN_CAUSES  # the BMC proves it is its own outage
             ),

@@ -287,11 +287,13 @@ def network_outages(
         # Its onset is when the hosts that prove it (alive elsewhere) went dark on it, as most of
         # them saw it: a host dark there for an hour for its own reasons (hung, or off and just
         # back on) did not start this outage.
-        witnesses = [t for t in dark if t in alive or topology.nodes[t].role == "network"]
+        # When its own device is dark on it too, the device's onset is the network's.
+        devices = [t for t in dark if topology.nodes[t].role == "network"]
+        witnesses = devices or [t for t in dark if t in alive]
         onsets = [
             min(starts) for t in witnesses if (starts := [p.since for p in members[t] if p.since is not None])
         ]
-        since = statistics.median_low(onsets) if onsets else None
+        since = (min(onsets) if devices else statistics.median_high(onsets)) if onsets else None
         net = topology.networks.get(key)
         if net is not None:
             root = net.via[0] if net.via else key

@@ -606,3 +606,19 @@ def test_a_network_outage_is_dated_as_most_of_its_witnesses_saw_it() -> None:
     view["nas"] = [replace(p, since=1.0) if p.state is DOWN else p for p in view["nas"]]
     v = next(v for v in correlate(PSITE, view, {}, [], now=10.0).verdicts if v.scope is Scope.NETWORK)
     assert (v.root, v.since) == ("sw", 5.0)
+
+
+def test_a_host_dark_on_the_network_of_a_dead_switch_is_the_switchs_even_as_it_answers_once() -> None:
+    # (simulator, partition seed 250) the switch hung: production dark, a network outage. Its
+    # first answer (recover_after not met: it is still down) ends that outage; the hypervisors,
+    # on two networks and so without a parent switch, must not become link_down pages of their own.
+    topo = Topology.build(
+        "acme", [Node("sw", "network"), Node("pve1", "hypervisor"), Node("pve2", "hypervisor")], NETS
+    )
+    dark = {"sw": {"prod", "mgmt"}, "pve1": {"prod"}, "pve2": {"prod"}}
+    view = {t: ps for t, ps in pview(dark).items() if t in topo.nodes}
+    view["sw"] = [replace(view["sw"][0], since=None), view["sw"][1]]  # answered once
+    c = correlate(topo, view, {}, [], now=10.0)
+    v = only(c.verdicts)
+    assert v.root == "sw" and set(v.affected) == {"pve1", "pve2"}
+    assert c.states["pve2"] is TargetState.UNREACHABLE

@@ -466,6 +466,7 @@ def correlate(
         if state is TargetState.DOWN and name not in explained and name not in outages
     }
     root_of: dict[str, str] = dict(explained)
+    carried_by: dict[str, str] = {}  # target -> the dead device of the networks it is dark on
 
     def find_root(name: str, trail: frozenset[str] = frozenset()) -> str:
         if name in root_of:
@@ -491,8 +492,30 @@ def correlate(
             ):
                 root = parent  # its hypervisor's link to that network is down: one incident, its link's
                 break
+        if root == name:
+            carrier = _dead_carrier(name)
+            if carrier is not None and carrier not in trail:
+                root = find_root(carrier, trail | {name})
+                carried_by[name] = carrier
         root_of[name] = root
         return root
+
+    def _dead_carrier(name: str) -> str | None:
+        """The dead device of every configured network ``name`` is dark on (a host on production
+        and management has no single parent switch; its production side is its switch's): while
+        that switch is down, its production silence is the switch's, even once the switch's
+        network outage (which wanted it dark, and the switch answered once) is gone."""
+        nets = {p.network for p in paths.get(name, ()) if p.state is PathState.DOWN and not p.by_bmc}
+        if not nets or None in nets:
+            return None
+        devices = []
+        for net in nets:
+            info = topology.networks.get(net)  # type: ignore[arg-type]
+            dead = [d for d in (info.via if info else ()) if d in failed and d != name]
+            if not dead:
+                return None
+            devices.append(dead[0])
+        return devices[0]
 
     def _dark_behind(parent: str, name: str) -> bool:
         """``name`` is dark only on networks on which ``parent`` (alive elsewhere) is dark too: a
@@ -531,7 +554,9 @@ def correlate(
             affected.setdefault(name, [])
             continue
         affected.setdefault(root, []).append(name)
-        if any(p in failed or p in explained or p in outages for p in topology.nodes[name].parents):
+        if name in carried_by or any(
+            p in failed or p in explained or p in outages for p in topology.nodes[name].parents
+        ):
             states[name] = TargetState.UNREACHABLE
 
     verdicts = []

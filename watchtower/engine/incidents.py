@@ -322,7 +322,7 @@ class IncidentTracker:
                 continue
             if incident.root_back_at is not None and now - incident.root_back_at >= RECOVERY_GRACE:
                 continue
-            behind = topology.dependents(incident.root) if topology is not None else ()
+            behind = topology.behind(incident.root) if topology is not None else ()
             # Up for RESTORE_SETTLE while the root is back: done with this restore, failing again
             # is its own. (Up while the root was still down, before it failed once more, does not
             # count: it comes back with this restore; ``back`` is the log of the restores. Nor does

@@ -499,7 +499,7 @@ class Monitor:
                 bmc.clear(now)
         settled = False
         for name in back:
-            for dependent in self.topology.dependents(name):
+            for dependent in self.topology.behind(name):
                 for status in self.target_paths(dependent):
                     if status.path.is_bmc or status.state is PathState.UP:
                         continue

@@ -624,3 +624,15 @@ def test_a_host_dark_on_the_network_of_a_dead_switch_is_the_switchs_even_as_it_a
     c = correlate(topo, view, {}, [], now=10.0)
     assert [v.root for v in c.verdicts] == ["sw"] and "pve2" in c.verdicts[0].affected
     assert c.states["pve2"] is TargetState.UNREACHABLE
+
+
+def test_pings_lost_everywhere_while_a_service_answers_is_a_firewall_not_an_outage() -> None:
+    # (simulator, partition seed 202) the NAS drops ICMP on production and management (two
+    # witnesses down), its iSCSI port answers: up, degraded; no page.
+    view = pview({"nas": {"prod", "mgmt"}})
+    view["nas"] = [replace(p, state=UP) if p.kind == "tcp" else p for p in view["nas"]]
+    c = correlate(PSITE, view, {}, [], now=10.0)
+    assert c.verdicts == () and c.states["nas"] is TargetState.DEGRADED
+    # a critical ping still takes it down
+    view["nas"][0] = replace(view["nas"][0], critical=True)
+    assert only(correlate(PSITE, view, {}, [], now=10.0).verdicts).root == "nas"

@@ -146,9 +146,16 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
         return TargetState.UNKNOWN
     down = sum(1 for states in witnesses.values() if all(s is PathState.DOWN for s in states))
     up = sum(1 for states in witnesses.values() if any(s is PathState.UP for s in states))
-    if down >= min(confirm_paths, len(witnesses)) or any(
-        p.critical and p.state is PathState.DOWN for p in paths
-    ):
+    if any(p.critical and p.state is PathState.DOWN for p in paths):
+        return TargetState.DOWN
+    if down >= min(confirm_paths, len(witnesses)):
+        failed = [p for p in paths if p.state is PathState.DOWN]
+        if all(p.kind == "icmp" for p in failed) and any(
+            p.state is PathState.UP and p.kind != "icmp" and not p.by_bmc for p in paths
+        ):
+            # Pings lost on every address while a service of its own answers: something drops
+            # ICMP (a firewall rule), the host is up.
+            return TargetState.DEGRADED
         return TargetState.DOWN
     if down and up:
         return TargetState.DEGRADED

@@ -74,6 +74,10 @@ class LagStats:
 # once, when every item's result has been recorded.
 BatchStart = Callable[[list[Any], Callable[[], None]], None]
 BatchHook = Callable[[], tuple[BatchStart, Any] | None]
+# A job that runs without a task (the simulator's probes, answered by callbacks on virtual time):
+# called where the task's first step would run, with ``done`` to call once the run has been
+# recorded. It makes the same loop calls in the same order as the task would, minus the task.
+DirectStart = Callable[[Callable[[], None]], None]
 
 
 @dataclass(slots=True)
@@ -84,6 +88,7 @@ class _Job:
     run: Callable[[], Awaitable[None]]
     first_in: float
     batch: BatchHook | None = None
+    direct: DirectStart | None = None
     due: float = 0.0
     slot: int | None = None  # the grid slot whose bucket holds this job while it is armed
     running: bool = False
@@ -129,13 +134,16 @@ class Scheduler:
         run: Callable[[], Awaitable[None]],
         first_in: float | None = None,
         batch: BatchHook | None = None,
+        direct: DirectStart | None = None,
     ) -> None:
         """Schedule ``run`` for ``key``; first run after ``first_in`` s (default: a stable phase).
-        With ``batch``, a due run may instead join a batch (see :data:`BatchHook`)."""
+        With ``batch``, a due run may instead join a batch (see :data:`BatchHook`); with
+        ``direct``, a run is that callback instead of a task running ``run`` (see
+        :data:`DirectStart`)."""
         previous = self._jobs.get(key)
         self.remove(key)
         delay = stable_phase(key) * interval if first_in is None else first_in
-        job = _Job(key, interval, cadence, run, delay, batch)
+        job = _Job(key, interval, cadence, run, delay, batch, direct)
         self._jobs[key] = job
         if self._loop is not None:
             if previous is not None and first_in is None:
@@ -202,6 +210,11 @@ class Scheduler:
 
     def _fire(self, job: _Job) -> None:
         job.running = True
+        if job.direct is not None:
+            assert self._loop is not None
+            # Where the task's first step would run: the next loop iteration.
+            self._loop.call_soon(self._run_direct, job, job.due)
+            return
         task = asyncio.create_task(self._run_job(job, job.due))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -252,6 +265,38 @@ class Scheduler:
         finally:
             job.running = False
         self._rearm(job, due)
+
+    def _run_direct(self, job: _Job, due: float) -> None:
+        """:meth:`_run_job` for a job with a :data:`DirectStart`: no task, no semaphore slot (the
+        simulator's runs are bounded by its site), lag recorded per run."""
+        if self._loop is None:  # stopped before it began, as a cancelled task never starts
+            job.running = False
+            return
+        self.lag.observe(max(0.0, self._loop.time() - due))
+        self.in_flight += 1
+        finished = False
+
+        def done() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            self.in_flight -= 1
+            self.runs += 1
+            job.running = False
+            self._rearm(job, due)
+
+        assert job.direct is not None
+        try:
+            job.direct(done)
+        except Exception:  # the monitor's direct start never raises; this guards the scheduler
+            log.exception("job failed key=%s", job.key)
+            done()
+
+    @property
+    def stopped(self) -> bool:
+        """Not running (before :meth:`run`, or after it ended): a run finishing now records nothing."""
+        return self._loop is None
 
     def _rearm(self, job: _Job, due: float) -> None:
         if job.removed or self._loop is None:

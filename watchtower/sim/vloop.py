@@ -15,7 +15,13 @@ nothing scheduled at all (something waits on the outside world).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import selectors
+from asyncio.base_events import (  # type: ignore[attr-defined]
+    _MIN_CANCELLED_TIMER_HANDLES_FRACTION,
+    _MIN_SCHEDULED_TIMER_HANDLES,
+    MAXIMUM_SELECT_TIMEOUT,
+)
 from typing import Any
 
 
@@ -23,28 +29,67 @@ class Deadlock(RuntimeError):
     """No callback is ready and no timer is scheduled: the run waits on something outside."""
 
 
-class _JumpSelector(selectors.DefaultSelector):
-    def __init__(self) -> None:
-        super().__init__()
-        self.now = 0.0
-
-    def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
-        events = super().select(0)  # the loop's own self-pipe (call_soon_threadsafe) still works
-        if events:
-            return events
-        if timeout is None:
-            raise Deadlock("nothing ready and no timer scheduled")
-        self.now += timeout
-        return []
-
-
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """A selector loop whose :meth:`time` is a number it owns, advanced to the next timer when
+    no callback is ready.
+
+    :meth:`_run_once` is the standard iteration (``asyncio.base_events``) with the I/O poll left
+    out: the same cancelled-timer sweep, the same timer heap, the same order of callbacks, so a
+    run does what it would on the standard loop with a clock that jumps. A simulated run has no
+    file descriptors to watch (nothing may use real I/O, see the module docstring), and the poll
+    was most of an iteration's cost. A callback from another thread (``call_soon_threadsafe``)
+    still lands on the ready queue and runs.
+    """
+
     def __init__(self) -> None:
-        self._jump = _JumpSelector()
-        super().__init__(self._jump)
+        super().__init__(selectors.DefaultSelector())
+        self._now = 0.0
 
     def time(self) -> float:
-        return self._jump.now
+        return self._now
+
+    def _run_once(self) -> None:
+        loop: Any = self  # the standard loop's private state, read and kept as it keeps it
+        scheduled = loop._scheduled
+        sched_count = len(scheduled)
+        if (
+            sched_count > _MIN_SCHEDULED_TIMER_HANDLES
+            and loop._timer_cancelled_count / sched_count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+        ):
+            # Too many cancelled timers: rebuild the heap without them (as the standard loop does).
+            kept = []
+            for handle in scheduled:
+                if handle._cancelled:
+                    handle._scheduled = False
+                else:
+                    kept.append(handle)
+            heapq.heapify(kept)
+            loop._scheduled = scheduled = kept
+            loop._timer_cancelled_count = 0
+        else:
+            while scheduled and scheduled[0]._cancelled:
+                loop._timer_cancelled_count -= 1
+                handle = heapq.heappop(scheduled)
+                handle._scheduled = False
+        ready = loop._ready
+        if not ready and not loop._stopping:
+            if not scheduled:
+                raise Deadlock("nothing ready and no timer scheduled")
+            # Jump to the next timer (the standard loop would sleep this long in its poll).
+            self._now += min(max(0, scheduled[0]._when - self._now), MAXIMUM_SELECT_TIMEOUT)
+        end_time = self._now + loop._clock_resolution
+        while scheduled:
+            handle = scheduled[0]
+            if handle._when >= end_time:
+                break
+            handle = heapq.heappop(scheduled)
+            handle._scheduled = False
+            ready.append(handle)
+        popleft = ready.popleft
+        for _ in range(len(ready)):
+            handle = popleft()
+            if not handle._cancelled:
+                handle._run()
 
 
 class InlineExecutor:

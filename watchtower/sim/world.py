@@ -20,9 +20,11 @@ ports forward, a hypervisor answers before its VMs have booted (``vm_delays``).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -93,6 +95,7 @@ class Truth:
         return self.hosts[name].hard(self.at)
 
 
+@functools.cache
 def _net24(address: str) -> str | None:
     try:
         return str(ipaddress.ip_network(f"{address}/24", strict=False))
@@ -101,6 +104,18 @@ def _net24(address: str) -> str | None:
 
 
 def path_address(path: ResolvedPath) -> str:
+    address = _addresses.get(path.key)
+    if address is None or address[0] is not path.spec:
+        address = _addresses[path.key] = (path.spec, _path_address(path))
+    return address[1]
+
+
+# The address a path probes, by path key (with the spec it was read from, for a changed config):
+# asked on every simulated probe.
+_addresses: dict[tuple[str, str], tuple[Any, str]] = {}
+
+
+def _path_address(path: ResolvedPath) -> str:
     spec: Any = path.spec
     for attr in ("host", "server"):
         value = getattr(spec, attr, None)
@@ -205,6 +220,11 @@ class World:
     history: list[Truth] = field(default_factory=list)
     sel_seq: int = 0
     sel: dict[str, list[SelEntry]] = field(default_factory=dict)
+    # What a probe finds, by (target, address), while the faults stay as they are and no boot or
+    # forwarding delay is still running (from ``_steady_from`` on, the time no longer matters).
+    _reach_cache: dict[tuple[str, str], tuple[bool, str, float]] = field(default_factory=dict, repr=False)
+    _steady_from: float = field(default=0.0, repr=False)
+    _failures: dict[tuple[float, str], ProbeResult] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, config: Config, seed: int) -> World:
@@ -216,6 +236,10 @@ class World:
     # ------------------------------------------------------------------ ground truth
     def record(self, now: float) -> None:
         self.history.append(Truth(now, self.monitor_cut, dict(self.hosts)))
+        self._reach_cache.clear()
+        self._steady_from = max(
+            (max(h.booting_until, h.forward_from) for h in self.hosts.values()), default=0.0
+        )
 
     def truth(self, at: float) -> Truth:
         """The truth in force at ``at`` (the last change at or before it), evaluated at ``at``."""
@@ -356,6 +380,17 @@ class World:
     def _reach(self, now: float, target: str, address: str) -> tuple[bool, str, float]:
         """Whether a packet to ``address`` of ``target`` gets an answer, why not, and the loss on
         the way."""
+        if now < self._steady_from:
+            return self._reach_now(now, target, address)
+        # Every "still booting / not forwarding yet" test is false from here on: the answer depends
+        # on the faults only, which have not changed since the cache was cleared.
+        key = (target, address)
+        found = self._reach_cache.get(key)
+        if found is None:
+            found = self._reach_cache[key] = self._reach_now(now, target, address)
+        return found
+
+    def _reach_now(self, now: float, target: str, address: str) -> tuple[bool, str, float]:
         if self.monitor_cut:
             return False, "monitor cut off", 0.0
         loss = 0.0
@@ -415,7 +450,11 @@ class World:
         if ok:
             latency = 0.0005 + self.rng.random() * 0.002
             return ProbeResult.success(latency), latency
-        return ProbeResult.fail(Failure.TIMEOUT, f"no answer within {path.timeout:g}s ({why})"), path.timeout
+        failed = self._failures.get((path.timeout, why))
+        if failed is None:  # the same few failures again and again: one (frozen) result each
+            failed = ProbeResult.fail(Failure.TIMEOUT, f"no answer within {path.timeout:g}s ({why})")
+            self._failures[(path.timeout, why)] = failed
+        return failed, path.timeout
 
     def _bmc(self, path: ResolvedPath, now: float, memory: dict[str, Any]) -> tuple[ProbeResult, float]:
         h = self.hosts[path.target]
@@ -429,17 +468,37 @@ class World:
         latency = 0.05 + self.rng.random() * 0.05
         return ProbeResult(True, latency, None, "chassis on" if h.power else "chassis off", reading), latency
 
-    def probe_runner(self) -> Any:
+    def probe_runner(self) -> SimProbe:
         """A stand-in for :func:`watchtower.engine.runner.run_probe`, on the loop's virtual time."""
-        import asyncio
+        return SimProbe(self)
 
-        async def run(path: ResolvedPath, shared: ProbeContext, memory: dict[str, Any]) -> ProbeResult:
-            loop = asyncio.get_running_loop()
-            result, takes = self.answer(path, loop.time(), memory)
-            await asyncio.sleep(takes)
-            return result
 
-        return run
+class SimProbe:
+    """The world as the monitor's probe. Awaited, it answers after the probe's time on the loop;
+    :meth:`begin` does the same with callbacks instead of a task per probe (the monitor uses it
+    when present): one timer for the answer's arrival and one callback in the next loop iteration,
+    as the awaiting task's ``asyncio.sleep`` and wakeup would, so a run makes the same loop calls
+    in the same order either way."""
+
+    def __init__(self, world: World):
+        self.world = world
+
+    async def __call__(self, path: ResolvedPath, shared: ProbeContext, memory: dict[str, Any]) -> ProbeResult:
+        loop = asyncio.get_running_loop()
+        result, takes = self.world.answer(path, loop.time(), memory)
+        await asyncio.sleep(takes)
+        return result
+
+    def begin(
+        self,
+        path: ResolvedPath,
+        shared: ProbeContext,
+        memory: dict[str, Any],
+        deliver: Callable[[ProbeResult], None],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        result, takes = self.world.answer(path, loop.time(), memory)
+        loop.call_at(loop.time() + takes, loop.call_soon, deliver, result)
 
 
 def broken_roots(world: World, at: float, names: Iterable[str]) -> dict[str, str]:

@@ -96,6 +96,10 @@ class _Job:
     rerun: bool = False  # run_now() while running: run again as soon as this run ends
 
 
+def _nothing() -> None:
+    return None
+
+
 def stable_phase(key: Hashable) -> float:
     """A fraction in [0, 1) that depends only on the key, so a path keeps its phase across reloads."""
     return zlib.crc32(repr(key).encode()) / 2**32
@@ -285,6 +289,11 @@ class Scheduler:
             self.runs += 1
             job.running = False
             self._rearm(job, due)
+            if self._loop is not None:
+                # Where the task's completion callback would run: a loop iteration with a callback
+                # ready does not advance the clock, so without it the simulator's virtual clock
+                # could jump where the task-based run's did not, and the runs would differ.
+                self._loop.call_soon(_nothing)
 
         assert job.direct is not None
         try:

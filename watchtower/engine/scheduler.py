@@ -196,6 +196,9 @@ class Scheduler:
             self._buckets.pop(slot, None)
             return
         batches: dict[BatchStart, list[tuple[_Job, Any]]] = {}
+        # Direct runs begin where their tasks' first steps would run, in the next loop iteration;
+        # consecutive ones share one callback (their tasks' steps would have run back to back).
+        direct: list[tuple[_Job, float]] = []
         for job in self._buckets.pop(slot, ()):
             if job.slot != slot or job.removed:
                 continue  # moved to another slot (run_now, reload) or removed since
@@ -205,20 +208,23 @@ class Scheduler:
             except Exception:  # a bug in a batch hook must not lose the slot's other runs
                 log.exception("batch hook failed key=%s", job.key)
                 ticket = None
-            if ticket is None:
+            if ticket is None and job.direct is not None:
+                job.running = True
+                direct.append((job, job.due))
+            elif ticket is None:
+                if direct:
+                    self._loop.call_soon(self._run_directs, direct)
+                    direct = []
                 self._fire(job)
             else:
                 batches.setdefault(ticket[0], []).append((job, ticket[1]))
+        if direct:
+            self._loop.call_soon(self._run_directs, direct)
         for start, members in batches.items():
             self._start_batch(start, members)
 
     def _fire(self, job: _Job) -> None:
         job.running = True
-        if job.direct is not None:
-            assert self._loop is not None
-            # Where the task's first step would run: the next loop iteration.
-            self._loop.call_soon(self._run_direct, job, job.due)
-            return
         task = asyncio.create_task(self._run_job(job, job.due))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -269,6 +275,10 @@ class Scheduler:
         finally:
             job.running = False
         self._rearm(job, due)
+
+    def _run_directs(self, runs: list[tuple[_Job, float]]) -> None:
+        for job, due in runs:
+            self._run_direct(job, due)
 
     def _run_direct(self, job: _Job, due: float) -> None:
         """:meth:`_run_job` for a job with a :data:`DirectStart`: no task, no semaphore slot (the

@@ -34,8 +34,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     no callback is ready.
 
     :meth:`_run_once` is the standard iteration (``asyncio.base_events``) with the I/O poll left
-    out: the same cancelled-timer sweep, the same timer heap, the same order of callbacks, so a
-    run does what it would on the standard loop with a clock that jumps. A simulated run has no
+    out: the same cancelled-timer sweep, the same timer heap (holding each timer's time as a float
+    that compares in C), the same order of callbacks, so a run does what it would on the standard
+    loop with a clock that jumps. A simulated run has no
     file descriptors to watch (nothing may use real I/O, see the module docstring), and the poll
     was most of an iteration's cost. A callback from another thread (``call_soon_threadsafe``)
     still lands on the ready queue and runs.
@@ -43,53 +44,95 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def __init__(self) -> None:
         super().__init__(selectors.DefaultSelector())
+        self.set_debug(False)  # PYTHONASYNCIODEBUG would time callbacks against a clock that jumps
         self._now = 0.0
 
     def time(self) -> float:
         return self._now
 
+    # The standard call_soon / call_at without the debug-mode checks (this loop runs with debug off).
+    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:  # type: ignore[override]
+        loop: Any = self
+        if loop._closed:
+            raise RuntimeError("Event loop is closed")
+        handle = asyncio.Handle(callback, args, self, context)
+        loop._ready.append(handle)
+        return handle
+
+    def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> asyncio.TimerHandle:  # type: ignore[override]
+        loop: Any = self
+        if loop._closed:
+            raise RuntimeError("Event loop is closed")
+        timer = asyncio.TimerHandle(when, callback, args, self, context)
+        entry = _Due(when)
+        entry.timer = timer
+        heapq.heappush(loop._scheduled, entry)
+        timer._scheduled = True  # type: ignore[attr-defined]
+        return timer
+
     def _run_once(self) -> None:
+        """Iterations of the standard loop, until one sets ``_stopping`` (``run_forever`` calls
+        this in a loop and stops when it is set, so running several per call is the same)."""
         loop: Any = self  # the standard loop's private state, read and kept as it keeps it
-        scheduled = loop._scheduled
-        sched_count = len(scheduled)
-        if (
-            sched_count > _MIN_SCHEDULED_TIMER_HANDLES
-            and loop._timer_cancelled_count / sched_count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
-        ):
-            # Too many cancelled timers: rebuild the heap without them (as the standard loop does).
-            kept = []
-            for handle in scheduled:
-                if handle._cancelled:
-                    handle._scheduled = False
-                else:
-                    kept.append(handle)
-            heapq.heapify(kept)
-            loop._scheduled = scheduled = kept
-            loop._timer_cancelled_count = 0
-        else:
-            while scheduled and scheduled[0]._cancelled:
-                loop._timer_cancelled_count -= 1
-                handle = heapq.heappop(scheduled)
-                handle._scheduled = False
         ready = loop._ready
-        if not ready and not loop._stopping:
-            if not scheduled:
-                raise Deadlock("nothing ready and no timer scheduled")
-            # Jump to the next timer (the standard loop would sleep this long in its poll).
-            self._now += min(max(0, scheduled[0]._when - self._now), MAXIMUM_SELECT_TIMEOUT)
-        end_time = self._now + loop._clock_resolution
-        while scheduled:
-            handle = scheduled[0]
-            if handle._when >= end_time:
-                break
-            handle = heapq.heappop(scheduled)
-            handle._scheduled = False
-            ready.append(handle)
         popleft = ready.popleft
-        for _ in range(len(ready)):
-            handle = popleft()
-            if not handle._cancelled:
-                handle._run()
+        heappop = heapq.heappop
+        resolution = loop._clock_resolution
+        while True:
+            scheduled: list[_Due] = loop._scheduled
+            sched_count = len(scheduled)
+            if (
+                sched_count > _MIN_SCHEDULED_TIMER_HANDLES
+                and loop._timer_cancelled_count / sched_count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+            ):
+                # Too many cancelled timers: rebuild the heap without them (as the standard loop does).
+                kept = []
+                for entry in scheduled:
+                    if entry.timer._cancelled:
+                        entry.timer._scheduled = False
+                    else:
+                        kept.append(entry)
+                heapq.heapify(kept)
+                loop._scheduled = scheduled = kept
+                loop._timer_cancelled_count = 0
+            else:
+                while scheduled and scheduled[0].timer._cancelled:
+                    loop._timer_cancelled_count -= 1
+                    heappop(scheduled).timer._scheduled = False
+            if not ready and not loop._stopping:
+                if not scheduled:
+                    raise Deadlock("nothing ready and no timer scheduled")
+                # Jump to the next timer (the standard loop would sleep this long in its poll).
+                self._now += min(max(0, scheduled[0] - self._now), MAXIMUM_SELECT_TIMEOUT)
+            end_time = self._now + resolution
+            while scheduled:
+                if scheduled[0] >= end_time:
+                    break
+                timer = heappop(scheduled).timer
+                timer._scheduled = False
+                ready.append(timer)
+            for _ in range(len(ready)):
+                handle = popleft()
+                if handle._cancelled:
+                    continue
+                try:  # Handle._run, inlined
+                    handle._context.run(handle._callback, *handle._args)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self.call_exception_handler(
+                        {"message": f"Exception in callback {handle!r}", "exception": exc, "handle": handle}
+                    )
+            if loop._stopping:
+                return
+
+
+class _Due(float):
+    """A timer's place in the heap: its time, compared as a float (the standard loop compares
+    ``TimerHandle`` objects by that time in Python, ~15 calls per timer on a heap this size)."""
+
+    __slots__ = ("timer",)
+    timer: Any
 
 
 class InlineExecutor:

@@ -34,6 +34,7 @@ from watchtower.probes import BmcReading, Failure, ProbeContext, ProbeResult, Se
 # A page may be decided a little after the fault it reports ended (the last confirming probe,
 # the correlation pass, the hold): it is judged against the truth this far back.
 JUDGE_WINDOW = 30.0
+_VANTAGE_OK = ProbeResult.success(0.002)
 HARD_LOSS = 0.95  # loss at or above this is an outage; below it, a page is not wrong, a miss is no miss
 SOFT_LOSS = 0.2
 PSU_TEXT = "Power Supply PS1: Failure detected"
@@ -104,18 +105,6 @@ def _net24(address: str) -> str | None:
 
 
 def path_address(path: ResolvedPath) -> str:
-    address = _addresses.get(path.key)
-    if address is None or address[0] is not path.spec:
-        address = _addresses[path.key] = (path.spec, _path_address(path))
-    return address[1]
-
-
-# The address a path probes, by path key (with the spec it was read from, for a changed config):
-# asked on every simulated probe.
-_addresses: dict[tuple[str, str], tuple[Any, str]] = {}
-
-
-def _path_address(path: ResolvedPath) -> str:
     spec: Any = path.spec
     for attr in ("host", "server"):
         value = getattr(spec, attr, None)
@@ -225,6 +214,8 @@ class World:
     _reach_cache: dict[tuple[str, str], tuple[bool, str, float]] = field(default_factory=dict, repr=False)
     _steady_from: float = field(default=0.0, repr=False)
     _failures: dict[tuple[float, str], ProbeResult] = field(default_factory=dict, repr=False)
+    # Per path (by id, with the path itself so the id stays its own): its address, whether it pings.
+    _where: dict[int, tuple[ResolvedPath, str, bool]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, config: Config, seed: int) -> World:
@@ -433,14 +424,18 @@ class World:
 
     def answer(self, path: ResolvedPath, now: float, memory: dict[str, Any]) -> tuple[ProbeResult, float]:
         """The probe result for ``path`` at ``now`` and how long it takes to arrive."""
-        if path.target == VANTAGE:
+        target = path.target
+        if target == VANTAGE:
             if self.monitor_cut:
                 return ProbeResult.fail(Failure.TIMEOUT, "no answer (monitor cut off)"), path.timeout
-            return ProbeResult.success(0.002), 0.002
+            return _VANTAGE_OK, 0.002
         if path.is_bmc:
             return self._bmc(path, now, memory)
-        ok, why, loss = self._reach(now, path.target, path_address(path))
-        if ok and path.kind == "icmp" and self.hosts[path.target].icmp_drop:
+        where = self._where.get(id(path))
+        if where is None or where[0] is not path:
+            where = self._where[id(path)] = (path, path_address(path), path.kind == "icmp")
+        ok, why, loss = self._reach(now, target, where[1])
+        if ok and where[2] and self.hosts[target].icmp_drop:
             ok, why = False, "pings dropped"
         if ok and loss > 0:
             # A confirming probe looks harder (icmp: three echoes; tcp/http/dns: three tries).
@@ -449,7 +444,7 @@ class World:
             why = f"lost ({loss:.0%} loss)"
         if ok:
             latency = 0.0005 + self.rng.random() * 0.002
-            return ProbeResult.success(latency), latency
+            return ProbeResult(True, latency), latency
         failed = self._failures.get((path.timeout, why))
         if failed is None:  # the same few failures again and again: one (frozen) result each
             failed = ProbeResult.fail(Failure.TIMEOUT, f"no answer within {path.timeout:g}s ({why})")

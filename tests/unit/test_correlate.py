@@ -518,3 +518,66 @@ def test_vms_dark_behind_their_hypervisors_dead_production_link_are_its_incident
     assert corr.own["pve1"] is TargetState.DEGRADED
     assert [(v.root, v.cause) for v in corr.verdicts] == [("pve1", Cause.LINK_DOWN)]
     assert "dc1" in corr.verdicts[0].affected
+
+
+def _lossy_site(now: float, nas_last_ok: float, switch_lost_at: float | None, bmc: BmcFacts | None = None):
+    """nas down since t=100 (it last answered at ``nas_last_ok``); the switch up, its last lost
+    probe at ``switch_lost_at``."""
+    view = {name: paths(UP, name=name) for name in SITE.nodes}
+    view["nas"] = [
+        replace(p, since=100.0, last_ok=nas_last_ok, last_failure=now) for p in paths(DOWN, name="nas")
+    ]
+    view["sw"] = [replace(p, last_ok=now, last_failure=switch_lost_at) for p in paths(UP, name="sw")]
+    facts = {"nas": bmc} if bmc is not None else {}
+    return correlate(SITE, view, facts, [PathView("gw", "icmp", "icmp gw", UP)], now=now)
+
+
+def test_a_target_failing_while_its_switch_loses_packets_is_that_loss_not_its_own_outage() -> None:
+    # The switch lost a probe while the NAS failed, and the NAS answered a moment ago: the loss
+    # shows through the NAS, no page for it (the sequence: a switch at 60 % loss for 7 s).
+    c = _lossy_site(now=105.0, nas_last_ok=103.0, switch_lost_at=104.0)
+    assert c.verdicts == () and c.states["nas"] is TargetState.DOWN
+    # a switch that lost nothing since the NAS began failing explains nothing
+    assert only(_lossy_site(now=105.0, nas_last_ok=103.0, switch_lost_at=60.0).verdicts).root == "nas"
+    # dark on every path for LOSSY_DARK behind a lossy switch: dead behind it
+    assert only(_lossy_site(now=140.0, nas_last_ok=100.0, switch_lost_at=139.0).verdicts).root == "nas"
+    # the BMC proves its own outage: at once
+    off = BmcFacts(reachable=True, power_on=False)
+    v = only(_lossy_site(now=105.0, nas_last_ok=103.0, switch_lost_at=104.0, bmc=off).verdicts)
+    assert (v.root, v.cause) == ("nas", None)  # no has_bmc on the demo NAS node: no cause read
+
+
+def test_a_target_answering_again_on_every_path_it_was_down_on_gets_no_verdict() -> None:
+    # Down on both paths, both answered on their last probe (recover_after not met yet): it is
+    # coming back; a page now would arrive after it answers (a 30 % loss let it through again).
+    view = {name: paths(UP, name=name) for name in SITE.nodes}
+    back = [replace(p, last_ok=12.0, last_failure=11.0) for p in paths(DOWN, name="nas")]
+    view["nas"] = back
+    gw = [PathView("gw", "icmp", "icmp gw", UP)]
+    c = correlate(SITE, view, {}, gw, now=12.5)
+    assert c.verdicts == () and c.states["nas"] is TargetState.DOWN
+    view["nas"] = [back[0], replace(back[1], last_failure=12.2)]  # one of them failed again
+    assert only(correlate(SITE, view, {}, gw, now=12.5).verdicts).root == "nas"
+
+
+def test_one_host_alive_elsewhere_beside_others_dead_everywhere_is_no_network_outage() -> None:
+    # The sequence (simulator, demo seed 93): pve2 hung (dark everywhere), pve1 just powered back
+    # on, its web UI up, its mgmt NIC not yet: the management network looks all dark with one
+    # host alive elsewhere. That is not the network: pve2 is its own outage, pve1's mgmt link is
+    # its own (a link_down verdict once the network stops moving).
+    view = pview({"pve1": {"mgmt"}, "pve2": {"prod", "mgmt"}})
+    for only_prod in ("sw", "nas"):  # only the hypervisors on the management network
+        view[only_prod] = [p for p in view[only_prod] if p.network != "mgmt"]
+    c = correlate(PSITE, view, {"pve2": ON}, [], now=10.0)
+    assert all(v.scope is not Scope.NETWORK for v in c.verdicts), c.verdicts
+    assert {(v.root, v.cause) for v in c.verdicts} >= {("pve2", Cause.OS_UNRESPONSIVE)}
+
+
+def test_a_network_outage_begins_when_the_hosts_that_prove_it_went_dark() -> None:
+    # nas hung at t=1 (dark everywhere), the production network died at t=5: the network's
+    # outage began at 5. Dated from the hung host, it would swallow the NAS's own older incident
+    # (simulator, demo seed 136: the VM's incident merged into the switch's, no all-clear for it).
+    view = pview({**EVERYTHING_PROD, "nas": {"prod", "mgmt"}})
+    view["nas"] = [replace(p, since=1.0) for p in view["nas"]]
+    v = next(v for v in correlate(PSITE, view, {}, [], now=10.0).verdicts if v.scope is Scope.NETWORK)
+    assert (v.root, v.since) == ("sw", 5.0)

@@ -91,6 +91,7 @@ class PathView:
     changed_at: float | None = None  # its last change of state
     last_ok: float | None = None  # its last success
     critical: bool = False  # `critical: true`: down alone takes the target down
+    last_failure: float | None = None  # its last failed probe, whatever its state
 
 
 # One host dark on a network waits this long after that network last moved (a path of another
@@ -254,14 +255,19 @@ def _dark(p: PathView) -> bool:
     return p.state is PathState.DOWN and p.since is not None
 
 
+def _answering_again(p: PathView) -> bool:
+    """A down path whose last probe answered (it needs ``recover_after`` to be up again)."""
+    return p.last_ok is not None and (p.last_failure is None or p.last_ok > p.last_failure)
+
+
 def network_outages(
     topology: Topology,
     paths: Mapping[str, Sequence[PathView]],
     own: Mapping[str, TargetState],
     bmc: Mapping[str, BmcFacts] | None = None,
 ) -> tuple[NetworkOutage, ...]:
-    """Networks whose every target is dark on them (at least two) while at least one of those
-    still answers on another network. A network with one target up on it is not down; a host
+    """Networks whose every target is dark on them (at least two) while at least two of those
+    still answer on another network. A network with one target up on it is not down; a host
     whose BMC says its chassis is off is dark for its own reason, not the network's."""
     off = {t for t, f in (bmc or {}).items() if f.reachable and (f.power_on is False or f.critical_events)}
     outages: list[NetworkOutage] = []
@@ -272,9 +278,15 @@ def network_outages(
         if len(dark) < 2 or any(any(p.state is PathState.UP for p in ps) for ps in members.values()):
             continue
         alive = {t: nets for t in dark if (nets := _alive_on(topology, paths.get(t, ()), {key}))}
-        if not alive:
-            continue  # nothing answers anywhere: the targets (or their switch) are down, not a network
-        since = min((p.since for t in dark for p in members[t] if p.since is not None), default=None)
+        if len(alive) < 2:
+            # Nothing answers anywhere: the targets (or their switch) are down, not a network. One
+            # answering elsewhere beside others dead everywhere (a host hung, another booting):
+            # that one's link, judged on its own, and the others' own outages.
+            continue
+        # Its onset is when the hosts that prove it (alive elsewhere) went dark on it: a host dark
+        # there for an hour for its own reasons (hung) did not start this outage.
+        witnesses = [t for t in dark if t in alive or topology.nodes[t].role == "network"]
+        since = min((p.since for t in witnesses for p in members[t] if p.since is not None), default=None)
         net = topology.networks.get(key)
         if net is not None:
             root = net.via[0] if net.via else key
@@ -336,6 +348,53 @@ def _parent_going_dark(
         if nets <= failing:
             return True
     return False
+
+
+# A target failing while something it needs loses packets too (a switch at 30 % loss, a NAS whose
+# iSCSI stalls) is that loss showing, not an outage of its own: the upstream lost a probe this long
+# before the target began failing, or since ...
+LOSS_LOOKBACK = 10.0
+# ... unless the target has not answered at all for this long: a loss lets some probes through,
+# so a host dark on every path this long behind a lossy switch is dead behind it.
+LOSSY_DARK = 30.0
+
+
+def lossy_upstream(
+    topology: Topology,
+    paths: Mapping[str, Sequence[PathView]],
+    own: Mapping[str, TargetState],
+    name: str,
+    facts: BmcFacts | None,
+    now: float,
+) -> str | None:
+    """What ``name`` depends on that has been losing probes while ``name`` fails (not down itself:
+    a dead upstream is the ``unreachable`` rule), when that loss may be all ``name`` shows; None
+    when ``name`` is broken on its own account (its BMC proves it, or it stays dark)."""
+    if facts is not None and facts.reachable and (facts.power_on is False or facts.critical_events):
+        return None  # chassis off, a PSU entry: its own outage, whatever the switch does
+    views = [p for p in paths.get(name, ()) if not p.by_bmc]
+    onset = min((p.since for p in views if p.state is PathState.DOWN and p.since is not None), default=None)
+    answered = max((p.last_ok for p in views if p.last_ok is not None), default=None)
+    if onset is None or answered is None or now - answered >= LOSSY_DARK:
+        return None
+
+    def lost(target: str) -> bool:
+        return any(
+            not p.by_bmc and p.last_failure is not None and p.last_failure >= onset - LOSS_LOOKBACK
+            for p in paths.get(target, ())
+        )
+
+    for up in topology.upstream(name):
+        if own.get(up) is TargetState.DOWN:
+            continue
+        if lost(up):
+            return up
+        # A loss on the way shows on the neighbours too: two others behind it (still answering,
+        # not down for their own reasons) losing probes while it fails.
+        neighbours = (t for t in topology.dependents(up) if t != name and own.get(t) is not TargetState.DOWN)
+        if sum(1 for t in neighbours if lost(t)) >= 2:
+            return up
+    return None
 
 
 def _labels(topology: Topology) -> dict[str, str]:
@@ -489,6 +548,10 @@ def correlate(
         down_paths = [p for p in root_paths if p.state is PathState.DOWN]
         if _parent_going_dark(topology, paths, node.parents, down_paths, now):
             continue  # its hypervisor or switch is going dark on the same network: wait for it
+        if down_paths and all(_answering_again(p) for p in down_paths):
+            continue  # every path it was down on answers again: coming back, not news to page
+        if lossy_upstream(topology, paths, own, root, facts, now) is not None:
+            continue  # what it needs is losing packets too: that loss, not an outage of its own (yet)
         evidence = [f"{p.name}: {p.detail}" for p in down_paths]
         cause = bmc_cause(facts) if node.has_bmc else None
         os_up = os_answering(root_paths)

@@ -108,6 +108,7 @@ def path_view(status: PathStatus) -> PathView:
         changed_at=status.changed_at,
         last_ok=status.last_ok,
         critical=p.spec.critical,
+        last_failure=status.last_failure,
     )
 
 

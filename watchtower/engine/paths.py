@@ -29,6 +29,7 @@ class PathStatus:
     last_ok: float | None = None  # wall clock of the last success
     changed_at: float | None = None  # wall clock of the last state change
     failing_since: float | None = None  # wall clock of the first failure of the current streak
+    last_failure: float | None = None  # wall clock of the last failed probe (a lossy path has one lately)
     runs: int = 0
     detail: str = ""
     failure_detail: str = ""  # the detail of the last failed probe
@@ -71,6 +72,7 @@ class PathStatus:
                 self.state = PathState.UP
         else:
             self.failure_detail = result.detail
+            self.last_failure = now
             if self.failures == 0:
                 self.failing_since = now
             self.failures += 1

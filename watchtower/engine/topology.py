@@ -50,6 +50,12 @@ class Topology:
     nodes: Mapping[str, Node]
     order: tuple[str, ...]  # dependencies before dependents, then config order
     networks: Mapping[str, NetworkInfo] = field(default_factory=dict)  # empty: inferred from addresses
+    # Answers of upstream()/dependents(), kept: every correlation pass asks them many times and
+    # the topology never changes (a reload builds a new one).
+    _upstream: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _dependents: dict[str, tuple[str, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def build(cls, site: str, nodes: list[Node], networks: Sequence[NetworkInfo] = ()) -> Topology:
@@ -72,6 +78,12 @@ class Topology:
 
     def upstream(self, name: str) -> tuple[str, ...]:
         """Everything ``name`` needs, transitively (parents and storage), nearest first."""
+        known = self._upstream.get(name)
+        if known is None:
+            known = self._upstream[name] = self._find_upstream(name)
+        return known
+
+    def _find_upstream(self, name: str) -> tuple[str, ...]:
         out: list[str] = []
         todo = [name]
         while todo:
@@ -85,6 +97,12 @@ class Topology:
     def dependents(self, name: str) -> tuple[str, ...]:
         """Everything that needs ``name`` (the reverse of :meth:`upstream`), transitively, in
         config order: what a dead switch, hypervisor or NAS takes down with it."""
+        known = self._dependents.get(name)
+        if known is None:
+            known = self._dependents[name] = self._find_dependents(name)
+        return known
+
+    def _find_dependents(self, name: str) -> tuple[str, ...]:
         needed_by: dict[str, list[str]] = {}
         for node in self.nodes.values():
             for dep in (*node.parents, *node.storage):

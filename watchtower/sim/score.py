@@ -22,10 +22,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from watchtower.config import Config
+from watchtower.engine.correlate import LOSSY_DARK
 from watchtower.engine.escalation import ALL_CLEAR_HOLD_MAX
 from watchtower.engine.incidents import HOLD_MAX, RECOVERY_GRACE
 from watchtower.sim.run import Recording, SentMessage
-from watchtower.sim.world import JUDGE_WINDOW, World
+from watchtower.sim.world import JUDGE_WINDOW, LOSING, World
 
 PAGE_KINDS = ("page", "reopen")
 STEP_KINDS = ("page", "escalation", "reopen")
@@ -39,6 +40,7 @@ class Outage:
     end: float
     what: str
     soft: bool = False  # packet loss short of an outage: a page is not wrong, no page is no miss
+    behind_loss: bool = False  # begun while something above it lost packets: found only once dark for long
 
     @property
     def length(self) -> float:
@@ -83,6 +85,13 @@ def outages(world: World, names: Iterable[str], end: float) -> list[Outage]:
     names = list(names)
     out: list[Outage] = []
     open_: dict[str, tuple[float, str]] = {}
+    behind_loss: set[tuple[str, float]] = set()
+
+    def close(name: str, at: float) -> None:
+        start, what = open_.pop(name)
+        soft = what.startswith("~")
+        out.append(Outage(name, start, at, what.lstrip("~"), soft, (name, start) in behind_loss))
+
     steps = int(end / RESOLUTION) + 1
     # What is broken at a sample depends on the truth in force and, through the boot and
     # forwarding delays, on which of those moments have passed: a sample with the same of both as
@@ -103,15 +112,18 @@ def outages(world: World, names: Iterable[str], end: float) -> list[Outage]:
             own = truth.own(name) if k < steps else None
             if own is None and k < steps and truth.hosts[name].soft():
                 own = f"~loss {truth.hosts[name].loss:.0%}"
-            broken = own is not None and world.explained(truth, name) is None
+            why = world.explained(truth, name) if own is not None else None
+            # broken itself behind an upstream that only loses packets: its own outage, found later
+            lossy = why is not None and why.endswith(LOSING) and not own.startswith("~")  # type: ignore[union-attr]
+            broken = own is not None and (why is None or lossy)
             if broken and name in open_ and open_[name][1].startswith("~") != (own or "").startswith("~"):
-                start, what = open_.pop(name)  # loss turned into an outage (or back): a new stretch
-                out.append(Outage(name, start, at, what.lstrip("~"), what.startswith("~")))
+                close(name, at)  # loss turned into an outage (or back): a new stretch
             if broken and name not in open_:
                 open_[name] = (at, own or "")
+                if lossy:
+                    behind_loss.add((name, at))
             elif not broken and name in open_:
-                start, what = open_.pop(name)
-                out.append(Outage(name, start, at, what.lstrip("~"), what.startswith("~")))
+                close(name, at)
     return sorted(out, key=lambda o: o.start)
 
 
@@ -136,6 +148,23 @@ def _behind_recovery(world: World, o: Outage) -> bool:
         at.hosts[up].hard(o.start) is not None or o.start < at.hosts[up].forward_from
         for up in world.site.upstream[o.target]
     )
+
+
+def _visible(world: World, o: Outage) -> float:
+    """How long the outage showed as its own: while something above its target is down or not
+    forwarding, its silence there looks like that outage (a link that died behind a switch that
+    died next is found only where the switch does not hide it)."""
+    seen = 0.0
+    at = o.start
+    while at < o.end:
+        truth = world.truth(at)
+        hidden = any(
+            truth.hosts[up].hard(at) is not None or at < truth.hosts[up].forward_from
+            for up in world.site.upstream[o.target]
+        )
+        seen += 0.0 if hidden else RESOLUTION
+        at += RESOLUTION
+    return seen
 
 
 def _cause_ok(world: World, m: SentMessage) -> bool:
@@ -194,8 +223,11 @@ def _root_ok(world: World, m: SentMessage) -> bool:
             if any(net == m.root for d in truth.hosts.values() for net, _ in d.ports):
                 return True
             continue
-        if (h.hard(at) or h.soft()) and world.explained(truth, m.root) is None:
+        why = world.explained(truth, m.root)
+        if (h.hard(at) or h.soft()) and why is None:
             return True
+        if h.hard(at) and why is not None and why.endswith(LOSING):
+            return True  # broken itself; the loss above it does not stop the packets
     return False
 
 
@@ -258,11 +290,14 @@ def score(config: Config, world: World, rec: Recording) -> Score:
             if cleared_o is not None:
                 cleared.setdefault(cleared_o, set()).add(m.channel)
     for o in found:
-        if o.soft or o.length < confirm_time(config, o.target):
+        if o.soft or o.length < confirm_time(config, o.target) + (LOSSY_DARK if o.behind_loss else 0.0):
             continue
-        if o.length < RECOVERY_GRACE + confirm_time(config, o.target) and _behind_recovery(world, o):
+        if o.length < RECOVERY_GRACE + confirm_time(config, o.target) and (
+            _behind_recovery(world, o) or _visible(world, o) < confirm_time(config, o.target)
+        ):
             # It showed only when what it depends on came back: from outside, indistinguishable from
             # a VM still booting after its host, so it is claimed by that restore for the grace.
+            # Or it showed for less than the confirmation time between outages above it.
             s.behind_recovery += 1
             continue
         s.must_page += 1
@@ -338,7 +373,10 @@ class Totals:
             ("runs with any failure", str(len(self.failing))),
             ("outages (ground truth)", str(self.outages)),
             ("outages longer than confirmation", str(self.must_page)),
-            ("  (not counted: shown only by a restore, shorter than its grace)", str(self.behind_recovery)),
+            (
+                "  (not counted: shown only by a restore, or between upstream outages)",
+                str(self.behind_recovery),
+            ),
             ("  paged", str(self.paged)),
             ("  missed", str(self.missed)),
             ("pages sent (page + failed again, per channel)", str(self.pages)),

@@ -96,6 +96,12 @@ class Truth:
         return self.hosts[name].hard(self.at)
 
 
+# An upstream losing some packets (short of an outage) explains a target's failures: the page for them
+# names the upstream, or nobody. A target broken itself behind it (dark on every path) is its own
+# outage too, only found later (see score.LOSS_DARK).
+LOSING = "losing packets"
+
+
 @functools.cache
 def _net24(address: str) -> str | None:
     try:
@@ -253,22 +259,23 @@ class World:
         if truth.at < h.booting_until and not h.booting_own:
             return "booting after an upstream outage"
         why = None
+        lossy = None
         for up in self.site.upstream[name]:
             u = truth.hosts[up]
             if u.soft():
-                return f"{up} losing packets"
-            if u.hard(truth.at):
+                lossy = lossy or f"{up} {LOSING}"
+            elif u.hard(truth.at):
                 why = f"{up} broken"
             elif self.site.roles[up] == "network" and truth.at < u.forward_from:
                 why = f"{up} not forwarding yet"
         if why is None:
-            return None
+            return lossy
         # Something above it is broken, but that explains its silence only where it blocks the way:
         # a host dark on a network its switch cut, but also dark on the management network the
         # switch does not carry (its chassis off), is an outage of its own.
         for address in self.site.addresses[name]:
             if self._upstream_blocks(truth, name, address) is None:
-                return None
+                return lossy
         return why
 
     def _upstream_blocks(self, truth: Truth, target: str, address: str) -> str | None:

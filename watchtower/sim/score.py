@@ -344,6 +344,7 @@ class Totals:
     all_clears: int = 0
     problems: int = 0
     time_to_page: list[float] = field(default_factory=list)
+    cpu: float = 0.0  # seconds of CPU the runs took (not a result: it depends on the machine)
 
     def add(self, seed: int, s: Score) -> None:
         self.runs += 1

@@ -96,7 +96,11 @@ class _Job:
     rerun: bool = False  # run_now() while running: run again as soon as this run ends
 
 
-def _nothing() -> None:
+def run_finished() -> None:
+    """Queued where a finished run's task would have queued its completion callback: it does
+    nothing, but a loop iteration with a callback ready does not advance the clock, so without it
+    the simulator's virtual clock could jump where a task-based run's did not (a loop may treat
+    it as exactly that, see ``watchtower.sim.vloop``)."""
     return None
 
 
@@ -300,10 +304,7 @@ class Scheduler:
             job.running = False
             self._rearm(job, due)
             if self._loop is not None:
-                # Where the task's completion callback would run: a loop iteration with a callback
-                # ready does not advance the clock, so without it the simulator's virtual clock
-                # could jump where the task-based run's did not, and the runs would differ.
-                self._loop.call_soon(_nothing)
+                self._loop.call_soon(run_finished)
 
         assert job.direct is not None
         try:

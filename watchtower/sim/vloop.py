@@ -25,6 +25,8 @@ from asyncio.base_events import (  # type: ignore[attr-defined]
 )
 from typing import Any
 
+from watchtower.engine.scheduler import run_finished
+
 # The fields asyncio's handles have (CPython 3.11): this loop fills them in without the constructor,
 # which it uses instead if they ever differ.
 _HANDLE_FIELDS_KNOWN = set(asyncio.Handle.__slots__) == {
@@ -55,6 +57,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         super().__init__(selectors.DefaultSelector())
         self.set_debug(False)  # PYTHONASYNCIODEBUG would time callbacks against a clock that jumps
         self._now = 0.0
+        self._hold = False  # a no-op is "ready": the next iteration keeps the clock (see call_soon)
+        self._held = asyncio.Handle(run_finished, (), self)
 
     def time(self) -> float:
         return self._now
@@ -65,6 +69,11 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         loop: Any = self
         if loop._closed:
             raise RuntimeError("Event loop is closed")
+        if callback is run_finished:
+            # A no-op whose only effect is to keep the next iteration from advancing the clock:
+            # that effect, without a handle (and without the iteration, when it would be empty).
+            self._hold = True
+            return self._held
         if _HANDLE_FIELDS_KNOWN:
             handle: Any = _new_handle(asyncio.Handle)
             handle._callback, handle._args, handle._cancelled, handle._loop = callback, args, False, self
@@ -92,6 +101,20 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         heapq.heappush(loop._scheduled, entry)
         timer._scheduled = True
         return timer
+
+    def call_at_soon(self, when: float, callback: Any, *args: Any) -> None:
+        """At ``when``, queue ``callback(*args)`` for the next iteration: what a task that sleeps
+        until ``when`` and then calls it does (its wakeup is queued by the timer and runs in the
+        next iteration), with a timer that appends a ready-made handle."""
+        loop: Any = self
+        if _HANDLE_FIELDS_KNOWN:
+            handle: Any = _new_handle(asyncio.Handle)
+            handle._callback, handle._args, handle._cancelled, handle._loop = callback, args, False, self
+            handle._source_traceback = handle._repr = None
+            handle._context = _copy_context()
+        else:
+            handle = asyncio.Handle(callback, args, self)
+        self.call_at(when, loop._ready.append, handle)
 
     def _run_once(self) -> None:
         """Iterations of the standard loop, until one sets ``_stopping`` (``run_forever`` calls
@@ -122,7 +145,13 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                 while scheduled and scheduled[0].timer._cancelled:
                     loop._timer_cancelled_count -= 1
                     heappop(scheduled).timer._scheduled = False
-            if not ready and not loop._stopping:
+            if self._hold:  # as if a no-op were ready: no jump (an iteration with no timer due is skipped)
+                self._hold = False
+                if not ready and (not scheduled or scheduled[0] >= self._now + resolution):
+                    if loop._stopping:
+                        return
+                    continue
+            elif not ready and not loop._stopping:
                 if not scheduled:
                     raise Deadlock("nothing ready and no timer scheduled")
                 # Jump to the next timer (the standard loop would sleep this long in its poll).

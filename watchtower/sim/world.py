@@ -30,6 +30,7 @@ from typing import Any
 
 from watchtower.config import VANTAGE, Config, ResolvedPath
 from watchtower.probes import BmcReading, Failure, ProbeContext, ProbeResult, SelEntry
+from watchtower.sim.vloop import VirtualTimeLoop
 
 # A page may be decided a little after the fault it reports ended (the last confirming probe,
 # the correlation pass, the hold): it is judged against the truth this far back.
@@ -499,8 +500,12 @@ class SimProbe:
         deliver: Callable[[ProbeResult], None],
     ) -> None:
         loop = asyncio.get_running_loop()
-        result, takes = self.world.answer(path, loop.time(), memory)
-        loop.call_at(loop.time() + takes, loop.call_soon, deliver, result)
+        now = loop.time()
+        result, takes = self.world.answer(path, now, memory)
+        if isinstance(loop, VirtualTimeLoop):
+            loop.call_at_soon(now + takes, deliver, result)
+        else:
+            loop.call_at(now + takes, loop.call_soon, deliver, result)
 
 
 def broken_roots(world: World, at: float, names: Iterable[str]) -> dict[str, str]:

@@ -124,6 +124,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         popleft = ready.popleft
         heappop = heapq.heappop
         resolution = loop._clock_resolution
+        longest = MAXIMUM_SELECT_TIMEOUT
         while True:
             scheduled: list[_Due] = loop._scheduled
             sched_count = len(scheduled)
@@ -145,18 +146,22 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                 while scheduled and scheduled[0].timer._cancelled:
                     loop._timer_cancelled_count -= 1
                     heappop(scheduled).timer._scheduled = False
+            now = self._now
             if self._hold:  # as if a no-op were ready: no jump (an iteration with no timer due is skipped)
                 self._hold = False
-                if not ready and (not scheduled or scheduled[0] >= self._now + resolution):
+                if not ready and (not scheduled or scheduled[0] >= now + resolution):
                     if loop._stopping:
                         return
                     continue
             elif not ready and not loop._stopping:
                 if not scheduled:
                     raise Deadlock("nothing ready and no timer scheduled")
-                # Jump to the next timer (the standard loop would sleep this long in its poll).
-                self._now += min(max(0, scheduled[0] - self._now), MAXIMUM_SELECT_TIMEOUT)
-            end_time = self._now + resolution
+                # Jump to the next timer, as the standard loop's poll sleeps
+                # min(max(0, when - now), MAXIMUM_SELECT_TIMEOUT) and its clock moves by that much.
+                wait = scheduled[0] - now
+                if wait > 0:
+                    self._now = now = now + (wait if wait < longest else longest)
+            end_time = now + resolution
             while scheduled:
                 if scheduled[0] >= end_time:
                     break

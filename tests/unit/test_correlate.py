@@ -581,3 +581,28 @@ def test_a_network_outage_begins_when_the_hosts_that_prove_it_went_dark() -> Non
     view["nas"] = [replace(p, since=1.0) for p in view["nas"]]
     v = next(v for v in correlate(PSITE, view, {}, [], now=10.0).verdicts if v.scope is Scope.NETWORK)
     assert (v.root, v.since) == ("sw", 5.0)
+
+
+def test_loss_on_the_device_of_a_network_explains_a_host_on_two_networks() -> None:
+    # A host on production and management has no single parent switch; its production path's
+    # network is carried by sw, which is losing probes: the NAS's failures there are that loss
+    # (simulator, partition seed 144: the NAS paged while the core switch ran at 60 % loss).
+    topo = Topology.build(
+        "acme", [Node("sw", "network"), Node("nas", "storage"), Node("pve1", "hypervisor")], NETS
+    )
+    view = {t: ps for t, ps in pview({"nas": {"prod"}}).items() if t in topo.nodes}
+    view["nas"] = [replace(p, last_ok=9.0, last_failure=10.0) if p.state is DOWN else p for p in view["nas"]]
+    view["nas"].append(replace(view["nas"][0], name="iscsi", kind="tcp", witness="tcp nas"))
+    lossy = [replace(p, last_failure=9.5) for p in view["sw"]]
+    assert correlate(topo, {**view, "sw": lossy}, {}, [], now=10.0).verdicts == ()
+    assert only(correlate(topo, view, {}, [], now=10.0).verdicts).root == "nas"
+
+
+def test_a_network_outage_is_dated_as_most_of_its_witnesses_saw_it() -> None:
+    # nas off since t=1, back on (management answers) while production died at 5: the NAS is a
+    # witness of the production outage, but its darkness there began with its own outage
+    # (simulator, partition seed 151: the NAS's incident was folded into the switch's).
+    view = pview(EVERYTHING_PROD)
+    view["nas"] = [replace(p, since=1.0) if p.state is DOWN else p for p in view["nas"]]
+    v = next(v for v in correlate(PSITE, view, {}, [], now=10.0).verdicts if v.scope is Scope.NETWORK)
+    assert (v.root, v.since) == ("sw", 5.0)

@@ -15,6 +15,7 @@ incident of the same root that already paged).
 
 from __future__ import annotations
 
+import bisect
 import statistics
 from collections import Counter
 from collections.abc import Iterable
@@ -92,8 +93,20 @@ def outages(world: World, names: Iterable[str], end: float) -> list[Outage]:
         out.append(Outage(name, start, at, what.lstrip("~"), soft, (name, start) in behind_loss))
 
     steps = int(end / RESOLUTION) + 1
+    # What is broken at a sample depends on the truth in force and, through the boot and
+    # forwarding delays, on which of those moments have passed: a sample with the same of both as
+    # the one before finds the same, and changes nothing.
+    moments = sorted(
+        {t for h in world.history for x in h.hosts.values() for t in (x.booting_until, x.forward_from)}
+    )
+    starts = [h.at for h in world.history]
+    previous: tuple[int, int] | None = None
     for k in range(steps + 1):
         at = k * RESOLUTION
+        seen = (bisect.bisect_right(starts, at), bisect.bisect_right(moments, at))
+        if seen == previous and k < steps:
+            continue
+        previous = seen
         truth = world.truth(at)
         for name in names:
             own = truth.own(name) if k < steps else None
@@ -348,6 +361,7 @@ class Totals:
     all_clears: int = 0
     problems: int = 0
     time_to_page: list[float] = field(default_factory=list)
+    cpu: float = 0.0  # seconds of CPU the runs took (not a result: it depends on the machine)
 
     def add(self, seed: int, s: Score) -> None:
         self.runs += 1

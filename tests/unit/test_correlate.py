@@ -596,3 +596,13 @@ def test_loss_on_the_device_of_a_network_explains_a_host_on_two_networks() -> No
     lossy = [replace(p, last_failure=9.5) for p in view["sw"]]
     assert correlate(topo, {**view, "sw": lossy}, {}, [], now=10.0).verdicts == ()
     assert only(correlate(topo, view, {}, [], now=10.0).verdicts).root == "nas"
+
+
+def test_a_network_outage_is_dated_as_most_of_its_witnesses_saw_it() -> None:
+    # nas off since t=1, back on (management answers) while production died at 5: the NAS is a
+    # witness of the production outage, but its darkness there began with its own outage
+    # (simulator, partition seed 151: the NAS's incident was folded into the switch's).
+    view = pview(EVERYTHING_PROD)
+    view["nas"] = [replace(p, since=1.0) if p.state is DOWN else p for p in view["nas"]]
+    v = next(v for v in correlate(PSITE, view, {}, [], now=10.0).verdicts if v.scope is Scope.NETWORK)
+    assert (v.root, v.since) == ("sw", 5.0)

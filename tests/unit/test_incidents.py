@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from watchtower.engine.correlate import BmcFacts, PathView, TargetState, correlate
-from watchtower.engine.incidents import PARTIAL_GRACE, RECOVERY_GRACE, IncidentState, IncidentTracker
+from watchtower.engine.incidents import (
+    PARTIAL_GRACE,
+    RECOVERY_GRACE,
+    RESTORE_SETTLE,
+    IncidentState,
+    IncidentTracker,
+)
 from watchtower.engine.paths import PathState
 from watchtower.engine.topology import Node, Topology
 
@@ -185,3 +191,69 @@ def test_power_back_on_while_booting_keeps_the_cause() -> None:
     t2 = IncidentTracker()
     t2.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(True, power_on=True)}), 0.0)
     assert t2.open_incidents()[0].cause == "os_unresponsive"
+
+
+def test_a_target_back_before_its_root_failed_again_comes_back_with_the_new_restore() -> None:
+    # The sequence (simulator, partition seed 41): the NAS hangs again and again; dc1 came back
+    # after one of its restores, then the NAS hung once more and dc1 boots behind it again. That
+    # is still the NAS's restore, not an outage of dc1's own to page for.
+    t = IncidentTracker()
+    t.step(corr(down=["nas", "dc1", "mail1"], since=5.0), 10.0, SITE)
+    (inc,) = t.open_incidents()
+    t.step(corr(down=["dc1", "mail1"]), 20.0, SITE)  # the NAS answers, the VMs still boot
+    t.step(corr(down=["mail1"]), 30.0, SITE)  # dc1 is back
+    assert "dc1" in t.incidents[inc.id].back
+    t.step(corr(down=["nas", "mail1"], since=35.0), 40.0, SITE)  # the NAS hangs again
+    # and answers again; dc1 failed behind it, its evidence is stale (re-probed: unknown)
+    t.step(corr(down=["mail1"], unknown=["dc1"]), 50.0, SITE)
+    changes = t.step(corr(down=["dc1", "mail1"], since=52.0), 55.0, SITE)  # dc1 boots behind it
+    assert [i.id for i in t.open_incidents()] == [inc.id]
+    assert "opened" not in {c.kind for c in changes}
+
+
+def test_a_target_up_for_a_moment_as_its_root_returns_still_comes_back_with_it() -> None:
+    # (simulator, partition seed 152) dc1 answers in the pass the NAS returns, then reboots onto
+    # its storage: part of the NAS's restore. Up for RESTORE_SETTLE, it is done with it: failing
+    # again later is its own outage.
+    t = IncidentTracker()
+    t.step(corr(down=["nas", "mail1"], since=5.0), 10.0, SITE)
+    (inc,) = t.open_incidents()
+    t.step(corr(down=["mail1"]), 20.0, SITE)  # the NAS is back, dc1 answers
+    changes = t.step(corr(down=["dc1", "mail1"], since=21.0), 22.0, SITE)  # dc1 reboots
+    assert [i.id for i in t.open_incidents()] == [inc.id] and "opened" not in {c.kind for c in changes}
+    t.step(corr(down=["mail1"]), 40.0, SITE)  # dc1 back
+    t.step(corr(down=["mail1"]), 40.0 + RESTORE_SETTLE, SITE)
+    changes = t.step(corr(down=["dc1", "mail1"], since=55.0), 56.0, SITE)  # dc1 fails on its own
+    assert [c.kind for c in changes] == ["opened"]
+    assert {i.root for i in t.open_incidents()} == {"nas", "dc1"}
+
+
+def test_an_outage_begun_well_before_its_upstreams_is_not_folded_into_it() -> None:
+    # (simulator, demo seed 386) dc1 hung and was paged; 20 s later its switch went down (60 %
+    # loss): two outages, two incidents. Folded into the switch's, dc1 was paged once more when
+    # the switch came back and dc1 was still hung.
+    t = IncidentTracker()
+    t.step(corr(down=["dc1"], since=0.0), 5.0, SITE)
+    (vm,) = t.open_incidents()
+    t.step(corr(down=["sw", "pve1", "nas", "dc1", "mail1"], since=20.0), 25.0, SITE)
+    assert {i.root for i in t.open_incidents()} == {"dc1", "sw"}
+    assert t.incidents[vm.id].merged_into is None
+    # within the window, the same onset: one incident
+    t2 = IncidentTracker()
+    t2.step(corr(down=["dc1"], since=0.0), 2.0, SITE)
+    t2.step(corr(down=["sw", "pve1", "nas", "dc1", "mail1"], since=4.0), 6.0, SITE)
+    assert [i.root for i in t2.open_incidents()] == ["sw"]
+
+
+def test_a_failure_between_passes_still_delays_the_all_clear() -> None:
+    # (simulator, partition seed 5) a VM at 60 % loss fails a probe now and then; the pass that
+    # follows may find every path answering again. Its last failed probe is what counts.
+    t = IncidentTracker()
+    t.step(corr(down=["dc1"]), 10.0, SITE)
+    (inc,) = t.open_incidents()
+    t.step(corr(), 20.0, SITE)
+    assert t.incidents[inc.id].state is IncidentState.RESOLVED
+    t.step(corr(), 40.0, SITE, failing={"dc1": 33.0, "mail1": 39.0})  # dc1 lost one at 33 s
+    assert t.incidents[inc.id].quiet_since == 33.0
+    t.step(corr(), 45.0, SITE, failing={"dc1": 33.0})  # nothing new: unchanged
+    assert t.incidents[inc.id].quiet_since == 33.0

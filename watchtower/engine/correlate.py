@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -283,10 +284,14 @@ def network_outages(
             # answering elsewhere beside others dead everywhere (a host hung, another booting):
             # that one's link, judged on its own, and the others' own outages.
             continue
-        # Its onset is when the hosts that prove it (alive elsewhere) went dark on it: a host dark
-        # there for an hour for its own reasons (hung) did not start this outage.
+        # Its onset is when the hosts that prove it (alive elsewhere) went dark on it, as most of
+        # them saw it: a host dark there for an hour for its own reasons (hung, or off and just
+        # back on) did not start this outage.
         witnesses = [t for t in dark if t in alive or topology.nodes[t].role == "network"]
-        since = min((p.since for t in witnesses for p in members[t] if p.since is not None), default=None)
+        onsets = [
+            min(starts) for t in witnesses if (starts := [p.since for p in members[t] if p.since is not None])
+        ]
+        since = statistics.median_low(onsets) if onsets else None
         net = topology.networks.get(key)
         if net is not None:
             root = net.via[0] if net.via else key
@@ -367,14 +372,19 @@ def lossy_upstream(
     facts: BmcFacts | None,
     now: float,
 ) -> str | None:
-    """What ``name`` depends on that has been losing probes while ``name`` fails (not down itself:
-    a dead upstream is the ``unreachable`` rule), when that loss may be all ``name`` shows; None
-    when ``name`` is broken on its own account (its BMC proves it, or it stays dark)."""
+    """What carries ``name`` (a parent, its storage, the device of a network it is failing on)
+    that has been losing probes while ``name`` fails, when that loss may be all ``name`` shows;
+    None when ``name`` is broken on its own account (its BMC proves it, or it has stayed dark
+    where it fails for :data:`LOSSY_DARK`)."""
     if facts is not None and facts.reachable and (facts.power_on is False or facts.critical_events):
         return None  # chassis off, a PSU entry: its own outage, whatever the switch does
     views = [p for p in paths.get(name, ()) if not p.by_bmc]
     onset = min((p.since for p in views if p.state is PathState.DOWN and p.since is not None), default=None)
-    answered = max((p.last_ok for p in views if p.last_ok is not None), default=None)
+    # when it last answered where it is failing now (a host alive on management but dead on
+    # production behind a lossy switch is dark where it counts)
+    answered = max(
+        (p.last_ok for p in views if p.state is PathState.DOWN and p.last_ok is not None), default=None
+    )
     if onset is None or answered is None or now - answered >= LOSSY_DARK:
         return None
 
@@ -395,8 +405,9 @@ def lossy_upstream(
         for device in info.via:
             carriers.setdefault(device, on_it)
     for up, behind in carriers.items():
-        if own.get(up) is TargetState.DOWN or up == name:
-            continue
+        if up == name:
+            continue  # (a dead parent has claimed it already; a dead carrier of one of its networks
+            # that did not is losing packets: its hosts answer on that network now and then)
         if lost(up):
             return up
         # A loss on the way shows on the neighbours too: two others behind it (still answering,

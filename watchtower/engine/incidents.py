@@ -32,7 +32,7 @@ go through :meth:`IncidentTracker.note`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -51,9 +51,12 @@ PARTIAL_GRACE = 120.0
 # Causes the BMC proves on its own (the chassis is off, a critical SEL entry): such a host is its own
 # outage even while what it depends on is coming back.
 OWN_CAUSES = (Cause.POWER_OFF, Cause.HARDWARE_FAULT)
-# An incident opened this long before a verdict's first failed probe is of the same onset (VMs
-# confirmed a moment before their hypervisor): it is folded into the verdict's incident.
-REROOT_WINDOW = 60.0
+# An incident whose root began failing at most this long before a verdict's first failed probe is
+# of the same onset (VMs confirmed a moment before their hypervisor's next probe: an interval of
+# 5 s plus the confirming retries): it is folded into the verdict's incident. Longer before, it is
+# an outage of its own (a NAS off for a minute, a VM hung 20 s before the switch starts losing
+# packets), and stays open with its own all-clear.
+REROOT_WINDOW = 15.0
 # A dependent's verdict waits at least this long for a suspect dependency to be confirmed or cleared
 # (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
 HOLD_MAX = 10.0
@@ -63,6 +66,9 @@ ALL_CLEAR_WATCH = 300.0
 # A resolved incident still claims what boots behind its root this long (shorter than the default
 # all-clear hold, so its all-clear has not gone out yet): one VM slower than the rest is the restore.
 RESTORE_TAIL = 45.0
+# What answers again behind a root that is back is done with that restore once it has answered
+# this long: a VM up for a moment as its storage returns may still reboot onto it.
+RESTORE_SETTLE = 10.0
 
 
 class IncidentState(enum.StrEnum):
@@ -144,7 +150,7 @@ class IncidentTracker:
         self._next_id = next_id
         self._holding: dict[str, float] = {}  # verdict root -> since when it is held back
         # incident id -> what behind its root answered again while it was coming back
-        self._seen_up: dict[int, set[str]] = {}
+        self._seen_up: dict[int, dict[str, float]] = {}  # ... and since when (continuously)
         self.waiting = False  # the last step held something back: step again soon
 
     def load(self, incidents: Iterable[Incident], next_id: int) -> None:
@@ -282,11 +288,20 @@ class IncidentTracker:
             if incident.root_back_at is not None and now - incident.root_back_at >= RECOVERY_GRACE:
                 continue
             behind = topology.dependents(incident.root) if topology is not None else ()
-            seen_up = self._seen_up.setdefault(incident.id, set())
-            seen_up.update(t for t in behind if corr.states.get(t) is TargetState.UP)
+            # Up for RESTORE_SETTLE while the root is back: done with this restore, failing again
+            # is its own. (Up while the root was still down, before it failed once more, does not
+            # count: it comes back with this restore; ``back`` is the log of the restores. Nor does
+            # up for a moment as the root returns: a VM answers, then reboots onto its storage.)
+            seen_up = self._seen_up.setdefault(incident.id, {})
             for target in (*incident.affected, *behind):
-                # One that has come back since is done with this restore: failing again is its own.
-                if target not in incident.back and target not in seen_up:
+                up_since = seen_up.get(target)
+                if up_since is not None and now - up_since >= RESTORE_SETTLE:
+                    continue  # done with this restore
+                if corr.states.get(target) is TargetState.UP:
+                    seen_up.setdefault(target, now)
+                else:
+                    seen_up.pop(target, None)
+                    out.setdefault(target, incident.id)
                     out.setdefault(target, incident.id)
         return out
 
@@ -298,25 +313,28 @@ class IncidentTracker:
         *,
         suspects: Mapping[str, float] | None = None,
         vantage_settling: bool = False,
-        failing: Collection[str] = (),
+        failing: Mapping[str, float] | None = None,
     ) -> list[Change]:
         """Fold one correlation into the incidents. ``suspects``: targets failing but not yet
         confirmed, with their confirmation time (their dependents' verdicts wait for them);
         ``vantage_settling``: a vantage path is failing unconfirmed (nothing changes until it
         settles: opening a network incident for the monitor's own uplink is the false alarm to
-        avoid); ``failing``: targets with a failing path, confirmed or not (a resolved incident's
-        all-clear waits while its root or what it affected fails again)."""
+        avoid); ``failing``: each target's last failed probe, confirmed or not (a resolved incident's
+        all-clear waits while its root or what it affected fails again: a host at 60 % loss
+        fails a probe now and then between the passes)."""
         self.waiting = False
         changes: list[Change] = []
         if failing:
             for incident in list(self.incidents.values()):
                 if (
-                    not incident.is_open
-                    and incident.resolved_at is not None
-                    and now - incident.resolved_at <= ALL_CLEAR_WATCH
-                    and (incident.root in failing or any(a in failing for a in incident.affected))
+                    incident.is_open
+                    or incident.resolved_at is None
+                    or now - incident.resolved_at > ALL_CLEAR_WATCH
                 ):
-                    self._put(replace(incident, quiet_since=now))
+                    continue
+                last = max((failing.get(t, 0.0) for t in (incident.root, *incident.affected)), default=0.0)
+                if last > max(incident.resolved_at, incident.quiet_since or 0.0):
+                    self._put(replace(incident, quiet_since=last))
         if corr.vantage_up and vantage_settling:
             self.waiting = True
             return changes
@@ -420,7 +438,7 @@ class IncidentTracker:
                 for i in open_target
                 if i.root in verdict.affected
                 and i is not incident
-                and i.opened_at >= onset
+                and (i.first_failure_at if i.first_failure_at is not None else i.opened_at) >= onset
                 and i.flaps == 0
                 and i.cause not in OWN_CAUSES  # the BMC proves it is its own outage
             ),

@@ -172,6 +172,7 @@ class Monitor:
         self.reloaded_ok, self.reloaded_at = True, self.started_at
         self.tracker = IncidentTracker()
         self.bmc: dict[str, BmcState] = {}
+        self._last_failure: dict[str, float] = {}  # target -> its last failed probe (BMC paths aside)
         self.topology = Topology.from_config(config)
         self._dirty = asyncio.Event()
         self._batch_starts: dict[tuple[BatchProbe, float], BatchStart] = {}
@@ -324,6 +325,8 @@ class Monitor:
             bmc.update(result, now)
             if bmc.facts(now) != before:
                 changed = True  # a new BMC fact (power off, a PSU failure) may change the cause
+        if not result.ok and not status.path.is_bmc and result.failure is not Failure.INTERNAL:
+            self._last_failure[status.path.target] = now
         if not result.ok and status.failures == 1 and not was_down:
             self._second_witness(status)
         if changed:
@@ -534,18 +537,13 @@ class Monitor:
             wait = self._awaiting_bmc(verdict.root, verdict.since)
             if wait is not None:
                 suspects[verdict.root] = wait
-        failing = {
-            target
-            for target, statuses in self._by_target.items()
-            if any(s.failures and not s.path.is_bmc for s in statuses)
-        }
         changes = self.tracker.step(
             corr,
             now,
             self.topology,
             suspects=suspects,
             vantage_settling=self._vantage_suspect(),
-            failing=failing,
+            failing=self._last_failure,
         )
         if self.tracker.waiting:
             self._dirty.set()  # look again once the dependencies (or the vantage) have settled

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from watchtower.config import Config
 from watchtower.engine.correlate import LOSSY_DARK
 from watchtower.engine.escalation import ALL_CLEAR_HOLD_MAX
-from watchtower.engine.incidents import HOLD_MAX, RECOVERY_GRACE
+from watchtower.engine.incidents import HOLD_MAX, RECOVERY_GRACE, RESTORE_SETTLE
 from watchtower.sim.run import Recording, SentMessage
-from watchtower.sim.world import JUDGE_WINDOW, LOSING, World
+from watchtower.sim.world import HARD_LOSS, JUDGE_WINDOW, LOSING, World
 
 PAGE_KINDS = ("page", "reopen")
 STEP_KINDS = ("page", "escalation", "reopen")
@@ -123,13 +123,17 @@ def confirm_time(config: Config, target: str) -> float:
 
 
 def _behind_recovery(world: World, o: Outage) -> bool:
-    """The outage began the moment something above its target stopped explaining it, or while
-    something above it was broken (hidden behind that outage, it shows only when that comes back)."""
+    """The outage began while something above its target was broken (hidden behind that outage,
+    it shows only when that comes back), or less than RESTORE_SETTLE after something above it
+    stopped explaining it (a VM up for a moment after its host's restore, then dark again: from
+    outside, the same VM still coming back)."""
     if o.start <= 0:
         return False
-    before = world.truth(max(0.0, o.start - RESOLUTION))
-    if world.explained(before, o.target) is not None:
-        return True
+    k = 1
+    while k * RESOLUTION <= RESTORE_SETTLE and o.start - k * RESOLUTION >= 0:
+        if world.explained(world.truth(o.start - k * RESOLUTION), o.target) is not None:
+            return True
+        k += 1
     at = world.truth(o.start)
     return any(
         at.hosts[up].hard(o.start) is not None or o.start < at.hosts[up].forward_from
@@ -172,7 +176,13 @@ def _cause_ok(world: World, m: SentMessage) -> bool:
         if (
             m.cause == "os_unresponsive"
             and h.power
-            and (not h.os_ok or (at < h.booting_until and h.booting_own))
+            and (
+                not h.os_ok
+                or (at < h.booting_until and h.booting_own)
+                # silent on every address its OS has, chassis on: what "not responding" means
+                or h.loss >= HARD_LOSS
+                or set(world.site.addresses[m.root]) <= h.nics_down
+            )
         ):
             return True
         if m.cause == "bmc_unreachable" and not h.bmc_ok:
@@ -235,10 +245,11 @@ def score(config: Config, world: World, rec: Recording) -> Score:
         return best
 
     def ended_before(root: str, at: float) -> Outage | None:
-        """The outage an all-clear at ``at`` reports: the latest one over by then."""
+        """The outage an all-clear at ``at`` reports: the latest one over by then, or a packet
+        loss still going on (paged when it was worse, cleared when it eased: not wrong)."""
         best: Outage | None = None
         for o in by_target.get(root, ()):
-            if o.end <= at:
+            if o.end <= at or (o.soft and o.start <= at < o.end):
                 best = o
         return best
 

@@ -150,11 +150,22 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
         return TargetState.DOWN
     if down >= min(confirm_paths, len(witnesses)):
         failed = [p for p in paths if p.state is PathState.DOWN]
-        if all(p.kind == "icmp" for p in failed) and any(
-            p.state is PathState.UP and p.kind != "icmp" and not p.by_bmc for p in paths
+        onset = min((p.since for p in failed if p.since is not None), default=None)
+        if (
+            onset is not None
+            and all(p.kind == "icmp" for p in failed)
+            and any(
+                p.state is PathState.UP
+                and p.kind != "icmp"
+                and not p.by_bmc
+                and p.last_ok is not None
+                and p.last_ok >= onset
+                for p in paths
+            )
         ):
-            # Pings lost on every address while a service of its own answers: something drops
-            # ICMP (a firewall rule), the host is up.
+            # Pings lost on every address while a service of its own answers since: something
+            # drops ICMP (a firewall rule), the host is up. (A service still "up" from before, its
+            # probe in flight, says nothing: a host whose power just went off.)
             return TargetState.DEGRADED
         return TargetState.DOWN
     if down and up:

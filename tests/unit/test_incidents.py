@@ -192,6 +192,13 @@ def test_power_back_on_while_booting_keeps_the_cause() -> None:
     t2 = IncidentTracker()
     t2.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(True, power_on=True)}), 0.0)
     assert t2.open_incidents()[0].cause == "os_unresponsive"
+    # BMC unreachable, then back saying "chassis on" while the host is still down (simulator, demo
+    # seed 188: power cut and restored while the BMC was away): booting or hung, not known.
+    t3 = IncidentTracker()
+    t3.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(False)}), 0.0)
+    assert t3.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(True, power_on=True)}), 5.0) == []
+    (inc,) = t3.open_incidents()
+    assert inc.cause == "bmc_unreachable" and "booting, or hung" in inc.timeline[-1].text
 
 
 def test_a_target_back_before_its_root_failed_again_comes_back_with_the_new_restore() -> None:

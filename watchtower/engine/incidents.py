@@ -564,13 +564,18 @@ class IncidentTracker:
         if verdict.cause is Cause.OS_UNRESPONSIVE and incident.cause in (
             Cause.POWER_OFF,
             Cause.HARDWARE_FAULT,
+            Cause.BMC_UNREACHABLE,
         ):
-            # Chassis back on while the host is still down: it is booting, not hung. Keep the cause
-            # that explains the outage, and say what changed.
+            # Chassis back on while the host is still down: it is booting, not hung (or, after a
+            # BMC that did not answer, it may have been either: what it was is not known). Keep the
+            # cause that explains the outage, and say what changed.
+            text = (
+                "BMC answers again: chassis on, host not answering yet (booting, or hung)"
+                if incident.cause is Cause.BMC_UNREACHABLE
+                else "BMC: chassis power back on, host not answering yet (booting?)"
+            )
             if not incident.timeline or incident.timeline[-1].kind != "power":
-                incident = incident.noted(
-                    now, "power", "BMC: chassis power back on, host not answering yet (booting?)"
-                )
+                incident = incident.noted(now, "power", text)
         elif verdict.cause is not None and verdict.cause != incident.cause:
             text = f"cause: {verdict.cause}" + (f" (was {incident.cause})" if incident.cause else "")
             incident = replace(incident, cause=verdict.cause).noted(now, "cause", text)

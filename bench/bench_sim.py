@@ -63,7 +63,9 @@ def main() -> int:
         values = [dict(c[1].rows())[k] for c in columns]
         lines.append(f"| {k.strip() if not k.startswith('  ') else '&nbsp;&nbsp;' + k.strip()} | "
                      + " | ".join(values) + f" | {TARGETS.get(k, '')} |")  # fmt: skip
-    lines.append(f"| wall time | {' | '.join(f'{c[3]:.0f} s' for c in columns)} | |")
+    lines.append(f"| wall time ({args.jobs} processes) | {' | '.join(f'{c[3]:.0f} s' for c in columns)} | |")
+    per_run = [f"{c[1].cpu / max(1, c[1].runs):.3g} s" for c in columns]
+    lines.append(f"| CPU per sequence | {' | '.join(per_run)} | |")
     for title, totals, scores, _ in columns:
         if totals.failing:
             lines += ["", f"Failing seeds on {title} (first 8 of {len(totals.failing)}; "

@@ -606,3 +606,36 @@ def test_a_network_outage_is_dated_as_most_of_its_witnesses_saw_it() -> None:
     view["nas"] = [replace(p, since=1.0) if p.state is DOWN else p for p in view["nas"]]
     v = next(v for v in correlate(PSITE, view, {}, [], now=10.0).verdicts if v.scope is Scope.NETWORK)
     assert (v.root, v.since) == ("sw", 5.0)
+
+
+def test_a_host_dark_on_the_network_of_a_dead_switch_is_the_switchs_even_as_it_answers_once() -> None:
+    # (simulator, partition seed 250) the switch hung: production dark, a network outage. Its
+    # first answer (recover_after not met: it is still down) ends that outage; the hypervisors,
+    # on two networks and so without a parent switch, must not become link_down pages of their own.
+    topo = Topology.build(
+        "acme", [Node("sw", "network"), Node("pve1", "hypervisor"), Node("pve2", "hypervisor")], NETS
+    )
+    dark = {"sw": {"prod", "mgmt"}, "pve1": {"prod"}, "pve2": {"prod"}}
+    view = {t: ps for t, ps in pview(dark).items() if t in topo.nodes}
+    # the switch answered once (both paths), and so did pve1 on production: pve2 is the last
+    # one dark there, one host is no network outage
+    view["sw"] = [replace(p, since=None) for p in view["sw"]]
+    view["pve1"] = [replace(p, since=None) if p.network == "prod" else p for p in view["pve1"]]
+    c = correlate(topo, view, {}, [], now=10.0)
+    assert [v.root for v in c.verdicts] == ["sw"] and "pve2" in c.verdicts[0].affected
+    assert c.states["pve2"] is TargetState.UNREACHABLE
+
+
+def test_pings_lost_everywhere_while_a_service_answers_is_a_firewall_not_an_outage() -> None:
+    # (simulator, partition seed 202) the NAS drops ICMP on production and management (two
+    # witnesses down), its iSCSI port answers: up, degraded; no page.
+    view = pview({"nas": {"prod", "mgmt"}})
+    view["nas"] = [replace(p, state=UP, last_ok=9.0) if p.kind == "tcp" else p for p in view["nas"]]
+    c = correlate(PSITE, view, {}, [], now=10.0)
+    assert c.verdicts == () and c.states["nas"] is TargetState.DEGRADED
+    # a service "up" only from before the pings failed (its probe in flight) says nothing
+    stale = [replace(p, last_ok=4.0) if p.kind == "tcp" else p for p in view["nas"]]
+    assert only(correlate(PSITE, {**view, "nas": stale}, {}, [], now=10.0).verdicts).root == "nas"
+    # a critical ping still takes it down
+    view["nas"][0] = replace(view["nas"][0], critical=True)
+    assert only(correlate(PSITE, view, {}, [], now=10.0).verdicts).root == "nas"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from watchtower.engine.correlate import BmcFacts, PathView, TargetState, correlate
 from watchtower.engine.incidents import (
@@ -191,6 +192,13 @@ def test_power_back_on_while_booting_keeps_the_cause() -> None:
     t2 = IncidentTracker()
     t2.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(True, power_on=True)}), 0.0)
     assert t2.open_incidents()[0].cause == "os_unresponsive"
+    # BMC unreachable, then back saying "chassis on" while the host is still down (simulator, demo
+    # seed 188: power cut and restored while the BMC was away): booting or hung, not known.
+    t3 = IncidentTracker()
+    t3.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(False)}), 0.0)
+    assert t3.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(True, power_on=True)}), 5.0) == []
+    (inc,) = t3.open_incidents()
+    assert inc.cause == "bmc_unreachable" and "booting, or hung" in inc.timeline[-1].text
 
 
 def test_a_target_back_before_its_root_failed_again_comes_back_with_the_new_restore() -> None:
@@ -257,3 +265,76 @@ def test_a_failure_between_passes_still_delays_the_all_clear() -> None:
     assert t.incidents[inc.id].quiet_since == 33.0
     t.step(corr(), 45.0, SITE, failing={"dc1": 33.0})  # nothing new: unchanged
     assert t.incidents[inc.id].quiet_since == 33.0
+
+
+def test_a_root_down_for_a_moment_starts_a_new_restore_of_what_runs_on_it() -> None:
+    # (simulator, demo seed 410) pve1 back, its VMs back for long; then pve1 hangs for 4 s, too
+    # short for a verdict of its own (held for its BMC), and its VMs reboot: part of pve1's
+    # outage, not two VM pages.
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"]), 10.0, SITE)
+    (inc,) = t.open_incidents()
+    t.step(corr(down=["dc1", "mail1"]), 20.0, SITE)  # pve1 back
+    t.step(corr(), 25.0, SITE)
+    t.step(corr(), 25.0 + RESTORE_SETTLE, SITE)  # VMs back for long: done with that restore
+    t.step(corr(down=["pve1", "dc1", "mail1"], since=36.0), 37.0, SITE, suspects={"pve1": 5.0})
+    changes = t.step(corr(down=["dc1", "mail1"], since=38.0), 40.0, SITE)  # VMs reboot
+    assert "opened" not in {c.kind for c in changes}
+    assert [i.id for i in t.open_incidents()] == [inc.id]
+
+
+def test_what_runs_on_a_host_down_for_a_moment_is_that_blip_coming_back() -> None:
+    # (simulator, demo seed 479) pve1 lost power for 4 s: down for one pass, too short for a
+    # verdict (held for its BMC), no incident. Its VMs reboot for a minute: no page for them.
+    # Up for long after that, a VM failing is its own outage again.
+    t = IncidentTracker()
+    t.step(corr(), 0.0, SITE)
+    t.step(corr(down=["pve1", "dc1", "mail1"], since=9.0), 10.0, SITE, suspects={"pve1": 5.0})
+    assert t.step(corr(down=["dc1", "mail1"], since=11.0), 12.0, SITE) == []
+    assert t.step(corr(down=["dc1", "mail1"], since=11.0), 60.0, SITE) == []
+    t.step(corr(), 70.0, SITE)  # back
+    t.step(corr(), 70.0 + RESTORE_SETTLE, SITE)
+    changes = t.step(corr(down=["dc1"], since=85.0), 86.0, SITE)
+    assert [c.kind for c in changes] == ["opened"]
+    # ... and one that does not come back within RECOVERY_GRACE is paged then
+    t2 = IncidentTracker()
+    t2.step(corr(down=["pve1", "dc1"], since=9.0), 10.0, SITE, suspects={"pve1": 5.0})
+    assert t2.step(corr(down=["dc1"], since=11.0), 12.0, SITE) == []
+    changes = t2.step(corr(down=["dc1"], since=11.0), 10.0 + RECOVERY_GRACE, SITE)
+    assert [c.kind for c in changes] == ["opened"]
+
+
+def test_an_incident_opened_minutes_into_its_upstreams_outage_is_not_folded_into_it() -> None:
+    # (simulator, partition seed 237) the switch died at 10 s (production dark); the NAS kept
+    # answering on management until it hung at 300 s: its own incident, paged. Its production
+    # path has been failing since 10 s, but that does not make it the switch's outage.
+    from watchtower.engine.correlate import Correlation, Scope, Verdict
+
+    def c(verdicts: tuple[Verdict, ...]) -> Correlation:
+        return Correlation(
+            states=dict.fromkeys(SITE.nodes, TargetState.DOWN), verdicts=verdicts, vantage_up=True
+        )
+
+    t = IncidentTracker()
+    sw = Verdict(Scope.NETWORK, "sw", affected=("pve1", "dc1", "mail1"), since=10.0)
+    t.step(c((sw,)), 15.0, SITE)
+    t.step(c((sw, Verdict(Scope.STORAGE, "nas", since=10.0))), 300.0, SITE)
+    assert {i.root for i in t.open_incidents()} == {"sw", "nas"}
+    t.step(c((replace(sw, affected=("pve1", "nas", "dc1", "mail1")),)), 330.0, SITE)  # nas back on mgmt
+    nas = next(i for i in t.incidents.values() if i.root == "nas")
+    assert nas.merged_into is None and nas.is_open
+
+
+def test_a_straggler_released_by_the_grace_is_not_claimed_back_by_the_restore_tail() -> None:
+    # (simulator, demo seed 115) files lost all packets during its switch's outage; the switch's
+    # grace ran out and its all-clear said "still down, now an incident of its own": the next pass
+    # must open that incident, not reclaim the VM into the switch's restore (never paged).
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"]), 0.0, SITE)
+    t.step(corr(down=["dc1"]), 50.0, SITE)
+    # (its own verdict held back this pass, e.g. for a dependency's confirmation)
+    changes = t.step(corr(down=["dc1"]), 50.0 + RECOVERY_GRACE, SITE, suspects={"dc1": 5.0})
+    assert [c.kind for c in changes] == ["resolved"] and "now incidents of their own: dc1" in changes[0].text
+    changes = t.step(corr(down=["dc1"]), 55.0 + RECOVERY_GRACE, SITE)
+    assert [c.kind for c in changes] == ["opened"]
+    assert [i.root for i in t.open_incidents()] == ["dc1"]

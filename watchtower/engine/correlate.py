@@ -146,9 +146,27 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
         return TargetState.UNKNOWN
     down = sum(1 for states in witnesses.values() if all(s is PathState.DOWN for s in states))
     up = sum(1 for states in witnesses.values() if any(s is PathState.UP for s in states))
-    if down >= min(confirm_paths, len(witnesses)) or any(
-        p.critical and p.state is PathState.DOWN for p in paths
-    ):
+    if any(p.critical and p.state is PathState.DOWN for p in paths):
+        return TargetState.DOWN
+    if down >= min(confirm_paths, len(witnesses)):
+        failed = [p for p in paths if p.state is PathState.DOWN]
+        onset = min((p.since for p in failed if p.since is not None), default=None)
+        if (
+            onset is not None
+            and all(p.kind == "icmp" for p in failed)
+            and any(
+                p.state is PathState.UP
+                and p.kind != "icmp"
+                and not p.by_bmc
+                and p.last_ok is not None
+                and p.last_ok >= onset
+                for p in paths
+            )
+        ):
+            # Pings lost on every address while a service of its own answers since: something
+            # drops ICMP (a firewall rule), the host is up. (A service still "up" from before, its
+            # probe in flight, says nothing: a host whose power just went off.)
+            return TargetState.DEGRADED
         return TargetState.DOWN
     if down and up:
         return TargetState.DEGRADED
@@ -287,11 +305,13 @@ def network_outages(
         # Its onset is when the hosts that prove it (alive elsewhere) went dark on it, as most of
         # them saw it: a host dark there for an hour for its own reasons (hung, or off and just
         # back on) did not start this outage.
-        witnesses = [t for t in dark if t in alive or topology.nodes[t].role == "network"]
+        # When its own device is dark on it too, the device's onset is the network's.
+        devices = [t for t in dark if topology.nodes[t].role == "network"]
+        witnesses = devices or [t for t in dark if t in alive]
         onsets = [
             min(starts) for t in witnesses if (starts := [p.since for p in members[t] if p.since is not None])
         ]
-        since = statistics.median_low(onsets) if onsets else None
+        since = (min(onsets) if devices else statistics.median_high(onsets)) if onsets else None
         net = topology.networks.get(key)
         if net is not None:
             root = net.via[0] if net.via else key
@@ -464,6 +484,7 @@ def correlate(
         if state is TargetState.DOWN and name not in explained and name not in outages
     }
     root_of: dict[str, str] = dict(explained)
+    carried_by: dict[str, str] = {}  # target -> the dead device of the networks it is dark on
 
     def find_root(name: str, trail: frozenset[str] = frozenset()) -> str:
         if name in root_of:
@@ -489,8 +510,30 @@ def correlate(
             ):
                 root = parent  # its hypervisor's link to that network is down: one incident, its link's
                 break
+        if root == name:
+            carrier = _dead_carrier(name)
+            if carrier is not None and carrier not in trail:
+                root = find_root(carrier, trail | {name})
+                carried_by[name] = carrier
         root_of[name] = root
         return root
+
+    def _dead_carrier(name: str) -> str | None:
+        """The dead device of every configured network ``name`` is dark on (a host on production
+        and management has no single parent switch; its production side is its switch's): while
+        that switch is down, its production silence is the switch's, even once the switch's
+        network outage (which wanted it dark, and the switch answered once) is gone."""
+        nets = {p.network for p in paths.get(name, ()) if p.state is PathState.DOWN and not p.by_bmc}
+        if not nets or None in nets:
+            return None
+        devices = []
+        for net in nets:
+            info = topology.networks.get(net)  # type: ignore[arg-type]
+            dead = [d for d in (info.via if info else ()) if d in failed and d != name]
+            if not dead:
+                return None
+            devices.append(dead[0])
+        return devices[0]
 
     def _dark_behind(parent: str, name: str) -> bool:
         """``name`` is dark only on networks on which ``parent`` (alive elsewhere) is dark too: a
@@ -529,7 +572,9 @@ def correlate(
             affected.setdefault(name, [])
             continue
         affected.setdefault(root, []).append(name)
-        if any(p in failed or p in explained or p in outages for p in topology.nodes[name].parents):
+        if name in carried_by or any(
+            p in failed or p in explained or p in outages for p in topology.nodes[name].parents
+        ):
             states[name] = TargetState.UNREACHABLE
 
     verdicts = []

@@ -67,8 +67,9 @@ ALL_CLEAR_WATCH = 300.0
 # all-clear hold, so its all-clear has not gone out yet): one VM slower than the rest is the restore.
 RESTORE_TAIL = 45.0
 # What answers again behind a root that is back is done with that restore once it has answered
-# this long: a VM up for a moment as its storage returns may still reboot onto it.
-RESTORE_SETTLE = 10.0
+# this long (a probe round after the one that brought it back): a VM up for a moment as its storage
+# returns may still reboot onto it; a host up for 7 s after its switch and then hung is an outage.
+RESTORE_SETTLE = 5.0
 
 
 class IncidentState(enum.StrEnum):
@@ -152,6 +153,13 @@ class IncidentTracker:
         # incident id -> what behind its root answered again while it was coming back
         self._seen_up: dict[int, dict[str, float]] = {}  # ... and since when (continuously)
         self.waiting = False  # the last step held something back: step again soon
+        # Each target's last pass in state ``down`` (its own paths), and its up stretches: what runs
+        # behind a host that was down for a moment, too short for an incident, is rebooting.
+        self._last_down: dict[str, float] = {}
+        self._up_since: dict[str, float] = {}
+        self._last_up: dict[str, tuple[float, float]] = {}  # target -> its last finished up stretch
+        # incident id -> what its all-clear left as outages of their own (the grace ran out)
+        self._released: dict[int, set[str]] = {}
 
     def load(self, incidents: Iterable[Incident], next_id: int) -> None:
         """Start from the store's open (and recently resolved) incidents: same ids after a restart."""
@@ -164,6 +172,7 @@ class IncidentTracker:
         for incident_id in incident_ids:
             self.incidents.pop(incident_id, None)
             self._seen_up.pop(incident_id, None)
+            self._released.pop(incident_id, None)
 
     # ------------------------------------------------------------------ reading
     def open_incidents(self) -> list[Incident]:
@@ -263,6 +272,35 @@ class IncidentTracker:
         incident = self.annotate(incident_id, f"note:{kind}", line, now)
         return [Change(incident.id, "note", line)]
 
+    def _watch_states(self, corr: Correlation, now: float) -> None:
+        for name, state in corr.own.items():
+            if state is TargetState.DOWN:
+                self._last_down[name] = now
+        for name, state in corr.states.items():
+            if state is TargetState.UP:
+                self._up_since.setdefault(name, now)
+            elif name in self._up_since:
+                self._last_up[name] = (self._up_since.pop(name), now)
+
+    def _after_bounce(
+        self, target: str, corr: Correlation, now: float, topology: Topology | None
+    ) -> str | None:
+        """What ``target`` needs that was down less than ``RECOVERY_GRACE`` ago and answers again,
+        when ``target`` has not been up for ``RESTORE_SETTLE`` since: a hypervisor that lost power
+        for 4 s (too short to confirm and page) reboots its VMs, and they are that blip coming
+        back, not outages of their own, for the grace."""
+        if topology is None:
+            return None
+        for up in topology.upstream(target):
+            down_at = self._last_down.get(up)
+            if down_at is None or now - down_at >= RECOVERY_GRACE or corr.own.get(up) is TargetState.DOWN:
+                continue
+            stretch = self._last_up.get(target)
+            if stretch is not None and stretch[1] - max(stretch[0], down_at) >= RESTORE_SETTLE:
+                continue  # up (back, or never gone) for long after that: failing now is its own
+            return up
+        return None
+
     def _coming_back(
         self, corr: Correlation, roots: set[str], now: float, topology: Topology | None
     ) -> dict[str, int]:
@@ -287,13 +325,16 @@ class IncidentTracker:
                 continue
             if incident.root_back_at is not None and now - incident.root_back_at >= RECOVERY_GRACE:
                 continue
-            behind = topology.dependents(incident.root) if topology is not None else ()
+            behind = topology.behind(incident.root) if topology is not None else ()
             # Up for RESTORE_SETTLE while the root is back: done with this restore, failing again
             # is its own. (Up while the root was still down, before it failed once more, does not
             # count: it comes back with this restore; ``back`` is the log of the restores. Nor does
             # up for a moment as the root returns: a VM answers, then reboots onto its storage.)
             seen_up = self._seen_up.setdefault(incident.id, {})
+            released = self._released.get(incident.id, ())
             for target in (*incident.affected, *behind):
+                if target in released:
+                    continue  # the grace ran out for it: an outage of its own now, not this restore
                 up_since = seen_up.get(target)
                 if up_since is not None and now - up_since >= RESTORE_SETTLE:
                     continue  # done with this restore
@@ -354,12 +395,19 @@ class IncidentTracker:
             )
             changes.append(Change(blind.id, "resolved", text))
 
+        self._watch_states(corr, now)
         held = self._held(corr, now, topology, suspects or {})
         if held:
             self.waiting = True  # look again once the dependencies have settled
         verdicts = [v for v in corr.verdicts if v.scope is not Scope.MONITOR and v.root not in held]
         claimed: set[int] = set()
         roots = {v.root for v in verdicts}
+        for incident_id in list(self._seen_up):
+            restoring = self.incidents.get(incident_id)
+            if restoring is not None and corr.own.get(restoring.root) is TargetState.DOWN:
+                # Its root went down again, if only for a moment (too short for a verdict): what
+                # runs on it reboots, a new way up for all of it.
+                del self._seen_up[incident_id]
         recovering = self._coming_back(corr, roots, now, topology)
         # an outage of its own stays its own
         own_roots = {i.root for i in self.open_incidents() if i.scope not in WARNING_SCOPES}
@@ -378,6 +426,9 @@ class IncidentTracker:
                         )
                     )
                     changes.append(Change(owner_id, "recovering", text))
+                if verdict.root in owner.back:
+                    # back once, down again in this restore: the all-clear waits for it again
+                    owner = self._put(replace(owner, back=tuple(b for b in owner.back if b != verdict.root)))
                 if verdict.root not in owner.affected:
                     text = f"affected: +{verdict.root} (still coming back after {owner.root})"
                     self._put(
@@ -385,6 +436,12 @@ class IncidentTracker:
                     )
                     changes.append(Change(owner_id, "affected", text))
                 continue
+            if (
+                verdict.cause not in OWN_CAUSES
+                and verdict.root not in own_roots
+                and self._after_bounce(verdict.root, corr, now, topology) is not None
+            ):
+                continue  # still coming back after what it runs on was down for a moment
             incident = self._apply(verdict, now, changes)
             claimed.add(incident.id)
             self._note_back(incident.id, corr, now)
@@ -439,6 +496,9 @@ class IncidentTracker:
                 if i.root in verdict.affected
                 and i is not incident
                 and (i.first_failure_at if i.first_failure_at is not None else i.opened_at) >= onset
+                # ... and opened around it too: a NAS that hung minutes into its switch's outage
+                # (its management side alive till then) was an outage of its own
+                and i.opened_at <= onset + 2 * REROOT_WINDOW + HOLD_MAX
                 and i.flaps == 0
                 and i.cause not in OWN_CAUSES  # the BMC proves it is its own outage
             ),
@@ -510,13 +570,18 @@ class IncidentTracker:
         if verdict.cause is Cause.OS_UNRESPONSIVE and incident.cause in (
             Cause.POWER_OFF,
             Cause.HARDWARE_FAULT,
+            Cause.BMC_UNREACHABLE,
         ):
-            # Chassis back on while the host is still down: it is booting, not hung. Keep the cause
-            # that explains the outage, and say what changed.
+            # Chassis back on while the host is still down: it is booting, not hung (or, after a
+            # BMC that did not answer, it may have been either: what it was is not known). Keep the
+            # cause that explains the outage, and say what changed.
+            text = (
+                "BMC answers again: chassis on, host not answering yet (booting, or hung)"
+                if incident.cause is Cause.BMC_UNREACHABLE
+                else "BMC: chassis power back on, host not answering yet (booting?)"
+            )
             if not incident.timeline or incident.timeline[-1].kind != "power":
-                incident = incident.noted(
-                    now, "power", "BMC: chassis power back on, host not answering yet (booting?)"
-                )
+                incident = incident.noted(now, "power", text)
         elif verdict.cause is not None and verdict.cause != incident.cause:
             text = f"cause: {verdict.cause}" + (f" (was {incident.cause})" if incident.cause else "")
             incident = replace(incident, cause=verdict.cause).noted(now, "cause", text)
@@ -526,6 +591,7 @@ class IncidentTracker:
                 now, "root_failed", f"{verdict.root} failed again before everything came back"
             )
         self._seen_up.pop(incident.id, None)  # its root is failing (again): a new way down, a new way up
+        self._released.pop(incident.id, None)
         return self._put(replace(incident, evidence=verdict.evidence))
 
     def _recent(self, root: str, now: float) -> Incident | None:
@@ -559,6 +625,7 @@ class IncidentTracker:
             text = f"{incident.root} and what it took down are back after {_span(now - incident.opened_at)}"
         if still:
             text += f"; still down, now incidents of their own: {', '.join(still)}"
+            self._released.setdefault(incident.id, set()).update(still)
         partial = self._partly_back(incident, corr)
         if partial:
             text += f"; answering but not on every path yet: {', '.join(partial)}"

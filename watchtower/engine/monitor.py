@@ -28,7 +28,7 @@ from watchtower.engine.correlate import (
 from watchtower.engine.incidents import HOLD_MAX, Change, Incident, IncidentTracker
 from watchtower.engine.paths import PathState, PathStatus
 from watchtower.engine.runner import run_probe
-from watchtower.engine.scheduler import BatchHook, BatchStart, Scheduler
+from watchtower.engine.scheduler import BatchHook, BatchStart, DirectStart, Scheduler
 from watchtower.engine.topology import Topology
 from watchtower.probes import (
     BatchProbe,
@@ -222,6 +222,7 @@ class Monitor:
                 self._cadence(status),
                 self._runner(status),
                 batch=self._batch_hook(status),
+                direct=self._direct(status),
             )
         for key in old:
             self.scheduler.remove(key)
@@ -261,6 +262,29 @@ class Monitor:
             self.record(status, result, clock.now())
 
         return run
+
+    def _direct(self, status: PathStatus) -> DirectStart | None:
+        """For an injected probe that answers by callback (the simulator's ``begin``): a run
+        without a task, the same steps as :meth:`_runner` in the same order."""
+        begin = getattr(self._probe, "begin", None)
+        if begin is None:
+            return None
+
+        def start(done: Callable[[], None]) -> None:
+            status.memory["confirming"] = status.state is PathState.UP and status.failures > 0
+
+            def deliver(result: ProbeResult) -> None:
+                try:
+                    if not self.scheduler.stopped:  # stopped meanwhile: a cancelled run records nothing
+                        self.record(status, result, clock.now())
+                except Exception:  # as the scheduler guards a task's run
+                    log.exception("job failed key=%s", status.path.key)
+                finally:
+                    done()
+
+            begin(status.path, self.shared, status.memory, deliver)
+
+        return start
 
     def _batch_hook(self, status: PathStatus) -> BatchHook | None:
         """For a kind with a batch extension: this run's ticket into the slot's batch, or None
@@ -499,7 +523,7 @@ class Monitor:
                 bmc.clear(now)
         settled = False
         for name in back:
-            for dependent in self.topology.dependents(name):
+            for dependent in self.topology.behind(name):
                 for status in self.target_paths(dependent):
                     if status.path.is_bmc or status.state is PathState.UP:
                         continue

@@ -74,6 +74,10 @@ class LagStats:
 # once, when every item's result has been recorded.
 BatchStart = Callable[[list[Any], Callable[[], None]], None]
 BatchHook = Callable[[], tuple[BatchStart, Any] | None]
+# A job that runs without a task (the simulator's probes, answered by callbacks on virtual time):
+# called where the task's first step would run, with ``done`` to call once the run has been
+# recorded. It makes the same loop calls in the same order as the task would, minus the task.
+DirectStart = Callable[[Callable[[], None]], None]
 
 
 @dataclass(slots=True)
@@ -84,11 +88,20 @@ class _Job:
     run: Callable[[], Awaitable[None]]
     first_in: float
     batch: BatchHook | None = None
+    direct: DirectStart | None = None
     due: float = 0.0
     slot: int | None = None  # the grid slot whose bucket holds this job while it is armed
     running: bool = False
     removed: bool = False
     rerun: bool = False  # run_now() while running: run again as soon as this run ends
+
+
+def run_finished() -> None:
+    """Queued where a finished run's task would have queued its completion callback: it does
+    nothing, but a loop iteration with a callback ready does not advance the clock, so without it
+    the simulator's virtual clock could jump where a task-based run's did not (a loop may treat
+    it as exactly that, see ``watchtower.sim.vloop``)."""
+    return None
 
 
 def stable_phase(key: Hashable) -> float:
@@ -129,13 +142,16 @@ class Scheduler:
         run: Callable[[], Awaitable[None]],
         first_in: float | None = None,
         batch: BatchHook | None = None,
+        direct: DirectStart | None = None,
     ) -> None:
         """Schedule ``run`` for ``key``; first run after ``first_in`` s (default: a stable phase).
-        With ``batch``, a due run may instead join a batch (see :data:`BatchHook`)."""
+        With ``batch``, a due run may instead join a batch (see :data:`BatchHook`); with
+        ``direct``, a run is that callback instead of a task running ``run`` (see
+        :data:`DirectStart`)."""
         previous = self._jobs.get(key)
         self.remove(key)
         delay = stable_phase(key) * interval if first_in is None else first_in
-        job = _Job(key, interval, cadence, run, delay, batch)
+        job = _Job(key, interval, cadence, run, delay, batch, direct)
         self._jobs[key] = job
         if self._loop is not None:
             if previous is not None and first_in is None:
@@ -184,6 +200,9 @@ class Scheduler:
             self._buckets.pop(slot, None)
             return
         batches: dict[BatchStart, list[tuple[_Job, Any]]] = {}
+        # Direct runs begin where their tasks' first steps would run, in the next loop iteration;
+        # consecutive ones share one callback (their tasks' steps would have run back to back).
+        direct: list[tuple[_Job, float]] = []
         for job in self._buckets.pop(slot, ()):
             if job.slot != slot or job.removed:
                 continue  # moved to another slot (run_now, reload) or removed since
@@ -193,10 +212,18 @@ class Scheduler:
             except Exception:  # a bug in a batch hook must not lose the slot's other runs
                 log.exception("batch hook failed key=%s", job.key)
                 ticket = None
-            if ticket is None:
+            if ticket is None and job.direct is not None:
+                job.running = True
+                direct.append((job, job.due))
+            elif ticket is None:
+                if direct:
+                    self._loop.call_soon(self._run_directs, direct)
+                    direct = []
                 self._fire(job)
             else:
                 batches.setdefault(ticket[0], []).append((job, ticket[1]))
+        if direct:
+            self._loop.call_soon(self._run_directs, direct)
         for start, members in batches.items():
             self._start_batch(start, members)
 
@@ -252,6 +279,44 @@ class Scheduler:
         finally:
             job.running = False
         self._rearm(job, due)
+
+    def _run_directs(self, runs: list[tuple[_Job, float]]) -> None:
+        for job, due in runs:
+            self._run_direct(job, due)
+
+    def _run_direct(self, job: _Job, due: float) -> None:
+        """:meth:`_run_job` for a job with a :data:`DirectStart`: no task, no semaphore slot (the
+        simulator's runs are bounded by its site), lag recorded per run."""
+        if self._loop is None:  # stopped before it began, as a cancelled task never starts
+            job.running = False
+            return
+        self.lag.observe(max(0.0, self._loop.time() - due))
+        self.in_flight += 1
+        finished = False
+
+        def done() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            self.in_flight -= 1
+            self.runs += 1
+            job.running = False
+            self._rearm(job, due)
+            if self._loop is not None:
+                self._loop.call_soon(run_finished)
+
+        assert job.direct is not None
+        try:
+            job.direct(done)
+        except Exception:  # the monitor's direct start never raises; this guards the scheduler
+            log.exception("job failed key=%s", job.key)
+            done()
+
+    @property
+    def stopped(self) -> bool:
+        """Not running (before :meth:`run`, or after it ended): a run finishing now records nothing."""
+        return self._loop is None
 
     def _rearm(self, job: _Job, due: float) -> None:
         if job.removed or self._loop is None:

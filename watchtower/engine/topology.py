@@ -36,6 +36,7 @@ class NetworkInfo:
     name: str
     via: tuple[str, ...] = ()
     label: str | None = None
+    members: tuple[str, ...] = ()  # targets with a path on it (their OS's, not their BMC's)
 
     @property
     def title(self) -> str:
@@ -56,6 +57,7 @@ class Topology:
     _dependents: dict[str, tuple[str, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _behind: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, site: str, nodes: list[Node], networks: Sequence[NetworkInfo] = ()) -> Topology:
@@ -102,6 +104,23 @@ class Topology:
             known = self._dependents[name] = self._find_dependents(name)
         return known
 
+    def behind(self, name: str) -> tuple[str, ...]:
+        """What ``name``'s coming back brings back: its :meth:`dependents`, and the targets on the
+        networks it carries (``via``) with what depends on them. A host on production and
+        management has no single parent switch, but its production paths come back with it."""
+        known = self._behind.get(name)
+        if known is None:
+            found = set(self.dependents(name))
+            for net in self.networks.values():
+                if name in net.via:
+                    for member in net.members:
+                        if member != name:
+                            found.add(member)
+                            found.update(self.dependents(member))
+            found.discard(name)
+            known = self._behind[name] = tuple(n for n in self.nodes if n in found)
+        return known
+
     def _find_dependents(self, name: str) -> tuple[str, ...]:
         needed_by: dict[str, list[str]] = {}
         for node in self.nodes.values():
@@ -118,11 +137,16 @@ class Topology:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Topology:
-        networks = [NetworkInfo(name, tuple(net.via), net.label) for name, net in cfg.networks.items()]
         on: dict[str, set[str | None]] = {}
         for p in cfg.paths:
             if not p.by_bmc:
                 on.setdefault(p.target, set()).add(p.network)
+        networks = [
+            NetworkInfo(
+                name, tuple(net.via), net.label, tuple(t for t in cfg.targets if name in on.get(t, ()))
+            )
+            for name, net in cfg.networks.items()
+        ]
         nodes = []
         for name, t in cfg.targets.items():
             carriers: list[str] = []

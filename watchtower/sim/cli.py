@@ -33,22 +33,45 @@ def run_script(config: Config, events: list[FaultEvent], seed: int) -> Score:
     return score(config, world, recording)
 
 
-def _one_seed(source: str, seed: int) -> tuple[int, Score]:
+def _warm(source: str) -> None:
+    """A worker's start: the config, and the probe registry the monitor imports on first use, so
+    the first sequence's CPU time is the sequence's."""
+    from watchtower.probes import get_probe
+
+    _load(source)
+    get_probe("icmp")
+
+
+def _one_seed(source: str, seed: int) -> tuple[int, Score, float]:
     config = _load(source)
-    return seed, run_script(config, random_script(config, seed), seed)
+    started = time.process_time()
+    s = run_script(config, random_script(config, seed), seed)
+    return seed, s, time.process_time() - started
 
 
 def run_seeds(source: str, seeds: range, jobs: int) -> tuple[Totals, dict[int, Score], float]:
     """Score every seed's random fault sequence on ``source`` (a config file, or ``@topology``)
-    in ``jobs`` processes. Returns the totals, each seed's score and the wall time."""
+    in ``jobs`` processes. Returns the totals (with the CPU time the sequences took), each seed's
+    score and the wall time."""
     started = time.monotonic()
     totals = Totals()
     scores: dict[int, Score] = {}
-    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for seed, s in pool.map(_one_seed, [source] * len(seeds), seeds, chunksize=4):
+    with ProcessPoolExecutor(max_workers=max(1, jobs), initializer=_warm, initargs=(source,)) as pool:
+        for seed, s, cpu in pool.map(_one_seed, [source] * len(seeds), seeds, chunksize=4):
             totals.add(seed, s)
+            totals.cpu += cpu
             scores[seed] = s
     return totals, scores, time.monotonic() - started
+
+
+def throughput(totals: Totals, elapsed: float, jobs: int) -> str:
+    """How fast the sequences ran, e.g. for choosing ``--seeds`` (the results do not depend on it)."""
+    per = totals.cpu / totals.runs if totals.runs else 0.0
+    jobs = max(1, jobs)
+    return (
+        f"{totals.runs} fault sequences in {elapsed:.0f} s ({jobs} process{'es' if jobs > 1 else ''}), "
+        f"{per:.3g} s CPU per sequence"
+    )
 
 
 def minimise(config: Config, events: list[FaultEvent], seed: int) -> list[FaultEvent]:
@@ -89,8 +112,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps({k: v for k, v in totals.rows()} | {"failing_seeds": totals.failing}, indent=2))
+        # the results alone on stdout (two runs compare with diff); how fast, beside them
+        print(f"watchtower sim: {throughput(totals, elapsed, args.jobs)}", file=sys.stderr)
     else:
-        print(f"watchtower sim: {totals.runs} fault sequences on {source.lstrip('@')} in {elapsed:.0f} s\n")
+        print(f"watchtower sim on {source.lstrip('@')}: {throughput(totals, elapsed, args.jobs)}\n")
         width = max(len(k) for k, _ in totals.rows())
         for k, v in totals.rows():
             print(f"  {k:<{width}}  {v}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from dataclasses import dataclass, field
 
 from watchtower import clock
@@ -82,10 +83,15 @@ def simulate(config: Config, events: list[FaultEvent], seed: int) -> tuple[World
     # The engine logs every state change at INFO; thousands of runs would drown the terminal.
     previous_level = logging.getLogger("watchtower").level
     logging.getLogger("watchtower").setLevel(logging.ERROR)
+    # The engine draws from the process's shared generator too (the jitter of a retried delivery):
+    # seeded for the run, so a run with a failed send is the same run every time.
+    previous_random = random.getstate()
+    random.seed(f"watchtower sim {seed}")
     try:
         with clock.use(lambda: EPOCH + loop.time()):
             loop.run_until_complete(_run(config, events, world, recording))
     finally:
+        random.setstate(previous_random)
         logging.getLogger("watchtower").setLevel(previous_level)
         loop.close()
     return world, recording

@@ -15,6 +15,7 @@ incident of the same root that already paged).
 
 from __future__ import annotations
 
+import bisect
 import statistics
 from collections import Counter
 from collections.abc import Iterable
@@ -92,8 +93,20 @@ def outages(world: World, names: Iterable[str], end: float) -> list[Outage]:
         out.append(Outage(name, start, at, what.lstrip("~"), soft, (name, start) in behind_loss))
 
     steps = int(end / RESOLUTION) + 1
+    # What is broken at a sample depends on the truth in force and, through the boot and
+    # forwarding delays, on which of those moments have passed: a sample with the same of both as
+    # the one before finds the same, and changes nothing.
+    moments = sorted(
+        {t for h in world.history for x in h.hosts.values() for t in (x.booting_until, x.forward_from)}
+    )
+    starts = [h.at for h in world.history]
+    previous: tuple[int, int] | None = None
     for k in range(steps + 1):
         at = k * RESOLUTION
+        seen = (bisect.bisect_right(starts, at), bisect.bisect_right(moments, at))
+        if seen == previous and k < steps:
+            continue
+        previous = seen
         truth = world.truth(at)
         for name in names:
             own = truth.own(name) if k < steps else None
@@ -258,6 +271,7 @@ def score(config: Config, world: World, rec: Recording) -> Score:
     paged_outages: dict[Outage, float] = {}
     paged_channels: dict[Outage, set[str]] = {}
     cleared: dict[Outage, set[str]] = {}
+    paged_in: dict[Outage, int] = {}  # the incident whose page reported it
     for m in rec.messages:
         if m.kind in PAGE_KINDS:
             s.pages += 1
@@ -278,6 +292,7 @@ def score(config: Config, world: World, rec: Recording) -> Score:
             if found_o is not None and m.kind in PAGE_KINDS:
                 paged_outages.setdefault(found_o, m.at)
                 paged_channels.setdefault(found_o, set()).add(m.channel)
+                paged_in.setdefault(found_o, m.incident)
         elif m.kind == "resolve" and m.scope != "monitor":
             s.all_clears += 1
             cleared_o = ended_before(m.root, m.at)
@@ -287,6 +302,10 @@ def score(config: Config, world: World, rec: Recording) -> Score:
                 s.extra_all_clears.append(f"all-clear {m.root} at {m.at:.1f}s on {m.channel}: a second one")
             if cleared_o is not None:
                 cleared.setdefault(cleared_o, set()).add(m.channel)
+            # an incident re-rooted since its page (a VM off, then its host) clears what it paged
+            for o, incident in paged_in.items():
+                if incident == m.incident and o.end <= m.at:
+                    cleared.setdefault(o, set()).add(m.channel)
     for o in found:
         if o.soft or o.length < confirm_time(config, o.target) + (LOSSY_DARK if o.behind_loss else 0.0):
             continue
@@ -342,6 +361,7 @@ class Totals:
     all_clears: int = 0
     problems: int = 0
     time_to_page: list[float] = field(default_factory=list)
+    cpu: float = 0.0  # seconds of CPU the runs took (not a result: it depends on the machine)
 
     def add(self, seed: int, s: Score) -> None:
         self.runs += 1

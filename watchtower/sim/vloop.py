@@ -15,36 +15,181 @@ nothing scheduled at all (something waits on the outside world).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import heapq
 import selectors
+from asyncio.base_events import (  # type: ignore[attr-defined]
+    _MIN_CANCELLED_TIMER_HANDLES_FRACTION,
+    _MIN_SCHEDULED_TIMER_HANDLES,
+    MAXIMUM_SELECT_TIMEOUT,
+)
 from typing import Any
+
+from watchtower.engine.scheduler import run_finished
+
+# The fields asyncio's handles have (CPython 3.11): this loop fills them in without the constructor,
+# which it uses instead if they ever differ.
+_HANDLE_FIELDS_KNOWN = set(asyncio.Handle.__slots__) == {
+    "_callback", "_args", "_cancelled", "_loop", "_source_traceback", "_repr", "__weakref__", "_context"
+} and set(asyncio.TimerHandle.__slots__) == {"_scheduled", "_when"}  # fmt: skip
+_new_handle = object.__new__
+_copy_context = contextvars.copy_context
 
 
 class Deadlock(RuntimeError):
     """No callback is ready and no timer is scheduled: the run waits on something outside."""
 
 
-class _JumpSelector(selectors.DefaultSelector):
-    def __init__(self) -> None:
-        super().__init__()
-        self.now = 0.0
-
-    def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
-        events = super().select(0)  # the loop's own self-pipe (call_soon_threadsafe) still works
-        if events:
-            return events
-        if timeout is None:
-            raise Deadlock("nothing ready and no timer scheduled")
-        self.now += timeout
-        return []
-
-
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """A selector loop whose :meth:`time` is a number it owns, advanced to the next timer when
+    no callback is ready.
+
+    :meth:`_run_once` is the standard iteration (``asyncio.base_events``) with the I/O poll left
+    out: the same cancelled-timer sweep, the same timer heap (holding each timer's time as a float
+    that compares in C), the same order of callbacks, so a run does what it would on the standard
+    loop with a clock that jumps. A simulated run has no
+    file descriptors to watch (nothing may use real I/O, see the module docstring), and the poll
+    was most of an iteration's cost. A callback from another thread (``call_soon_threadsafe``)
+    still lands on the ready queue and runs.
+    """
+
     def __init__(self) -> None:
-        self._jump = _JumpSelector()
-        super().__init__(self._jump)
+        super().__init__(selectors.DefaultSelector())
+        self.set_debug(False)  # PYTHONASYNCIODEBUG would time callbacks against a clock that jumps
+        self._now = 0.0
+        self._hold = False  # a no-op is "ready": the next iteration keeps the clock (see call_soon)
+        self._held = asyncio.Handle(run_finished, (), self)
 
     def time(self) -> float:
-        return self._jump.now
+        return self._now
+
+    # The standard call_soon / call_at without the debug-mode checks (this loop runs with debug off),
+    # their handles filled in directly: a simulated run makes a million of them.
+    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:  # type: ignore[override]
+        loop: Any = self
+        if loop._closed:
+            raise RuntimeError("Event loop is closed")
+        if callback is run_finished:
+            # A no-op whose only effect is to keep the next iteration from advancing the clock:
+            # that effect, without a handle (and without the iteration, when it would be empty).
+            self._hold = True
+            return self._held
+        if _HANDLE_FIELDS_KNOWN:
+            handle: Any = _new_handle(asyncio.Handle)
+            handle._callback, handle._args, handle._cancelled, handle._loop = callback, args, False, self
+            handle._source_traceback = handle._repr = None
+            handle._context = _copy_context() if context is None else context
+        else:
+            handle = asyncio.Handle(callback, args, self, context)
+        loop._ready.append(handle)
+        return handle
+
+    def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> asyncio.TimerHandle:  # type: ignore[override]
+        loop: Any = self
+        if loop._closed:
+            raise RuntimeError("Event loop is closed")
+        if _HANDLE_FIELDS_KNOWN:
+            timer: Any = _new_handle(asyncio.TimerHandle)
+            timer._callback, timer._args, timer._cancelled, timer._loop = callback, args, False, self
+            timer._source_traceback = timer._repr = None
+            timer._context = _copy_context() if context is None else context
+            timer._when = when
+        else:
+            timer = asyncio.TimerHandle(when, callback, args, self, context)
+        entry = _Due(when)
+        entry.timer = timer
+        heapq.heappush(loop._scheduled, entry)
+        timer._scheduled = True
+        return timer
+
+    def call_at_soon(self, when: float, callback: Any, *args: Any) -> None:
+        """At ``when``, queue ``callback(*args)`` for the next iteration: what a task that sleeps
+        until ``when`` and then calls it does (its wakeup is queued by the timer and runs in the
+        next iteration), with a timer that appends a ready-made handle."""
+        loop: Any = self
+        if _HANDLE_FIELDS_KNOWN:
+            handle: Any = _new_handle(asyncio.Handle)
+            handle._callback, handle._args, handle._cancelled, handle._loop = callback, args, False, self
+            handle._source_traceback = handle._repr = None
+            handle._context = _copy_context()
+        else:
+            handle = asyncio.Handle(callback, args, self)
+        self.call_at(when, loop._ready.append, handle)
+
+    def _run_once(self) -> None:
+        """Iterations of the standard loop, until one sets ``_stopping`` (``run_forever`` calls
+        this in a loop and stops when it is set, so running several per call is the same)."""
+        loop: Any = self  # the standard loop's private state, read and kept as it keeps it
+        ready = loop._ready
+        popleft = ready.popleft
+        heappop = heapq.heappop
+        resolution = loop._clock_resolution
+        longest = MAXIMUM_SELECT_TIMEOUT
+        while True:
+            scheduled: list[_Due] = loop._scheduled
+            sched_count = len(scheduled)
+            if (
+                sched_count > _MIN_SCHEDULED_TIMER_HANDLES
+                and loop._timer_cancelled_count / sched_count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+            ):
+                # Too many cancelled timers: rebuild the heap without them (as the standard loop does).
+                kept = []
+                for entry in scheduled:
+                    if entry.timer._cancelled:
+                        entry.timer._scheduled = False
+                    else:
+                        kept.append(entry)
+                heapq.heapify(kept)
+                loop._scheduled = scheduled = kept
+                loop._timer_cancelled_count = 0
+            else:
+                while scheduled and scheduled[0].timer._cancelled:
+                    loop._timer_cancelled_count -= 1
+                    heappop(scheduled).timer._scheduled = False
+            now = self._now
+            if self._hold:  # as if a no-op were ready: no jump (an iteration with no timer due is skipped)
+                self._hold = False
+                if not ready and (not scheduled or scheduled[0] >= now + resolution):
+                    if loop._stopping:
+                        return
+                    continue
+            elif not ready and not loop._stopping:
+                if not scheduled:
+                    raise Deadlock("nothing ready and no timer scheduled")
+                # Jump to the next timer, as the standard loop's poll sleeps
+                # min(max(0, when - now), MAXIMUM_SELECT_TIMEOUT) and its clock moves by that much.
+                wait = scheduled[0] - now
+                if wait > 0:
+                    self._now = now = now + (wait if wait < longest else longest)
+            end_time = now + resolution
+            while scheduled:
+                if scheduled[0] >= end_time:
+                    break
+                timer = heappop(scheduled).timer
+                timer._scheduled = False
+                ready.append(timer)
+            for _ in range(len(ready)):
+                handle = popleft()
+                if handle._cancelled:
+                    continue
+                try:  # Handle._run, inlined
+                    handle._context.run(handle._callback, *handle._args)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self.call_exception_handler(
+                        {"message": f"Exception in callback {handle!r}", "exception": exc, "handle": handle}
+                    )
+            if loop._stopping:
+                return
+
+
+class _Due(float):
+    """A timer's place in the heap: its time, compared as a float (the standard loop compares
+    ``TimerHandle`` objects by that time in Python, ~15 calls per timer on a heap this size)."""
+
+    __slots__ = ("timer",)
+    timer: Any
 
 
 class InlineExecutor:

@@ -20,18 +20,22 @@ ports forward, a hypervisor answers before its VMs have booted (``vm_delays``).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from watchtower.config import VANTAGE, Config, ResolvedPath
 from watchtower.probes import BmcReading, Failure, ProbeContext, ProbeResult, SelEntry
+from watchtower.sim.vloop import VirtualTimeLoop
 
 # A page may be decided a little after the fault it reports ended (the last confirming probe,
 # the correlation pass, the hold): it is judged against the truth this far back.
 JUDGE_WINDOW = 30.0
+_VANTAGE_OK = ProbeResult.success(0.002)
 HARD_LOSS = 0.95  # loss at or above this is an outage; below it, a page is not wrong, a miss is no miss
 SOFT_LOSS = 0.2
 PSU_TEXT = "Power Supply PS1: Failure detected"
@@ -99,6 +103,7 @@ class Truth:
 LOSING = "losing packets"
 
 
+@functools.cache
 def _net24(address: str) -> str | None:
     try:
         return str(ipaddress.ip_network(f"{address}/24", strict=False))
@@ -211,6 +216,13 @@ class World:
     history: list[Truth] = field(default_factory=list)
     sel_seq: int = 0
     sel: dict[str, list[SelEntry]] = field(default_factory=dict)
+    # What a probe finds, by (target, address), while the faults stay as they are and no boot or
+    # forwarding delay is still running (from ``_steady_from`` on, the time no longer matters).
+    _reach_cache: dict[tuple[str, str], tuple[bool, str, float]] = field(default_factory=dict, repr=False)
+    _steady_from: float = field(default=0.0, repr=False)
+    _failures: dict[tuple[float, str], ProbeResult] = field(default_factory=dict, repr=False)
+    # Per path (by id, with the path itself so the id stays its own): its address, whether it pings.
+    _where: dict[int, tuple[ResolvedPath, str, bool]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, config: Config, seed: int) -> World:
@@ -222,6 +234,10 @@ class World:
     # ------------------------------------------------------------------ ground truth
     def record(self, now: float) -> None:
         self.history.append(Truth(now, self.monitor_cut, dict(self.hosts)))
+        self._reach_cache.clear()
+        self._steady_from = max(
+            (max(h.booting_until, h.forward_from) for h in self.hosts.values()), default=0.0
+        )
 
     def truth(self, at: float) -> Truth:
         """The truth in force at ``at`` (the last change at or before it), evaluated at ``at``."""
@@ -363,6 +379,17 @@ class World:
     def _reach(self, now: float, target: str, address: str) -> tuple[bool, str, float]:
         """Whether a packet to ``address`` of ``target`` gets an answer, why not, and the loss on
         the way."""
+        if now < self._steady_from:
+            return self._reach_now(now, target, address)
+        # Every "still booting / not forwarding yet" test is false from here on: the answer depends
+        # on the faults only, which have not changed since the cache was cleared.
+        key = (target, address)
+        found = self._reach_cache.get(key)
+        if found is None:
+            found = self._reach_cache[key] = self._reach_now(now, target, address)
+        return found
+
+    def _reach_now(self, now: float, target: str, address: str) -> tuple[bool, str, float]:
         if self.monitor_cut:
             return False, "monitor cut off", 0.0
         loss = 0.0
@@ -405,14 +432,18 @@ class World:
 
     def answer(self, path: ResolvedPath, now: float, memory: dict[str, Any]) -> tuple[ProbeResult, float]:
         """The probe result for ``path`` at ``now`` and how long it takes to arrive."""
-        if path.target == VANTAGE:
+        target = path.target
+        if target == VANTAGE:
             if self.monitor_cut:
                 return ProbeResult.fail(Failure.TIMEOUT, "no answer (monitor cut off)"), path.timeout
-            return ProbeResult.success(0.002), 0.002
+            return _VANTAGE_OK, 0.002
         if path.is_bmc:
             return self._bmc(path, now, memory)
-        ok, why, loss = self._reach(now, path.target, path_address(path))
-        if ok and path.kind == "icmp" and self.hosts[path.target].icmp_drop:
+        where = self._where.get(id(path))
+        if where is None or where[0] is not path:
+            where = self._where[id(path)] = (path, path_address(path), path.kind == "icmp")
+        ok, why, loss = self._reach(now, target, where[1])
+        if ok and where[2] and self.hosts[target].icmp_drop:
             ok, why = False, "pings dropped"
         if ok and loss > 0:
             # A confirming probe looks harder (icmp: three echoes; tcp/http/dns: three tries).
@@ -421,8 +452,12 @@ class World:
             why = f"lost ({loss:.0%} loss)"
         if ok:
             latency = 0.0005 + self.rng.random() * 0.002
-            return ProbeResult.success(latency), latency
-        return ProbeResult.fail(Failure.TIMEOUT, f"no answer within {path.timeout:g}s ({why})"), path.timeout
+            return ProbeResult(True, latency), latency
+        failed = self._failures.get((path.timeout, why))
+        if failed is None:  # the same few failures again and again: one (frozen) result each
+            failed = ProbeResult.fail(Failure.TIMEOUT, f"no answer within {path.timeout:g}s ({why})")
+            self._failures[(path.timeout, why)] = failed
+        return failed, path.timeout
 
     def _bmc(self, path: ResolvedPath, now: float, memory: dict[str, Any]) -> tuple[ProbeResult, float]:
         h = self.hosts[path.target]
@@ -436,17 +471,41 @@ class World:
         latency = 0.05 + self.rng.random() * 0.05
         return ProbeResult(True, latency, None, "chassis on" if h.power else "chassis off", reading), latency
 
-    def probe_runner(self) -> Any:
+    def probe_runner(self) -> SimProbe:
         """A stand-in for :func:`watchtower.engine.runner.run_probe`, on the loop's virtual time."""
-        import asyncio
+        return SimProbe(self)
 
-        async def run(path: ResolvedPath, shared: ProbeContext, memory: dict[str, Any]) -> ProbeResult:
-            loop = asyncio.get_running_loop()
-            result, takes = self.answer(path, loop.time(), memory)
-            await asyncio.sleep(takes)
-            return result
 
-        return run
+class SimProbe:
+    """The world as the monitor's probe. Awaited, it answers after the probe's time on the loop;
+    :meth:`begin` does the same with callbacks instead of a task per probe (the monitor uses it
+    when present): one timer for the answer's arrival and one callback in the next loop iteration,
+    as the awaiting task's ``asyncio.sleep`` and wakeup would, so a run makes the same loop calls
+    in the same order either way."""
+
+    def __init__(self, world: World):
+        self.world = world
+
+    async def __call__(self, path: ResolvedPath, shared: ProbeContext, memory: dict[str, Any]) -> ProbeResult:
+        loop = asyncio.get_running_loop()
+        result, takes = self.world.answer(path, loop.time(), memory)
+        await asyncio.sleep(takes)
+        return result
+
+    def begin(
+        self,
+        path: ResolvedPath,
+        shared: ProbeContext,
+        memory: dict[str, Any],
+        deliver: Callable[[ProbeResult], None],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        result, takes = self.world.answer(path, now, memory)
+        if isinstance(loop, VirtualTimeLoop):
+            loop.call_at_soon(now + takes, deliver, result)
+        else:
+            loop.call_at(now + takes, loop.call_soon, deliver, result)
 
 
 def broken_roots(world: World, at: float, names: Iterable[str]) -> dict[str, str]:

@@ -639,3 +639,17 @@ def test_pings_lost_everywhere_while_a_service_answers_is_a_firewall_not_an_outa
     # a critical ping still takes it down
     view["nas"][0] = replace(view["nas"][0], critical=True)
     assert only(correlate(PSITE, view, {}, [], now=10.0).verdicts).root == "nas"
+
+
+def test_a_host_losing_probes_on_every_network_has_no_link_down() -> None:
+    # (simulator, partition seed 560) the NAS at 60 % loss: production happened to fail twice
+    # in a row while management answered its last probe. Management lost one a moment before:
+    # a host losing packets everywhere, no link of its own proven.
+    view = pview({"nas": {"prod"}})
+    lossy = [replace(p, last_failure=3.0) if p.network == "mgmt" else p for p in view["nas"]]
+    v = only(correlate(PSITE, {**view, "nas": lossy}, {}, [], now=10.0).verdicts)
+    assert (v.root, v.cause) == ("nas", None) and v.evidence[0].startswith("losing probes on every network")
+    # steady on management since long before: its production link
+    steady = [replace(p, last_failure=-60.0) if p.network == "mgmt" else p for p in view["nas"]]
+    c = correlate(PSITE, {**view, "nas": steady}, {}, [], now=30.0)
+    assert [(v.root, v.cause) for v in c.verdicts] == [("nas", Cause.LINK_DOWN)]

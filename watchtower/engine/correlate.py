@@ -628,7 +628,15 @@ def correlate(
             # Dark on a whole network, alive on another: a service down on an address that still
             # pings is the service's failure, not the link's.
             dark_there = not any(network_key(topology, p) in down_nets for p in os_up)
-            if alive and dark_there and None not in down_nets:
+            onset = min((p.since for p in down_paths if p.since is not None), default=None)
+            # A link is down when the other side answers steadily: losing probes there too around
+            # the time this began, the host is losing packets everywhere, no link of its own proven.
+            steady = onset is None or all(
+                p.last_failure is None or p.last_failure < onset - LOSS_LOOKBACK for p in os_up
+            )
+            if alive and dark_there and None not in down_nets and not steady:
+                evidence.insert(0, f"losing probes on every network ({answering} answers only now and then)")
+            elif alive and dark_there and None not in down_nets:
                 # Its OS answers on another network: the link to this one is what failed.
                 states[root] = TargetState.DEGRADED
                 if _settling(topology, paths, root, down_nets, now):

@@ -51,6 +51,12 @@ def main() -> int:
     rows = [k for k, _ in columns[0][1].rows()]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     lines = [
+        "What the rows mean (`watchtower/sim/score.py`): an outage is a stretch in which a target is",
+        "broken itself and not explained by anything above it; a page is wrong when its root was not",
+        "broken itself (or was explained) at any moment of the 30 s before it, or its cause contradicts",
+        "the BMC ground truth. Every failing seed reproduces with `watchtower sim --seed N` (with `-c` or",
+        "`--topology`) and shrinks to a short fault script with `--minimise`.",
+        "",
         f"Command: {command_line()}  ",
         f"Machine: {machine()}  ",
         f"Commit: {commit.stdout.strip() or 'unknown'}. Virtual time: the results do not depend on the "

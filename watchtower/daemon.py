@@ -28,6 +28,7 @@ from watchtower.notify.alertmanager import AlertmanagerSink
 from watchtower.notify.outbox import Alerting
 from watchtower.notify.sender import channel_problems
 from watchtower.plan_distribution import PlanDistributor
+from watchtower.readmodel import IncidentReadModel
 from watchtower.sdnotify import Notifier, watchdog_interval
 from watchtower.store import DB_NAME, AsyncStore, Store, StoreError, StoreLock, StoreLocked
 from watchtower.web import app as web_app
@@ -103,19 +104,23 @@ class Heartbeat:
             log.warning("heartbeat failed error=%s", exc.__class__.__name__)
 
 
-def status_line(monitor: Monitor) -> str:
+def status_line(monitor: Monitor, incidents: IncidentReadModel) -> str:
     """One line for ``systemctl status``: how the site looks right now."""
     states = monitor.target_states()
     up = sum(1 for s in states.values() if s is TargetState.UP)
-    incidents = len(monitor.tracker.open_incidents())
+    open_ = sum(n for _, n in incidents.open_by_scope())
     vantage = "" if monitor.vantage_up else ", BLIND (vantage down)"
-    return f"{len(states)} targets, {up} up, {incidents} open incidents{vantage}"
+    return f"{len(states)} targets, {up} up, {open_} open incidents{vantage}"
 
 
-async def supervise(notifier: Notifier, monitor: Monitor, every: float | None) -> None:
+async def supervise(
+    notifier: Notifier, monitor: Monitor, every: float | None, incidents: IncidentReadModel | None = None
+) -> None:
     """systemd's watchdog: ``WATCHDOG=1`` every ``every`` s from the event loop, but only while the
     scheduler ticks (the rule of /healthz), so a wedged monitor is restarted instead of vouched for.
-    Also keeps ``STATUS=`` current."""
+    Also keeps ``STATUS=`` current (``incidents``: the daemon's read model; else one over the
+    monitor's tracker)."""
+    incidents = incidents or IncidentReadModel(monitor.tracker)
     status, stalled = "", False
     while True:
         if every is not None:
@@ -125,7 +130,7 @@ async def supervise(notifier: Notifier, monitor: Monitor, every: float | None) -
             elif not stalled:
                 stalled = True
                 log.error("scheduler stalled: withholding the systemd watchdog ping")
-        line = status_line(monitor)
+        line = status_line(monitor, incidents)
         if line != status:
             status = line
             notifier.status(line)
@@ -262,7 +267,8 @@ async def run_daemon(
             alerting.mutes = await store.call(store.store.mutes, alerting.now())  # they survive restarts
         except StoreError as exc:
             log.error("state store: mutes unreadable, none in force: %s", exc)
-        monitor.alerting_stats = lambda: (alerting.stats(), alerting.store_ok)
+        # The one read model of incidents, messages and channel health: web, metrics, STATUS=.
+        incidents = IncidentReadModel(monitor.tracker, alerting, store)
         sink = AlertmanagerSink(config, monitor.tracker)  # idle while `alertmanager:` is not configured
         # Warnings (issue 16): stale backups and expiring certificates open their own incidents
         backups = BackupWatch(config, monitor.tracker, shared)
@@ -286,7 +292,7 @@ async def run_daemon(
             await stack.enter_async_context(TrapReceiver.from_config(config.traps, monitor.on_trap))
 
         runner = web.AppRunner(
-            make_app(monitor, store, alerting, drills, backups),
+            make_app(monitor, store, alerting, drills, backups, incidents),
             access_log=None,
             shutdown_timeout=1.0,
             keepalive_timeout=web_app.IDLE_TIMEOUT,  # bounds a trickled request head too
@@ -335,17 +341,20 @@ async def run_daemon(
                     try:
                         await reload_config(config_path, monitor, stack, alerting, sink, backups, distributor)
                     finally:
-                        notifier.ready(status_line(monitor))  # a rejected reload: the old config runs
+                        # a rejected reload: the old config runs
+                        notifier.ready(status_line(monitor, incidents))
 
             loop.add_signal_handler(signal.SIGHUP, lambda: tg.create_task(on_hup(), name="reload"))
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             # READY=1 once the first round of probes is scheduled (every path has its timer).
             await monitor.scheduler.armed.wait()
-            notifier.ready(status_line(monitor))
+            notifier.ready(status_line(monitor, incidents))
             watchdog_every = watchdog_interval()
             supervise_task = None
             if notifier.enabled:
-                supervise_task = tg.create_task(supervise(notifier, monitor, watchdog_every), name="sdnotify")
+                supervise_task = tg.create_task(
+                    supervise(notifier, monitor, watchdog_every, incidents), name="sdnotify"
+                )
             if ready is not None:
                 ready.set()
             await stop.wait()

@@ -630,9 +630,26 @@ def test_pings_lost_everywhere_while_a_service_answers_is_a_firewall_not_an_outa
     # (simulator, partition seed 202) the NAS drops ICMP on production and management (two
     # witnesses down), its iSCSI port answers: up, degraded; no page.
     view = pview({"nas": {"prod", "mgmt"}})
-    view["nas"] = [replace(p, state=UP) if p.kind == "tcp" else p for p in view["nas"]]
+    view["nas"] = [replace(p, state=UP, last_ok=9.0) if p.kind == "tcp" else p for p in view["nas"]]
     c = correlate(PSITE, view, {}, [], now=10.0)
     assert c.verdicts == () and c.states["nas"] is TargetState.DEGRADED
+    # a service "up" only from before the pings failed (its probe in flight) says nothing
+    stale = [replace(p, last_ok=4.0) if p.kind == "tcp" else p for p in view["nas"]]
+    assert only(correlate(PSITE, {**view, "nas": stale}, {}, [], now=10.0).verdicts).root == "nas"
     # a critical ping still takes it down
     view["nas"][0] = replace(view["nas"][0], critical=True)
     assert only(correlate(PSITE, view, {}, [], now=10.0).verdicts).root == "nas"
+
+
+def test_a_host_losing_probes_on_every_network_has_no_link_down() -> None:
+    # (simulator, partition seed 560) the NAS at 60 % loss: production happened to fail twice
+    # in a row while management answered its last probe. Management lost one a moment before:
+    # a host losing packets everywhere, no link of its own proven.
+    view = pview({"nas": {"prod"}})
+    lossy = [replace(p, last_failure=3.0) if p.network == "mgmt" else p for p in view["nas"]]
+    v = only(correlate(PSITE, {**view, "nas": lossy}, {}, [], now=10.0).verdicts)
+    assert (v.root, v.cause) == ("nas", None) and v.evidence[0].startswith("losing probes on every network")
+    # steady on management since long before: its production link
+    steady = [replace(p, last_failure=-60.0) if p.network == "mgmt" else p for p in view["nas"]]
+    c = correlate(PSITE, {**view, "nas": steady}, {}, [], now=30.0)
+    assert [(v.root, v.cause) for v in c.verdicts] == [("nas", Cause.LINK_DOWN)]

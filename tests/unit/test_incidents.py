@@ -192,6 +192,13 @@ def test_power_back_on_while_booting_keeps_the_cause() -> None:
     t2 = IncidentTracker()
     t2.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(True, power_on=True)}), 0.0)
     assert t2.open_incidents()[0].cause == "os_unresponsive"
+    # BMC unreachable, then back saying "chassis on" while the host is still down (simulator, demo
+    # seed 188: power cut and restored while the BMC was away): booting or hung, not known.
+    t3 = IncidentTracker()
+    t3.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(False)}), 0.0)
+    assert t3.step(corr(down=["pve1"], bmc={"pve1": BmcFacts(True, power_on=True)}), 5.0) == []
+    (inc,) = t3.open_incidents()
+    assert inc.cause == "bmc_unreachable" and "booting, or hung" in inc.timeline[-1].text
 
 
 def test_a_target_back_before_its_root_failed_again_comes_back_with_the_new_restore() -> None:
@@ -316,3 +323,18 @@ def test_an_incident_opened_minutes_into_its_upstreams_outage_is_not_folded_into
     t.step(c((replace(sw, affected=("pve1", "nas", "dc1", "mail1")),)), 330.0, SITE)  # nas back on mgmt
     nas = next(i for i in t.incidents.values() if i.root == "nas")
     assert nas.merged_into is None and nas.is_open
+
+
+def test_a_straggler_released_by_the_grace_is_not_claimed_back_by_the_restore_tail() -> None:
+    # (simulator, demo seed 115) files lost all packets during its switch's outage; the switch's
+    # grace ran out and its all-clear said "still down, now an incident of its own": the next pass
+    # must open that incident, not reclaim the VM into the switch's restore (never paged).
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"]), 0.0, SITE)
+    t.step(corr(down=["dc1"]), 50.0, SITE)
+    # (its own verdict held back this pass, e.g. for a dependency's confirmation)
+    changes = t.step(corr(down=["dc1"]), 50.0 + RECOVERY_GRACE, SITE, suspects={"dc1": 5.0})
+    assert [c.kind for c in changes] == ["resolved"] and "now incidents of their own: dc1" in changes[0].text
+    changes = t.step(corr(down=["dc1"]), 55.0 + RECOVERY_GRACE, SITE)
+    assert [c.kind for c in changes] == ["opened"]
+    assert [i.root for i in t.open_incidents()] == ["dc1"]

@@ -150,11 +150,22 @@ def own_state(paths: Sequence[PathView], confirm_paths: int) -> TargetState:
         return TargetState.DOWN
     if down >= min(confirm_paths, len(witnesses)):
         failed = [p for p in paths if p.state is PathState.DOWN]
-        if all(p.kind == "icmp" for p in failed) and any(
-            p.state is PathState.UP and p.kind != "icmp" and not p.by_bmc for p in paths
+        onset = min((p.since for p in failed if p.since is not None), default=None)
+        if (
+            onset is not None
+            and all(p.kind == "icmp" for p in failed)
+            and any(
+                p.state is PathState.UP
+                and p.kind != "icmp"
+                and not p.by_bmc
+                and p.last_ok is not None
+                and p.last_ok >= onset
+                for p in paths
+            )
         ):
-            # Pings lost on every address while a service of its own answers: something drops
-            # ICMP (a firewall rule), the host is up.
+            # Pings lost on every address while a service of its own answers since: something
+            # drops ICMP (a firewall rule), the host is up. (A service still "up" from before, its
+            # probe in flight, says nothing: a host whose power just went off.)
             return TargetState.DEGRADED
         return TargetState.DOWN
     if down and up:
@@ -637,7 +648,15 @@ def correlate(
             # Dark on a whole network, alive on another: a service down on an address that still
             # pings is the service's failure, not the link's.
             dark_there = not any(network_key(topology, p) in down_nets for p in os_up)
-            if alive and dark_there and None not in down_nets:
+            onset = min((p.since for p in down_paths if p.since is not None), default=None)
+            # A link is down when the other side answers steadily: losing probes there too around
+            # the time this began, the host is losing packets everywhere, no link of its own proven.
+            steady = onset is None or all(
+                p.last_failure is None or p.last_failure < onset - LOSS_LOOKBACK for p in os_up
+            )
+            if alive and dark_there and None not in down_nets and not steady:
+                evidence.insert(0, f"losing probes on every network ({answering} answers only now and then)")
+            elif alive and dark_there and None not in down_nets:
                 # Its OS answers on another network: the link to this one is what failed.
                 states[root] = TargetState.DEGRADED
                 if _settling(topology, paths, root, down_nets, now):

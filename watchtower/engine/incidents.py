@@ -158,6 +158,8 @@ class IncidentTracker:
         self._last_down: dict[str, float] = {}
         self._up_since: dict[str, float] = {}
         self._last_up: dict[str, tuple[float, float]] = {}  # target -> its last finished up stretch
+        # incident id -> what its all-clear left as outages of their own (the grace ran out)
+        self._released: dict[int, set[str]] = {}
 
     def load(self, incidents: Iterable[Incident], next_id: int) -> None:
         """Start from the store's open (and recently resolved) incidents: same ids after a restart."""
@@ -170,6 +172,7 @@ class IncidentTracker:
         for incident_id in incident_ids:
             self.incidents.pop(incident_id, None)
             self._seen_up.pop(incident_id, None)
+            self._released.pop(incident_id, None)
 
     # ------------------------------------------------------------------ reading
     def open_incidents(self) -> list[Incident]:
@@ -328,7 +331,10 @@ class IncidentTracker:
             # count: it comes back with this restore; ``back`` is the log of the restores. Nor does
             # up for a moment as the root returns: a VM answers, then reboots onto its storage.)
             seen_up = self._seen_up.setdefault(incident.id, {})
+            released = self._released.get(incident.id, ())
             for target in (*incident.affected, *behind):
+                if target in released:
+                    continue  # the grace ran out for it: an outage of its own now, not this restore
                 up_since = seen_up.get(target)
                 if up_since is not None and now - up_since >= RESTORE_SETTLE:
                     continue  # done with this restore
@@ -564,13 +570,18 @@ class IncidentTracker:
         if verdict.cause is Cause.OS_UNRESPONSIVE and incident.cause in (
             Cause.POWER_OFF,
             Cause.HARDWARE_FAULT,
+            Cause.BMC_UNREACHABLE,
         ):
-            # Chassis back on while the host is still down: it is booting, not hung. Keep the cause
-            # that explains the outage, and say what changed.
+            # Chassis back on while the host is still down: it is booting, not hung (or, after a
+            # BMC that did not answer, it may have been either: what it was is not known). Keep the
+            # cause that explains the outage, and say what changed.
+            text = (
+                "BMC answers again: chassis on, host not answering yet (booting, or hung)"
+                if incident.cause is Cause.BMC_UNREACHABLE
+                else "BMC: chassis power back on, host not answering yet (booting?)"
+            )
             if not incident.timeline or incident.timeline[-1].kind != "power":
-                incident = incident.noted(
-                    now, "power", "BMC: chassis power back on, host not answering yet (booting?)"
-                )
+                incident = incident.noted(now, "power", text)
         elif verdict.cause is not None and verdict.cause != incident.cause:
             text = f"cause: {verdict.cause}" + (f" (was {incident.cause})" if incident.cause else "")
             incident = replace(incident, cause=verdict.cause).noted(now, "cause", text)
@@ -580,6 +591,7 @@ class IncidentTracker:
                 now, "root_failed", f"{verdict.root} failed again before everything came back"
             )
         self._seen_up.pop(incident.id, None)  # its root is failing (again): a new way down, a new way up
+        self._released.pop(incident.id, None)
         return self._put(replace(incident, evidence=verdict.evidence))
 
     def _recent(self, root: str, now: float) -> Incident | None:
@@ -613,6 +625,7 @@ class IncidentTracker:
             text = f"{incident.root} and what it took down are back after {_span(now - incident.opened_at)}"
         if still:
             text += f"; still down, now incidents of their own: {', '.join(still)}"
+            self._released.setdefault(incident.id, set()).update(still)
         partial = self._partly_back(incident, corr)
         if partial:
             text += f"; answering but not on every path yet: {', '.join(partial)}"

@@ -13,6 +13,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -24,23 +25,24 @@ from watchtower import __version__, clock
 from watchtower.backups.watch import BackupWatch
 from watchtower.checklist import checklist, staff_sentence
 from watchtower.checklist import notes as notes_of
-from watchtower.config import NOTE_KINDS, parse_duration
+from watchtower.config import NOTE_KINDS, Config, parse_duration
 from watchtower.drill import DrillError, DrillRunner
-from watchtower.engine.correlate import Scope
-from watchtower.engine.escalation import outage_start
 from watchtower.engine.incidents import Incident
 from watchtower.engine.maintenance import SITE, Mute, check_mute_end, window_span
 from watchtower.engine.monitor import Monitor, Snapshot
 from watchtower.notify.outbox import Alerting
+from watchtower.readmodel import IncidentReadModel
 from watchtower.report import render_report
-from watchtower.store import AsyncStore, Attempt, Drill, Notification, StoreError
+from watchtower.store import AsyncStore, Drill, Notification, StoreError
 from watchtower.web import backups_api, metrics
 from watchtower.web.page import page_incident, people_rows, render_login_page, render_status_page
 
 __all__ = ["make_app", "render_status_page"]
 
 MONITOR: web.AppKey[Monitor] = web.AppKey("monitor", Monitor)
-# The incident store (history, notifications); None when the daemon runs without one (unit tests).
+# Every read of incidents, their messages and the channels' health goes through this.
+INCIDENTS: web.AppKey[IncidentReadModel] = web.AppKey("incidents", IncidentReadModel)
+# The state store, for the writes it takes from here (mutes); None without one (unit tests).
 STORE: web.AppKey[AsyncStore | None] = web.AppKey("store")
 ALERTING: web.AppKey[Alerting | None] = web.AppKey("alerting")
 METRICS: web.AppKey[metrics.MetricsCache] = web.AppKey("metrics", metrics.MetricsCache)
@@ -330,7 +332,13 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
     def take() -> metrics.RenderArgs:
         # on the loop, and only when the cached body is stale: what the render thread needs, copied
-        snap = app[MONITOR].snapshot()
+        reads = app[INCIDENTS]
+        snap = replace(
+            app[MONITOR].snapshot(),
+            incidents_open=reads.open_by_scope(),
+            channels=reads.channels(),
+            store_ok=reads.store_problem() is None,
+        )
         alerting = app[ALERTING]
         muted = set(alerting.muted(snap.taken_at)) if alerting is not None else set()
         runner = app[DRILLS]
@@ -357,9 +365,9 @@ async def handle_healthz(request: web.Request) -> web.Response:
     stalled = time.monotonic() - request.app[MONITOR].scheduler.last_tick
     if stalled > STALL_AFTER:
         return web.Response(status=503, text=f"scheduler stalled for {stalled:.1f}s\n")
-    alerting = request.app[ALERTING]
-    if alerting is not None and not alerting.store_ok:
-        return web.Response(status=503, text=f"state store not writable: {alerting.store_error}\n")
+    problem = request.app[INCIDENTS].store_problem()
+    if problem is not None:
+        return web.Response(status=503, text=f"state store not writable: {problem}\n")
     return web.Response(text="ok\n")
 
 
@@ -386,9 +394,9 @@ def _page(html: str, status: int = 200) -> web.Response:
 
 
 def checklist_document(
-    incident: Incident, notes: Sequence[Notification], monitor: Monitor
+    incident: Incident, notes: Sequence[Notification], config: Config, open_incidents: Sequence[Incident]
 ) -> list[dict[str, Any]]:
-    others = [i for i in monitor.tracker.open_incidents() if i.id != incident.id]
+    others = [i for i in open_incidents if i.id != incident.id]
     return [
         {
             "item": item.key,
@@ -399,7 +407,7 @@ def checklist_document(
             "detail": item.detail,
             "line": item.line(),
         }
-        for item in checklist(incident, notes, monitor.config, clock.now(), others)
+        for item in checklist(incident, notes, config, clock.now(), others)
     ]
 
 
@@ -407,11 +415,12 @@ async def handle_page(request: web.Request) -> web.Response:
     monitor = request.app[MONITOR]
     config = monitor.config
     alerting = request.app[ALERTING]
+    reads = request.app[INCIDENTS]
+    open_incidents = await reads.open_incidents()
     incidents = []
-    for i in monitor.tracker.open_incidents():
+    for i, sent in zip(open_incidents, await reads.notifications(open_incidents), strict=True):
         doc = page_incident(incident_document(i), i, config)
-        sent = (alerting.notifications_of(i.id) if alerting is not None else None) or []
-        doc["checklist"] = checklist_document(i, sent, monitor)
+        doc["checklist"] = checklist_document(i, sent, config, open_incidents)
         doc["notes"] = [{"at": iso(e.at), "kind": e.kind[5:], "text": e.text} for e in notes_of(i)]
         doc["staff"] = staff_sentence(i, config)
         incidents.append(doc)
@@ -548,66 +557,44 @@ def _incident_id(request: web.Request) -> int:
 
 
 def _incident_or_404(request: web.Request) -> Incident:
-    """An incident the daemon holds in memory (open or recently resolved)."""
+    """An incident the daemon holds in memory (open or recently resolved): one that can change."""
     incident_id = _incident_id(request)
-    incident = request.app[MONITOR].tracker.get(incident_id)
+    incident = request.app[INCIDENTS].live(incident_id)
     if incident is None:
         raise web.HTTPNotFound(text=f"no incident {incident_id}\n")
     return incident
 
 
 async def _documents(request: web.Request, incidents: Sequence[Incident]) -> list[dict[str, Any]]:
-    """Incidents with their notifications: from the alerting's memory, else from the store."""
-    alerting, store = request.app[ALERTING], request.app[STORE]
+    """Incidents with their notifications and checklists."""
+    reads = request.app[INCIDENTS]
+    config = request.app[MONITOR].config
+    open_incidents = await reads.open_incidents()
     out = []
-    for incident in incidents:
-        notes = alerting.notifications_of(incident.id) if alerting is not None else None
-        if notes is None and store is not None:
-            try:
-                notes = await store.call(store.store.notifications, incident.id)
-            except StoreError:
-                notes = None
-        doc = incident_document(incident, notes or ())
-        doc["checklist"] = checklist_document(incident, notes or (), request.app[MONITOR])
+    for incident, notes in zip(incidents, await reads.notifications(incidents), strict=True):
+        doc = incident_document(incident, notes)
+        doc["checklist"] = checklist_document(incident, notes, config, open_incidents)
         out.append(doc)
     return out
 
 
 async def handle_incidents(request: web.Request) -> web.Response:
-    tracker = request.app[MONITOR].tracker
     show_all = request.query.get("all") in ("1", "true", "yes")
-    chosen = {i.id: i for i in (tracker.incidents.values() if show_all else tracker.open_incidents())}
-    store = request.app[STORE]
-    if show_all and store is not None:
+    limit = 200
+    if show_all:
         try:
             limit = max(1, min(int(request.query.get("limit", "200")), 5000))
         except ValueError:
             return web.json_response({"error": "limit must be a number"}, status=400)
-        try:
-            stored = await store.call(store.store.incidents, limit=limit)
-        except StoreError:
-            stored = []
-        for incident in stored:
-            chosen.setdefault(incident.id, incident)  # the live one wins
-    ordered = sorted(chosen.values(), key=lambda i: i.id, reverse=True)
-    return web.json_response(await _documents(request, ordered))
+    listed = await request.app[INCIDENTS].listing(include_resolved=show_all, limit=limit)
+    return web.json_response(await _documents(request, listed))
 
 
 async def handle_incident(request: web.Request) -> web.Response:
-    try:
-        incident: Incident | None = _incident_or_404(request)
-    except web.HTTPNotFound:
-        store = request.app[STORE]
-        incident = None
-        if store is not None:
-            incident_id = _incident_id(request)
-            try:
-                incident = await store.call(store.store.incident, incident_id)
-            except StoreError:
-                incident = None
-        if incident is None:
-            raise
-    assert incident is not None
+    incident_id = _incident_id(request)
+    incident = await request.app[INCIDENTS].incident(incident_id)
+    if incident is None:
+        raise web.HTTPNotFound(text=f"no incident {incident_id}\n")
     (doc,) = await _documents(request, [incident])
     return web.json_response(doc)
 
@@ -673,37 +660,20 @@ async def handle_page_note(request: web.Request) -> web.Response:
 
 
 async def handle_report(request: web.Request) -> web.Response:
-    """The post-mortem of one incident as Markdown. The live incident where the daemon still
-    holds it (the freshest timeline), else the store's; notifications, delivery attempts and blind
-    windows from the store (from memory when there is no store)."""
+    """The post-mortem of one incident as Markdown (see :meth:`IncidentReadModel.report` for which
+    copy of the incident and its messages it is written from)."""
     incident_id = _incident_id(request)
-    monitor, store, alerting = request.app[MONITOR], request.app[STORE], request.app[ALERTING]
-    live = monitor.tracker.get(incident_id)
-    incident, notes, attempts, windows = live, None, None, None
-    if store is not None:
-        db = store.store
-
-        def read() -> tuple[
-            Incident | None, list[Notification], list[Attempt], list[tuple[float, float | None]]
-        ]:
-            found = live or db.incident(incident_id)
-            if found is None:
-                return None, [], [], []
-            window = db.blind_windows(outage_start(found), found.resolved_at)
-            return found, db.notifications(incident_id), db.attempts(incident_id), window
-
-        try:
-            incident, notes, attempts, windows = await store.call(read)
-        except StoreError:
-            incident = live
-    if incident is None:
+    report = await request.app[INCIDENTS].report(incident_id)
+    if report is None:
         raise web.HTTPNotFound(text=f"no incident {incident_id}\n")
-    if notes is None:
-        notes = (alerting.notifications_of(incident_id) if alerting is not None else None) or []
-    if windows is None:
-        windows = [(i.opened_at, i.resolved_at) for i in monitor.tracker.incidents.values()
-                   if i.scope is Scope.MONITOR]  # fmt: skip
-    text = render_report(incident, notes, attempts or [], windows, monitor.config, clock.now())
+    text = render_report(
+        report.incident,
+        report.notifications,
+        report.attempts,
+        report.blind_windows,
+        request.app[MONITOR].config,
+        clock.now(),
+    )
     return web.Response(
         text=text,
         content_type="text/markdown",
@@ -1000,9 +970,13 @@ def make_app(
     alerting: Alerting | None = None,
     drills: DrillRunner | None = None,
     backups: BackupWatch | None = None,
+    incidents: IncidentReadModel | None = None,
 ) -> web.Application:
+    """``incidents``: the daemon's read model; without one, a read model over ``monitor``'s
+    tracker, ``alerting`` and ``store``."""
     app = web.Application(middlewares=[body_timeout_middleware, auth_middleware], client_max_size=64 * 1024)
     app[MONITOR] = monitor
+    app[INCIDENTS] = incidents or IncidentReadModel(monitor.tracker, alerting, store)
     app[STORE] = store
     app[ALERTING] = alerting
     app[METRICS] = metrics.MetricsCache()

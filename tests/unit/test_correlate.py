@@ -653,3 +653,17 @@ def test_a_host_losing_probes_on_every_network_has_no_link_down() -> None:
     steady = [replace(p, last_failure=-60.0) if p.network == "mgmt" else p for p in view["nas"]]
     c = correlate(PSITE, {**view, "nas": steady}, {}, [], now=30.0)
     assert [(v.root, v.cause) for v in c.verdicts] == [("nas", Cause.LINK_DOWN)]
+
+
+def test_a_dead_hypervisors_own_vms_failing_are_no_sign_of_a_lossy_switch() -> None:
+    # pve1 died at 100: its VMs lose probes too (not yet down). They fail because of pve1, so they
+    # are no neighbours showing a loss on the switch: the page goes out now, not after LOSSY_DARK
+    # (bench_detect: 3.5 s to the page became 7.6 s).
+    view = {name: paths(UP, name=name) for name in SITE.nodes}
+    view["pve1"] = [
+        replace(p, since=100.0, last_ok=99.0, last_failure=102.0) for p in paths(DOWN, name="pve1")
+    ]
+    for vm in ("dc1", "mail1"):
+        view[vm] = [replace(p, last_failure=101.5) for p in paths(UP, name=vm)]
+    v = only(correlate(SITE, view, {}, [PathView("gw", "icmp", "icmp gw", UP)], now=102.5).verdicts)
+    assert v.root == "pve1"

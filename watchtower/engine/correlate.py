@@ -444,7 +444,13 @@ def lossy_upstream(
             return up
         # A loss on the way shows on the neighbours too: two others behind it (still answering,
         # not down for their own reasons) losing probes while it fails.
-        neighbours = (t for t in behind if t not in (name, up) and own.get(t) is not TargetState.DOWN)
+        # (What runs on ``name`` itself fails with it: a dead hypervisor's VMs are no neighbours.)
+        own_dependents = topology.dependents(name)
+        neighbours = (
+            t
+            for t in behind
+            if t not in (name, up) and t not in own_dependents and own.get(t) is not TargetState.DOWN
+        )
         if sum(1 for t in neighbours if lost(t)) >= 2:
             return up
     return None

@@ -161,8 +161,6 @@ class Monitor:
         self._batch_starts: dict[tuple[BatchProbe, float], BatchStart] = {}
         # Set when incidents changed (opened, grew, acknowledged, resolved): the alerting looks then.
         self.incidents_changed = asyncio.Event()
-        # Filled in by the daemon when alerting runs: channel statistics and store health for metrics.
-        self.alerting_stats: Callable[[], tuple[tuple[Any, ...], bool]] | None = None
         self._apply(config)
         self.correlation = self._correlate(self.started_at)
 
@@ -635,10 +633,9 @@ class Monitor:
             for s in self.statuses.values()
         )
         lag = self.scheduler.lag
-        channels, store_ok = self.alerting_stats() if self.alerting_stats else ((), True)
+        # Channels, store health and open incidents come from the read model (web/app.py fills
+        # them in): the engine's snapshot is the paths and targets.
         return Snapshot(
-            channels=channels,
-            store_ok=store_ok,
             taken_at=clock.now(),
             site=self.config.site,
             paths=rows,
@@ -650,10 +647,6 @@ class Monitor:
             reload_ok=self.reloaded_ok,
             reload_at=self.reloaded_at,
             bmc=tuple((name, replace(state, events=deque(state.events))) for name, state in self.bmc.items()),
-            incidents_open=tuple(
-                (scope.value, sum(1 for i in self.tracker.open_incidents() if i.scope is scope))
-                for scope in Scope
-            ),
         )
 
 

@@ -238,6 +238,8 @@ def _root_ok(world: World, m: SentMessage) -> bool:
             return True
         if h.hard(at) and why is not None and why.endswith(LOSING):
             return True  # broken itself; the loss above it does not stop the packets
+        if world.unseen_boot(m.root, at):
+            return True  # rebooting after an outage above it that no probe could see
     return False
 
 

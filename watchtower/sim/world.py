@@ -216,6 +216,11 @@ class World:
     history: list[Truth] = field(default_factory=list)
     sel_seq: int = 0
     sel: dict[str, list[SelEntry]] = field(default_factory=dict)
+    # Every failed probe of a target's own paths (not its BMC's), by target: what the monitor saw.
+    failed_probes: dict[str, list[float]] = field(default_factory=dict)
+    # Each boot after an upstream outage: VM -> (booting until, the upstream, its outage's start, end)
+    boots: dict[str, list[tuple[float, str, float, float]]] = field(default_factory=dict)
+    _broken_since: dict[str, float] = field(default_factory=dict, repr=False)
     # What a probe finds, by (target, address), while the faults stay as they are and no boot or
     # forwarding delay is still running (from ``_steady_from`` on, the time no longer matters).
     _reach_cache: dict[tuple[str, str], tuple[bool, str, float]] = field(default_factory=dict, repr=False)
@@ -339,8 +344,22 @@ class World:
                 h = self._repair(now, target, h, args)
             else:
                 raise ValueError(f"unknown fault {action!r}")
+            if h.hard(now) is None:
+                self._broken_since.pop(target, None)
+            else:
+                self._broken_since.setdefault(target, now)
             self.hosts[target] = h
         self.record(now)
+
+    def unseen_boot(self, name: str, at: float) -> bool:
+        """``name`` is booting at ``at`` after an upstream outage that no probe of that upstream
+        saw (a hypervisor power-cycled between two of its probes): from outside, nothing explains
+        the VM's silence, and a page naming it is the best a monitor can do."""
+        for until, upstream, start, end in self.boots.get(name, ()):
+            if end <= at < until:
+                seen = self.failed_probes.get(upstream, ())
+                return not any(start <= t <= end + 1.0 for t in seen)
+        return False
 
     def _repair(self, now: float, target: str, h: HostTruth, args: dict[str, Any]) -> HostTruth:
         was_down = h.hard(now) is not None
@@ -373,6 +392,8 @@ class World:
                         self.hosts[name] = replace(
                             vm, booting_until=max(vm.booting_until, now + delay), booting_own=False
                         )
+                        since = self._broken_since.get(target, now)
+                        self.boots.setdefault(name, []).append((now + delay, target, since, now))
         return h
 
     # ------------------------------------------------------------------ probing
@@ -453,6 +474,7 @@ class World:
         if ok:
             latency = 0.0005 + self.rng.random() * 0.002
             return ProbeResult(True, latency), latency
+        self.failed_probes.setdefault(target, []).append(now)
         failed = self._failures.get((path.timeout, why))
         if failed is None:  # the same few failures again and again: one (frozen) result each
             failed = ProbeResult.fail(Failure.TIMEOUT, f"no answer within {path.timeout:g}s ({why})")

@@ -660,13 +660,16 @@ def correlate(
             steady = onset is None or all(
                 p.last_failure is None or p.last_failure < onset - LOSS_LOOKBACK for p in os_up
             )
+            if alive and dark_there and None not in down_nets:
+                # Dark on a whole network, its OS answering on another: degraded, and no verdict
+                # while that network is moving (maybe its outage, not this host's link).
+                states[root] = TargetState.DEGRADED
+                if _settling(topology, paths, root, down_nets, now):
+                    continue
             if alive and dark_there and None not in down_nets and not steady:
                 evidence.insert(0, f"losing probes on every network ({answering} answers only now and then)")
             elif alive and dark_there and None not in down_nets:
-                # Its OS answers on another network: the link to this one is what failed.
-                states[root] = TargetState.DEGRADED
-                if _settling(topology, paths, root, down_nets, now):
-                    continue  # the network is moving: maybe its outage, not this host's link
+                # Steady on the other side: the link to this one is what failed.
                 dark_nets = "+".join(sorted(labels.get(n, n) for n in down_nets if n is not None))
                 evidence.insert(
                     0,

@@ -109,6 +109,11 @@ class BmcFacts:
     power_on: bool | None = None
     critical_events: tuple[str, ...] = ()  # critical SEL entries since the last look, as text
 
+    @property
+    def proves_down(self) -> bool:
+        """The BMC says the host is down on its own account: chassis off, or a critical SEL entry."""
+        return self.reachable and (self.power_on is False or bool(self.critical_events))
+
     def summary(self) -> str:
         if not self.reachable:
             return "BMC: unreachable"
@@ -291,7 +296,7 @@ def network_outages(
     whose BMC says its chassis is off is dark for its own reason, not the network's.
     ``by_network``, when given, is ``paths`` grouped as :func:`_paths_by_network` groups them
     (a caller that keeps the grouping between passes, see ``engine.views``)."""
-    off = {t for t, f in (bmc or {}).items() if f.reachable and (f.power_on is False or f.critical_events)}
+    off = {t for t, f in (bmc or {}).items() if f.proves_down}
     outages: list[NetworkOutage] = []
     # Only a network with a path down on it can be dark: at 10,000 paths, looking at every
     # network's every path on each pass was most of a pass with one host down.
@@ -408,7 +413,7 @@ def lossy_upstream(
     that has been losing probes while ``name`` fails, when that loss may be all ``name`` shows;
     None when ``name`` is broken on its own account (its BMC proves it, or it has stayed dark
     where it fails for :data:`LOSSY_DARK`)."""
-    if facts is not None and facts.reachable and (facts.power_on is False or facts.critical_events):
+    if facts is not None and facts.proves_down:
         return None  # chassis off, a PSU entry: its own outage, whatever the switch does
     views = [p for p in paths.get(name, ()) if not p.by_bmc]
     onset = min((p.since for p in views if p.state is PathState.DOWN and p.since is not None), default=None)
@@ -431,11 +436,9 @@ def lossy_upstream(
     carriers: dict[str, Sequence[str]] = {up: topology.dependents(up) for up in topology.upstream(name)}
     for net in {p.network for p in views if p.state is PathState.DOWN and p.network is not None}:
         info = topology.networks.get(net)
-        if info is None:
-            continue
-        on_it = [t for t, ps in paths.items() if any(p.network == net and not p.by_bmc for p in ps)]
-        for device in info.via:
-            carriers.setdefault(device, on_it)
+        if info is not None:
+            for device in info.via:
+                carriers.setdefault(device, info.members)  # what is on that network
     for up, behind in carriers.items():
         if up == name:
             continue  # (a dead parent has claimed it already; a dead carrier of one of its networks

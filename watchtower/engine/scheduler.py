@@ -104,6 +104,20 @@ def run_finished() -> None:
     return None
 
 
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` that runs on its first call only: a run's completion callback may be called again
+    (a batch's deadline and its last reply, a guard after a crash) and must count once."""
+    called = False
+
+    def once() -> None:
+        nonlocal called
+        if not called:
+            called = True
+            fn()
+
+    return once
+
+
 def stable_phase(key: Hashable) -> float:
     """A fraction in [0, 1) that depends only on the key, so a path keeps its phase across reloads."""
     return zlib.crc32(repr(key).encode()) / 2**32
@@ -243,13 +257,9 @@ class Scheduler:
             job.running = True
             self.lag.observe(max(0.0, now - job.due))
         self.in_flight += len(jobs)
-        finished = False
 
+        @_once
         def done() -> None:
-            nonlocal finished
-            if finished:
-                return
-            finished = True
             self.in_flight -= len(jobs)
             self.runs += len(jobs)
             self.batched += len(jobs)
@@ -292,13 +302,9 @@ class Scheduler:
             return
         self.lag.observe(max(0.0, self._loop.time() - due))
         self.in_flight += 1
-        finished = False
 
+        @_once
         def done() -> None:
-            nonlocal finished
-            if finished:
-                return
-            finished = True
             self.in_flight -= 1
             self.runs += 1
             job.running = False

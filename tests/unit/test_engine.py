@@ -436,6 +436,67 @@ def test_the_page_waits_for_a_fresh_bmc_reading() -> None:
     assert [c.kind for c in changes] == ["opened"] and incident.cause == "power_off"
 
 
+def test_a_bmc_read_sent_before_the_outage_is_not_fresh() -> None:
+    """The monitor comes back from being cut off; a BMC read sent while it was blind times out just
+    after the host's first failure. That timeout is from before the outage: the page waits for the
+    next read (chassis on: hung), not 'bmc_unreachable'."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+    from watchtower.probes import BmcReading, Failure
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "pve1": {
+                    "role": "hypervisor",
+                    "bmc": {"ipmi": {"host": "127.0.0.1", "username": "u", "password": "p"}},
+                    "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}],
+                },
+            },
+        },
+        Path("."),
+    )
+    monitor = Monitor(cfg)
+    bmc = monitor.statuses[("pve1", "bmc ipmi 127.0.0.1")]
+    monitor.record(bmc, ProbeResult(True, 0.1, None, "chassis on", BmcReading(power_on=True)), 0.5)
+    for status in monitor.statuses.values():
+        if not status.path.is_bmc:
+            for t in (10.0, 11.0):
+                monitor.record(status, FAIL, t)
+    # Sent half a second before the first failure at 10.0, timed out after the second: it says
+    # nothing about this outage.
+    timed_out = 9.5 + bmc.path.timeout
+    assert timed_out > 11.0
+    monitor.record(bmc, ProbeResult.fail(Failure.TIMEOUT, "no answer"), timed_out)
+    assert monitor.evaluate(timed_out + 0.1) == [] and not monitor.tracker.open_incidents()
+    monitor.record(bmc, ProbeResult(True, 0.4, None, "chassis on", BmcReading(power_on=True)), timed_out + 1)
+    monitor.evaluate(timed_out + 1.1)
+    (incident,) = monitor.tracker.open_incidents()
+    assert incident.cause == "os_unresponsive"
+
+    # A read sent after the first failure that times out is the BMC's own word: unreachable.
+    for status in monitor.statuses.values():
+        if not status.path.is_bmc:
+            monitor.record(status, OK, 20.0)
+            monitor.record(status, OK, 21.0)
+    t = 22.0
+    while monitor.tracker.open_incidents() and t < 2000:
+        monitor.evaluate(t)
+        t += 5.0
+    assert not monitor.tracker.open_incidents()
+    for status in monitor.statuses.values():
+        if not status.path.is_bmc:
+            for t2 in (3000.0, 3001.0):
+                monitor.record(status, FAIL, t2)
+    monitor.record(bmc, ProbeResult.fail(Failure.TIMEOUT, "no answer"), 3000.0 + bmc.path.timeout)
+    monitor.evaluate(3001.1 + bmc.path.timeout)
+    (incident,) = monitor.tracker.open_incidents()
+    assert incident.cause == "bmc_unreachable"
+
+
 async def test_monitor_runs_co_due_icmp_and_tcp_paths_in_batches() -> None:
     """The scheduler hands co-due icmp/tcp runs to their batch extension; the results land in the
     same path states as one-by-one runs would, a dead port goes down, and the cadence goes on."""

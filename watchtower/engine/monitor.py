@@ -60,6 +60,9 @@ class BmcState:
     events: deque[tuple[float, SelEntry]] = field(default_factory=lambda: deque(maxlen=50))
     critical_total: int = 0
     last_at: float | None = None
+    # When the last reading was asked for: a read that timed out just now was sent a timeout ago,
+    # and says nothing about a host that failed after it was sent (e.g. while the monitor was cut).
+    asked_at: float | None = None
     cleared_at: float = 0.0  # critical entries seen before this no longer explain anything
 
     def clear(self, now: float) -> None:
@@ -67,8 +70,8 @@ class BmcState:
         explain the next one (its cause is what is seen then)."""
         self.cleared_at = now
 
-    def update(self, result: ProbeResult, now: float) -> None:
-        self.last_at = now
+    def update(self, result: ProbeResult, now: float, asked_at: float) -> None:
+        self.last_at, self.asked_at = now, asked_at
         reading = result.bmc
         if reading is None:
             # No answer at all is "unreachable"; an answer we could not use (auth, garbage) is not.
@@ -327,7 +330,8 @@ class Monitor:
         if status.path.is_bmc or result.bmc is not None:
             bmc = self.bmc.setdefault(status.path.target, BmcState())
             before = bmc.facts(now)
-            bmc.update(result, now)
+            took = result.latency if result.latency is not None else status.path.timeout
+            bmc.update(result, now, now - (0.0 if result.ok and result.latency is None else took))
             if bmc.facts(now) != before:
                 changed = True  # a new BMC fact (power off, a PSU failure) may change the cause
         if not result.ok and not status.path.is_bmc and result.failure is not Failure.INTERNAL:
@@ -467,7 +471,8 @@ class Monitor:
         if not bmc_paths:
             return None
         bmc = self.bmc.get(target)
-        if bmc is not None and bmc.last_at is not None and bmc.last_at >= since:
+        # (A quarter second's slack: a probe's latency and the monitor's clock are measured apart.)
+        if bmc is not None and bmc.asked_at is not None and bmc.asked_at >= since - 0.25:
             return None
         return max(s.path.timeout for s in bmc_paths) + 2.0
 

@@ -80,6 +80,21 @@ def test_network_takes_everything_behind_it() -> None:
     assert all(c.states[n] is TargetState.UNREACHABLE for n in everything if n != "sw")
 
 
+def test_a_host_whose_bmc_says_chassis_off_behind_a_dead_switch_is_its_own_outage() -> None:
+    """The switch is down and pve1 lost power meanwhile (its BMC, out of band, says so): when the
+    switch comes back pve1 will not; it is paged as its own outage, with its VMs."""
+    everything = list(SITE.nodes)
+    c = run(down=everything, bmc={"pve1": BmcFacts(True, power_on=False)})
+    by_root = {v.root: v for v in c.verdicts}
+    assert set(by_root) == {"sw", "pve1"}
+    assert (by_root["pve1"].scope, by_root["pve1"].cause) == (Scope.HYPERVISOR, Cause.POWER_OFF)
+    assert set(by_root["pve1"].affected) == {"dc1", "mail1"}
+    assert "pve1" not in by_root["sw"].affected and "pve2" in by_root["sw"].affected
+    # Chassis on (hung or just unreachable): nothing proves it is not the switch's.
+    c = run(down=everything, bmc={"pve1": BmcFacts(True, power_on=True)})
+    assert only(c.verdicts).root == "sw"
+
+
 def test_hypervisor_with_its_vms_is_one_verdict() -> None:
     c = run(down=["pve1", "dc1", "mail1"], bmc={"pve1": BmcFacts(True, power_on=False)})
     v = only(c.verdicts)

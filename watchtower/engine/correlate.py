@@ -520,6 +520,12 @@ def correlate(
             return root_of[name]
         node = topology.nodes[name]
         root = name
+        facts = bmc.get(name)
+        if facts is not None and facts.reachable and facts.power_on is False:
+            # Its BMC says the chassis is off: whatever its switch does, it will not come back
+            # with it (a PSU that failed while the switch was down is its own outage).
+            root_of[name] = name
+            return name
         # Parents first (network path), then storage; cycles are config errors, the trail is a
         # belt-and-braces guard so a bad topology can never hang the daemon.
         for parent in (*node.parents, *node.storage):

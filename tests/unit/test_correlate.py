@@ -562,6 +562,21 @@ def test_a_target_failing_while_its_switch_loses_packets_is_that_loss_not_its_ow
     assert (v.root, v.cause) == ("nas", None)  # no has_bmc on the demo NAS node: no cause read
 
 
+def test_the_last_failures_of_a_switch_back_from_an_outage_are_no_loss() -> None:
+    """The switch was down (an incident) and is back since t=95; the NAS hung at t=100. The
+    switch's failures up to 94 were its outage, over now, not loss the NAS shows (demo seed 2150:
+    a hypervisor hung 7 s after its switch came back waited 30 s and was never paged)."""
+    view = {name: paths(UP, name=name) for name in SITE.nodes}
+    view["nas"] = [replace(p, since=100.0, last_ok=99.0, last_failure=103.0) for p in paths(DOWN, name="nas")]
+    gw = [PathView("gw", "icmp", "icmp gw", UP)]
+    back = [replace(p, last_ok=103.0, last_failure=94.0, changed_at=95.0) for p in paths(UP, name="sw")]
+    view["sw"] = back
+    assert only(correlate(SITE, view, {}, gw, now=104.0).verdicts).root == "nas"
+    # a failure after it came back is loss again
+    view["sw"] = [replace(back[0], last_failure=101.0), back[1]]
+    assert correlate(SITE, view, {}, gw, now=104.0).verdicts == ()
+
+
 def test_a_target_answering_again_on_every_path_it_was_down_on_gets_no_verdict() -> None:
     # Down on both paths, both answered on their last probe (recover_after not met yet): it is
     # coming back; a page now would arrive after it answers (a 30 % loss let it through again).

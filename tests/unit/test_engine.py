@@ -473,7 +473,9 @@ def test_a_bmc_read_sent_before_the_outage_is_not_fresh() -> None:
     monitor.record(bmc, ProbeResult.fail(Failure.TIMEOUT, "no answer"), timed_out)
     assert monitor.evaluate(timed_out + 0.1) == [] and not monitor.tracker.open_incidents()
     monitor.record(bmc, ProbeResult(True, 0.4, None, "chassis on", BmcReading(power_on=True)), timed_out + 1)
-    monitor.evaluate(timed_out + 1.1)
+    host = next(s for s in monitor.statuses.values() if not s.path.is_bmc)
+    monitor.record(host, FAIL, timed_out + 1.1 + host.path.timeout)  # still failing after the reading
+    monitor.evaluate(timed_out + 1.2 + host.path.timeout)
     (incident,) = monitor.tracker.open_incidents()
     assert incident.cause == "os_unresponsive"
 
@@ -495,6 +497,46 @@ def test_a_bmc_read_sent_before_the_outage_is_not_fresh() -> None:
     monitor.evaluate(3001.1 + bmc.path.timeout)
     (incident,) = monitor.tracker.open_incidents()
     assert incident.cause == "bmc_unreachable"
+
+
+def test_chassis_on_read_after_the_last_failure_waits_for_the_next_probe() -> None:
+    """The host was off with its BMC unreachable; both were powered on again. The BMC's first
+    answer ("chassis on") was asked after the host's last failed probe was sent: "hung" is only
+    true if the host still fails after that reading (demo seed 109 paged a host back up as hung)."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+    from watchtower.probes import BmcReading
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "pve1": {
+                    "role": "hypervisor",
+                    "bmc": {"ipmi": {"host": "127.0.0.1", "username": "u", "password": "p"}},
+                    "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}],
+                },
+            },
+        },
+        Path("."),
+    )
+    monitor = Monitor(cfg)
+    bmc = monitor.statuses[("pve1", "bmc ipmi 127.0.0.1")]
+    host = [s for s in monitor.statuses.values() if not s.path.is_bmc]
+    for status in host:
+        for t in (10.0, 11.0):
+            monitor.record(status, FAIL, t)
+    on = ProbeResult(True, 0.4, None, "chassis on", BmcReading(power_on=True))
+    monitor.record(bmc, on, 13.0)  # asked at 12.6, after the last failed probe was sent
+    assert monitor.evaluate(13.1) == [] and not monitor.tracker.open_incidents()
+    # Sent after the reading and still failing: hung.
+    again = 12.6 + host[0].path.timeout + 0.1
+    monitor.record(host[0], FAIL, again)
+    monitor.evaluate(again + 0.1)
+    (incident,) = monitor.tracker.open_incidents()
+    assert incident.cause == "os_unresponsive"
 
 
 async def test_monitor_runs_co_due_icmp_and_tcp_paths_in_batches() -> None:

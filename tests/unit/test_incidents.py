@@ -79,6 +79,25 @@ def test_vm_first_then_hypervisor_merges_into_one() -> None:
     assert folded.state is IncidentState.RESOLVED and folded.merged_into == inc.id
 
 
+def test_an_incident_confirmed_before_the_new_root_failed_at_all_stays_its_own() -> None:
+    """pve1 hung and was paged at 101; the switch began failing at 113 (pve1 now unreachable
+    behind it). pve1 was confirmed long before the switch missed a probe: it stays its own
+    incident (demo seed 2150), while one confirmed a moment before the switch's first failure (a
+    VM's quick retries) is the switch's."""
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"], since=100.0), 101.0)
+    (hung,) = t.open_incidents()
+    changes = t.step(corr(down=list(SITE.nodes), since=113.0), 114.0)
+    assert {(i.root, i.id) for i in t.open_incidents()} == {("pve1", hung.id), ("sw", hung.id + 1)}
+    assert "rerooted" not in {c.kind for c in changes}
+
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"], since=100.0), 101.0)
+    t.step(corr(down=list(SITE.nodes), since=105.0), 106.0)
+    (inc,) = t.open_incidents()
+    assert (inc.id, inc.root) == (hung.id, "sw")
+
+
 def test_flap_reopens_the_same_incident() -> None:
     t = IncidentTracker(flap_window=600)
     t.step(corr(down=["dc1"]), 0.0)

@@ -427,7 +427,12 @@ def lossy_upstream(
 
     def lost(target: str) -> bool:
         return any(
-            not p.by_bmc and p.last_failure is not None and p.last_failure >= onset - LOSS_LOOKBACK
+            not p.by_bmc
+            and p.last_failure is not None
+            and p.last_failure >= onset - LOSS_LOOKBACK
+            # failures that ended in a confirmed outage it is back from are that outage (what it
+            # carried comes back with it, see incidents), not loss while it answers
+            and not (p.state is PathState.UP and p.changed_at is not None and p.last_failure < p.changed_at)
             for p in paths.get(target, ())
         )
 

@@ -57,6 +57,9 @@ OWN_CAUSES = (Cause.POWER_OFF, Cause.HARDWARE_FAULT)
 # an outage of its own (a NAS off for a minute, a VM hung 20 s before the switch starts losing
 # packets), and stays open with its own all-clear.
 REROOT_WINDOW = 15.0
+# ... and it was opened at most this long before the verdict's root first failed: a VM confirmed
+# in three quick retries before its switch's next probe (an interval of 5 s) is that switch's.
+REROOT_LEAD = 6.0
 # A dependent's verdict waits at least this long for a suspect dependency to be confirmed or cleared
 # (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
 HOLD_MAX = 10.0
@@ -499,6 +502,10 @@ class IncidentTracker:
                 # ... and opened around it too: a NAS that hung minutes into its switch's outage
                 # (its management side alive till then) was an outage of its own
                 and i.opened_at <= onset + 2 * REROOT_WINDOW + HOLD_MAX
+                # ... and not confirmed well before this root failed at all: a hypervisor paged
+                # 12 s before its switch missed a probe hung on its own (what a switch takes
+                # down fails within one probe round of the switch's first failure)
+                and (verdict.since is None or i.opened_at >= verdict.since - REROOT_LEAD)
                 and i.flaps == 0
                 and i.cause not in OWN_CAUSES  # the BMC proves it is its own outage
             ),

@@ -158,6 +158,8 @@ class Monitor:
         self.tracker = IncidentTracker()
         self.bmc: dict[str, BmcState] = {}
         self._last_failure: dict[str, float] = {}  # target -> its last failed probe (BMC paths aside)
+        # ... and when that probe was sent: a probe that timed out just now was sent a timeout ago
+        self._last_failure_sent: dict[str, float] = {}
         self.topology = Topology.from_config(config)
         self._views = ViewCache()  # what correlation reads of the paths, kept between passes
         self._dirty = asyncio.Event()
@@ -336,6 +338,8 @@ class Monitor:
                 changed = True  # a new BMC fact (power off, a PSU failure) may change the cause
         if not result.ok and not status.path.is_bmc and result.failure is not Failure.INTERNAL:
             self._last_failure[status.path.target] = now
+            took = result.latency if result.latency is not None else status.path.timeout
+            self._last_failure_sent[status.path.target] = now - took
         if not result.ok and status.failures == 1 and not was_down:
             self._second_witness(status)
         if changed:
@@ -472,9 +476,15 @@ class Monitor:
             return None
         bmc = self.bmc.get(target)
         # (A quarter second's slack: a probe's latency and the monitor's clock are measured apart.)
-        if bmc is not None and bmc.asked_at is not None and bmc.asked_at >= since - 0.25:
-            return None
-        return max(s.path.timeout for s in bmc_paths) + 2.0
+        if bmc is None or bmc.asked_at is None or bmc.asked_at < since - 0.25:
+            return max(s.path.timeout for s in bmc_paths) + 2.0
+        last_failure = self._last_failure_sent.get(target)
+        if bmc.reachable and bmc.power_on and last_failure is not None and bmc.asked_at > last_failure:
+            # "Chassis on", asked after the host's last failed probe: the host may be back already
+            # (it was off, and the BMC was unreachable until it was powered on again). "Hung" is
+            # only true if it still fails after that reading: wait for its next probe.
+            return self._confirm_time(target)
+        return None
 
     def _confirm_time(self, target: str) -> float:
         """How long ``target``'s slowest path takes to confirm a failure (an http path with a 3 s

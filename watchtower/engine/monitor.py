@@ -160,6 +160,7 @@ class Monitor:
         self._last_failure: dict[str, float] = {}  # target -> its last failed probe (BMC paths aside)
         # ... and when that probe was sent: a probe that timed out just now was sent a timeout ago
         self._last_failure_sent: dict[str, float] = {}
+        self._power_lost: dict[str, float] = {}  # target -> when its BMC last said "chassis off"
         self.topology = Topology.from_config(config)
         self._views = ViewCache()  # what correlation reads of the paths, kept between passes
         self._dirty = asyncio.Event()
@@ -334,6 +335,8 @@ class Monitor:
             before = bmc.facts(now)
             took = result.latency if result.latency is not None else status.path.timeout
             bmc.update(result, now, now - (0.0 if result.ok and result.latency is None else took))
+            if bmc.reachable and bmc.power_on is False:
+                self._power_lost[status.path.target] = now
             if bmc.facts(now) != before:
                 changed = True  # a new BMC fact (power off, a PSU failure) may change the cause
         if not result.ok and not status.path.is_bmc and result.failure is not Failure.INTERNAL:
@@ -572,6 +575,7 @@ class Monitor:
             suspects=suspects,
             vantage_settling=self._vantage_suspect(),
             failing=self._last_failure,
+            power_lost=self._power_lost,
         )
         if self.tracker.waiting:
             self._dirty.set()  # look again once the dependencies (or the vantage) have settled

@@ -424,15 +424,21 @@ class Monitor:
         """A path's first failure: probe the target's other paths, and the vantage, now. The
         second witness (or the proof that watchtower itself is cut off) then arrives within a
         retry interval instead of a full one."""
-        upstream = self.topology.upstream(status.path.target)
+        target = status.path.target
+        upstream = self.topology.upstream(target)
         for other in (
-            *self.target_paths(status.path.target),
+            *self.target_paths(target),
             *self.target_paths(VANTAGE),
             # What it depends on, too: if its hypervisor, switch or NAS is the one that died, that
             # must be confirmed first, so the page names the root and not the first VM noticed.
-            *(p for target in upstream for p in self.target_paths(target)),
+            *(p for up in upstream for p in self.target_paths(up)),
         ):
-            if other is not status and other.state is not PathState.DOWN:
+            if other is status:
+                continue
+            # The target's own BMC even when it is down already: the page waits for a reading asked
+            # since this outage began (_awaiting_bmc), and one that answered "chassis off" a second
+            # ago, pulled forward by a VM of this host failing first, was asked before it.
+            if other.state is not PathState.DOWN or (other.path.is_bmc and other.path.target == target):
                 self.scheduler.run_now(other.path.key)
 
     # ------------------------------------------------------------------ correlation

@@ -602,6 +602,48 @@ def test_a_hold_for_the_roots_own_bmc_alone_has_no_hold_max_floor() -> None:
     assert [c.kind for c in changes] == ["opened"]
 
 
+def test_vms_dark_behind_a_production_link_that_is_back_are_probed_afresh() -> None:
+    """A hypervisor's production NIC was down for 6 s (the hypervisor only degraded: its
+    management side answered), its VMs dark behind it. The link is back: their failures are from
+    before, so they are probed afresh and not paged (msp200 seed 30 paged six VMs that answered)."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "hv": {"role": "hypervisor", "paths": [{"icmp": {"host": "10.0.0.1", "name": "prod"}},
+                                                       {"icmp": {"host": "10.0.99.1", "name": "mgmt"}}]},
+                "vm": {"role": "vm", "runs_on": "hv",
+                       "paths": [{"icmp": "10.0.0.21"}, {"tcp": "10.0.0.21:22"}]},
+            },
+        },
+        Path("."),
+    )  # fmt: skip
+    monitor = Monitor(cfg)
+    prod = monitor.statuses[("hv", "prod")]
+    vm = [s for s in monitor.statuses.values() if s.path.target == "vm"]
+    for status in monitor.statuses.values():
+        monitor.record(status, OK, 0.0)
+        monitor.record(status, OK, 0.5)
+    monitor.evaluate(0.5)
+    for t in (1.0, 2.0, 3.0):
+        monitor.record(prod, FAIL, t)
+        for status in vm:
+            monitor.record(status, FAIL, t + 0.1)
+    monitor.evaluate(3.2)
+    assert monitor.correlation.own["hv"] is TargetState.DEGRADED
+    assert monitor.correlation.own["vm"] is TargetState.DOWN
+    for t in range(4, 4 + prod.path.recover_after):
+        monitor.record(prod, OK, float(t))
+    monitor.evaluate(10.0)
+    assert all(s.state is PathState.UNKNOWN for s in vm)  # stale: to be probed again
+    assert not any(i.root == "vm" for i in monitor.tracker.incidents.values())
+
+
 def test_chassis_on_read_after_the_last_failure_waits_for_the_next_probe() -> None:
     """The host was off with its BMC unreachable; both were powered on again. The BMC's first
     answer ("chassis on") was asked after the host's last failed probe was sent: "hung" is only

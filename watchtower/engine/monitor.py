@@ -526,10 +526,18 @@ class Monitor:
         probe those targets now; they get a verdict of their own only once they fail afresh as
         ``fail_after`` demands. Without this, the moment between a switch answering and its
         dependents' next probes pages every one of them as an outage of its own."""
+        degraded = TargetState.DEGRADED
         back = [
             name
             for name, state in corr.own.items()
-            if previous.own.get(name) is TargetState.DOWN and state in (TargetState.UP, TargetState.DEGRADED)
+            if (previous.own.get(name) is TargetState.DOWN and state in (TargetState.UP, degraded))
+            # a hypervisor whose production link is back (it was only degraded, its VMs dark
+            # behind that link): their failures are as stale
+            or (
+                previous.own.get(name) is degraded
+                and state is TargetState.UP
+                and any(previous.own.get(d) is TargetState.DOWN for d in self.topology.behind(name))
+            )
         ]
         for name, bmc in self.bmc.items():
             if corr.own.get(name) is TargetState.UP and previous.own.get(name) is not TargetState.UP:

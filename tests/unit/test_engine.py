@@ -644,6 +644,51 @@ def test_vms_dark_behind_a_production_link_that_is_back_are_probed_afresh() -> N
     assert not any(i.root == "vm" for i in monitor.tracker.incidents.values())
 
 
+def test_a_silent_switch_waits_for_what_it_carries_to_be_heard_from() -> None:
+    """The switch stops answering pings. Whether it is dead or only silent (its management plane
+    drops ICMP) is told by what it carries, probed at its first failure: the page waits for their
+    answers. They answer: it forwards, no page. They fail: the switch is paged."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
+                "a": {"role": "service", "depends_on": ["sw"], "paths": [{"icmp": "10.0.0.21"}]},
+                "b": {"role": "service", "depends_on": ["sw"], "paths": [{"icmp": "10.0.0.22"}]},
+            },
+        },
+        Path("."),
+    )
+    for carried_answer in (OK, FAIL):
+        monitor = Monitor(cfg)
+        sw = monitor.statuses[("sw", "icmp 10.0.0.2")]
+        others = [s for s in monitor.statuses.values() if s.path.target != "sw"]
+        for status in monitor.statuses.values():
+            monitor.record(status, OK, 0.0)
+            monitor.record(status, OK, 0.5)
+        monitor.evaluate(0.5)
+        t = 10.0
+        for _ in range(sw.path.fail_after):
+            monitor.record(sw, FAIL, t)
+            t += 1.0
+        assert monitor.evaluate(t) == []  # nothing it carries heard from since: wait
+        for _ in range(max(s.path.fail_after for s in others)):
+            for status in others:
+                monitor.record(status, carried_answer, t)
+            t += 1.0
+        monitor.evaluate(t)
+        roots = [i.root for i in monitor.tracker.open_incidents()]
+        if carried_answer is OK:
+            assert roots == [] and monitor.correlation.states["sw"] is TargetState.DEGRADED
+        else:
+            assert roots == ["sw"]
+
+
 def test_chassis_on_read_after_the_last_failure_waits_for_the_next_probe() -> None:
     """The host was off with its BMC unreachable; both were powered on again. The BMC's first
     answer ("chassis on") was asked after the host's last failed probe was sent: "hung" is only

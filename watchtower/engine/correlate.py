@@ -472,6 +472,37 @@ def lossy_upstream(
     return None
 
 
+def forwarding(topology: Topology, paths: Mapping[str, Sequence[PathView]], name: str) -> bool:
+    """Network device ``name`` is silent on its own paths, but what it carries answers steadily
+    through it since it fell silent (two targets at least, every path through it up, none lost
+    since): it forwards; its own address (ICMP to its management plane) is what is off."""
+    onset = min(
+        (p.since for p in paths.get(name, ()) if p.state is PathState.DOWN and p.since is not None),
+        default=None,
+    )
+    behind = topology.behind(name)
+    if onset is None or not behind:
+        return False
+    carried = {n for n, net in topology.networks.items() if name in net.via}
+    steady = 0
+    for target in behind:
+        through = [
+            p for p in paths.get(target, ()) if not p.by_bmc and (p.network is None or p.network in carried)
+        ]
+        if (
+            through
+            and all(
+                p.state is PathState.UP and (p.last_failure is None or p.last_failure < onset - LOSS_LOOKBACK)
+                for p in through
+            )
+            and any(p.last_ok is not None and p.last_ok > onset for p in through)
+        ):
+            steady += 1
+            if steady >= 2:
+                return True
+    return steady >= len(behind)
+
+
 def _labels(topology: Topology) -> dict[str, str]:
     return {name: net.label or name for name, net in topology.networks.items()}
 
@@ -505,6 +536,9 @@ def correlate(
         )
 
     labels = _labels(topology)
+    for name in topology.network_devices():
+        if own[name] is TargetState.DOWN and forwarding(topology, paths, name):
+            own[name] = TargetState.DEGRADED  # it forwards: not an outage of what it carries
     states: dict[str, TargetState] = dict(own)
     # Network outages first: what they explain is no target's own failure.
     outages: dict[str, NetworkOutage] = {}

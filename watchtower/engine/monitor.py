@@ -426,12 +426,17 @@ class Monitor:
         retry interval instead of a full one."""
         target = status.path.target
         upstream = self.topology.upstream(target)
+        node = self.topology.nodes.get(target)
+        # A switch: what it carries, too. Dead, they fail with it; alive, they answer through it
+        # and it only stopped answering pings itself (correlate.forwarding).
+        carried = self.topology.behind(target) if node is not None and node.role == "network" else ()
         for other in (
             *self.target_paths(target),
             *self.target_paths(VANTAGE),
             # What it depends on, too: if its hypervisor, switch or NAS is the one that died, that
             # must be confirmed first, so the page names the root and not the first VM noticed.
             *(p for up in upstream for p in self.target_paths(up)),
+            *(p for c in carried for p in self.target_paths(c) if not p.path.is_bmc),
         ):
             if other is status:
                 continue
@@ -494,6 +499,23 @@ class Monitor:
             # only true if it still fails after that reading: wait for its next probe.
             return self._confirm_time(target)
         return None
+
+    def _awaiting_carried(self, device: str, since: float | None) -> float | None:
+        """How long a network device's verdict may wait for what it carries to be probed since it
+        fell silent (two targets, or all if fewer): answering, it only stopped answering pings."""
+        node = self.topology.nodes.get(device)
+        if since is None or node is None or node.role != "network":
+            return None
+        behind = self.topology.behind(device)
+        probed = 0
+        for target in behind:
+            if any(s.last_at is not None and s.last_at > since for s in self.target_paths(target)):
+                probed += 1
+                if probed >= 2:
+                    return None
+        if probed >= len(behind):
+            return None
+        return self._confirm_time(device)
 
     def _confirm_time(self, target: str) -> float:
         """How long ``target``'s slowest path takes to confirm a failure (an http path with a 3 s
@@ -580,6 +602,8 @@ class Monitor:
         }
         for verdict in corr.verdicts:
             wait = self._awaiting_bmc(verdict.root, verdict.since)
+            if wait is None:
+                wait = self._awaiting_carried(verdict.root, verdict.since)
             if wait is not None:
                 suspects[verdict.root] = wait
         changes = self.tracker.step(

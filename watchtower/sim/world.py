@@ -474,7 +474,8 @@ class World:
         if ok:
             latency = 0.0005 + self.rng.random() * 0.002
             return ProbeResult(True, latency), latency
-        self.failed_probes.setdefault(target, []).append(now)
+        if not self.monitor_cut:  # a probe that never left the monitor saw nothing of the target
+            self.failed_probes.setdefault(target, []).append(now)
         failed = self._failures.get((path.timeout, why))
         if failed is None:  # the same few failures again and again: one (frozen) result each
             failed = ProbeResult.fail(Failure.TIMEOUT, f"no answer within {path.timeout:g}s ({why})")

@@ -589,6 +589,46 @@ def test_a_silent_switch_waits_for_what_it_carries_to_be_heard_from() -> None:
             assert roots == ["sw"]
 
 
+def test_what_fails_behind_a_switch_that_answers_again_since_a_moment_waits_for_its_ports() -> None:
+    """The switch answers again since a moment (seen again after the monitor's own outage, say):
+    its ports may not forward yet. A host dark behind it waits PORTS_SETTLE before it is paged
+    as an outage of its own (demo seed 3778 paged the NAS behind a switch 6 s after it answered)."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import PORTS_SETTLE, Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
+                "h": {"role": "storage", "depends_on": ["sw"],
+                      "paths": [{"icmp": "10.0.0.5"}, {"tcp": "10.0.0.5:3260"}]},
+            },
+        },
+        Path("."),
+    )  # fmt: skip
+    monitor = Monitor(cfg)
+    sw = monitor.statuses[("sw", "icmp 10.0.0.2")]
+    host = [s for s in monitor.statuses.values() if s.path.target == "h"]
+    for status in monitor.statuses.values():
+        monitor.record(status, OK, 0.0)
+        monitor.record(status, OK, 0.5)
+    monitor.evaluate(0.5)
+    sw.changed_at = 100.0  # it came (back) up at 100
+    t = 101.0
+    for _ in range(max(s.path.fail_after for s in host)):
+        for status in host:
+            monitor.record(status, FAIL, t)
+        monitor.record(sw, OK, t)
+        t += 1.0
+    assert monitor.evaluate(t) == []
+    assert monitor.evaluate(100.0 + PORTS_SETTLE - 1) == []
+    monitor.evaluate(100.0 + PORTS_SETTLE + 1)
+    assert [i.root for i in monitor.tracker.open_incidents()] == ["h"]
+
+
 def test_chassis_on_read_after_the_last_failure_waits_for_the_next_probe() -> None:
     """The host was off with its BMC unreachable; both were powered on again. The BMC's first
     answer ("chassis on") was asked after the host's last failed probe was sent: "hung" is only

@@ -47,6 +47,9 @@ log = logging.getLogger("watchtower.monitor")
 
 
 CRITICAL_WINDOW = 3600.0  # a critical SEL entry explains an outage for this long after it is seen
+# A switch answers before its ports forward (spanning tree learns for up to 15 s, plus its boot):
+# what fails behind one that answers again since less than this waits before it is paged.
+PORTS_SETTLE = 20.0
 
 
 @dataclass(slots=True)
@@ -495,6 +498,19 @@ class Monitor:
             return self._confirm_time(target)
         return None
 
+    def _just_forwarding(self, device: str, now: float) -> bool:
+        """Network device ``device`` answers again since a moment (back from an outage, or seen
+        again after the monitor's own): its ports may not forward yet, and what fails behind it
+        waits for them (PORTS_SETTLE) before it is paged as an outage of its own."""
+        node = self.topology.nodes.get(device)
+        if node is None or node.role != "network":
+            return False
+        return any(
+            s.state is PathState.UP and s.changed_at is not None and now - s.changed_at < PORTS_SETTLE
+            for s in self.target_paths(device)
+            if not s.path.is_bmc
+        )
+
     def _awaiting_carried(self, device: str, since: float | None) -> float | None:
         """How long a network device's verdict may wait for what it carries to be probed since it
         fell silent (two targets, or all if fewer): answering, it only stopped answering pings."""
@@ -595,6 +611,12 @@ class Monitor:
             for up in self.topology.upstream(verdict.root)
             if self._suspect(up, corr, now)
         }
+        for verdict in corr.verdicts:
+            if verdict.scope is Scope.MONITOR:
+                continue
+            for up in self.topology.upstream(verdict.root):
+                if up not in suspects and self._just_forwarding(up, now):
+                    suspects[up] = PORTS_SETTLE
         for verdict in corr.verdicts:
             wait = self._awaiting_bmc(verdict.root, verdict.since)
             if wait is None:

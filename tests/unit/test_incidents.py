@@ -167,6 +167,26 @@ def test_once_a_switch_forwards_again_a_host_that_answered_and_fails_is_its_own(
         assert roots == (["h1", "sw"] if h2_steady else ["sw"])
 
 
+def test_a_vm_paged_before_its_host_failed_again_stays_its_own() -> None:
+    """pve1 was down and is back (its incident resolved, in the flap window); dc1 dies on its own
+    and is paged; a moment later pve1 fails again. pve1's incident reopens; dc1's is neither
+    re-scoped into a second pve1 incident (two all-clears for pve1: demo seeds 3476, 3935) nor
+    folded into the reopened one (its page would never get an all-clear)."""
+    t = IncidentTracker()
+    t.step(corr(), 0.0, SITE)
+    t.step(corr(down=["pve1", "dc1", "mail1"], since=9.0), 10.0, SITE)
+    (host,) = t.open_incidents()
+    for now in (20.0, 40.0, 60.0):
+        t.step(corr(), now, SITE)
+    assert not t.open_incidents()
+    t.step(corr(down=["dc1"], since=69.0), 70.0, SITE)
+    vm = next(i for i in t.open_incidents() if i.root == "dc1")
+    for now in (72.0, 73.0, 80.0):
+        t.step(corr(down=["pve1", "dc1", "mail1"], since=71.0), now, SITE)
+    assert {(i.id, i.root) for i in t.open_incidents()} == {(host.id, "pve1"), (vm.id, "dc1")}
+    assert t.incidents[vm.id].merged_into is None and t.incidents[host.id].flaps == 1
+
+
 def test_flap_reopens_the_same_incident() -> None:
     t = IncidentTracker(flap_window=600)
     t.step(corr(down=["dc1"]), 0.0)

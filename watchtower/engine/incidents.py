@@ -541,6 +541,18 @@ class IncidentTracker:
             ),
             key=lambda i: i.opened_at,
         )
+        if incident is not None and incident.flaps:
+            # Reopened: what was opened before it failed again (a VM that was paged, down on its
+            # own, a moment before its host failed once more) stays its own outage.
+            reopened = max(
+                (e.at for e in incident.timeline if e.kind == "reopened"), default=incident.opened_at
+            )
+            absorbed = [i for i in absorbed if i.opened_at >= reopened]
+        if incident is None and absorbed and self._recent(verdict.root, now) is not None:
+            # The root has a recent incident to reopen: re-scoping one of these into it would make
+            # two incidents of one root (two all-clears), and folding a paged one in would leave
+            # its page without an all-clear. Each stays its own; the reopened one says the rest.
+            absorbed = []
         if incident is None and absorbed:
             incident = absorbed.pop(0)
             text = (

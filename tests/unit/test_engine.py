@@ -629,6 +629,52 @@ def test_what_fails_behind_a_switch_that_answers_again_since_a_moment_waits_for_
     assert [i.root for i in monitor.tracker.open_incidents()] == ["h"]
 
 
+def test_what_failed_while_the_monitor_was_blind_is_forgotten_when_it_sees_again() -> None:
+    """The monitor was cut off: every probe failed, the vantage's too. Seen again, those failures
+    say nothing about the targets: no path keeps a last failure from the blind window (a switch
+    silent since, with everything behind it answering, looked lossy and was paged as down: demo
+    seed 3251)."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "vantage": [{"icmp": "10.0.250.1"}],
+            "targets": {
+                "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
+                "a": {"role": "service", "depends_on": ["sw"], "paths": [{"icmp": "10.0.0.21"}]},
+                "b": {"role": "service", "depends_on": ["sw"], "paths": [{"icmp": "10.0.0.22"}]},
+            },
+        },
+        Path("."),
+    )
+    monitor = Monitor(cfg)
+    for status in monitor.statuses.values():
+        monitor.record(status, OK, 0.0)
+        monitor.record(status, OK, 0.5)
+    monitor.evaluate(0.5)
+    for t in (10.0, 11.0, 12.0):
+        for status in monitor.statuses.values():
+            monitor.record(status, FAIL, t)
+    monitor.evaluate(12.5)
+    assert not monitor.correlation.vantage_up
+    for status in monitor.statuses.values():
+        if status.path.target == "@vantage":
+            for t in (20.0, 21.0):
+                monitor.record(status, OK, t)
+    monitor.evaluate(21.5)
+    assert all(s.last_failure is None for s in monitor.statuses.values() if s.path.target != "@vantage")
+    # the switch stays silent, what it carries answers: it forwards (no network page)
+    for t in (22.0, 23.0, 24.0, 25.0):
+        for status in monitor.statuses.values():
+            monitor.record(status, FAIL if status.path.target == "sw" else OK, t)
+        monitor.evaluate(t + 0.1)
+    assert not [i for i in monitor.tracker.open_incidents() if i.root == "sw"]
+
+
 def test_chassis_on_read_after_the_last_failure_waits_for_the_next_probe() -> None:
     """The host was off with its BMC unreachable; both were powered on again. The BMC's first
     answer ("chassis on") was asked after the host's last failed probe was sent: "hung" is only

@@ -550,8 +550,11 @@ class Monitor:
         for status in self.statuses.values():
             if status.path.target != VANTAGE:
                 status.state, status.successes, status.failures = PathState.UNKNOWN, 0, 0
-                status.failing_since = None
+                # what failed while blind says nothing about the target (nor about any loss)
+                status.failing_since = status.last_failure = None
                 self.scheduler.run_now(status.path.key)
+        self._last_failure.clear()
+        self._last_failure_sent.clear()
 
     def _settle_dependents(self, previous: Correlation, corr: Correlation, now: float) -> bool:
         """Something came back: what depends on it showed its failure while it was down, so that

@@ -675,6 +675,52 @@ def test_what_failed_while_the_monitor_was_blind_is_forgotten_when_it_sees_again
     assert not [i for i in monitor.tracker.open_incidents() if i.root == "sw"]
 
 
+def test_a_vm_dark_after_its_host_was_dark_on_every_path_for_a_moment_is_rebooting() -> None:
+    """The hypervisor hung for 4 s: one probe lost on each of its paths, then it answered again,
+    too short to confirm. Its VM reboots for a minute: that blip coming back, not an outage of its
+    own (demo seeds 3421, 3457 paged the VM after 30 s); a host that lost one path's probe only
+    was not dark, and the VM dark behind it is its own outage once dark that long."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.correlate import LOSSY_DARK
+    from watchtower.engine.monitor import Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "hv": {"role": "hypervisor", "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}]},
+                "vm": {"role": "vm", "runs_on": "hv",
+                       "paths": [{"icmp": "10.0.0.21"}, {"tcp": "10.0.0.21:22"}]},
+            },
+        },
+        Path("."),
+    )  # fmt: skip
+    for dark_everywhere in (True, False):
+        monitor = Monitor(cfg)
+        hv = [s for s in monitor.statuses.values() if s.path.target == "hv"]
+        vm = [s for s in monitor.statuses.values() if s.path.target == "vm"]
+        for status in monitor.statuses.values():
+            monitor.record(status, OK, 0.0)
+            monitor.record(status, OK, 0.5)
+        monitor.evaluate(0.5)
+        for status in hv if dark_everywhere else hv[:1]:
+            monitor.record(status, FAIL, 11.0)
+        for status in hv:
+            monitor.record(status, OK, 11.5)
+        t = 12.0
+        while t < 13.0 + LOSSY_DARK + 20:
+            for status in vm:
+                monitor.record(status, FAIL, t)
+            for status in hv:
+                monitor.record(status, OK, t)
+            monitor.evaluate(t + 0.1)
+            t += 2.0
+        roots = [i.root for i in monitor.tracker.open_incidents()]
+        assert roots == ([] if dark_everywhere else ["vm"])
+
+
 def test_chassis_on_read_after_the_last_failure_waits_for_the_next_probe() -> None:
     """The host was off with its BMC unreachable; both were powered on again. The BMC's first
     answer ("chassis on") was asked after the host's last failed probe was sent: "hung" is only

@@ -104,11 +104,11 @@ def test_what_runs_on_a_host_whose_bmc_said_chassis_off_a_moment_ago_is_rebootin
     grace (demo seed 1678 paged the VM); one up for a while after it is its own."""
     t = IncidentTracker()
     for now in (0.0, 10.0, 20.0):
-        t.step(corr(), now, SITE, power_lost={})
+        t.step(corr(), now, SITE, blipped={})
     lost = {"pve1": 25.0}
-    assert t.step(corr(down=["dc1"]), 27.0, SITE, power_lost=lost) == []
-    assert t.step(corr(down=["dc1"]), 27.0 + RECOVERY_GRACE - 5, SITE, power_lost=lost) == []
-    changes = t.step(corr(down=["dc1"]), 25.0 + RECOVERY_GRACE, SITE, power_lost=lost)
+    assert t.step(corr(down=["dc1"]), 27.0, SITE, blipped=lost) == []
+    assert t.step(corr(down=["dc1"]), 27.0 + RECOVERY_GRACE - 5, SITE, blipped=lost) == []
+    changes = t.step(corr(down=["dc1"]), 25.0 + RECOVERY_GRACE, SITE, blipped=lost)
     assert [c.kind for c in changes] == ["opened"]  # not back within the grace: its own outage
 
     t = IncidentTracker()
@@ -118,8 +118,8 @@ def test_what_runs_on_a_host_whose_bmc_said_chassis_off_a_moment_ago_is_rebootin
     assert [c.kind for c in changes] == ["opened"]
     t = IncidentTracker()
     for now in (0.0, 10.0, 20.0, 30.0, 40.0):
-        t.step(corr(), now, SITE, power_lost=lost)
-    changes = t.step(corr(down=["dc1"]), 41.0, SITE, power_lost=lost)  # up 15 s after the blip
+        t.step(corr(), now, SITE, blipped=lost)
+    changes = t.step(corr(down=["dc1"]), 41.0, SITE, blipped=lost)  # up 15 s after the blip
     assert [c.kind for c in changes] == ["opened"]
 
 

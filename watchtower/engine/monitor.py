@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -163,7 +164,9 @@ class Monitor:
         self._last_failure: dict[str, float] = {}  # target -> its last failed probe (BMC paths aside)
         # ... and when that probe was sent: a probe that timed out just now was sent a timeout ago
         self._last_failure_sent: dict[str, float] = {}
-        self._power_lost: dict[str, float] = {}  # target -> when its BMC last said "chassis off"
+        # target -> when it was last seen down for a moment: its BMC saying "chassis off", or dark
+        # on every path at once (a hypervisor hung for 4 s reboots its VMs, too short to confirm)
+        self._blipped: dict[str, float] = {}
         self.topology = Topology.from_config(config)
         self._views = ViewCache()  # what correlation reads of the paths, kept between passes
         self._dirty = asyncio.Event()
@@ -339,13 +342,15 @@ class Monitor:
             took = result.latency if result.latency is not None else status.path.timeout
             bmc.update(result, now, now - (0.0 if result.ok and result.latency is None else took))
             if bmc.reachable and bmc.power_on is False:
-                self._power_lost[status.path.target] = now
+                self._blipped[status.path.target] = now
             if bmc.facts(now) != before:
                 changed = True  # a new BMC fact (power off, a PSU failure) may change the cause
         if not result.ok and not status.path.is_bmc and result.failure is not Failure.INTERNAL:
             self._last_failure[status.path.target] = now
             took = result.latency if result.latency is not None else status.path.timeout
             self._last_failure_sent[status.path.target] = now - took
+            if self._dark_at_once(status.path.target):
+                self._blipped[status.path.target] = now
         if not result.ok and status.failures == 1 and not was_down:
             self._second_witness(status)
         if changed:
@@ -498,6 +503,29 @@ class Monitor:
             return self._confirm_time(target)
         return None
 
+    def _dark_at_once(self, target: str) -> bool:
+        """Hypervisor or storage ``target`` was dark on every witness path (two at least) at one
+        moment: each path's last failed probe was sent before any of them answered again."""
+        node = self.topology.nodes.get(target)
+        if node is None or node.role not in ("hypervisor", "storage"):
+            return False
+        witnesses = [s for s in self.target_paths(target) if not s.path.is_bmc]
+        if len(witnesses) < 2 or any(s.last_failure_sent is None for s in witnesses):
+            return False
+        dark_from = max(s.last_failure_sent for s in witnesses if s.last_failure_sent is not None)
+        # each path failed from its last failed probe until it answered again (if it has since)
+        answered_again = min(
+            (
+                s.last_ok
+                for s in witnesses
+                if s.last_ok is not None
+                and s.last_failure_sent is not None
+                and s.last_ok > s.last_failure_sent
+            ),
+            default=math.inf,
+        )
+        return dark_from < answered_again
+
     def _just_forwarding(self, device: str, now: float) -> bool:
         """Network device ``device`` answers again since a moment (back from an outage, or seen
         again after the monitor's own): its ports may not forward yet, and what fails behind it
@@ -551,7 +579,7 @@ class Monitor:
             if status.path.target != VANTAGE:
                 status.state, status.successes, status.failures = PathState.UNKNOWN, 0, 0
                 # what failed while blind says nothing about the target (nor about any loss)
-                status.failing_since = status.last_failure = None
+                status.failing_since = status.last_failure = status.last_failure_sent = None
                 self.scheduler.run_now(status.path.key)
         self._last_failure.clear()
         self._last_failure_sent.clear()
@@ -633,7 +661,7 @@ class Monitor:
             suspects=suspects,
             vantage_settling=self._vantage_suspect(),
             failing=self._last_failure,
-            power_lost=self._power_lost,
+            blipped=self._blipped,
         )
         if self.tracker.waiting:
             self._dirty.set()  # look again once the dependencies (or the vantage) have settled

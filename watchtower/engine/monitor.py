@@ -20,6 +20,7 @@ from watchtower import clock
 from watchtower.config import PASSIVE_KINDS, VANTAGE, Config, ResolvedPath, TrapPath
 from watchtower.engine.correlate import (
     BmcFacts,
+    Cause,
     Correlation,
     Scope,
     TargetState,
@@ -482,7 +483,7 @@ class Monitor:
             for s in self.target_paths(target)
         )
 
-    def _awaiting_bmc(self, target: str, since: float | None) -> float | None:
+    def _awaiting_bmc(self, target: str, since: float | None, cause: Cause | None = None) -> float | None:
         """How long ``target``'s verdict may wait for its BMC, when the BMC has not answered (or
         failed to) since the outage began: a reading from before says "chassis on" about a host
         that has just lost power, and the page would call it hung."""
@@ -496,7 +497,7 @@ class Monitor:
         if bmc is None or bmc.asked_at is None or bmc.asked_at < since - 0.25:
             return max(s.path.timeout for s in bmc_paths) + 2.0
         last_failure = self._last_failure_sent.get(target)
-        if bmc.reachable and bmc.power_on and last_failure is not None and bmc.asked_at > last_failure:
+        if cause is Cause.OS_UNRESPONSIVE and last_failure is not None and bmc.asked_at > last_failure:
             # "Chassis on", asked after the host's last failed probe: the host may be back already
             # (it was off, and the BMC was unreachable until it was powered on again). "Hung" is
             # only true if it still fails after that reading: wait for its next probe.
@@ -649,7 +650,7 @@ class Monitor:
                 if up not in suspects and self._just_forwarding(up, now):
                     suspects[up] = PORTS_SETTLE
         for verdict in corr.verdicts:
-            wait = self._awaiting_bmc(verdict.root, verdict.since)
+            wait = self._awaiting_bmc(verdict.root, verdict.since, verdict.cause)
             if wait is None:
                 wait = self._awaiting_carried(verdict.root, verdict.since)
             if wait is not None:

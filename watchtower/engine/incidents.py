@@ -164,8 +164,8 @@ class IncidentTracker:
         self._last_down: dict[str, float] = {}
         self._up_since: dict[str, float] = {}
         self._last_up: dict[str, tuple[float, float]] = {}  # target -> its last finished up stretch
-        # target -> when its BMC last said "chassis off" (see ``step``'s ``power_lost``)
-        self._power_lost: Mapping[str, float] = {}
+        # target -> when it was last seen down for a moment (see ``step``'s ``blipped``)
+        self._blipped: Mapping[str, float] = {}
         # incident id -> what its all-clear left as outages of their own (the grace ran out)
         self._released: dict[int, set[str]] = {}
 
@@ -308,7 +308,7 @@ class IncidentTracker:
         for up in topology.upstream(target):
             if topology.nodes[up].role == "network":
                 continue  # a switch back from a blip reboots nothing behind it
-            down_at = max(self._last_down.get(up, -math.inf), self._power_lost.get(up, -math.inf))
+            down_at = max(self._last_down.get(up, -math.inf), self._blipped.get(up, -math.inf))
             if now - down_at >= RECOVERY_GRACE or corr.own.get(up) is TargetState.DOWN:
                 continue
             stretch = self._last_up.get(target)
@@ -387,7 +387,7 @@ class IncidentTracker:
         suspects: Mapping[str, float] | None = None,
         vantage_settling: bool = False,
         failing: Mapping[str, float] | None = None,
-        power_lost: Mapping[str, float] | None = None,
+        blipped: Mapping[str, float] | None = None,
     ) -> list[Change]:
         """Fold one correlation into the incidents. ``suspects``: targets failing but not yet
         confirmed, with their confirmation time (their dependents' verdicts wait for them);
@@ -395,11 +395,11 @@ class IncidentTracker:
         settles: opening a network incident for the monitor's own uplink is the false alarm to
         avoid); ``failing``: each target's last failed probe, confirmed or not (a resolved incident's
         all-clear waits while its root or what it affected fails again: a host at 60 % loss
-        fails a probe now and then between the passes); ``power_lost``: when each host's BMC last
-        said its chassis was off (a power blip too short to take the host down on every path still
-        reboots what runs on it)."""
+        fails a probe now and then between the passes); ``blipped``: when each host was last seen
+        down for a moment (its BMC said its chassis was off, or it was dark on every path at once):
+        a blip too short to confirm still reboots what runs on it."""
         self.waiting = False
-        self._power_lost = power_lost or {}
+        self._blipped = blipped or {}
         self._failing = failing or {}
         changes: list[Change] = []
         if failing:
@@ -546,6 +546,18 @@ class IncidentTracker:
             ),
             key=lambda i: i.opened_at,
         )
+        if incident is not None and incident.flaps:
+            # Reopened: what was opened before it failed again (a VM that was paged, down on its
+            # own, a moment before its host failed once more) stays its own outage.
+            reopened = max(
+                (e.at for e in incident.timeline if e.kind == "reopened"), default=incident.opened_at
+            )
+            absorbed = [i for i in absorbed if i.opened_at >= reopened]
+        if incident is None and absorbed and self._recent(verdict.root, now) is not None:
+            # The root has a recent incident to reopen: re-scoping one of these into it would make
+            # two incidents of one root (two all-clears), and folding a paged one in would leave
+            # its page without an all-clear. Each stays its own; the reopened one says the rest.
+            absorbed = []
         if incident is None and absorbed:
             incident = absorbed.pop(0)
             text = (

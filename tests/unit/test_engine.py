@@ -968,3 +968,54 @@ async def test_scheduler_batch_hook_that_raises_runs_the_job_alone() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_a_switch_first_seen_up_at_start_is_not_answering_again() -> None:
+    """PORTS_SETTLE holds what fails behind a switch that answers *again* (back from an outage, or
+    seen again after the monitor's own). The daemon's first look at a switch is neither: a host
+    behind it that dies 10 s after the start is paged when confirmed (bench_detect starts a fresh
+    daemon per run: every page waited for the 20 s)."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import PORTS_SETTLE, Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
+                "pve1": {"role": "hypervisor", "depends_on": ["sw"],
+                         "paths": [{"icmp": "10.0.0.11"}, {"icmp": "10.0.99.11"}]},
+            },
+        },
+        Path("."),
+    )  # fmt: skip
+    monitor = Monitor(cfg)
+    (sw,) = monitor.target_paths("sw")
+    host = monitor.target_paths("pve1")
+    for t in (0.0, 1.0):
+        for status in monitor.statuses.values():
+            monitor.record(status, OK, t)
+    assert monitor.evaluate(1.1) == []
+    for t in (10.0, 11.0):
+        for status in host:
+            monitor.record(status, FAIL, t)
+        monitor.record(sw, OK, t)
+    assert sw.changed_at is not None and 11.1 - sw.changed_at < PORTS_SETTLE  # read as "again" before
+    changes = monitor.evaluate(11.1)
+    assert [c.kind for c in changes] == ["opened"]
+    # Back from an outage, it is answering again: a host failing behind it waits for its ports.
+    for t in (20.0, 21.0):
+        for status in host:
+            monitor.record(status, OK, t)
+        monitor.record(sw, FAIL, t)
+    monitor.evaluate(21.1)
+    for t in (22.0, 23.0):
+        monitor.record(sw, OK, t)
+    monitor.evaluate(23.1)
+    for t in (30.0, 31.0):
+        for status in host:
+            monitor.record(status, FAIL, t)
+    monitor.evaluate(31.1)
+    assert monitor._just_forwarding("sw", 31.1)

@@ -168,6 +168,9 @@ class Monitor:
         # target -> when it was last seen down for a moment: its BMC saying "chassis off", or dark
         # on every path at once (a hypervisor hung for 4 s reboots its VMs, too short to confirm)
         self._blipped: dict[str, float] = {}
+        # path key -> when it first settled UP, never having been up or down before (the daemon's
+        # first look): that is not a device answering again, whose ports may not forward yet
+        self._first_up: dict[tuple[str, str], float | None] = {}
         self.topology = Topology.from_config(config)
         self._views = ViewCache()  # what correlation reads of the paths, kept between passes
         self._dirty = asyncio.Event()
@@ -327,7 +330,10 @@ class Monitor:
     def record(self, status: PathStatus, result: ProbeResult, now: float) -> bool:
         """Fold one probe result into the picture. True when a correlation pass is needed."""
         was_down = status.state is PathState.DOWN
+        first_look = status.path.key not in self._first_up
         changed = status.observe(result, now)
+        if first_look and status.state in (PathState.UP, PathState.DOWN):
+            self._first_up[status.path.key] = status.changed_at if status.state is PathState.UP else None
         if changed:
             p = status.path
             log.info(
@@ -540,7 +546,10 @@ class Monitor:
         if node is None or node.role != "network":
             return False
         return any(
-            s.state is PathState.UP and s.changed_at is not None and now - s.changed_at < PORTS_SETTLE
+            s.state is PathState.UP
+            and s.changed_at is not None
+            and now - s.changed_at < PORTS_SETTLE
+            and self._first_up.get(s.path.key) != s.changed_at  # the daemon's first look: not "again"
             for s in self.target_paths(device)
             if not s.path.is_bmc
         )

@@ -101,7 +101,7 @@ def simulate(config: Config, events: list[FaultEvent], seed: int) -> tuple[World
 
 async def _run(config: Config, events: list[FaultEvent], world: World, rec: Recording) -> None:
     loop = asyncio.get_running_loop()
-    monitor = Monitor(config, shared=ProbeContext(timeout=0), probe=world.probe_runner())
+    monitor = Monitor(config, shared=ProbeContext(timeout=0), probe=world.probe_runner(loop))
     store = AsyncStore(Store(":memory:"), InlineExecutor())  # type: ignore[arg-type]
     senders = {c.name: RecordingSender(c.name, world) for c in config.notify.channels}
     alerting = Alerting(

@@ -165,6 +165,15 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                     )
                 if loop._stopping:
                     return
+                if (
+                    self._hold
+                    and not ready
+                    and (not scheduled or scheduled[0] >= self._now + resolution)
+                    and not loop._timer_cancelled_count
+                ):
+                    # A finished run's no-op: the next iteration has nothing to run and no timer
+                    # due, and is skipped (see below) without a sweep to do.
+                    self._hold = False
                 continue
             now = self._now
             if self._hold:  # as if a no-op were ready: no jump (an iteration with no timer due is skipped)

@@ -127,8 +127,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         resolution = loop._clock_resolution
         longest = MAXIMUM_SELECT_TIMEOUT
         soon: _Soon | None = None  # a call_at_soon timer that was its iteration's only callback
+        scheduled: list[_Due] = loop._scheduled  # (replaced only by the rebuild below)
+        now = self._now  # (moved only by the jump below)
         while True:
-            scheduled: list[_Due] = loop._scheduled
             cancelled = loop._timer_cancelled_count
             if cancelled:  # (without cancelled timers in the heap there is nothing to sweep)
                 sched_count = len(scheduled)
@@ -165,24 +166,20 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                     )
                 if loop._stopping:
                     return
-                if (
-                    self._hold
-                    and not ready
-                    and (not scheduled or scheduled[0] >= self._now + resolution)
-                    and not loop._timer_cancelled_count
-                ):
-                    # A finished run's no-op: the next iteration has nothing to run and no timer
-                    # due, and is skipped (see below) without a sweep to do.
-                    self._hold = False
                 continue
-            now = self._now
             if self._hold:  # as if a no-op were ready: no jump (an iteration with no timer due is skipped)
                 self._hold = False
                 if not ready and (not scheduled or scheduled[0] >= now + resolution):
                     if loop._stopping:
                         return
-                    continue
-            elif not ready and not loop._stopping:
+                    # Skipped: the next iteration jumps. Its sweep would find nothing (this one's
+                    # just ran, and nothing ran since), so it starts here.
+                    jump = True
+                else:
+                    jump = False
+            else:
+                jump = not ready and not loop._stopping
+            if jump:
                 if not scheduled:
                     raise Deadlock("nothing ready and no timer scheduled")
                 # Jump to the next timer, as the standard loop's poll sleeps

@@ -302,23 +302,25 @@ class Scheduler:
     def _run_directs(self, runs: list[tuple[_Job, float]]) -> None:
         """:meth:`_run_job` for each job with a :data:`DirectStart`, in order: no task, no
         semaphore slot (the simulator's runs are bounded by its site), lag recorded per run."""
+        now = self._loop.time() if self._loop is not None else 0.0  # (one callback: the time stays)
         observe = self.lag.observe
+        direct_done = self._direct_done
+        partial = functools.partial
         for job, due in runs:
-            loop = self._loop
-            if loop is None:  # stopped before it began, as a cancelled task never starts
+            if self._loop is None:  # stopped before it began, as a cancelled task never starts
                 job.running = False
                 continue
-            lag = loop.time() - due
+            lag = now - due
             observe(lag if lag > 0.0 else 0.0)
             self.in_flight += 1
             self._direct_runs += 1
             job.direct_run = run = self._direct_runs
             assert job.direct is not None
             try:
-                job.direct(functools.partial(self._direct_done, job, due, run))
+                job.direct(partial(direct_done, job, due, run))
             except Exception:  # the monitor's direct start never raises; this guards the scheduler
                 log.exception("job failed key=%s", job.key)
-                self._direct_done(job, due, run)
+                direct_done(job, due, run)
 
     def _direct_done(self, job: _Job, due: float, run: int) -> None:
         """A direct run's completion: counts on its first call only (a guard after a crash may

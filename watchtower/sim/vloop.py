@@ -132,10 +132,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         while True:
             cancelled = loop._timer_cancelled_count
             if cancelled:  # (without cancelled timers in the heap there is nothing to sweep)
-                sched_count = len(scheduled)
-                if (
-                    sched_count > _MIN_SCHEDULED_TIMER_HANDLES
-                    and cancelled / sched_count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+                # cancelled / count > fraction, for a count over the minimum (the product is exact)
+                if cancelled > len(scheduled) * _MIN_CANCELLED_TIMER_HANDLES_FRACTION and (
+                    len(scheduled) > _MIN_SCHEDULED_TIMER_HANDLES
                 ):
                     # Too many cancelled timers: rebuild the heap without them (as the standard loop does).
                     kept = []

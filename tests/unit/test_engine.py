@@ -393,6 +393,9 @@ def test_a_vm_confirmed_before_its_hypervisor_waits_so_the_incident_names_the_hy
     monitor2.record(next(s for s in monitor2.statuses.values() if s.path.target == "pve1"), FAIL, 2.0)
     assert monitor2.evaluate(2.0) == []
     assert monitor2.evaluate(2.0 + HOLD_MAX) == []
+    for t in range(3, int(LOSSY_DARK) + 1, 3):  # the VM keeps failing (LOSSY_PROBES in a row)
+        for status in [s for s in monitor2.statuses.values() if s.path.target == "vm1"]:
+            monitor2.record(status, FAIL, float(t))
     monitor2.evaluate(0.5 + LOSSY_DARK)  # dark that long: its own; the suspect holds it HOLD_MAX
     monitor2.evaluate(0.5 + LOSSY_DARK + HOLD_MAX)
     (incident,) = monitor2.tracker.open_incidents()
@@ -434,6 +437,151 @@ def test_the_page_waits_for_a_fresh_bmc_reading() -> None:
     changes = monitor.evaluate(3.3)
     (incident,) = monitor.tracker.open_incidents()
     assert [c.kind for c in changes] == ["opened"] and incident.cause == "power_off"
+
+
+def test_a_bmc_read_sent_before_the_outage_is_not_fresh() -> None:
+    """The monitor comes back from being cut off; a BMC read sent while it was blind times out just
+    after the host's first failure. That timeout is from before the outage: the page waits for the
+    next read (chassis on: hung), not 'bmc_unreachable'."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+    from watchtower.probes import BmcReading, Failure
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "pve1": {
+                    "role": "hypervisor",
+                    "bmc": {"ipmi": {"host": "127.0.0.1", "username": "u", "password": "p"}},
+                    "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}],
+                },
+            },
+        },
+        Path("."),
+    )
+    monitor = Monitor(cfg)
+    bmc = monitor.statuses[("pve1", "bmc ipmi 127.0.0.1")]
+    monitor.record(bmc, ProbeResult(True, 0.1, None, "chassis on", BmcReading(power_on=True)), 0.5)
+    for status in monitor.statuses.values():
+        if not status.path.is_bmc:
+            for t in (10.0, 11.0):
+                monitor.record(status, FAIL, t)
+    # Sent half a second before the first failure at 10.0, timed out after the second: it says
+    # nothing about this outage.
+    timed_out = 9.5 + bmc.path.timeout
+    assert timed_out > 11.0
+    monitor.record(bmc, ProbeResult.fail(Failure.TIMEOUT, "no answer"), timed_out)
+    assert monitor.evaluate(timed_out + 0.1) == [] and not monitor.tracker.open_incidents()
+    monitor.record(bmc, ProbeResult(True, 0.4, None, "chassis on", BmcReading(power_on=True)), timed_out + 1)
+    host = next(s for s in monitor.statuses.values() if not s.path.is_bmc)
+    monitor.record(host, FAIL, timed_out + 1.1 + host.path.timeout)  # still failing after the reading
+    monitor.evaluate(timed_out + 1.2 + host.path.timeout)
+    (incident,) = monitor.tracker.open_incidents()
+    assert incident.cause == "os_unresponsive"
+
+    # A read sent after the first failure that times out is the BMC's own word: unreachable.
+    for status in monitor.statuses.values():
+        if not status.path.is_bmc:
+            monitor.record(status, OK, 20.0)
+            monitor.record(status, OK, 21.0)
+    t = 22.0
+    while monitor.tracker.open_incidents() and t < 2000:
+        monitor.evaluate(t)
+        t += 5.0
+    assert not monitor.tracker.open_incidents()
+    for status in monitor.statuses.values():
+        if not status.path.is_bmc:
+            for t2 in (3000.0, 3001.0):
+                monitor.record(status, FAIL, t2)
+    monitor.record(bmc, ProbeResult.fail(Failure.TIMEOUT, "no answer"), 3000.0 + bmc.path.timeout)
+    monitor.evaluate(3001.1 + bmc.path.timeout)
+    (incident,) = monitor.tracker.open_incidents()
+    assert incident.cause == "bmc_unreachable"
+
+
+def test_vms_dark_behind_a_production_link_that_is_back_are_probed_afresh() -> None:
+    """A hypervisor's production NIC was down for 6 s (the hypervisor only degraded: its
+    management side answered), its VMs dark behind it. The link is back: their failures are from
+    before, so they are probed afresh and not paged (msp200 seed 30 paged six VMs that answered)."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "hv": {"role": "hypervisor", "paths": [{"icmp": {"host": "10.0.0.1", "name": "prod"}},
+                                                       {"icmp": {"host": "10.0.99.1", "name": "mgmt"}}]},
+                "vm": {"role": "vm", "runs_on": "hv",
+                       "paths": [{"icmp": "10.0.0.21"}, {"tcp": "10.0.0.21:22"}]},
+            },
+        },
+        Path("."),
+    )  # fmt: skip
+    monitor = Monitor(cfg)
+    prod = monitor.statuses[("hv", "prod")]
+    vm = [s for s in monitor.statuses.values() if s.path.target == "vm"]
+    for status in monitor.statuses.values():
+        monitor.record(status, OK, 0.0)
+        monitor.record(status, OK, 0.5)
+    monitor.evaluate(0.5)
+    for t in (1.0, 2.0, 3.0):
+        monitor.record(prod, FAIL, t)
+        for status in vm:
+            monitor.record(status, FAIL, t + 0.1)
+    monitor.evaluate(3.2)
+    assert monitor.correlation.own["hv"] is TargetState.DEGRADED
+    assert monitor.correlation.own["vm"] is TargetState.DOWN
+    for t in range(4, 4 + prod.path.recover_after):
+        monitor.record(prod, OK, float(t))
+    monitor.evaluate(10.0)
+    assert all(s.state is PathState.UNKNOWN for s in vm)  # stale: to be probed again
+    assert not any(i.root == "vm" for i in monitor.tracker.incidents.values())
+
+
+def test_chassis_on_read_after_the_last_failure_waits_for_the_next_probe() -> None:
+    """The host was off with its BMC unreachable; both were powered on again. The BMC's first
+    answer ("chassis on") was asked after the host's last failed probe was sent: "hung" is only
+    true if the host still fails after that reading (demo seed 109 paged a host back up as hung)."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+    from watchtower.probes import BmcReading
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "pve1": {
+                    "role": "hypervisor",
+                    "bmc": {"ipmi": {"host": "127.0.0.1", "username": "u", "password": "p"}},
+                    "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}],
+                },
+            },
+        },
+        Path("."),
+    )
+    monitor = Monitor(cfg)
+    bmc = monitor.statuses[("pve1", "bmc ipmi 127.0.0.1")]
+    host = [s for s in monitor.statuses.values() if not s.path.is_bmc]
+    for status in host:
+        for t in (10.0, 11.0):
+            monitor.record(status, FAIL, t)
+    on = ProbeResult(True, 0.4, None, "chassis on", BmcReading(power_on=True))
+    monitor.record(bmc, on, 13.0)  # asked at 12.6, after the last failed probe was sent
+    assert monitor.evaluate(13.1) == [] and not monitor.tracker.open_incidents()
+    # Sent after the reading and still failing: hung.
+    again = 12.6 + host[0].path.timeout + 0.1
+    monitor.record(host[0], FAIL, again)
+    monitor.evaluate(again + 0.1)
+    (incident,) = monitor.tracker.open_incidents()
+    assert incident.cause == "os_unresponsive"
 
 
 async def test_monitor_runs_co_due_icmp_and_tcp_paths_in_batches() -> None:

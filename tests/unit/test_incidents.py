@@ -79,6 +79,50 @@ def test_vm_first_then_hypervisor_merges_into_one() -> None:
     assert folded.state is IncidentState.RESOLVED and folded.merged_into == inc.id
 
 
+def test_an_incident_confirmed_before_the_new_root_failed_at_all_stays_its_own() -> None:
+    """pve1 hung and was paged at 101; the switch began failing at 113 (pve1 now unreachable
+    behind it). pve1 was confirmed long before the switch missed a probe: it stays its own
+    incident (demo seed 2150), while one confirmed a moment before the switch's first failure (a
+    VM's quick retries) is the switch's."""
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"], since=100.0), 101.0)
+    (hung,) = t.open_incidents()
+    changes = t.step(corr(down=list(SITE.nodes), since=113.0), 114.0)
+    assert {(i.root, i.id) for i in t.open_incidents()} == {("pve1", hung.id), ("sw", hung.id + 1)}
+    assert "rerooted" not in {c.kind for c in changes}
+
+    t = IncidentTracker()
+    t.step(corr(down=["pve1", "dc1", "mail1"], since=100.0), 101.0)
+    t.step(corr(down=list(SITE.nodes), since=105.0), 106.0)
+    (inc,) = t.open_incidents()
+    assert (inc.id, inc.root) == (hung.id, "sw")
+
+
+def test_what_runs_on_a_host_whose_bmc_said_chassis_off_a_moment_ago_is_rebooting() -> None:
+    """pve1 lost power for 5 s: too short to be down on every path, but its BMC said "chassis
+    off". Its VM failing now is rebooting after that blip, not an outage of its own, for the
+    grace (demo seed 1678 paged the VM); one up for a while after it is its own."""
+    t = IncidentTracker()
+    for now in (0.0, 10.0, 20.0):
+        t.step(corr(), now, SITE, power_lost={})
+    lost = {"pve1": 25.0}
+    assert t.step(corr(down=["dc1"]), 27.0, SITE, power_lost=lost) == []
+    assert t.step(corr(down=["dc1"]), 27.0 + RECOVERY_GRACE - 5, SITE, power_lost=lost) == []
+    changes = t.step(corr(down=["dc1"]), 25.0 + RECOVERY_GRACE, SITE, power_lost=lost)
+    assert [c.kind for c in changes] == ["opened"]  # not back within the grace: its own outage
+
+    t = IncidentTracker()
+    for now in (0.0, 10.0, 20.0):
+        t.step(corr(), now, SITE)
+    changes = t.step(corr(down=["dc1"]), 27.0, SITE)  # no BMC word: its own at once
+    assert [c.kind for c in changes] == ["opened"]
+    t = IncidentTracker()
+    for now in (0.0, 10.0, 20.0, 30.0, 40.0):
+        t.step(corr(), now, SITE, power_lost=lost)
+    changes = t.step(corr(down=["dc1"]), 41.0, SITE, power_lost=lost)  # up 15 s after the blip
+    assert [c.kind for c in changes] == ["opened"]
+
+
 def test_flap_reopens_the_same_incident() -> None:
     t = IncidentTracker(flap_window=600)
     t.step(corr(down=["dc1"]), 0.0)

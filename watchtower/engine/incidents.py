@@ -32,6 +32,7 @@ go through :meth:`IncidentTracker.note`.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -57,6 +58,9 @@ OWN_CAUSES = (Cause.POWER_OFF, Cause.HARDWARE_FAULT)
 # an outage of its own (a NAS off for a minute, a VM hung 20 s before the switch starts losing
 # packets), and stays open with its own all-clear.
 REROOT_WINDOW = 15.0
+# ... and it was opened at most this long before the verdict's root first failed: a VM confirmed
+# in three quick retries before its switch's next probe (an interval of 5 s) is that switch's.
+REROOT_LEAD = 6.0
 # A dependent's verdict waits at least this long for a suspect dependency to be confirmed or cleared
 # (fail_after x retry_interval + timeout with the defaults is ~3 s; a flapping one must not hold forever).
 HOLD_MAX = 10.0
@@ -158,6 +162,8 @@ class IncidentTracker:
         self._last_down: dict[str, float] = {}
         self._up_since: dict[str, float] = {}
         self._last_up: dict[str, tuple[float, float]] = {}  # target -> its last finished up stretch
+        # target -> when its BMC last said "chassis off" (see ``step``'s ``power_lost``)
+        self._power_lost: Mapping[str, float] = {}
         # incident id -> what its all-clear left as outages of their own (the grace ran out)
         self._released: dict[int, set[str]] = {}
 
@@ -292,8 +298,8 @@ class IncidentTracker:
         if topology is None:
             return None
         for up in topology.upstream(target):
-            down_at = self._last_down.get(up)
-            if down_at is None or now - down_at >= RECOVERY_GRACE or corr.own.get(up) is TargetState.DOWN:
+            down_at = max(self._last_down.get(up, -math.inf), self._power_lost.get(up, -math.inf))
+            if now - down_at >= RECOVERY_GRACE or corr.own.get(up) is TargetState.DOWN:
                 continue
             stretch = self._last_up.get(target)
             if stretch is not None and stretch[1] - max(stretch[0], down_at) >= RESTORE_SETTLE:
@@ -355,6 +361,7 @@ class IncidentTracker:
         suspects: Mapping[str, float] | None = None,
         vantage_settling: bool = False,
         failing: Mapping[str, float] | None = None,
+        power_lost: Mapping[str, float] | None = None,
     ) -> list[Change]:
         """Fold one correlation into the incidents. ``suspects``: targets failing but not yet
         confirmed, with their confirmation time (their dependents' verdicts wait for them);
@@ -362,8 +369,11 @@ class IncidentTracker:
         settles: opening a network incident for the monitor's own uplink is the false alarm to
         avoid); ``failing``: each target's last failed probe, confirmed or not (a resolved incident's
         all-clear waits while its root or what it affected fails again: a host at 60 % loss
-        fails a probe now and then between the passes)."""
+        fails a probe now and then between the passes); ``power_lost``: when each host's BMC last
+        said its chassis was off (a power blip too short to take the host down on every path still
+        reboots what runs on it)."""
         self.waiting = False
+        self._power_lost = power_lost or {}
         changes: list[Change] = []
         if failing:
             for incident in list(self.incidents.values()):
@@ -499,6 +509,10 @@ class IncidentTracker:
                 # ... and opened around it too: a NAS that hung minutes into its switch's outage
                 # (its management side alive till then) was an outage of its own
                 and i.opened_at <= onset + 2 * REROOT_WINDOW + HOLD_MAX
+                # ... and not confirmed well before this root failed at all: a hypervisor paged
+                # 12 s before its switch missed a probe hung on its own (what a switch takes
+                # down fails within one probe round of the switch's first failure)
+                and (verdict.since is None or i.opened_at >= verdict.since - REROOT_LEAD)
                 and i.flaps == 0
                 and i.cause not in OWN_CAUSES  # the BMC proves it is its own outage
             ),

@@ -60,6 +60,9 @@ class BmcState:
     events: deque[tuple[float, SelEntry]] = field(default_factory=lambda: deque(maxlen=50))
     critical_total: int = 0
     last_at: float | None = None
+    # When the last reading was asked for: a read that timed out just now was sent a timeout ago,
+    # and says nothing about a host that failed after it was sent (e.g. while the monitor was cut).
+    asked_at: float | None = None
     cleared_at: float = 0.0  # critical entries seen before this no longer explain anything
 
     def clear(self, now: float) -> None:
@@ -67,8 +70,8 @@ class BmcState:
         explain the next one (its cause is what is seen then)."""
         self.cleared_at = now
 
-    def update(self, result: ProbeResult, now: float) -> None:
-        self.last_at = now
+    def update(self, result: ProbeResult, now: float, asked_at: float) -> None:
+        self.last_at, self.asked_at = now, asked_at
         reading = result.bmc
         if reading is None:
             # No answer at all is "unreachable"; an answer we could not use (auth, garbage) is not.
@@ -155,6 +158,9 @@ class Monitor:
         self.tracker = IncidentTracker()
         self.bmc: dict[str, BmcState] = {}
         self._last_failure: dict[str, float] = {}  # target -> its last failed probe (BMC paths aside)
+        # ... and when that probe was sent: a probe that timed out just now was sent a timeout ago
+        self._last_failure_sent: dict[str, float] = {}
+        self._power_lost: dict[str, float] = {}  # target -> when its BMC last said "chassis off"
         self.topology = Topology.from_config(config)
         self._views = ViewCache()  # what correlation reads of the paths, kept between passes
         self._dirty = asyncio.Event()
@@ -327,11 +333,16 @@ class Monitor:
         if status.path.is_bmc or result.bmc is not None:
             bmc = self.bmc.setdefault(status.path.target, BmcState())
             before = bmc.facts(now)
-            bmc.update(result, now)
+            took = result.latency if result.latency is not None else status.path.timeout
+            bmc.update(result, now, now - (0.0 if result.ok and result.latency is None else took))
+            if bmc.reachable and bmc.power_on is False:
+                self._power_lost[status.path.target] = now
             if bmc.facts(now) != before:
                 changed = True  # a new BMC fact (power off, a PSU failure) may change the cause
         if not result.ok and not status.path.is_bmc and result.failure is not Failure.INTERNAL:
             self._last_failure[status.path.target] = now
+            took = result.latency if result.latency is not None else status.path.timeout
+            self._last_failure_sent[status.path.target] = now - took
         if not result.ok and status.failures == 1 and not was_down:
             self._second_witness(status)
         if changed:
@@ -467,9 +478,16 @@ class Monitor:
         if not bmc_paths:
             return None
         bmc = self.bmc.get(target)
-        if bmc is not None and bmc.last_at is not None and bmc.last_at >= since:
-            return None
-        return max(s.path.timeout for s in bmc_paths) + 2.0
+        # (A quarter second's slack: a probe's latency and the monitor's clock are measured apart.)
+        if bmc is None or bmc.asked_at is None or bmc.asked_at < since - 0.25:
+            return max(s.path.timeout for s in bmc_paths) + 2.0
+        last_failure = self._last_failure_sent.get(target)
+        if bmc.reachable and bmc.power_on and last_failure is not None and bmc.asked_at > last_failure:
+            # "Chassis on", asked after the host's last failed probe: the host may be back already
+            # (it was off, and the BMC was unreachable until it was powered on again). "Hung" is
+            # only true if it still fails after that reading: wait for its next probe.
+            return self._confirm_time(target)
+        return None
 
     def _confirm_time(self, target: str) -> float:
         """How long ``target``'s slowest path takes to confirm a failure (an http path with a 3 s
@@ -502,10 +520,18 @@ class Monitor:
         probe those targets now; they get a verdict of their own only once they fail afresh as
         ``fail_after`` demands. Without this, the moment between a switch answering and its
         dependents' next probes pages every one of them as an outage of its own."""
+        degraded = TargetState.DEGRADED
         back = [
             name
             for name, state in corr.own.items()
-            if previous.own.get(name) is TargetState.DOWN and state in (TargetState.UP, TargetState.DEGRADED)
+            if (previous.own.get(name) is TargetState.DOWN and state in (TargetState.UP, degraded))
+            # a hypervisor whose production link is back (it was only degraded, its VMs dark
+            # behind that link): their failures are as stale
+            or (
+                previous.own.get(name) is degraded
+                and state is TargetState.UP
+                and any(previous.own.get(d) is TargetState.DOWN for d in self.topology.behind(name))
+            )
         ]
         for name, bmc in self.bmc.items():
             if corr.own.get(name) is TargetState.UP and previous.own.get(name) is not TargetState.UP:
@@ -557,6 +583,7 @@ class Monitor:
             suspects=suspects,
             vantage_settling=self._vantage_suspect(),
             failing=self._last_failure,
+            power_lost=self._power_lost,
         )
         if self.tracker.waiting:
             self._dirty.set()  # look again once the dependencies (or the vantage) have settled

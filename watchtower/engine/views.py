@@ -42,6 +42,7 @@ def path_view(status: PathStatus) -> PathView:
         last_ok=status.last_ok,
         critical=p.spec.critical,
         last_failure=status.last_failure,
+        failures=status.failures,
     )
 
 

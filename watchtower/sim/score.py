@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from watchtower.config import Config
-from watchtower.engine.correlate import LOSSY_DARK
+from watchtower.engine.correlate import LOSSY_DARK, LOSSY_PROBES
 from watchtower.engine.escalation import ALL_CLEAR_HOLD_MAX
 from watchtower.engine.incidents import HOLD_MAX, RECOVERY_GRACE, RESTORE_SETTLE
 from watchtower.sim.run import Recording, SentMessage
@@ -133,6 +133,17 @@ def confirm_time(config: Config, target: str) -> float:
     paths = [p for p in config.paths if p.target == target]
     worst = max((p.interval + p.fail_after * (p.retry_interval + p.timeout) for p in paths), default=10.0)
     return worst + HOLD_MAX + 5.0
+
+
+def lossy_wait(config: Config, target: str) -> float:
+    """How long a target broken behind something losing packets must be dark before the engine
+    may call it dead behind it: LOSSY_DARK, and LOSSY_PROBES lost in a row on its paths (a
+    down path is probed once an interval)."""
+    paths = [p for p in config.paths if p.target == target and not p.is_bmc]
+    if not paths:
+        return LOSSY_DARK
+    rounds = -(-LOSSY_PROBES // len(paths))
+    return max(LOSSY_DARK, rounds * max(p.interval + p.timeout for p in paths))
 
 
 def _behind_recovery(world: World, o: Outage) -> bool:
@@ -309,7 +320,8 @@ def score(config: Config, world: World, rec: Recording) -> Score:
                 if incident == m.incident and o.end <= m.at:
                     cleared.setdefault(o, set()).add(m.channel)
     for o in found:
-        if o.soft or o.length < confirm_time(config, o.target) + (LOSSY_DARK if o.behind_loss else 0.0):
+        wait = lossy_wait(config, o.target) if o.behind_loss else 0.0
+        if o.soft or o.length < confirm_time(config, o.target) + wait:
             continue
         if o.length < RECOVERY_GRACE + confirm_time(config, o.target) and (
             _behind_recovery(world, o) or _visible(world, o) < confirm_time(config, o.target)

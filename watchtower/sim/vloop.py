@@ -91,19 +91,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         loop: Any = self
         if loop._closed:
             raise RuntimeError("Event loop is closed")
-        if _HANDLE_FIELDS_KNOWN:
-            timer: Any = _new_handle(asyncio.TimerHandle)
-            timer._callback, timer._args, timer._cancelled, timer._loop = callback, args, False, self
-            timer._source_traceback = timer._repr = None
-            timer._context = context
-            timer._when = when
-        else:
-            timer = asyncio.TimerHandle(when, callback, args, self, context)
-        entry = _Due(when)
-        entry.timer = timer
-        heapq.heappush(loop._scheduled, entry)
-        timer._scheduled = True
-        return timer
+        timer = _Timer(when)
+        timer._callback, timer._args, timer._loop = callback, args, self
+        timer._cancelled, timer._scheduled = False, True
+        timer._context = context
+        heapq.heappush(loop._scheduled, timer)
+        return timer  # type: ignore[return-value]
 
     def call_at_soon(self, when: float, callback: Any, *args: Any) -> None:
         """At ``when``, queue ``callback(*args)`` for the next iteration: what a task that sleeps
@@ -111,7 +104,6 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         next iteration). One heap entry stands for the timer; when it is the only thing that
         iteration runs, the next iteration runs the call without a handle (see :meth:`_run_once`)."""
         entry = _Soon(when)
-        entry.timer = entry
         entry.call = callback
         entry.args = args
         entry.loop = self
@@ -139,17 +131,17 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                     # Too many cancelled timers: rebuild the heap without them (as the standard loop does).
                     kept = []
                     for entry in scheduled:
-                        if entry.timer._cancelled:
-                            entry.timer._scheduled = False
+                        if entry._cancelled:
+                            entry._scheduled = False
                         else:
                             kept.append(entry)
                     heapq.heapify(kept)
                     loop._scheduled = scheduled = kept
                     loop._timer_cancelled_count = 0
                 else:
-                    while scheduled and scheduled[0].timer._cancelled:
+                    while scheduled and scheduled[0]._cancelled:
                         loop._timer_cancelled_count -= 1
-                        heappop(scheduled).timer._scheduled = False
+                        heappop(scheduled)._scheduled = False
             if soon is not None:
                 # The iteration after a lone call_at_soon timer: the clock stays, no timer is due
                 # (the heap's first was past this instant and the timer added nothing), and its
@@ -189,7 +181,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                     self.wall = self._epoch + now
             end_time = now + resolution
             if scheduled and scheduled[0] < end_time:
-                timer = heappop(scheduled).timer
+                timer = heappop(scheduled)
                 timer._scheduled = False
                 if (
                     timer.__class__ is _Soon
@@ -199,13 +191,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                 ):
                     # This iteration would run only the timer, which queues its call for the next.
                     soon = timer
-                    timer.timer = None  # (it was its own: no cycle left for the collector)
                     continue
                 ready.append(timer)
                 while scheduled:
                     if scheduled[0] >= end_time:
                         break
-                    timer = heappop(scheduled).timer
+                    timer = heappop(scheduled)
                     timer._scheduled = False
                     ready.append(timer)
             for _ in range(len(ready)):
@@ -229,11 +220,44 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
 
 class _Due(float):
-    """A timer's place in the heap: its time, compared as a float (the standard loop compares
-    ``TimerHandle`` objects by that time in Python, ~15 calls per timer on a heap this size)."""
+    """A timer in the heap, and its own handle: its time, compared as a float (the standard loop
+    compares ``TimerHandle`` objects by that time in Python, ~15 calls per timer on a heap this
+    size)."""
 
-    __slots__ = ("timer",)
-    timer: Any
+    __slots__ = ()
+    _cancelled: bool
+    _scheduled: bool
+
+
+class _Timer(_Due):
+    """A :meth:`VirtualTimeLoop.call_at` timer: what the standard loop's ``TimerHandle`` is to
+    those who hold one (``cancel``, ``cancelled``, ``when``), run by :meth:`VirtualTimeLoop._run_once`
+    as a handle."""
+
+    __slots__ = ("_args", "_callback", "_cancelled", "_context", "_loop", "_scheduled")
+    _callback: Any
+    _args: Any
+    _context: Any
+    _loop: Any
+    _scheduled: bool
+    _source_traceback = None  # (asyncio's call_later reads it; the loop runs without debug)
+    _repr = None
+
+    def cancel(self) -> None:  # TimerHandle.cancel and Handle.cancel, with debug off
+        if not self._cancelled:
+            self._loop._timer_handle_cancelled(self)  # counted while in the heap (_scheduled)
+            self._cancelled = True
+            self._callback = None
+            self._args = None
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def when(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"<timer when={float(self)!r} {self._callback!r}{' cancelled' if self._cancelled else ''}>"
 
 
 class _Soon(_Due):
@@ -249,7 +273,6 @@ class _Soon(_Due):
     _args = ()
 
     def _callback(self) -> None:
-        self.timer = None
         handle: Any = _new_handle(asyncio.Handle)
         handle._callback, handle._args, handle._cancelled = self.call, self.args, False
         handle._loop = self.loop

@@ -582,6 +582,44 @@ def test_the_last_failures_of_a_switch_back_from_an_outage_are_no_loss() -> None
     assert correlate(SITE, view, {}, gw, now=104.0).verdicts == ()
 
 
+def test_a_switch_silent_while_what_it_carries_answers_through_it_forwards() -> None:
+    """The switch stopped answering pings at t=100 (its management plane drops ICMP); everything
+    behind it answers steadily since: it forwards, no "network down" page (demo seed 2865). The
+    same silence with nothing behind it heard from since is an outage."""
+    gw = [PathView("gw", "icmp", "icmp gw", UP)]
+    view = {name: [replace(p, last_ok=104.0) for p in paths(UP, name=name)] for name in SITE.nodes}
+    view["sw"] = [replace(p, since=100.0, last_failure=104.0) for p in paths(DOWN, name="sw")]
+    c = correlate(SITE, view, {}, gw, now=105.0)
+    assert c.verdicts == () and c.states["sw"] is TargetState.DEGRADED
+    # nothing behind it answered since it fell silent: not known to forward
+    stale = {name: [replace(p, last_ok=99.0) for p in views] for name, views in view.items() if name != "sw"}
+    assert only(correlate(SITE, {**view, **stale}, {}, gw, now=105.0).verdicts).root == "sw"
+    # what it carries losing probes since: a lossy switch, not one that forwards
+    lossy = {
+        name: [replace(p, last_failure=103.0) for p in views] for name, views in view.items() if name != "sw"
+    }
+    assert only(correlate(SITE, {**view, **lossy}, {}, gw, now=105.0).verdicts).root == "sw"
+
+
+def test_a_switch_that_answers_while_nothing_behind_it_does_is_not_forwarding() -> None:
+    """The monitor was blind while the switch went down; seen again, the switch answers on
+    production but nothing behind it does, two hosts alive on management: one network verdict
+    named after the switch (not forwarding, no cause), not the NAS dark behind it (demo seed 3778)."""
+    view = pview({t: {"prod"} for t in ("pve1", "pve2", "nas", "dc1", "erp1")})
+    c = correlate(PSITE, view, {}, [PathView("gw", "icmp", "icmp gw", UP)], now=100.0)
+    v = only(c.verdicts)
+    assert (v.scope, v.root, v.cause) == (Scope.NETWORK, "sw", None)
+    assert any("not forwarding" in e for e in v.evidence) and "nas" in v.affected
+    # the same inferred from the addresses (no `networks:`)
+    view = pview({t: {"prod"} for t in ("pve1", "pve2", "nas", "dc1", "erp1")}, configured=False)
+    v = only(correlate(INFERRED, view, {}, [PathView("gw", "icmp", "icmp gw", UP)], now=100.0).verdicts)
+    assert (v.scope, v.root, v.cause) == (Scope.NETWORK, "sw", None)
+    # one host behind it answering on production: the switch forwards, no network verdict
+    view = pview({t: {"prod"} for t in ("pve1", "nas", "dc1", "erp1")})
+    c = correlate(PSITE, view, {}, [PathView("gw", "icmp", "icmp gw", UP)], now=100.0)
+    assert all(v.scope is not Scope.NETWORK for v in c.verdicts)
+
+
 def test_a_target_answering_again_on_every_path_it_was_down_on_gets_no_verdict() -> None:
     # Down on both paths, both answered on their last probe (recover_after not met yet): it is
     # coming back; a page now would arrive after it answers (a 30 % loss let it through again).

@@ -544,6 +544,183 @@ def test_vms_dark_behind_a_production_link_that_is_back_are_probed_afresh() -> N
     assert not any(i.root == "vm" for i in monitor.tracker.incidents.values())
 
 
+def test_a_silent_switch_waits_for_what_it_carries_to_be_heard_from() -> None:
+    """The switch stops answering pings. Whether it is dead or only silent (its management plane
+    drops ICMP) is told by what it carries, probed at its first failure: the page waits for their
+    answers. They answer: it forwards, no page. They fail: the switch is paged."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
+                "a": {"role": "service", "depends_on": ["sw"], "paths": [{"icmp": "10.0.0.21"}]},
+                "b": {"role": "service", "depends_on": ["sw"], "paths": [{"icmp": "10.0.0.22"}]},
+            },
+        },
+        Path("."),
+    )
+    for carried_answer in (OK, FAIL):
+        monitor = Monitor(cfg)
+        sw = monitor.statuses[("sw", "icmp 10.0.0.2")]
+        others = [s for s in monitor.statuses.values() if s.path.target != "sw"]
+        for status in monitor.statuses.values():
+            monitor.record(status, OK, 0.0)
+            monitor.record(status, OK, 0.5)
+        monitor.evaluate(0.5)
+        t = 10.0
+        for _ in range(sw.path.fail_after):
+            monitor.record(sw, FAIL, t)
+            t += 1.0
+        assert monitor.evaluate(t) == []  # nothing it carries heard from since: wait
+        for _ in range(max(s.path.fail_after for s in others)):
+            for status in others:
+                monitor.record(status, carried_answer, t)
+            t += 1.0
+        monitor.evaluate(t)
+        roots = [i.root for i in monitor.tracker.open_incidents()]
+        if carried_answer is OK:
+            assert roots == [] and monitor.correlation.states["sw"] is TargetState.DEGRADED
+        else:
+            assert roots == ["sw"]
+
+
+def test_what_fails_behind_a_switch_that_answers_again_since_a_moment_waits_for_its_ports() -> None:
+    """The switch answers again since a moment (seen again after the monitor's own outage, say):
+    its ports may not forward yet. A host dark behind it waits PORTS_SETTLE before it is paged
+    as an outage of its own (demo seed 3778 paged the NAS behind a switch 6 s after it answered)."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import PORTS_SETTLE, Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
+                "h": {"role": "storage", "depends_on": ["sw"],
+                      "paths": [{"icmp": "10.0.0.5"}, {"tcp": "10.0.0.5:3260"}]},
+            },
+        },
+        Path("."),
+    )  # fmt: skip
+    monitor = Monitor(cfg)
+    sw = monitor.statuses[("sw", "icmp 10.0.0.2")]
+    host = [s for s in monitor.statuses.values() if s.path.target == "h"]
+    for status in monitor.statuses.values():
+        monitor.record(status, OK, 0.0)
+        monitor.record(status, OK, 0.5)
+    monitor.evaluate(0.5)
+    sw.changed_at = 100.0  # it came (back) up at 100
+    t = 101.0
+    for _ in range(max(s.path.fail_after for s in host)):
+        for status in host:
+            monitor.record(status, FAIL, t)
+        monitor.record(sw, OK, t)
+        t += 1.0
+    assert monitor.evaluate(t) == []
+    assert monitor.evaluate(100.0 + PORTS_SETTLE - 1) == []
+    monitor.evaluate(100.0 + PORTS_SETTLE + 1)
+    assert [i.root for i in monitor.tracker.open_incidents()] == ["h"]
+
+
+def test_what_failed_while_the_monitor_was_blind_is_forgotten_when_it_sees_again() -> None:
+    """The monitor was cut off: every probe failed, the vantage's too. Seen again, those failures
+    say nothing about the targets: no path keeps a last failure from the blind window (a switch
+    silent since, with everything behind it answering, looked lossy and was paged as down: demo
+    seed 3251)."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "vantage": [{"icmp": "10.0.250.1"}],
+            "targets": {
+                "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
+                "a": {"role": "service", "depends_on": ["sw"], "paths": [{"icmp": "10.0.0.21"}]},
+                "b": {"role": "service", "depends_on": ["sw"], "paths": [{"icmp": "10.0.0.22"}]},
+            },
+        },
+        Path("."),
+    )
+    monitor = Monitor(cfg)
+    for status in monitor.statuses.values():
+        monitor.record(status, OK, 0.0)
+        monitor.record(status, OK, 0.5)
+    monitor.evaluate(0.5)
+    for t in (10.0, 11.0, 12.0):
+        for status in monitor.statuses.values():
+            monitor.record(status, FAIL, t)
+    monitor.evaluate(12.5)
+    assert not monitor.correlation.vantage_up
+    for status in monitor.statuses.values():
+        if status.path.target == "@vantage":
+            for t in (20.0, 21.0):
+                monitor.record(status, OK, t)
+    monitor.evaluate(21.5)
+    assert all(s.last_failure is None for s in monitor.statuses.values() if s.path.target != "@vantage")
+    # the switch stays silent, what it carries answers: it forwards (no network page)
+    for t in (22.0, 23.0, 24.0, 25.0):
+        for status in monitor.statuses.values():
+            monitor.record(status, FAIL if status.path.target == "sw" else OK, t)
+        monitor.evaluate(t + 0.1)
+    assert not [i for i in monitor.tracker.open_incidents() if i.root == "sw"]
+
+
+def test_a_vm_dark_after_its_host_was_dark_on_every_path_for_a_moment_is_rebooting() -> None:
+    """The hypervisor hung for 4 s: one probe lost on each of its paths, then it answered again,
+    too short to confirm. Its VM reboots for a minute: that blip coming back, not an outage of its
+    own (demo seeds 3421, 3457 paged the VM after 30 s); a host that lost one path's probe only
+    was not dark, and the VM dark behind it is its own outage once dark that long."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.correlate import LOSSY_DARK
+    from watchtower.engine.monitor import Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "hv": {"role": "hypervisor", "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}]},
+                "vm": {"role": "vm", "runs_on": "hv",
+                       "paths": [{"icmp": "10.0.0.21"}, {"tcp": "10.0.0.21:22"}]},
+            },
+        },
+        Path("."),
+    )  # fmt: skip
+    for dark_everywhere in (True, False):
+        monitor = Monitor(cfg)
+        hv = [s for s in monitor.statuses.values() if s.path.target == "hv"]
+        vm = [s for s in monitor.statuses.values() if s.path.target == "vm"]
+        for status in monitor.statuses.values():
+            monitor.record(status, OK, 0.0)
+            monitor.record(status, OK, 0.5)
+        monitor.evaluate(0.5)
+        for status in hv if dark_everywhere else hv[:1]:
+            monitor.record(status, FAIL, 11.0)
+        for status in hv:
+            monitor.record(status, OK, 11.5)
+        t = 12.0
+        while t < 13.0 + LOSSY_DARK + 20:
+            for status in vm:
+                monitor.record(status, FAIL, t)
+            for status in hv:
+                monitor.record(status, OK, t)
+            monitor.evaluate(t + 0.1)
+            t += 2.0
+        roots = [i.root for i in monitor.tracker.open_incidents()]
+        assert roots == ([] if dark_everywhere else ["vm"])
+
+
 def test_chassis_on_read_after_the_last_failure_waits_for_the_next_probe() -> None:
     """The host was off with its BMC unreachable; both were powered on again. The BMC's first
     answer ("chassis on") was asked after the host's last failed probe was sent: "hung" is only

@@ -104,11 +104,11 @@ def test_what_runs_on_a_host_whose_bmc_said_chassis_off_a_moment_ago_is_rebootin
     grace (demo seed 1678 paged the VM); one up for a while after it is its own."""
     t = IncidentTracker()
     for now in (0.0, 10.0, 20.0):
-        t.step(corr(), now, SITE, power_lost={})
+        t.step(corr(), now, SITE, blipped={})
     lost = {"pve1": 25.0}
-    assert t.step(corr(down=["dc1"]), 27.0, SITE, power_lost=lost) == []
-    assert t.step(corr(down=["dc1"]), 27.0 + RECOVERY_GRACE - 5, SITE, power_lost=lost) == []
-    changes = t.step(corr(down=["dc1"]), 25.0 + RECOVERY_GRACE, SITE, power_lost=lost)
+    assert t.step(corr(down=["dc1"]), 27.0, SITE, blipped=lost) == []
+    assert t.step(corr(down=["dc1"]), 27.0 + RECOVERY_GRACE - 5, SITE, blipped=lost) == []
+    changes = t.step(corr(down=["dc1"]), 25.0 + RECOVERY_GRACE, SITE, blipped=lost)
     assert [c.kind for c in changes] == ["opened"]  # not back within the grace: its own outage
 
     t = IncidentTracker()
@@ -118,9 +118,73 @@ def test_what_runs_on_a_host_whose_bmc_said_chassis_off_a_moment_ago_is_rebootin
     assert [c.kind for c in changes] == ["opened"]
     t = IncidentTracker()
     for now in (0.0, 10.0, 20.0, 30.0, 40.0):
-        t.step(corr(), now, SITE, power_lost=lost)
-    changes = t.step(corr(down=["dc1"]), 41.0, SITE, power_lost=lost)  # up 15 s after the blip
+        t.step(corr(), now, SITE, blipped=lost)
+    changes = t.step(corr(down=["dc1"]), 41.0, SITE, blipped=lost)  # up 15 s after the blip
     assert [c.kind for c in changes] == ["opened"]
+
+
+def test_a_host_failing_after_its_switch_blipped_is_its_own_outage() -> None:
+    """The switch was down for a moment, too short for an incident (its verdict held); pve1
+    answered after it, then hung. A switch's blip reboots nothing behind it (a hypervisor's
+    does): pve1 is an outage of its own at once (demo seeds 3753, 3803, 3953)."""
+    t = IncidentTracker()
+    t.step(corr(), 0.0, SITE)
+    t.step(corr(down=list(SITE.nodes)), 10.0, SITE, suspects={"sw": 5.0})  # held: no incident
+    assert not t.open_incidents()
+    t.step(corr(), 12.0, SITE)  # back, and pve1 with it
+    t.step(corr(down=["pve1", "dc1", "mail1"]), 14.0, SITE)
+    assert [i.root for i in t.open_incidents()] == ["pve1"]
+
+
+def test_once_a_switch_forwards_again_a_host_that_answered_and_fails_is_its_own() -> None:
+    """The switch's incident is coming back: h1 answered, then hung 2 s later (it was up too
+    briefly to be done with the restore). Once h2 and h3 have answered steadily behind the switch
+    for RESTORE_SETTLE, its ports forward: h1 is an outage of its own (demo seed 3805). While
+    nothing behind it answers steadily (ports still coming up), h1 stays with the restore."""
+    site = Topology.build(
+        "acme", [Node("sw", "network"), *(Node(h, "hypervisor", parents=("sw",)) for h in ("h1", "h2", "h3"))]
+    )
+    gw = [PathView("gw", "icmp", "gw", PathState.UP)]
+
+    def step(t: IncidentTracker, down: set[str], now: float, failing: dict[str, float]) -> None:
+        views = {
+            n: [PathView("p", "icmp", n, PathState.DOWN if n in down else PathState.UP, "x", 0.0)]
+            for n in site.nodes
+        }
+        t.step(correlate(site, views, {}, gw, now), now, site, failing=failing)
+
+    for h2_steady in (True, False):
+        t = IncidentTracker()
+        step(t, set(), 0.0, {})
+        step(t, set(site.nodes), 10.0, {})
+        assert [i.root for i in t.open_incidents()] == ["sw"]
+        step(t, set(), 20.0, {})  # back, all of it
+        step(t, {"h1"}, 22.0, {"h1": 22.0})  # h1 hung
+        # h2 and h3 answer on (or keep failing a probe now and then: ports not all up yet)
+        failing = {"h1": 28.0} if h2_steady else {"h1": 28.0, "h2": 27.0, "h3": 27.5}
+        step(t, {"h1"}, 28.0, failing)
+        roots = sorted(i.root for i in t.open_incidents())
+        assert roots == (["h1", "sw"] if h2_steady else ["sw"])
+
+
+def test_a_vm_paged_before_its_host_failed_again_stays_its_own() -> None:
+    """pve1 was down and is back (its incident resolved, in the flap window); dc1 dies on its own
+    and is paged; a moment later pve1 fails again. pve1's incident reopens; dc1's is neither
+    re-scoped into a second pve1 incident (two all-clears for pve1: demo seeds 3476, 3935) nor
+    folded into the reopened one (its page would never get an all-clear)."""
+    t = IncidentTracker()
+    t.step(corr(), 0.0, SITE)
+    t.step(corr(down=["pve1", "dc1", "mail1"], since=9.0), 10.0, SITE)
+    (host,) = t.open_incidents()
+    for now in (20.0, 40.0, 60.0):
+        t.step(corr(), now, SITE)
+    assert not t.open_incidents()
+    t.step(corr(down=["dc1"], since=69.0), 70.0, SITE)
+    vm = next(i for i in t.open_incidents() if i.root == "dc1")
+    for now in (72.0, 73.0, 80.0):
+        t.step(corr(down=["pve1", "dc1", "mail1"], since=71.0), now, SITE)
+    assert {(i.id, i.root) for i in t.open_incidents()} == {(host.id, "pve1"), (vm.id, "dc1")}
+    assert t.incidents[vm.id].merged_into is None and t.incidents[host.id].flaps == 1
 
 
 def test_flap_reopens_the_same_incident() -> None:

@@ -226,6 +226,7 @@ class NetworkOutage:
     inferred: bool
     title: str  # "production network via core-sw1"
     since: float | None
+    device_answers: bool = False  # its device answers on it, nothing behind it does: not forwarding
 
     def summary(self, label: Mapping[str, str]) -> str:
         """``production network via core-sw1: 9 hosts unreachable on it, all alive on mgmt``."""
@@ -312,7 +313,24 @@ def network_outages(
         if key not in candidates:
             continue  # no member dark on it (dark is every path down), so no outage
         dark = [t for t, ps in members.items() if t not in off and all(_dark(p) for p in ps)]
-        if len(dark) < 2 or any(any(p.state is PathState.UP for p in ps) for ps in members.values()):
+        if len(dark) < 2:
+            continue
+        net = topology.networks.get(key)
+        answering = [t for t, ps in members.items() if any(p.state is PathState.UP for p in ps)]
+        # The device that carries it answering on it while everything else there is dark does not
+        # make it alive: a switch back from an outage answers before its ports forward.
+        device = (
+            answering[0]
+            if len(answering) == 1
+            and topology.nodes[answering[0]].role == "network"
+            and (
+                answering[0] in net.via
+                if net is not None
+                else all(answering[0] in topology.upstream(d) for d in dark)
+            )
+            else None
+        )
+        if answering and device is None:
             continue
         alive = {t: nets for t in dark if (nets := _alive_on(topology, paths.get(t, ()), {key}))}
         if len(alive) < 2:
@@ -330,10 +348,11 @@ def network_outages(
             min(starts) for t in witnesses if (starts := [p.since for p in members[t] if p.since is not None])
         ]
         since = (min(onsets) if devices else statistics.median_high(onsets)) if onsets else None
-        net = topology.networks.get(key)
         if net is not None:
-            root = net.via[0] if net.via else key
-            outages.append(NetworkOutage(key, root, tuple(dark), alive, False, net.title, since))
+            root = device or (net.via[0] if net.via else key)
+            outages.append(
+                NetworkOutage(key, root, tuple(dark), alive, False, net.title, since, device is not None)
+            )
             continue
         # Inferred: name it after the network device every dark target depends on (the nearest
         # one), when that device is dark or down too.
@@ -341,12 +360,12 @@ def network_outages(
             t
             for t in topology.order
             if topology.nodes[t].role == "network"
-            and (t in dark or own.get(t) is TargetState.DOWN)
+            and (t in dark or t == device or own.get(t) is TargetState.DOWN)
             and all(t == d or t in topology.upstream(d) for d in dark)
         ]
         root = common[-1] if common else key
         title = f"network {key}" + (f" via {root}" if common else "")
-        outages.append(NetworkOutage(key, root, tuple(dark), alive, True, title, since))
+        outages.append(NetworkOutage(key, root, tuple(dark), alive, True, title, since, device is not None))
     return tuple(outages)
 
 
@@ -472,6 +491,37 @@ def lossy_upstream(
     return None
 
 
+def forwarding(topology: Topology, paths: Mapping[str, Sequence[PathView]], name: str) -> bool:
+    """Network device ``name`` is silent on its own paths, but what it carries answers steadily
+    through it since it fell silent (two targets at least, every path through it up, none lost
+    since): it forwards; its own address (ICMP to its management plane) is what is off."""
+    onset = min(
+        (p.since for p in paths.get(name, ()) if p.state is PathState.DOWN and p.since is not None),
+        default=None,
+    )
+    behind = topology.behind(name)
+    if onset is None or not behind:
+        return False
+    carried = {n for n, net in topology.networks.items() if name in net.via}
+    steady = 0
+    for target in behind:
+        through = [
+            p for p in paths.get(target, ()) if not p.by_bmc and (p.network is None or p.network in carried)
+        ]
+        if (
+            through
+            and all(
+                p.state is PathState.UP and (p.last_failure is None or p.last_failure < onset - LOSS_LOOKBACK)
+                for p in through
+            )
+            and any(p.last_ok is not None and p.last_ok > onset for p in through)
+        ):
+            steady += 1
+            if steady >= 2:
+                return True
+    return steady >= len(behind)
+
+
 def _labels(topology: Topology) -> dict[str, str]:
     return {name: net.label or name for name, net in topology.networks.items()}
 
@@ -505,6 +555,9 @@ def correlate(
         )
 
     labels = _labels(topology)
+    for name in topology.network_devices():
+        if own[name] is TargetState.DOWN and forwarding(topology, paths, name):
+            own[name] = TargetState.DEGRADED  # it forwards: not an outage of what it carries
     states: dict[str, TargetState] = dict(own)
     # Network outages first: what they explain is no target's own failure.
     outages: dict[str, NetworkOutage] = {}
@@ -631,9 +684,13 @@ def correlate(
         facts = bmc.get(outage.root)
         if node is not None and own.get(outage.root) is TargetState.DOWN:
             cause = bmc_cause(facts) if node.has_bmc else None  # the device itself is dead
+        elif outage.device_answers:
+            cause = None  # it answers, it forwards nothing: booting its ports, or a fault of its own
         else:
             cause = Cause.PARTITION
         evidence = [outage.summary(labels)]
+        if outage.device_answers:
+            evidence.append(f"{outage.root} answers on it, nothing behind it does: not forwarding")
         if outage.inferred:
             evidence.append(
                 f"inferred: no `networks:` configured; to name it, add networks: {{NAME: {{cidr: "

@@ -156,14 +156,16 @@ class IncidentTracker:
         self._holding: dict[str, float] = {}  # verdict root -> since when it is held back
         # incident id -> what behind its root answered again while it was coming back
         self._seen_up: dict[int, dict[str, float]] = {}  # ... and since when (continuously)
+        self._was_up: dict[int, set[str]] = {}  # ... at all, in this restore
+        self._failing: Mapping[str, float] = {}  # target -> its last failed probe (``step``)
         self.waiting = False  # the last step held something back: step again soon
         # Each target's last pass in state ``down`` (its own paths), and its up stretches: what runs
         # behind a host that was down for a moment, too short for an incident, is rebooting.
         self._last_down: dict[str, float] = {}
         self._up_since: dict[str, float] = {}
         self._last_up: dict[str, tuple[float, float]] = {}  # target -> its last finished up stretch
-        # target -> when its BMC last said "chassis off" (see ``step``'s ``power_lost``)
-        self._power_lost: Mapping[str, float] = {}
+        # target -> when it was last seen down for a moment (see ``step``'s ``blipped``)
+        self._blipped: Mapping[str, float] = {}
         # incident id -> what its all-clear left as outages of their own (the grace ran out)
         self._released: dict[int, set[str]] = {}
 
@@ -178,6 +180,7 @@ class IncidentTracker:
         for incident_id in incident_ids:
             self.incidents.pop(incident_id, None)
             self._seen_up.pop(incident_id, None)
+            self._was_up.pop(incident_id, None)
             self._released.pop(incident_id, None)
 
     # ------------------------------------------------------------------ reading
@@ -298,7 +301,9 @@ class IncidentTracker:
         if topology is None:
             return None
         for up in topology.upstream(target):
-            down_at = max(self._last_down.get(up, -math.inf), self._power_lost.get(up, -math.inf))
+            if topology.nodes[up].role == "network":
+                continue  # a switch back from a blip reboots nothing behind it
+            down_at = max(self._last_down.get(up, -math.inf), self._blipped.get(up, -math.inf))
             if now - down_at >= RECOVERY_GRACE or corr.own.get(up) is TargetState.DOWN:
                 continue
             stretch = self._last_up.get(target)
@@ -337,15 +342,31 @@ class IncidentTracker:
             # count: it comes back with this restore; ``back`` is the log of the restores. Nor does
             # up for a moment as the root returns: a VM answers, then reboots onto its storage.)
             seen_up = self._seen_up.setdefault(incident.id, {})
+            was_up = self._was_up.setdefault(incident.id, set())
             released = self._released.get(incident.id, ())
+            # A switch coming back reboots nothing. Once two behind it have answered steadily
+            # for RESTORE_SETTLE (its ports forward), what answered once and fails after is an
+            # outage of its own (a hypervisor hung 3 s after its switch came back), not a port
+            # still coming up.
+            forwards = incident.scope is Scope.NETWORK and (
+                sum(
+                    1
+                    for t, since in seen_up.items()
+                    if now - since >= RESTORE_SETTLE and self._failing.get(t, -math.inf) < since
+                )
+                >= 2
+            )
             for target in (*incident.affected, *behind):
                 if target in released:
                     continue  # the grace ran out for it: an outage of its own now, not this restore
                 up_since = seen_up.get(target)
                 if up_since is not None and now - up_since >= RESTORE_SETTLE:
                     continue  # done with this restore
+                if forwards and target in was_up:
+                    continue  # answered once behind a switch that forwards: failing now is its own
                 if corr.states.get(target) is TargetState.UP:
                     seen_up.setdefault(target, now)
+                    was_up.add(target)
                 else:
                     seen_up.pop(target, None)
                     out.setdefault(target, incident.id)
@@ -361,7 +382,7 @@ class IncidentTracker:
         suspects: Mapping[str, float] | None = None,
         vantage_settling: bool = False,
         failing: Mapping[str, float] | None = None,
-        power_lost: Mapping[str, float] | None = None,
+        blipped: Mapping[str, float] | None = None,
     ) -> list[Change]:
         """Fold one correlation into the incidents. ``suspects``: targets failing but not yet
         confirmed, with their confirmation time (their dependents' verdicts wait for them);
@@ -369,11 +390,12 @@ class IncidentTracker:
         settles: opening a network incident for the monitor's own uplink is the false alarm to
         avoid); ``failing``: each target's last failed probe, confirmed or not (a resolved incident's
         all-clear waits while its root or what it affected fails again: a host at 60 % loss
-        fails a probe now and then between the passes); ``power_lost``: when each host's BMC last
-        said its chassis was off (a power blip too short to take the host down on every path still
-        reboots what runs on it)."""
+        fails a probe now and then between the passes); ``blipped``: when each host was last seen
+        down for a moment (its BMC said its chassis was off, or it was dark on every path at once):
+        a blip too short to confirm still reboots what runs on it."""
         self.waiting = False
-        self._power_lost = power_lost or {}
+        self._blipped = blipped or {}
+        self._failing = failing or {}
         changes: list[Change] = []
         if failing:
             for incident in list(self.incidents.values()):
@@ -418,6 +440,7 @@ class IncidentTracker:
                 # Its root went down again, if only for a moment (too short for a verdict): what
                 # runs on it reboots, a new way up for all of it.
                 del self._seen_up[incident_id]
+                self._was_up.pop(incident_id, None)
         recovering = self._coming_back(corr, roots, now, topology)
         # an outage of its own stays its own
         own_roots = {i.root for i in self.open_incidents() if i.scope not in WARNING_SCOPES}
@@ -518,6 +541,18 @@ class IncidentTracker:
             ),
             key=lambda i: i.opened_at,
         )
+        if incident is not None and incident.flaps:
+            # Reopened: what was opened before it failed again (a VM that was paged, down on its
+            # own, a moment before its host failed once more) stays its own outage.
+            reopened = max(
+                (e.at for e in incident.timeline if e.kind == "reopened"), default=incident.opened_at
+            )
+            absorbed = [i for i in absorbed if i.opened_at >= reopened]
+        if incident is None and absorbed and self._recent(verdict.root, now) is not None:
+            # The root has a recent incident to reopen: re-scoping one of these into it would make
+            # two incidents of one root (two all-clears), and folding a paged one in would leave
+            # its page without an all-clear. Each stays its own; the reopened one says the rest.
+            absorbed = []
         if incident is None and absorbed:
             incident = absorbed.pop(0)
             text = (
@@ -605,6 +640,7 @@ class IncidentTracker:
                 now, "root_failed", f"{verdict.root} failed again before everything came back"
             )
         self._seen_up.pop(incident.id, None)  # its root is failing (again): a new way down, a new way up
+        self._was_up.pop(incident.id, None)
         self._released.pop(incident.id, None)
         return self._put(replace(incident, evidence=verdict.evidence))
 

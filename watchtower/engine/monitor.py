@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -19,6 +20,7 @@ from watchtower import clock
 from watchtower.config import PASSIVE_KINDS, VANTAGE, Config, ResolvedPath, TrapPath
 from watchtower.engine.correlate import (
     BmcFacts,
+    Cause,
     Correlation,
     Scope,
     TargetState,
@@ -47,6 +49,9 @@ log = logging.getLogger("watchtower.monitor")
 
 
 CRITICAL_WINDOW = 3600.0  # a critical SEL entry explains an outage for this long after it is seen
+# A switch answers before its ports forward (spanning tree learns for up to 15 s, plus its boot):
+# what fails behind one that answers again since less than this waits before it is paged.
+PORTS_SETTLE = 20.0
 
 
 @dataclass(slots=True)
@@ -160,7 +165,9 @@ class Monitor:
         self._last_failure: dict[str, float] = {}  # target -> its last failed probe (BMC paths aside)
         # ... and when that probe was sent: a probe that timed out just now was sent a timeout ago
         self._last_failure_sent: dict[str, float] = {}
-        self._power_lost: dict[str, float] = {}  # target -> when its BMC last said "chassis off"
+        # target -> when it was last seen down for a moment: its BMC saying "chassis off", or dark
+        # on every path at once (a hypervisor hung for 4 s reboots its VMs, too short to confirm)
+        self._blipped: dict[str, float] = {}
         self.topology = Topology.from_config(config)
         self._views = ViewCache()  # what correlation reads of the paths, kept between passes
         self._dirty = asyncio.Event()
@@ -336,13 +343,15 @@ class Monitor:
             took = result.latency if result.latency is not None else status.path.timeout
             bmc.update(result, now, now - (0.0 if result.ok and result.latency is None else took))
             if bmc.reachable and bmc.power_on is False:
-                self._power_lost[status.path.target] = now
+                self._blipped[status.path.target] = now
             if bmc.facts(now) != before:
                 changed = True  # a new BMC fact (power off, a PSU failure) may change the cause
         if not result.ok and not status.path.is_bmc and result.failure is not Failure.INTERNAL:
             self._last_failure[status.path.target] = now
             took = result.latency if result.latency is not None else status.path.timeout
             self._last_failure_sent[status.path.target] = now - took
+            if self._dark_at_once(status.path.target):
+                self._blipped[status.path.target] = now
         if not result.ok and status.failures == 1 and not was_down:
             self._second_witness(status)
         if changed:
@@ -424,13 +433,19 @@ class Monitor:
         """A path's first failure: probe the target's other paths, and the vantage, now. The
         second witness (or the proof that watchtower itself is cut off) then arrives within a
         retry interval instead of a full one."""
-        upstream = self.topology.upstream(status.path.target)
+        target = status.path.target
+        upstream = self.topology.upstream(target)
+        node = self.topology.nodes.get(target)
+        # A switch: what it carries, too. Dead, they fail with it; alive, they answer through it
+        # and it only stopped answering pings itself (correlate.forwarding).
+        carried = self.topology.behind(target) if node is not None and node.role == "network" else ()
         for other in (
-            *self.target_paths(status.path.target),
+            *self.target_paths(target),
             *self.target_paths(VANTAGE),
             # What it depends on, too: if its hypervisor, switch or NAS is the one that died, that
             # must be confirmed first, so the page names the root and not the first VM noticed.
-            *(p for target in upstream for p in self.target_paths(target)),
+            *(p for up in upstream for p in self.target_paths(up)),
+            *(p for c in carried for p in self.target_paths(c) if not p.path.is_bmc),
         ):
             if other is not status and other.state is not PathState.DOWN:
                 self.scheduler.run_now(other.path.key)
@@ -468,7 +483,7 @@ class Monitor:
             for s in self.target_paths(target)
         )
 
-    def _awaiting_bmc(self, target: str, since: float | None) -> float | None:
+    def _awaiting_bmc(self, target: str, since: float | None, cause: Cause | None = None) -> float | None:
         """How long ``target``'s verdict may wait for its BMC, when the BMC has not answered (or
         failed to) since the outage began: a reading from before says "chassis on" about a host
         that has just lost power, and the page would call it hung."""
@@ -482,12 +497,65 @@ class Monitor:
         if bmc is None or bmc.asked_at is None or bmc.asked_at < since - 0.25:
             return max(s.path.timeout for s in bmc_paths) + 2.0
         last_failure = self._last_failure_sent.get(target)
-        if bmc.reachable and bmc.power_on and last_failure is not None and bmc.asked_at > last_failure:
+        if cause is Cause.OS_UNRESPONSIVE and last_failure is not None and bmc.asked_at > last_failure:
             # "Chassis on", asked after the host's last failed probe: the host may be back already
             # (it was off, and the BMC was unreachable until it was powered on again). "Hung" is
             # only true if it still fails after that reading: wait for its next probe.
             return self._confirm_time(target)
         return None
+
+    def _dark_at_once(self, target: str) -> bool:
+        """Hypervisor or storage ``target`` was dark on every witness path (two at least) at one
+        moment: each path's last failed probe was sent before any of them answered again."""
+        node = self.topology.nodes.get(target)
+        if node is None or node.role not in ("hypervisor", "storage"):
+            return False
+        witnesses = [s for s in self.target_paths(target) if not s.path.is_bmc]
+        if len(witnesses) < 2 or any(s.last_failure_sent is None for s in witnesses):
+            return False
+        dark_from = max(s.last_failure_sent for s in witnesses if s.last_failure_sent is not None)
+        # each path failed from its last failed probe until it answered again (if it has since)
+        answered_again = min(
+            (
+                s.last_ok
+                for s in witnesses
+                if s.last_ok is not None
+                and s.last_failure_sent is not None
+                and s.last_ok > s.last_failure_sent
+            ),
+            default=math.inf,
+        )
+        return dark_from < answered_again
+
+    def _just_forwarding(self, device: str, now: float) -> bool:
+        """Network device ``device`` answers again since a moment (back from an outage, or seen
+        again after the monitor's own): its ports may not forward yet, and what fails behind it
+        waits for them (PORTS_SETTLE) before it is paged as an outage of its own."""
+        node = self.topology.nodes.get(device)
+        if node is None or node.role != "network":
+            return False
+        return any(
+            s.state is PathState.UP and s.changed_at is not None and now - s.changed_at < PORTS_SETTLE
+            for s in self.target_paths(device)
+            if not s.path.is_bmc
+        )
+
+    def _awaiting_carried(self, device: str, since: float | None) -> float | None:
+        """How long a network device's verdict may wait for what it carries to be probed since it
+        fell silent (two targets, or all if fewer): answering, it only stopped answering pings."""
+        node = self.topology.nodes.get(device)
+        if since is None or node is None or node.role != "network":
+            return None
+        behind = self.topology.behind(device)
+        probed = 0
+        for target in behind:
+            if any(s.last_at is not None and s.last_at > since for s in self.target_paths(target)):
+                probed += 1
+                if probed >= 2:
+                    return None
+        if probed >= len(behind):
+            return None
+        return self._confirm_time(device)
 
     def _confirm_time(self, target: str) -> float:
         """How long ``target``'s slowest path takes to confirm a failure (an http path with a 3 s
@@ -511,8 +579,11 @@ class Monitor:
         for status in self.statuses.values():
             if status.path.target != VANTAGE:
                 status.state, status.successes, status.failures = PathState.UNKNOWN, 0, 0
-                status.failing_since = None
+                # what failed while blind says nothing about the target (nor about any loss)
+                status.failing_since = status.last_failure = status.last_failure_sent = None
                 self.scheduler.run_now(status.path.key)
+        self._last_failure.clear()
+        self._last_failure_sent.clear()
 
     def _settle_dependents(self, previous: Correlation, corr: Correlation, now: float) -> bool:
         """Something came back: what depends on it showed its failure while it was down, so that
@@ -573,7 +644,15 @@ class Monitor:
             if self._suspect(up, corr, now)
         }
         for verdict in corr.verdicts:
-            wait = self._awaiting_bmc(verdict.root, verdict.since)
+            if verdict.scope is Scope.MONITOR:
+                continue
+            for up in self.topology.upstream(verdict.root):
+                if up not in suspects and self._just_forwarding(up, now):
+                    suspects[up] = PORTS_SETTLE
+        for verdict in corr.verdicts:
+            wait = self._awaiting_bmc(verdict.root, verdict.since, verdict.cause)
+            if wait is None:
+                wait = self._awaiting_carried(verdict.root, verdict.since)
             if wait is not None:
                 suspects[verdict.root] = wait
         changes = self.tracker.step(
@@ -583,7 +662,7 @@ class Monitor:
             suspects=suspects,
             vantage_settling=self._vantage_suspect(),
             failing=self._last_failure,
-            power_lost=self._power_lost,
+            blipped=self._blipped,
         )
         if self.tracker.waiting:
             self._dirty.set()  # look again once the dependencies (or the vantage) have settled

@@ -30,6 +30,8 @@ class PathStatus:
     changed_at: float | None = None  # wall clock of the last state change
     failing_since: float | None = None  # wall clock of the first failure of the current streak
     last_failure: float | None = None  # wall clock of the last failed probe (a lossy path has one lately)
+    # ... and when it was sent: a probe that timed out just now was sent a timeout ago
+    last_failure_sent: float | None = None
     runs: int = 0
     detail: str = ""
     failure_detail: str = ""  # the detail of the last failed probe
@@ -73,6 +75,8 @@ class PathStatus:
         else:
             self.failure_detail = result.detail
             self.last_failure = now
+            took = result.latency if result.latency is not None else self.path.timeout
+            self.last_failure_sent = now - took
             if self.failures == 0:
                 self.failing_since = now
             self.failures += 1

@@ -58,6 +58,7 @@ class Topology:
         default_factory=dict, init=False, repr=False, compare=False
     )
     _behind: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _devices: list[tuple[str, ...]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, site: str, nodes: list[Node], networks: Sequence[NetworkInfo] = ()) -> Topology:
@@ -77,6 +78,12 @@ class Topology:
         for node in nodes:
             visit(node.name, frozenset())
         return cls(site, by_name, tuple(order), {n.name: n for n in networks})
+
+    def network_devices(self) -> tuple[str, ...]:
+        """The targets of role ``network`` (switches, routers), in config order."""
+        if not self._devices:
+            self._devices.append(tuple(n for n, node in self.nodes.items() if node.role == "network"))
+        return self._devices[0]
 
     def upstream(self, name: str) -> tuple[str, ...]:
         """Everything ``name`` needs, transitively (parents and storage), nearest first."""

@@ -47,7 +47,7 @@ def path_view(status: PathStatus) -> PathView:
 
 
 DOWN = PathState.DOWN
-_Key = list[object]  # per witness path: path, state, failing_since, changed_at, last_failure
+_Key = list[object]  # per witness path: path, state, failing_since, changed_at, last_failure, failures
 
 
 class ViewCache:
@@ -61,6 +61,7 @@ class ViewCache:
         self._witnesses: dict[str, list[PathStatus]] = {}
         self._keys: dict[str, _Key] = {}
         self._down: set[str] = set()  # targets with a path down at the last refresh: rebuilt every time
+        self._carried: set[str] = set()  # what network devices with a path down carry: likewise
         self.views: dict[str, list[PathView]] = {}
         self.own: dict[str, TargetState] = {}
         # the views grouped by network then target, in config order (correlate.network_outages);
@@ -77,6 +78,7 @@ class ViewCache:
             if witnesses:
                 self._witnesses[target] = witnesses
         self._keys, self._down = {}, set()
+        self._carried = set()
         self.views = {}
         self.own = dict.fromkeys(topology.nodes, TargetState.UNKNOWN)
         self.by_network, self._networks = {}, {}
@@ -90,29 +92,46 @@ class ViewCache:
         nodes = topology.nodes
         keys, down_before = self._keys, self._down
         down: set[str] = set()
-        rebuilt = 0
+        done: set[str] = set()  # rebuilt this time
         for target, statuses in self._witnesses.items():
             key: list[object] = []
             is_down = False
             for s in statuses:  # one loop per target: this runs for every path on every pass
                 state = s.state
-                key += (s.path, state, s.failing_since, s.changed_at, s.last_failure)
+                key += (s.path, state, s.failing_since, s.changed_at, s.last_failure, s.failures)
                 is_down = is_down or state is DOWN
             if target in down_before or keys.get(target) != key:
                 keys[target] = key
-                views = [path_view(s) for s in statuses]
-                self.views[target] = views
-                node = nodes.get(target)
-                if node is not None:
-                    self.own[target] = own_state(views, node.confirm_paths)
-                    if not fresh:
-                        self._regroup(target, views)
-                rebuilt += 1
+                self._rebuild(target, statuses, fresh)
+                done.add(target)
             if is_down:
                 down.add(target)
-        self._down, self.rebuilt = down, rebuilt
+        # What a network device with a path down carries: its last answers (which no key holds,
+        # they move with every probe) say whether the device still forwards (correlate.forwarding).
+        carried = {
+            b
+            for t in down
+            if (node := nodes.get(t)) is not None and node.role == "network"
+            for b in topology.behind(t)
+        }
+        for target in carried - done:
+            witnesses = self._witnesses.get(target)
+            if witnesses is not None:
+                self._rebuild(target, witnesses, fresh)
+                done.add(target)
+        self._carried = carried
+        self._down, self.rebuilt = down, len(done)
         if fresh:
             self._group(topology)
+
+    def _rebuild(self, target: str, statuses: Sequence[PathStatus], fresh: bool) -> None:
+        views = [path_view(s) for s in statuses]
+        self.views[target] = views
+        node = self._topology.nodes.get(target) if self._topology is not None else None
+        if node is not None:
+            self.own[target] = own_state(views, node.confirm_paths)
+            if not fresh:
+                self._regroup(target, views)
 
     def _group(self, topology: Topology) -> None:
         """Group every view by network, as correlate._paths_by_network does (the same order)."""

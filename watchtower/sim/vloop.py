@@ -256,6 +256,9 @@ class _Timer(_Due):
     def when(self) -> float:
         return float(self)
 
+    def __bool__(self) -> bool:  # a handle, not a number: true even at virtual time 0
+        return True
+
     def __repr__(self) -> str:
         return f"<timer when={float(self)!r} {self._callback!r}{' cancelled' if self._cancelled else ''}>"
 

@@ -83,7 +83,7 @@ def one_run(
     t0 = time.monotonic()
     lab.break_host(HOST, "poweroff")
     broke = time.monotonic() - t0
-    row: dict[str, Any] = {"run": i, "phase": phase, "break_s": broke}
+    row: dict[str, Any] = {"run": i, "phase": phase, "break_s": broke, "t0": t0}
     try:
         deadline = t0 + deadline_s
         while time.monotonic() < deadline:
@@ -109,6 +109,20 @@ def one_run(
         + ", ".join(f"{k} {row[k]:.1f}s" for k in ("mail", "signal", *routes) if k in row)
     )
     return row
+
+
+def keep_log(src: Path, dst: Path, t0: float) -> None:
+    """``src``'s lines (prefixed with the bench's monotonic time) with that time made relative to T0."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for line in src.read_text(errors="replace").splitlines():
+        stamp, _, rest = line.partition(" ")
+        try:
+            out.append(f"{float(stamp) - t0:+9.3f} {rest}")
+        except ValueError:
+            out.append(line)
+    dst.write_text("\n".join(out) + "\n")
+    log(f"log of the run: {dst}")
 
 
 def table(rows: list[dict[str, Any]], routes: list[str]) -> str:
@@ -158,6 +172,11 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     parser.add_argument("--wait-lab", type=float, default=900.0, help="max seconds to wait for the demo site")
     parser.add_argument(
+        "--logs",
+        type=Path,
+        help="keep the daemon's INFO log of each run here (run-N.log, lines prefixed with seconds since T0)",
+    )
+    parser.add_argument(
         "--use-running-lab", action="store_true", help="use the demo site already up, leave it up"
     )
     args = parser.parse_args()
@@ -186,8 +205,17 @@ def main() -> int:
                     # a fresh daemon and store per run, like the fresh Alertmanagers: each outage is the
                     # day's first (with --keep-daemon one daemon sees all runs, ~70 s apart: flapping)
                     state = work / ("state" if args.keep_daemon else f"state-{i}")
-                    wt = Watchtower(demo_watchtower_config(smtp, http, state), work)
-                rows.append(one_run(i, lab, wt, stack, http, mails, routes, deadline_s))
+                    wt = Watchtower(
+                        demo_watchtower_config(smtp, http, state),
+                        work,
+                        log_level="INFO" if args.logs else "WARNING",
+                        stamped=args.logs is not None,
+                    )
+                row = one_run(i, lab, wt, stack, http, mails, routes, deadline_s)
+                rows.append(row)
+                if args.logs is not None:
+                    time.sleep(0.5)  # the last lines through the pipe
+                    keep_log(wt.logfile, args.logs / f"run-{i}.log", row["t0"])
         finally:
             if wt is not None:
                 wt.stop()

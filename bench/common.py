@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -158,6 +159,22 @@ class Proc:
             fh.close()
         return cls(name, popen, logfile)
 
+    @classmethod
+    def stamped(cls, name: str, argv: list[str], logfile: Path, cwd: Path | None = None) -> Proc:
+        """Like ``start``, each output line prefixed with ``time.monotonic()`` at its arrival."""
+        popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd)
+        out = popen.stdout
+        assert out is not None
+
+        def copy() -> None:
+            with logfile.open("w") as fh:
+                for raw in out:
+                    fh.write(f"{time.monotonic():.3f} {raw.decode(errors='replace')}")
+                    fh.flush()
+
+        threading.Thread(target=copy, name=f"{name}-log", daemon=True).start()
+        return cls(name, popen, logfile)
+
     @property
     def pid(self) -> int:
         return self.popen.pid
@@ -213,17 +230,23 @@ class Proc:
 class Watchtower:
     """``watchtower run`` on a config (a subprocess, so the bench's own threads do not share its loop)."""
 
-    def __init__(self, data: dict[str, Any], workdir: Path, name: str = "watchtower"):
+    def __init__(
+        self, data: dict[str, Any], workdir: Path, name: str = "watchtower", log_level: str = "WARNING",
+        stamped: bool = False,
+    ):  # fmt: skip
+        """``stamped``: every log line of the daemon is prefixed with the bench's ``time.monotonic()``
+        when it arrived (the daemon's own timestamps have whole seconds), so a run's log lines up
+        with its T0."""
         self.port = free_port()
         data = dict(data, listen=f"127.0.0.1:{self.port}")
         self.cfg = workdir / f"{name}.yaml"
         self.cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-        self.proc = Proc.start(
-            name,
-            [sys.executable, "-m", "watchtower.cli", "run", "-c", str(self.cfg), "--log-level", "WARNING"],
-            workdir / f"{name}.log",
-            cwd=REPO,
-        )
+        argv = [sys.executable, "-m", "watchtower.cli", "run", "-c", str(self.cfg), "--log-level", log_level]
+        self.logfile = workdir / f"{name}.log"
+        if stamped:
+            self.proc = Proc.stamped(name, argv, self.logfile, cwd=REPO)
+        else:
+            self.proc = Proc.start(name, argv, self.logfile, cwd=REPO)
         self.base = f"http://127.0.0.1:{self.port}"
 
     def state(self) -> Any:

@@ -265,12 +265,17 @@ class IncidentTracker:
         for verdict in corr.verdicts:
             if verdict.scope is Scope.MONITOR:
                 continue
-            bounds = [suspects[u] for u in (verdict.root, *topology.upstream(verdict.root)) if u in suspects]
+            bounds = [suspects[u] for u in topology.upstream(verdict.root) if u in suspects]
+            if bounds:
+                bounds.append(HOLD_MAX)
+            if verdict.root in suspects:
+                # Its own BMC's reading, no dependency: as long as that read may take, no floor.
+                bounds.append(suspects[verdict.root])
             if not bounds:
                 self._holding.pop(verdict.root, None)
                 continue
             since = self._holding.setdefault(verdict.root, now)
-            if now - since < max(HOLD_MAX, *bounds):
+            if now - since < max(bounds):
                 held.add(verdict.root)
         return held
 

@@ -447,7 +447,12 @@ class Monitor:
             *(p for up in upstream for p in self.target_paths(up)),
             *(p for c in carried for p in self.target_paths(c) if not p.path.is_bmc),
         ):
-            if other is not status and other.state is not PathState.DOWN:
+            if other is status:
+                continue
+            # The target's own BMC even when it is down already: the page waits for a reading asked
+            # since this outage began (_awaiting_bmc), and one that answered "chassis off" a second
+            # ago, pulled forward by a VM of this host failing first, was asked before it.
+            if other.state is not PathState.DOWN or (other.path.is_bmc and other.path.target == target):
                 self.scheduler.run_now(other.path.key)
 
     # ------------------------------------------------------------------ correlation

@@ -269,7 +269,8 @@ class IncidentTracker:
             if bounds:
                 bounds.append(HOLD_MAX)
             if verdict.root in suspects:
-                # Its own BMC's reading, no dependency: as long as that read may take, no floor.
+                # Its own wait (its BMC's reading; for a switch, what it carries), no dependency:
+                # as long as that may take, no floor.
                 bounds.append(suspects[verdict.root])
             if not bounds:
                 self._holding.pop(verdict.root, None)

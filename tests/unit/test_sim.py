@@ -173,12 +173,17 @@ class _ReferenceLoop(asyncio.SelectorEventLoop):
             self.now += timeout
             return []
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: float = 0.0) -> None:
         self._jump = self._Jump()
+        self._epoch = epoch
         super().__init__(self._jump)
 
     def time(self) -> float:
         return self._jump.now
+
+    @property
+    def wall(self) -> float:  # the simulated wall clock, as VirtualTimeLoop keeps it
+        return self._epoch + self._jump.now
 
 
 @pytest.mark.parametrize(

@@ -269,7 +269,8 @@ class IncidentTracker:
             if bounds:
                 bounds.append(HOLD_MAX)
             if verdict.root in suspects:
-                # Its own BMC's reading, no dependency: as long as that read may take, no floor.
+                # Its own wait (its BMC's reading; for a switch, what it carries), no dependency:
+                # as long as that may take, no floor.
                 bounds.append(suspects[verdict.root])
             if not bounds:
                 self._holding.pop(verdict.root, None)
@@ -352,23 +353,24 @@ class IncidentTracker:
             # A switch coming back reboots nothing. Once two behind it have answered steadily
             # for RESTORE_SETTLE (its ports forward), what answered once and fails after is an
             # outage of its own (a hypervisor hung 3 s after its switch came back), not a port
-            # still coming up.
-            forwards = incident.scope is Scope.NETWORK and (
-                sum(
-                    1
-                    for t, since in seen_up.items()
-                    if now - since >= RESTORE_SETTLE and self._failing.get(t, -math.inf) < since
-                )
-                >= 2
+            # still coming up; so is what still fails a probe round after that (hung as the
+            # ports came back, it never answered).
+            steady = sorted(
+                since
+                for t, since in seen_up.items()
+                if now - since >= RESTORE_SETTLE and self._failing.get(t, -math.inf) < since
             )
+            forwards_from = steady[1] if incident.scope is Scope.NETWORK and len(steady) >= 2 else None
             for target in (*incident.affected, *behind):
                 if target in released:
                     continue  # the grace ran out for it: an outage of its own now, not this restore
                 up_since = seen_up.get(target)
                 if up_since is not None and now - up_since >= RESTORE_SETTLE:
                     continue  # done with this restore
-                if forwards and target in was_up:
-                    continue  # answered once behind a switch that forwards: failing now is its own
+                if forwards_from is not None and (
+                    target in was_up or self._failing.get(target, -math.inf) >= forwards_from + RESTORE_SETTLE
+                ):
+                    continue  # behind a switch that forwards, failing now: its own
                 if corr.states.get(target) is TargetState.UP:
                     seen_up.setdefault(target, now)
                     was_up.add(target)

@@ -545,14 +545,30 @@ class Monitor:
         node = self.topology.nodes.get(device)
         if node is None or node.role != "network":
             return False
-        return any(
-            s.state is PathState.UP
-            and s.changed_at is not None
-            and now - s.changed_at < PORTS_SETTLE
-            and self._first_up.get(s.path.key) != s.changed_at  # the daemon's first look: not "again"
-            for s in self.target_paths(device)
-            if not s.path.is_bmc
+        back = max(
+            (
+                s.changed_at
+                for s in self.target_paths(device)
+                if not s.path.is_bmc
+                and s.state is PathState.UP
+                and s.changed_at is not None
+                and self._first_up.get(s.path.key) != s.changed_at  # the daemon's first look: not "back"
+            ),
+            default=None,
         )
+        if back is None or now - back >= PORTS_SETTLE:
+            return False
+        # Two behind it answering on every path since it came back: its ports forward.
+        answering = 0
+        for target in self.topology.behind(device):
+            paths = [s for s in self.target_paths(target) if not s.path.is_bmc]
+            if paths and all(
+                s.state is PathState.UP and s.last_ok is not None and s.last_ok > back for s in paths
+            ):
+                answering += 1
+                if answering >= 2:
+                    return False
+        return True
 
     def _awaiting_carried(self, device: str, since: float | None) -> float | None:
         """How long a network device's verdict may wait for what it carries to be probed since it

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ def simulate(config: Config, events: list[FaultEvent], seed: int) -> tuple[World
     """Run the engine against ``events`` (world randomness from ``seed``); deterministic."""
     world = World.from_config(config, seed)
     recording = Recording()
-    loop = VirtualTimeLoop()
+    loop = VirtualTimeLoop(EPOCH)
     # The engine logs every state change at INFO; thousands of runs would drown the terminal.
     previous_level = logging.getLogger("watchtower").level
     logging.getLogger("watchtower").setLevel(logging.ERROR)
@@ -88,7 +89,8 @@ def simulate(config: Config, events: list[FaultEvent], seed: int) -> tuple[World
     previous_random = random.getstate()
     random.seed(f"watchtower sim {seed}")
     try:
-        with clock.use(lambda: EPOCH + loop.time()):
+        # EPOCH + loop.time(), as the loop keeps it (read for every probe result)
+        with clock.use(functools.partial(getattr, loop, "wall")):
             loop.run_until_complete(_run(config, events, world, recording))
     finally:
         random.setstate(previous_random)
@@ -99,7 +101,7 @@ def simulate(config: Config, events: list[FaultEvent], seed: int) -> tuple[World
 
 async def _run(config: Config, events: list[FaultEvent], world: World, rec: Recording) -> None:
     loop = asyncio.get_running_loop()
-    monitor = Monitor(config, shared=ProbeContext(timeout=0), probe=world.probe_runner())
+    monitor = Monitor(config, shared=ProbeContext(timeout=0), probe=world.probe_runner(loop))
     store = AsyncStore(Store(":memory:"), InlineExecutor())  # type: ignore[arg-type]
     senders = {c.name: RecordingSender(c.name, world) for c in config.notify.channels}
     alerting = Alerting(

@@ -7,7 +7,10 @@ same inputs make the same calls in the same order (the FoundationDB idea of dete
 simulation, at the size of one process).
 
 Nothing in a simulated run may use threads or real I/O: a thread's result would arrive at a
-virtual time that depends on the machine's speed. The simulator hands the engine an inline store
+virtual time that depends on the machine's speed. Nothing sets a context variable outside a task
+either (the engine uses none), so a callback scheduled without an explicit context runs as it is,
+not inside a copy of the scheduling context (a task's steps and a future's callbacks still run in
+the context asyncio hands in). The simulator hands the engine an inline store
 executor and recording senders for that reason; :class:`Deadlock` is raised if the loop ever has
 nothing scheduled at all (something waits on the outside world).
 """
@@ -15,7 +18,6 @@ nothing scheduled at all (something waits on the outside world).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import heapq
 import selectors
 from asyncio.base_events import (  # type: ignore[attr-defined]
@@ -33,7 +35,6 @@ _HANDLE_FIELDS_KNOWN = set(asyncio.Handle.__slots__) == {
     "_callback", "_args", "_cancelled", "_loop", "_source_traceback", "_repr", "__weakref__", "_context"
 } and set(asyncio.TimerHandle.__slots__) == {"_scheduled", "_when"}  # fmt: skip
 _new_handle = object.__new__
-_copy_context = contextvars.copy_context
 
 
 class Deadlock(RuntimeError):
@@ -53,10 +54,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     still lands on the ready queue and runs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: float = 0.0) -> None:
         super().__init__(selectors.DefaultSelector())
         self.set_debug(False)  # PYTHONASYNCIODEBUG would time callbacks against a clock that jumps
         self._now = 0.0
+        self._epoch = epoch
+        self.wall = epoch  # epoch + time(), kept at every jump: the simulated wall clock, read often
         self._hold = False  # a no-op is "ready": the next iteration keeps the clock (see call_soon)
         self._held = asyncio.Handle(run_finished, (), self)
 
@@ -78,7 +81,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             handle: Any = _new_handle(asyncio.Handle)
             handle._callback, handle._args, handle._cancelled, handle._loop = callback, args, False, self
             handle._source_traceback = handle._repr = None
-            handle._context = _copy_context() if context is None else context
+            handle._context = context  # None: run as it is (see the module docstring)
         else:
             handle = asyncio.Handle(callback, args, self, context)
         loop._ready.append(handle)
@@ -88,33 +91,23 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         loop: Any = self
         if loop._closed:
             raise RuntimeError("Event loop is closed")
-        if _HANDLE_FIELDS_KNOWN:
-            timer: Any = _new_handle(asyncio.TimerHandle)
-            timer._callback, timer._args, timer._cancelled, timer._loop = callback, args, False, self
-            timer._source_traceback = timer._repr = None
-            timer._context = _copy_context() if context is None else context
-            timer._when = when
-        else:
-            timer = asyncio.TimerHandle(when, callback, args, self, context)
-        entry = _Due(when)
-        entry.timer = timer
-        heapq.heappush(loop._scheduled, entry)
-        timer._scheduled = True
-        return timer
+        timer = _Timer(when)
+        timer._callback, timer._args, timer._loop = callback, args, self
+        timer._cancelled, timer._scheduled = False, True
+        timer._context = context
+        heapq.heappush(loop._scheduled, timer)
+        return timer  # type: ignore[return-value]
 
     def call_at_soon(self, when: float, callback: Any, *args: Any) -> None:
         """At ``when``, queue ``callback(*args)`` for the next iteration: what a task that sleeps
         until ``when`` and then calls it does (its wakeup is queued by the timer and runs in the
-        next iteration), with a timer that appends a ready-made handle."""
-        loop: Any = self
-        if _HANDLE_FIELDS_KNOWN:
-            handle: Any = _new_handle(asyncio.Handle)
-            handle._callback, handle._args, handle._cancelled, handle._loop = callback, args, False, self
-            handle._source_traceback = handle._repr = None
-            handle._context = _copy_context()
-        else:
-            handle = asyncio.Handle(callback, args, self)
-        self.call_at(when, loop._ready.append, handle)
+        next iteration). One heap entry stands for the timer; when it is the only thing that
+        iteration runs, the next iteration runs the call without a handle (see :meth:`_run_once`)."""
+        entry = _Soon(when)
+        entry.call = callback
+        entry.args = args
+        entry.loop = self
+        heapq.heappush(self._scheduled, entry)  # type: ignore[attr-defined]
 
     def _run_once(self) -> None:
         """Iterations of the standard loop, until one sets ``_stopping`` (``run_forever`` calls
@@ -125,35 +118,59 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         heappop = heapq.heappop
         resolution = loop._clock_resolution
         longest = MAXIMUM_SELECT_TIMEOUT
+        soon: _Soon | None = None  # a call_at_soon timer that was its iteration's only callback
+        scheduled: list[_Due] = loop._scheduled  # (replaced only by the rebuild below)
+        now = self._now  # (moved only by the jump below)
         while True:
-            scheduled: list[_Due] = loop._scheduled
-            sched_count = len(scheduled)
-            if (
-                sched_count > _MIN_SCHEDULED_TIMER_HANDLES
-                and loop._timer_cancelled_count / sched_count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
-            ):
-                # Too many cancelled timers: rebuild the heap without them (as the standard loop does).
-                kept = []
-                for entry in scheduled:
-                    if entry.timer._cancelled:
-                        entry.timer._scheduled = False
-                    else:
-                        kept.append(entry)
-                heapq.heapify(kept)
-                loop._scheduled = scheduled = kept
-                loop._timer_cancelled_count = 0
-            else:
-                while scheduled and scheduled[0].timer._cancelled:
-                    loop._timer_cancelled_count -= 1
-                    heappop(scheduled).timer._scheduled = False
-            now = self._now
+            cancelled = loop._timer_cancelled_count
+            if cancelled:  # (without cancelled timers in the heap there is nothing to sweep)
+                # cancelled / count > fraction, for a count over the minimum (the product is exact)
+                if cancelled > len(scheduled) * _MIN_CANCELLED_TIMER_HANDLES_FRACTION and (
+                    len(scheduled) > _MIN_SCHEDULED_TIMER_HANDLES
+                ):
+                    # Too many cancelled timers: rebuild the heap without them (as the standard loop does).
+                    kept = []
+                    for entry in scheduled:
+                        if entry._cancelled:
+                            entry._scheduled = False
+                        else:
+                            kept.append(entry)
+                    heapq.heapify(kept)
+                    loop._scheduled = scheduled = kept
+                    loop._timer_cancelled_count = 0
+                else:
+                    while scheduled and scheduled[0]._cancelled:
+                        loop._timer_cancelled_count -= 1
+                        heappop(scheduled)._scheduled = False
+            if soon is not None:
+                # The iteration after a lone call_at_soon timer: the clock stays, no timer is due
+                # (the heap's first was past this instant and the timer added nothing), and its
+                # only callback is the one the timer queued. Run it, without a handle.
+                call, args, soon = soon.call, soon.args, None
+                try:
+                    call(*args)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self.call_exception_handler(
+                        {"message": f"Exception in callback {call!r}", "exception": exc}
+                    )
+                if loop._stopping:
+                    return
+                continue
             if self._hold:  # as if a no-op were ready: no jump (an iteration with no timer due is skipped)
                 self._hold = False
                 if not ready and (not scheduled or scheduled[0] >= now + resolution):
                     if loop._stopping:
                         return
-                    continue
-            elif not ready and not loop._stopping:
+                    # Skipped: the next iteration jumps. Its sweep would find nothing (this one's
+                    # just ran, and nothing ran since), so it starts here.
+                    jump = True
+                else:
+                    jump = False
+            else:
+                jump = not ready and not loop._stopping
+            if jump:
                 if not scheduled:
                     raise Deadlock("nothing ready and no timer scheduled")
                 # Jump to the next timer, as the standard loop's poll sleeps
@@ -161,19 +178,37 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                 wait = scheduled[0] - now
                 if wait > 0:
                     self._now = now = now + (wait if wait < longest else longest)
+                    self.wall = self._epoch + now
             end_time = now + resolution
-            while scheduled:
-                if scheduled[0] >= end_time:
-                    break
-                timer = heappop(scheduled).timer
+            if scheduled and scheduled[0] < end_time:
+                timer = heappop(scheduled)
                 timer._scheduled = False
+                if (
+                    timer.__class__ is _Soon
+                    and not ready
+                    and not loop._stopping
+                    and (not scheduled or scheduled[0] >= end_time)
+                ):
+                    # This iteration would run only the timer, which queues its call for the next.
+                    soon = timer
+                    continue
                 ready.append(timer)
+                while scheduled:
+                    if scheduled[0] >= end_time:
+                        break
+                    timer = heappop(scheduled)
+                    timer._scheduled = False
+                    ready.append(timer)
             for _ in range(len(ready)):
                 handle = popleft()
                 if handle._cancelled:
                     continue
                 try:  # Handle._run, inlined
-                    handle._context.run(handle._callback, *handle._args)
+                    context = handle._context
+                    if context is None:
+                        handle._callback(*handle._args)
+                    else:
+                        context.run(handle._callback, *handle._args)
                 except (SystemExit, KeyboardInterrupt):
                     raise
                 except BaseException as exc:
@@ -185,11 +220,67 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
 
 class _Due(float):
-    """A timer's place in the heap: its time, compared as a float (the standard loop compares
-    ``TimerHandle`` objects by that time in Python, ~15 calls per timer on a heap this size)."""
+    """A timer in the heap, and its own handle: its time, compared as a float (the standard loop
+    compares ``TimerHandle`` objects by that time in Python, ~15 calls per timer on a heap this
+    size)."""
 
-    __slots__ = ("timer",)
-    timer: Any
+    __slots__ = ()
+    _cancelled: bool
+    _scheduled: bool
+
+
+class _Timer(_Due):
+    """A :meth:`VirtualTimeLoop.call_at` timer: what the standard loop's ``TimerHandle`` is to
+    those who hold one (``cancel``, ``cancelled``, ``when``), run by :meth:`VirtualTimeLoop._run_once`
+    as a handle."""
+
+    __slots__ = ("_args", "_callback", "_cancelled", "_context", "_loop", "_scheduled")
+    _callback: Any
+    _args: Any
+    _context: Any
+    _loop: Any
+    _scheduled: bool
+    _source_traceback = None  # (asyncio's call_later reads it; the loop runs without debug)
+    _repr = None
+
+    def cancel(self) -> None:  # TimerHandle.cancel and Handle.cancel, with debug off
+        if not self._cancelled:
+            self._loop._timer_handle_cancelled(self)  # counted while in the heap (_scheduled)
+            self._cancelled = True
+            self._callback = None
+            self._args = None
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def when(self) -> float:
+        return float(self)
+
+    def __bool__(self) -> bool:  # a handle, not a number: true even at virtual time 0
+        return True
+
+    def __repr__(self) -> str:
+        return f"<timer when={float(self)!r} {self._callback!r}{' cancelled' if self._cancelled else ''}>"
+
+
+class _Soon(_Due):
+    """A :meth:`VirtualTimeLoop.call_at_soon` timer: its own heap entry and its own handle. Run
+    as a handle (when its iteration runs other callbacks too), it queues its call."""
+
+    __slots__ = ("_scheduled", "args", "call", "loop")
+    call: Any
+    args: tuple[Any, ...]
+    loop: Any
+    _cancelled = False  # never cancelled (nobody holds it)
+    _context = None
+    _args = ()
+
+    def _callback(self) -> None:
+        handle: Any = _new_handle(asyncio.Handle)
+        handle._callback, handle._args, handle._cancelled = self.call, self.args, False
+        handle._loop = self.loop
+        handle._context = handle._source_traceback = handle._repr = None
+        self.loop._ready.append(handle)
 
 
 class InlineExecutor:

@@ -620,6 +620,22 @@ def test_a_switch_that_answers_while_nothing_behind_it_does_is_not_forwarding() 
     assert all(v.scope is not Scope.NETWORK for v in c.verdicts)
 
 
+def test_vms_dark_behind_a_hypervisor_whose_switch_is_down_are_the_switchs() -> None:
+    """pve1 is dark on production (alive on management) and its VM with it, while the switch that
+    carries pve1 is down itself: pve1's link is not what failed (msp200 seeds 50, 120, 162, 212,
+    456, 464 paged "hypervisor link_down" as the switch came back)."""
+    # pve1 needs all three witnesses down to be down: dark on production only, it is degraded
+    site = Topology.build("acme", [replace(n, confirm_paths=3) if n.name == "pve1" else n for n in PNODES])
+    gw = [PathView("gw", "icmp", "icmp gw", UP)]
+    view = pview({"sw": {"prod", "mgmt"}, "pve1": {"prod"}, "dc1": {"prod"}}, configured=False)
+    c = correlate(site, view, {}, gw, now=100.0)
+    assert c.own["pve1"] is TargetState.DEGRADED
+    assert [v.root for v in c.verdicts] == ["sw"] and "dc1" in c.verdicts[0].affected
+    # the switch up: pve1's production link it is
+    view = pview({"pve1": {"prod"}, "dc1": {"prod"}}, configured=False)
+    assert [v.root for v in correlate(site, view, {}, gw, now=100.0).verdicts] == ["pve1"]
+
+
 def test_a_target_answering_again_on_every_path_it_was_down_on_gets_no_verdict() -> None:
     # Down on both paths, both answered on their last probe (recover_after not met yet): it is
     # coming back; a page now would arrive after it answers (a 30 % loss let it through again).

@@ -609,7 +609,25 @@ def correlate(
                 and own.get(parent) is TargetState.DEGRADED
                 and _dark_behind(parent, name)
             ):
-                root = parent  # its hypervisor's link to that network is down: one incident, its link's
+                # its hypervisor's link to that network is down: one incident, its link's; unless
+                # what carries that hypervisor is down itself (its switch coming back: its link
+                # is not what failed)
+                above = next(
+                    (
+                        g
+                        for g in topology.nodes[parent].parents
+                        if g in explained or g in outages or g in failed
+                    ),
+                    None,
+                )
+                if above is None or above in trail:
+                    root = parent
+                elif above in explained:
+                    root = explained[above]
+                elif above in outages:
+                    root = above
+                else:
+                    root = find_root(above, trail | {name})
                 break
         if root == name:
             carrier = _dead_carrier(name)

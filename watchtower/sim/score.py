@@ -112,6 +112,11 @@ def outages(world: World, names: Iterable[str], end: float) -> list[Outage]:
             own = truth.own(name) if k < steps else None
             if own is None and k < steps and truth.hosts[name].soft():
                 own = f"~loss {truth.hosts[name].loss:.0%}"
+            elif own is not None and own.startswith("link down") and world.site.roles[name] == "network":
+                # A switch's own address dark while it forwards (the simulated switch's NIC is its
+                # management port): from outside the same as one dropping pings, which is no
+                # outage. Not demanded; a page for it is not wrong either.
+                own = "~" + own
             why = world.explained(truth, name) if own is not None else None
             # broken itself behind an upstream that only loses packets: its own outage, found later
             lossy = why is not None and why.endswith(LOSING) and not own.startswith("~")  # type: ignore[union-attr]

@@ -821,6 +821,48 @@ def test_a_vm_dark_after_its_host_was_dark_on_every_path_for_a_moment_is_rebooti
         assert roots == ([] if dark_everywhere else ["vm"])
 
 
+def test_a_failure_sent_before_a_path_was_settled_is_stale() -> None:
+    """The switch is back: what depends on it is probed afresh. A probe of the NAS sent while the
+    switch was still down times out after that: it is from before and does not count toward the
+    NAS's fresh streak (demo seed 439 paged the NAS behind a switch that had just come back)."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+
+    cfg = parse_config(
+        {
+            "site": "t",
+            "targets": {
+                "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
+                "nas": {"role": "storage", "depends_on": ["sw"],
+                        "paths": [{"icmp": "10.0.0.5"}, {"tcp": "10.0.0.5:3260"}]},
+            },
+        },
+        Path("."),
+    )  # fmt: skip
+    monitor = Monitor(cfg)
+    sw = monitor.statuses[("sw", "icmp 10.0.0.2")]
+    nas = [s for s in monitor.statuses.values() if s.path.target == "nas"]
+    for status in monitor.statuses.values():
+        monitor.record(status, OK, 0.0)
+        monitor.record(status, OK, 0.5)
+    monitor.evaluate(0.5)
+    for t in (10.0, 11.0, 12.0):
+        for status in monitor.statuses.values():
+            monitor.record(status, FAIL, t)
+        monitor.evaluate(t + 0.1)
+    for t in (20.0, 21.0):
+        monitor.record(sw, OK, t)
+    monitor.evaluate(21.1)  # the switch is back: the NAS's paths settled, probed afresh
+    assert all(s.state is PathState.UNKNOWN and s.failures == 0 for s in nas)
+    stale = 21.1 + nas[0].path.timeout - 0.5  # sent half a second before the settle
+    monitor.record(nas[0], FAIL, stale)
+    assert nas[0].failures == 0
+    monitor.record(nas[0], FAIL, 21.2 + nas[0].path.timeout)  # sent after it: counts
+    assert nas[0].failures == 1
+
+
 def test_chassis_on_read_after_the_last_failure_waits_for_the_next_probe() -> None:
     """The host was off with its BMC unreachable; both were powered on again. The BMC's first
     answer ("chassis on") was asked after the host's last failed probe was sent: "hung" is only

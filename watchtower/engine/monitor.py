@@ -329,6 +329,10 @@ class Monitor:
 
     def record(self, status: PathStatus, result: ProbeResult, now: float) -> bool:
         """Fold one probe result into the picture. True when a correlation pass is needed."""
+        if not result.ok and status.reset_at is not None:
+            took = result.latency if result.latency is not None else status.path.timeout
+            if now - took < status.reset_at:
+                return False  # sent before its evidence was dropped (a switch back meanwhile): stale
         was_down = status.state is PathState.DOWN
         first_look = status.path.key not in self._first_up
         changed = status.observe(result, now)
@@ -604,11 +608,12 @@ class Monitor:
         """A vantage path is failing but not yet confirmed: the monitor may be the one cut off."""
         return any(s.state is PathState.UP and s.failures > 0 for s in self.target_paths(VANTAGE))
 
-    def _fresh_look(self) -> None:
+    def _fresh_look(self, now: float) -> None:
         """Vantage is back: forget what the target paths saw while blind and probe them all now."""
         for status in self.statuses.values():
             if status.path.target != VANTAGE:
                 status.state, status.successes, status.failures = PathState.UNKNOWN, 0, 0
+                status.reset_at = now
                 # what failed while blind says nothing about the target (nor about any loss)
                 status.failing_since = status.last_failure = status.last_failure_sent = None
                 self.scheduler.run_now(status.path.key)
@@ -645,6 +650,7 @@ class Monitor:
                         continue
                     if status.state is PathState.DOWN or status.failures:
                         status.state, status.successes, status.failures = PathState.UNKNOWN, 0, 0
+                        status.reset_at = now
                         settled = True
                     self.scheduler.run_now(status.path.key)
         return settled
@@ -654,7 +660,7 @@ class Monitor:
         vantage_paths = self.target_paths(VANTAGE)
         vantage_up = not vantage_paths or any(s.state is not PathState.DOWN for s in vantage_paths)
         if vantage_up and not self.correlation.vantage_up:
-            self._fresh_look()
+            self._fresh_look(now)
         previous = self.correlation
         self.correlation = corr = self._correlate(now)
         if self._settle_dependents(previous, corr, now):

@@ -32,6 +32,9 @@ class PathStatus:
     last_failure: float | None = None  # wall clock of the last failed probe (a lossy path has one lately)
     # ... and when it was sent: a probe that timed out just now was sent a timeout ago
     last_failure_sent: float | None = None
+    # when what it showed was last dropped as stale (what it depends on came back, or the monitor
+    # sees again): a failure of a probe sent before then is from before, not a fresh one
+    reset_at: float | None = None
     runs: int = 0
     detail: str = ""
     failure_detail: str = ""  # the detail of the last failed probe

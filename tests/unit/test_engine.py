@@ -25,6 +25,38 @@ FAIL = ProbeResult.fail(Failure.TIMEOUT, "no echo reply")
 BUG = ProbeResult.fail(Failure.INTERNAL, "probe crashed")
 
 
+def settled_monitor(targets: dict[str, Any], **top: Any) -> Any:
+    """A Monitor on a small site (``targets``, plus top-level keys such as ``vantage``) whose every
+    path has answered twice: the steady state a sequence starts from."""
+    from pathlib import Path
+
+    from watchtower.config import parse_config
+    from watchtower.engine.monitor import Monitor
+
+    monitor = Monitor(parse_config({"site": "t", **top, "targets": targets}, Path(".")))
+    for status in monitor.statuses.values():
+        monitor.record(status, OK, 0.0)
+        monitor.record(status, OK, 0.5)
+    monitor.evaluate(0.5)
+    return monitor
+
+
+# A hypervisor with two addresses and an IPMI BMC (the BMC-reading sequences).
+HOST_WITH_BMC: dict[str, Any] = {
+    "pve1": {
+        "role": "hypervisor",
+        "bmc": {"ipmi": {"host": "127.0.0.1", "username": "u", "password": "p"}},
+        "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}],
+    },
+}
+
+# A switch and a NAS behind it (sequences around the switch's outages).
+SWITCH_AND_NAS: dict[str, Any] = {
+    "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
+    "h": {"role": "storage", "depends_on": ["sw"], "paths": [{"icmp": "10.0.0.5"}, {"tcp": "10.0.0.5:3260"}]},
+}
+
+
 def target_state(statuses: list[PathStatus], confirm: int) -> TargetState:
     return own_state([path_view(s) for s in statuses], confirm)
 
@@ -411,20 +443,7 @@ def test_the_page_waits_for_a_fresh_bmc_reading() -> None:
     from watchtower.engine.monitor import Monitor
     from watchtower.probes import BmcReading
 
-    cfg = parse_config(
-        {
-            "site": "t",
-            "targets": {
-                "pve1": {
-                    "role": "hypervisor",
-                    "bmc": {"ipmi": {"host": "127.0.0.1", "username": "u", "password": "p"}},
-                    "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}],
-                },
-            },
-        },
-        Path("."),
-    )
-    monitor = Monitor(cfg)
+    monitor = Monitor(parse_config({"site": "t", "targets": HOST_WITH_BMC}, Path(".")))
     bmc = monitor.statuses[("pve1", "bmc ipmi 127.0.0.1")]
     on = ProbeResult(True, 0.1, None, "chassis on", BmcReading(power_on=True))
     monitor.record(bmc, on, 0.5)  # the last reading before the outage
@@ -449,20 +468,7 @@ def test_a_bmc_read_sent_before_the_outage_is_not_fresh() -> None:
     from watchtower.engine.monitor import Monitor
     from watchtower.probes import BmcReading, Failure
 
-    cfg = parse_config(
-        {
-            "site": "t",
-            "targets": {
-                "pve1": {
-                    "role": "hypervisor",
-                    "bmc": {"ipmi": {"host": "127.0.0.1", "username": "u", "password": "p"}},
-                    "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}],
-                },
-            },
-        },
-        Path("."),
-    )
-    monitor = Monitor(cfg)
+    monitor = Monitor(parse_config({"site": "t", "targets": HOST_WITH_BMC}, Path(".")))
     bmc = monitor.statuses[("pve1", "bmc ipmi 127.0.0.1")]
     monitor.record(bmc, ProbeResult(True, 0.1, None, "chassis on", BmcReading(power_on=True)), 0.5)
     for status in monitor.statuses.values():
@@ -693,29 +699,11 @@ def test_what_fails_behind_a_switch_that_answers_again_since_a_moment_waits_for_
     """The switch answers again since a moment (seen again after the monitor's own outage, say):
     its ports may not forward yet. A host dark behind it waits PORTS_SETTLE before it is paged
     as an outage of its own (demo seed 3778 paged the NAS behind a switch 6 s after it answered)."""
-    from pathlib import Path
+    from watchtower.engine.monitor import PORTS_SETTLE
 
-    from watchtower.config import parse_config
-    from watchtower.engine.monitor import PORTS_SETTLE, Monitor
-
-    cfg = parse_config(
-        {
-            "site": "t",
-            "targets": {
-                "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
-                "h": {"role": "storage", "depends_on": ["sw"],
-                      "paths": [{"icmp": "10.0.0.5"}, {"tcp": "10.0.0.5:3260"}]},
-            },
-        },
-        Path("."),
-    )  # fmt: skip
-    monitor = Monitor(cfg)
+    monitor = settled_monitor(SWITCH_AND_NAS)
     sw = monitor.statuses[("sw", "icmp 10.0.0.2")]
     host = [s for s in monitor.statuses.values() if s.path.target == "h"]
-    for status in monitor.statuses.values():
-        monitor.record(status, OK, 0.0)
-        monitor.record(status, OK, 0.5)
-    monitor.evaluate(0.5)
     sw.changed_at = 100.0  # it came (back) up at 100
     t = 101.0
     for _ in range(max(s.path.fail_after for s in host)):
@@ -825,29 +813,9 @@ def test_a_failure_sent_before_a_path_was_settled_is_stale() -> None:
     """The switch is back: what depends on it is probed afresh. A probe of the NAS sent while the
     switch was still down times out after that: it is from before and does not count toward the
     NAS's fresh streak (demo seed 439 paged the NAS behind a switch that had just come back)."""
-    from pathlib import Path
-
-    from watchtower.config import parse_config
-    from watchtower.engine.monitor import Monitor
-
-    cfg = parse_config(
-        {
-            "site": "t",
-            "targets": {
-                "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
-                "nas": {"role": "storage", "depends_on": ["sw"],
-                        "paths": [{"icmp": "10.0.0.5"}, {"tcp": "10.0.0.5:3260"}]},
-            },
-        },
-        Path("."),
-    )  # fmt: skip
-    monitor = Monitor(cfg)
+    monitor = settled_monitor(SWITCH_AND_NAS)
     sw = monitor.statuses[("sw", "icmp 10.0.0.2")]
-    nas = [s for s in monitor.statuses.values() if s.path.target == "nas"]
-    for status in monitor.statuses.values():
-        monitor.record(status, OK, 0.0)
-        monitor.record(status, OK, 0.5)
-    monitor.evaluate(0.5)
+    nas = [s for s in monitor.statuses.values() if s.path.target == "h"]
     for t in (10.0, 11.0, 12.0):
         for status in monitor.statuses.values():
             monitor.record(status, FAIL, t)
@@ -873,20 +841,7 @@ def test_chassis_on_read_after_the_last_failure_waits_for_the_next_probe() -> No
     from watchtower.engine.monitor import Monitor
     from watchtower.probes import BmcReading
 
-    cfg = parse_config(
-        {
-            "site": "t",
-            "targets": {
-                "pve1": {
-                    "role": "hypervisor",
-                    "bmc": {"ipmi": {"host": "127.0.0.1", "username": "u", "password": "p"}},
-                    "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}],
-                },
-            },
-        },
-        Path("."),
-    )
-    monitor = Monitor(cfg)
+    monitor = Monitor(parse_config({"site": "t", "targets": HOST_WITH_BMC}, Path(".")))
     bmc = monitor.statuses[("pve1", "bmc ipmi 127.0.0.1")]
     host = [s for s in monitor.statuses.values() if not s.path.is_bmc]
     for status in host:

@@ -50,6 +50,17 @@ HOST_WITH_BMC: dict[str, Any] = {
     },
 }
 
+# A hypervisor on production and management, a VM on it.
+HYPERVISOR_AND_VM: dict[str, Any] = {
+    "hv": {
+        "role": "hypervisor",
+        "paths": [
+            {"icmp": {"host": "10.0.0.1", "name": "prod"}},
+            {"icmp": {"host": "10.0.99.1", "name": "mgmt"}},
+        ],
+    },
+    "vm": {"role": "vm", "runs_on": "hv", "paths": [{"icmp": "10.0.0.21"}, {"tcp": "10.0.0.21:22"}]},
+}
 # A switch and a NAS behind it (sequences around the switch's outages).
 SWITCH_AND_NAS: dict[str, Any] = {
     "sw": {"role": "network", "paths": [{"icmp": "10.0.0.2"}]},
@@ -612,30 +623,9 @@ def test_vms_dark_behind_a_production_link_that_is_back_are_probed_afresh() -> N
     """A hypervisor's production NIC was down for 6 s (the hypervisor only degraded: its
     management side answered), its VMs dark behind it. The link is back: their failures are from
     before, so they are probed afresh and not paged (msp200 seed 30 paged six VMs that answered)."""
-    from pathlib import Path
-
-    from watchtower.config import parse_config
-    from watchtower.engine.monitor import Monitor
-
-    cfg = parse_config(
-        {
-            "site": "t",
-            "targets": {
-                "hv": {"role": "hypervisor", "paths": [{"icmp": {"host": "10.0.0.1", "name": "prod"}},
-                                                       {"icmp": {"host": "10.0.99.1", "name": "mgmt"}}]},
-                "vm": {"role": "vm", "runs_on": "hv",
-                       "paths": [{"icmp": "10.0.0.21"}, {"tcp": "10.0.0.21:22"}]},
-            },
-        },
-        Path("."),
-    )  # fmt: skip
-    monitor = Monitor(cfg)
+    monitor = settled_monitor(HYPERVISOR_AND_VM)
     prod = monitor.statuses[("hv", "prod")]
     vm = [s for s in monitor.statuses.values() if s.path.target == "vm"]
-    for status in monitor.statuses.values():
-        monitor.record(status, OK, 0.0)
-        monitor.record(status, OK, 0.5)
-    monitor.evaluate(0.5)
     for t in (1.0, 2.0, 3.0):
         monitor.record(prod, FAIL, t)
         for status in vm:
@@ -768,31 +758,12 @@ def test_a_vm_dark_after_its_host_was_dark_on_every_path_for_a_moment_is_rebooti
     too short to confirm. Its VM reboots for a minute: that blip coming back, not an outage of its
     own (demo seeds 3421, 3457 paged the VM after 30 s); a host that lost one path's probe only
     was not dark, and the VM dark behind it is its own outage once dark that long."""
-    from pathlib import Path
-
-    from watchtower.config import parse_config
     from watchtower.engine.correlate import LOSSY_DARK
-    from watchtower.engine.monitor import Monitor
 
-    cfg = parse_config(
-        {
-            "site": "t",
-            "targets": {
-                "hv": {"role": "hypervisor", "paths": [{"icmp": "10.0.0.1"}, {"icmp": "10.0.99.1"}]},
-                "vm": {"role": "vm", "runs_on": "hv",
-                       "paths": [{"icmp": "10.0.0.21"}, {"tcp": "10.0.0.21:22"}]},
-            },
-        },
-        Path("."),
-    )  # fmt: skip
     for dark_everywhere in (True, False):
-        monitor = Monitor(cfg)
+        monitor = settled_monitor(HYPERVISOR_AND_VM)
         hv = [s for s in monitor.statuses.values() if s.path.target == "hv"]
         vm = [s for s in monitor.statuses.values() if s.path.target == "vm"]
-        for status in monitor.statuses.values():
-            monitor.record(status, OK, 0.0)
-            monitor.record(status, OK, 0.5)
-        monitor.evaluate(0.5)
         for status in hv if dark_everywhere else hv[:1]:
             monitor.record(status, FAIL, 11.0)
         for status in hv:

@@ -27,7 +27,7 @@ from watchtower.engine.correlate import (
     correlate,
 )
 from watchtower.engine.incidents import HOLD_MAX, Change, Incident, IncidentTracker
-from watchtower.engine.paths import PathState, PathStatus
+from watchtower.engine.paths import PathState, PathStatus, sent_at
 from watchtower.engine.runner import run_probe
 from watchtower.engine.scheduler import BatchHook, BatchStart, DirectStart, Scheduler
 from watchtower.engine.topology import Topology
@@ -329,10 +329,12 @@ class Monitor:
 
     def record(self, status: PathStatus, result: ProbeResult, now: float) -> bool:
         """Fold one probe result into the picture. True when a correlation pass is needed."""
-        if not result.ok and status.reset_at is not None:
-            took = result.latency if result.latency is not None else status.path.timeout
-            if now - took < status.reset_at:
-                return False  # sent before its evidence was dropped (a switch back meanwhile): stale
+        if (
+            not result.ok
+            and status.reset_at is not None
+            and sent_at(result, status.path, now) < status.reset_at
+        ):
+            return False  # sent before its evidence was dropped (a switch back meanwhile): stale
         was_down = status.state is PathState.DOWN
         first_look = status.path.key not in self._first_up
         changed = status.observe(result, now)
@@ -350,16 +352,14 @@ class Monitor:
         if status.path.is_bmc or result.bmc is not None:
             bmc = self.bmc.setdefault(status.path.target, BmcState())
             before = bmc.facts(now)
-            took = result.latency if result.latency is not None else status.path.timeout
-            bmc.update(result, now, now - (0.0 if result.ok and result.latency is None else took))
+            bmc.update(result, now, sent_at(result, status.path, now))
             if bmc.reachable and bmc.power_on is False:
                 self._blipped[status.path.target] = now
             if bmc.facts(now) != before:
                 changed = True  # a new BMC fact (power off, a PSU failure) may change the cause
         if not result.ok and not status.path.is_bmc and result.failure is not Failure.INTERNAL:
             self._last_failure[status.path.target] = now
-            took = result.latency if result.latency is not None else status.path.timeout
-            self._last_failure_sent[status.path.target] = now - took
+            self._last_failure_sent[status.path.target] = sent_at(result, status.path, now)
             if self._dark_at_once(status.path.target):
                 self._blipped[status.path.target] = now
         if not result.ok and status.failures == 1 and not was_down:

@@ -16,6 +16,14 @@ class PathState(enum.StrEnum):
     UNKNOWN = "unknown"  # not settled yet, no prober, or watchtower itself failed to probe
 
 
+def sent_at(result: ProbeResult, path: ResolvedPath, now: float) -> float:
+    """When the probe that gave ``result`` at ``now`` was sent: one that took its latency, or one
+    that timed out, a timeout ago. (A success without a latency: now.)"""
+    if result.latency is not None:
+        return now - result.latency
+    return now if result.ok else now - path.timeout
+
+
 @dataclass(slots=True)
 class PathStatus:
     """What watchtower knows about one path. Mutated only on the event loop (by :meth:`observe`)."""
@@ -78,8 +86,7 @@ class PathStatus:
         else:
             self.failure_detail = result.detail
             self.last_failure = now
-            took = result.latency if result.latency is not None else self.path.timeout
-            self.last_failure_sent = now - took
+            self.last_failure_sent = sent_at(result, self.path, now)
             if self.failures == 0:
                 self.failing_since = now
             self.failures += 1
